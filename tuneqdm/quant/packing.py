@@ -1,0 +1,73 @@
+"""Low-bit integers packed into bytes.
+
+Signed integers of ``bits`` bits are offset to unsigned codes (``q + 2**(bits-1)``) and packed little-end first::
+
+    int4, 2 per byte:   byte = | q1+8 (bits 7..4) | q0+8 (bits 3..0) |
+    int2, 4 per byte:   byte = | q3+2 | q2+2 | q1+2 | q0+2 |     (2 bits each, q0 in bits 1..0)
+    int8:               stored as int8, unchanged.
+
+Values are packed in row-major order of the flattened tensor; the last byte is zero-padded when the element count is
+not a multiple of the values per byte, so any shape (odd lengths included) round-trips exactly. The shape itself is
+not stored here: the owning layer knows it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import TuneQDMError
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise TuneQDMError(f"unsupported bit width {bits!r}: choose one of 2, 4 or 8")
+    return bits
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """The signed integer range of ``bits`` bits, e.g. (-8, 7) for int4."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def values_per_byte(bits: int) -> int:
+    return 8 // check_bits(bits)
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes needed to hold ``numel`` values of ``bits`` bits."""
+    return math.ceil(numel / values_per_byte(bits))
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed integers (any integer dtype, values within ``qrange(bits)``) into a flat uint8/int8 tensor."""
+    lo, hi = qrange(check_bits(bits))
+    flat = q.reshape(-1)
+    if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
+        raise TuneQDMError(f"values outside the int{bits} range [{lo}, {hi}] cannot be packed")
+    if bits == 8:
+        return flat.to(torch.int8).contiguous()
+    per = values_per_byte(bits)
+    codes = (flat.to(torch.int16) - lo).to(torch.uint8)
+    pad = (-codes.numel()) % per
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad)])
+    codes = codes.view(-1, per)
+    out = torch.zeros(codes.shape[0], dtype=torch.uint8, device=q.device)
+    for i in range(per):
+        out |= codes[:, i] << (bits * i)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``numel`` signed values, flat, as ``dtype``."""
+    lo, _ = qrange(check_bits(bits))
+    if bits == 8:
+        return packed[:numel].to(dtype)
+    per = values_per_byte(bits)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)
+    return codes.view(-1)[:numel].to(dtype) + lo

@@ -1,0 +1,135 @@
+"""``quantize_``: turn every Linear/Conv2d of a model into a quantized layer with trainable scales, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ..errors import TuneQDMError
+from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
+from .config import QuantConfig
+from .routing import Router, install_timestep_hook
+
+STATE_ATTR = "_tuneqdm"
+
+
+class _QuantState:
+    """What ``quantize_`` leaves on the model: its config, router and timestep hook."""
+
+    def __init__(self, config: QuantConfig, router: Router, hook):
+        self.config, self.router, self.hook = config, router, hook
+        self.fingerprint: str | None = None  # of the frozen integers, computed on demand (see serialization)
+        self.base_id: str | None = None
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def quant_state(model: nn.Module) -> _QuantState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise TuneQDMError("this model is not quantized by tuneqdm: call tuneqdm.quantize_(model, QuantConfig(...)) first")
+    return state
+
+
+def _select(model: nn.Module, config: QuantConfig) -> list[str]:
+    candidates = [name for name, m in model.named_modules() if type(m) in QUANTIZED_CLASSES and name]
+    for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for p in patterns or ():
+            if not any(fnmatch.fnmatchcase(n, p) for n in candidates):
+                raise TuneQDMError(f"{kind} pattern {p!r} matches no Linear or Conv2d module of the model")
+    selected = [n for n in candidates if config.include is None or any(fnmatch.fnmatchcase(n, p) for p in config.include)]
+    selected = [n for n in selected if not any(fnmatch.fnmatchcase(n, p) for p in config.exclude or ())]
+    if not selected:
+        raise TuneQDMError("no Linear or Conv2d module left to quantize: check include/exclude")
+    return selected
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
+    """Quantize ``model`` in place; afterwards its only trainable parameters are the scales.
+
+    Each selected Linear/Conv2d is replaced by its quantized twin one at a time (its float weight is freed right
+    after), the rest of the model is frozen, and a forward pre-hook routes each sample to its expert by the
+    ``timestep`` argument when ``model.forward`` has one (diffusers UNets and transformers do).
+    """
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise TuneQDMError("model is already quantized; use tuneqdm.configure_ to change its method or experts")
+    config = replace(config, **kwargs) if config is not None else QuantConfig(**kwargs)
+    for name in _select(model, config):
+        float_module = model.get_submodule(name)
+        qcls = QUANTIZED_CLASSES[type(float_module)]
+        _set_submodule(model, name, qcls.from_module(float_module, config.bits, config.init))
+        del float_module
+    attach(model, config)
+    return model
+
+
+def attach(model: nn.Module, config: QuantConfig) -> None:
+    """Freeze the model, create the scale sets of ``config`` and install routing (used by quantize_ and loading)."""
+    router = Router(config.experts, config.num_train_timesteps, config.intervals)
+    setattr(model, STATE_ATTR, _QuantState(config, router, install_timestep_hook(model, router)))
+    configure_(model, config)
+
+
+def configure_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
+    """Switch a quantized model to another method/experts (fresh scales from the base); bits and init stay."""
+    state = quant_state(model)
+    config = replace(config or state.config, **kwargs)
+    if (config.bits, config.init) != (state.config.bits, state.config.init):
+        raise TuneQDMError(
+            f"configure_ cannot change bits/init (model is W{state.config.bits} {state.config.init}): quantize again"
+        )
+    model.requires_grad_(False)
+    for layer in quantized_layers(model).values():
+        layer.configure_scales(config.experts, config.train_s_in, config.train_bias)
+        layer.router = state.router
+    state.router.experts = config.experts
+    state.router.num_train_timesteps = config.num_train_timesteps
+    state.router.intervals = config.intervals
+    state.router.route = None
+    state.config = config
+    return model
+
+
+def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters tuneqdm adds (all scale sets, plus biases when ``train_bias``)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_timesteps(model: nn.Module, t) -> None:
+    """Route the next forward calls by timesteps ``t`` (for models whose forward has no ``timestep`` argument)."""
+    quant_state(model).router.route_timesteps(t)
+
+
+def set_expert(model: nn.Module, expert: int, batch_size: int = 1) -> None:
+    """Run every sample of the next calls with one expert (−1: the original quantization scales)."""
+    quant_state(model).router.set_experts([expert] * batch_size)
+
+
+@torch.no_grad()
+def dequantize_(model: nn.Module, expert: int = 0) -> nn.Module:
+    """Replace every quantized layer by a float layer holding the weights of one expert (export/merge)."""
+    state = quant_state(model)
+    if not -1 <= expert < state.config.experts:
+        raise TuneQDMError(f"expert {expert} does not exist: the model has experts 0..{state.config.experts - 1}")
+    for name, layer in quantized_layers(model).items():
+        _set_submodule(model, name, layer.to_float(expert))
+    if state.hook is not None:
+        state.hook.remove()
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of frozen quantized weight storage, number of quantized weight elements)."""
+    layers = quantized_layers(model).values()
+    return sum(l.weight_bytes for l in layers), sum(l.weight_shape.numel() for l in layers)

@@ -1,0 +1,116 @@
+"""Timestep routing: which scale set (expert) each sample of a batch uses.
+
+TAS gives expert ``k = min(floor(t·K/T), K−1)`` to a sample at timestep ``t`` (``T`` = the scheduler's
+``num_train_timesteps``). The S1 strategy uses its one tuned set (index 0) inside chosen intervals and the original
+quantization scales (index -1) elsewhere. A forward pre-hook on the denoiser reads its ``timestep`` argument, so a
+plain ``unet(x, t, emb)`` routes every sample by its own ``t`` in training and in any diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TuneQDMError
+
+BASE = -1  # route index meaning "the original quantization scales" (S1 outside its intervals)
+
+
+def expert_for_timestep(t: torch.Tensor, experts: int, num_train_timesteps: int) -> torch.Tensor:
+    """Per-sample expert index ``min(floor(t·K/T), K−1)`` (clamped at 0 for t < 0)."""
+    t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
+    return torch.floor(t * experts / num_train_timesteps).long().clamp_(0, experts - 1)
+
+
+def s1_route(t: torch.Tensor, intervals) -> torch.Tensor:
+    """0 where ``t`` falls in one of the half-open ``intervals`` [a, b), else ``BASE``."""
+    t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
+    inside = torch.zeros_like(t, dtype=torch.bool)
+    for a, b in intervals:
+        inside |= (t >= a) & (t < b)
+    return torch.where(inside, 0, BASE).long()
+
+
+@dataclass
+class Route:
+    """The routing of one forward call: an expert index per sample, grouped for a cheap per-sample gather."""
+
+    experts: list[int]
+    groups: list[int] = field(init=False)  # sorted distinct expert indices present in the batch
+    _index: torch.Tensor = field(init=False)  # sample -> position in ``groups``
+    _on_device: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        self.groups = sorted(set(self.experts))
+        self._index = torch.tensor([self.groups.index(e) for e in self.experts], dtype=torch.long)
+
+    @property
+    def uniform(self) -> bool:
+        return len(self.groups) == 1
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self._index.to(device)
+        return self._on_device[device]
+
+
+class Router:
+    """Shared by every quantized layer of a model; holds the current :class:`Route`."""
+
+    def __init__(self, experts: int, num_train_timesteps: int, intervals=()):
+        self.experts = experts
+        self.num_train_timesteps = num_train_timesteps
+        self.intervals = tuple(tuple(i) for i in intervals)
+        self.route: Route | None = None
+
+    def route_timesteps(self, t, batch_size: int | None = None) -> Route:
+        t = torch.as_tensor(t)
+        if self.intervals:
+            idx = s1_route(t, self.intervals)
+        else:
+            idx = expert_for_timestep(t, self.experts, self.num_train_timesteps)
+        if batch_size is not None and idx.numel() == 1 and batch_size != 1:
+            idx = idx.expand(batch_size)
+        elif batch_size is not None and idx.numel() != batch_size:
+            raise TuneQDMError(
+                f"got {idx.numel()} timesteps for a batch of {batch_size}: pass one timestep or one per sample"
+            )
+        self.route = Route(idx.tolist())
+        return self.route
+
+    def set_experts(self, experts: list[int]) -> Route:
+        """Route by expert index directly (e.g. to run one expert on a whole batch)."""
+        self.route = Route(list(experts))
+        return self.route
+
+
+def _find_argument(signature: inspect.Signature, names, args, kwargs):
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+        params = list(signature.parameters)
+        if name in params and params.index(name) < len(args):
+            return args[params.index(name)]
+    return None
+
+
+def install_timestep_hook(model: torch.nn.Module, router: Router):
+    """Route by the ``timestep`` argument of ``model.forward``; returns the hook handle (None if it has none)."""
+    signature = inspect.signature(model.forward)
+    if "timestep" not in signature.parameters:
+        return None
+
+    def hook(module, args, kwargs):
+        t = _find_argument(signature, ["timestep"], args, kwargs)
+        sample = _find_argument(signature, ["sample", "hidden_states", "x"], args, kwargs)
+        if sample is None and args:
+            sample = args[0]
+        if t is None:
+            router.route = None
+            return None
+        router.route_timesteps(t, sample.shape[0] if torch.is_tensor(sample) else None)
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
