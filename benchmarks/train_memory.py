@@ -91,7 +91,9 @@ def naive_forward(layer, x):
 
 def run_mode(mode: str, steps: int, checkpointing: bool) -> dict:
     import tuneqdm
+    from tuneqdm.memory import pin_mmap_threshold
 
+    pinned = pin_mmap_threshold()  # every mode alike: freed activations go back to the OS
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     method, bits, experts = MODES[mode]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +143,7 @@ def run_mode(mode: str, steps: int, checkpointing: bool) -> dict:
         if step:
             times.append(time.perf_counter() - t0)
     result = {
-        "mode": mode, "checkpointing": checkpointing, "device": device, "threads": torch.get_num_threads(),
+        "mode": mode, "checkpointing": checkpointing, "device": device, "threads": torch.get_num_threads(), "mmap_threshold_pinned": pinned,
         "peak_rss_gib": rss_peak_bytes() / 2**30, "load_peak_rss_gib": load_peak / 2**30,
         "s_per_step": sum(times) / len(times), "steps_timed": len(times),
         "trainable_params": sum(p.numel() for p in params),
