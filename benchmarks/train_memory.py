@@ -162,17 +162,24 @@ def run_mode(mode: str, steps: int, checkpointing: bool) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    floor = {r["checkpointing"]: r["s_per_step"] for r in rows if r["mode"] == "fp32_frozen_input_grad"}
+    by = {(r["mode"], r["checkpointing"]): r for r in rows}
     lines = [
-        "| mode | ckpt | peak RSS (GiB) | s/step | x floor | trainable | weight B/param | adapter bytes |",
+        "# Training memory and speed: SD-1.5-size UNet, batch 1, 64x64 latents, fp32",
+        "",
+        "Produced by `python benchmarks/train_memory.py --all --steps 1` (one warm-up step, then the timed steps; each "
+        "mode in its own process; peak RSS of the training phase only; glibc's mmap threshold pinned in every mode). "
+        f"Device: {rows[0]['device']}, {rows[0]['threads']} threads. Raw numbers: `train_memory.json`.",
+        "",
+        "| mode | checkpointing | peak RSS (GiB) | s/step | x floor | trainable params | weight bytes/param | adapter bytes |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = r["s_per_step"] / floor[r["checkpointing"]] if r["checkpointing"] in floor else float("nan")
+        floor = by.get(("fp32_frozen_input_grad", r["checkpointing"]))
+        ratio = f"{r['s_per_step'] / floor['s_per_step']:.2f}" if floor else "-"
+        adapter = f"{r['adapter_bytes']:,}" if "adapter_bytes" in r else "-"
         lines.append(
             f"| {r['mode']} | {'yes' if r['checkpointing'] else 'no'} | {r['peak_rss_gib']:.2f} | {r['s_per_step']:.1f} | "
-            f"{ratio:.2f} | {r['trainable_params']:,} | {r['weight_bytes_per_param']:.3f} | "
-            f"{r.get('adapter_bytes', '-') if isinstance(r.get('adapter_bytes'), str) else format(r.get('adapter_bytes', 0), ',') if 'adapter_bytes' in r else '-'} |"
+            f"{ratio} | {r['trainable_params']:,} | {r['weight_bytes_per_param']:.3f} | {adapter} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -147,3 +147,26 @@ def test_loading_never_materialises_float_weights(tmp_path):
     delta = int(out.split()[-1])
     assert float_bytes > 6 * quant_bytes
     assert delta < 2.5 * quant_bytes + 64 * 2**20, (delta, quant_bytes, float_bytes)
+
+
+def test_plain_module_roundtrip_needs_its_skeleton(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+
+    m = tuneqdm.quantize_(build(), QuantConfig(bits=2, method="peqa", init="mse"))
+    tuneqdm.save_quantized(m, tmp_path / "base")
+    with pytest.raises(TuneQDMError, match=r"holds a torch.nn.modules.container.Sequential: pass an empty instance"):
+        tuneqdm.load_quantized(tmp_path / "base")
+    with torch.device("meta"):
+        skeleton = build()
+    loaded = tuneqdm.load_quantized(tmp_path / "base", model=skeleton)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+
+
+def test_package_never_unpickles():
+    from pathlib import Path
+
+    source = "".join(p.read_text() for p in Path(tuneqdm.__file__).parent.rglob("*.py"))
+    assert "torch.load(" not in source and "import pickle" not in source
