@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TuneQDMError
-from .packing import check_bits, pack, packed_numel, unpack
+from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes
 from .quantizer import QuantizedWeight, quantize_weight
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {}
@@ -141,8 +141,9 @@ class QuantizedLayer(nn.Module):
 
     def centred_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_q − z`` as a float tensor of the weight's shape (built on demand, never stored)."""
-        q = unpack(self.qweight, self.bits, self.weight_shape.numel(), dtype).view(self.weight_shape[0], -1)
-        return q.sub_(self.zero_point.to(dtype)[:, None]).view(self.weight_shape)
+        codes = unpack_codes(self.qweight, self.bits, self.weight_shape.numel()).to(dtype)
+        shift = self.zero_point.to(dtype) + code_offset(self.bits)  # codes − (z + offset) = q − z
+        return codes.view(self.weight_shape[0], -1).sub_(shift[:, None]).view(self.weight_shape)
 
     @property
     def weight_bytes(self) -> int:

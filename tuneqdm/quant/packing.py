@@ -62,12 +62,25 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The first ``numel`` stored codes, flat: ``q − lo`` as uint8 for int2/int4, ``q`` itself (int8) for int8.
+
+    Layers convert these once to float and subtract ``z − lo`` per row, one pass fewer than unpacking to signed.
+    """
+    if check_bits(bits) == 8:
+        return packed[:numel]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = packed.unsqueeze(1) >> shifts
+    codes &= 2**bits - 1
+    return codes.view(-1)[:numel]
+
+
+def code_offset(bits: int) -> int:
+    """What :func:`unpack_codes` adds to the signed value (0 for int8)."""
+    return 0 if bits == 8 else -qrange(bits)[0]
+
+
 def unpack(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``numel`` signed values, flat, as ``dtype``."""
-    lo, _ = qrange(check_bits(bits))
-    if bits == 8:
-        return packed[:numel].to(dtype)
-    per = values_per_byte(bits)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)
-    return codes.view(-1)[:numel].to(dtype) + lo
+    codes = unpack_codes(packed, bits, numel)
+    return codes.to(dtype) if bits == 8 else (codes.to(torch.int16) - code_offset(bits)).to(dtype)
