@@ -92,10 +92,10 @@ class _ScaledOp(torch.autograd.Function):
             if need_x:
                 g_x = g_xs if s_in is None else g_xs.mul_(layer._broadcast_in(s_in.to(dtype), g_xs))
             del g_xs
-        if need_s_out:
-            y_pre = y if bias is None else y - layer._broadcast_bias(bias.to(dtype), y)
-            y_pre = y_pre / s_out_b
-            g_s_out = _reduce(g_y * y_pre, s_out.shape[0], cdim).to(s_out.dtype)
+        if need_s_out:  # y_pre = (y − b) / s_out, built in one temporary (this is the peak of the backward)
+            tmp = y.clone() if bias is None else y - layer._broadcast_bias(bias.to(dtype), y)
+            g_s_out = _reduce(tmp.div_(s_out_b).mul_(g_y), s_out.shape[0], cdim).to(s_out.dtype)
+            del tmp
         if need_bias:
             g_bias = _reduce(g_y, 1, cdim).reshape(bias.shape).to(bias.dtype)
         return g_x, g_s_in, g_s_out, g_bias, None
