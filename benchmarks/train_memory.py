@@ -79,10 +79,10 @@ def quantized_base(bits: int) -> Path:
 
 def naive_forward(layer, x):
     """The official code's way: rebuild the float weight inside ordinary autograd (kept alive for backward)."""
-    s_in, s_out = layer.routed_scales(x.shape[0])
+    s_out, s_in = layer._expert_scales(layer.route_experts()[0])
     c = layer.centred_weight(torch.float32)
     view = (-1,) + (1,) * (c.dim() - 1)
-    w = c * s_out[0].view(view) * s_in[0].view((1, -1) + (1,) * (c.dim() - 2))
+    w = c * s_out.view(view) * s_in.view((1, -1) + (1,) * (c.dim() - 2))
     x = layer._prepare_input(x)
     if c.dim() == 2:
         return F.linear(x, w, layer.bias)

@@ -73,8 +73,13 @@ def _make(kind, kw):
 
 @pytest.mark.parametrize("kind,kw", [("linear", None)] + [("conv", kw) for kw in CONVS])
 @pytest.mark.parametrize("experts", [[0, 0, 0], [2, 0, 2]])
-def test_gradients_equal_plain_autograd(kind, kw, experts):
+@pytest.mark.parametrize("weight_chunk", [None, 20], ids=["whole", "row-blocks"])
+def test_gradients_equal_plain_autograd(kind, kw, experts, weight_chunk, monkeypatch):
+    if weight_chunk is not None:  # rebuild and apply the weight 4 output channels at a time (as for SD's largest)
+        monkeypatch.setattr("tuneqdm.quant.layers._WEIGHT_CHUNK", weight_chunk)
     layer, x = _make(kind, kw)
+    if weight_chunk is not None and layer.weight_shape[0] > 4 and not (kind == "conv" and kw.get("groups", 1) > 1):
+        assert len(layer.row_blocks()) > 1
     layer.configure_scales(3, train_s_in=True, train_bias=layer.bias is not None)
     for p in layer.scale_parameters():  # distinct experts
         p.data.mul_(1 + 0.3 * torch.rand(p.shape))

@@ -1,14 +1,17 @@
 """Quantized Linear and Conv2d whose only trainable parameters are separable, per-expert scales.
 
 The layer stores frozen packed integers ``W_q``, zero-points ``z`` and the original per-channel scales. The weight it
-represents for expert ``k`` is ``Ŵ_k = diag(s_out[k]) · (W_q − z) · diag(s_in[k])``. Because the scales are diagonal
-they act on activations instead::
+represents for expert ``k`` is ``Ŵ_k = diag(s_out[k]) · C · diag(s_in[k])`` with ``C = W_q − z``. A custom autograd
+function computes ``y = op(x, Ŵ_k) + b`` and every gradient from the layer's input and output alone::
 
-    y = s_out[k] ⊙ ((x ⊙ s_in[k]) ∗ C) + b,        C = W_q − z  (the centred integer grid)
+    g_x    = op_input_grad(g_y, Ŵ_k)
+    g_s_in = Σ (x ⊙ g_x) / s_in                 (per input channel: Ŵ's column i carries s_in[i] once)
+    g_s_out = (Σ (g_y ⊙ y) − b Σ g_y) / s_out   (per output channel: y − b carries s_out[o] once)
 
-so a custom autograd function computes every gradient from the layer's input and output alone: the float grid ``C``
-is unpacked for the duration of one forward or backward and dropped, never held between them (the official TuneQDM
-code lets autograd keep a dequantized float weight per layer, which costs nearly full-precision memory).
+``Ŵ_k`` is rebuilt from the integers into a shared scratch buffer for the duration of one forward or backward, never
+held between them (the official TuneQDM code lets autograd keep a dequantized float weight per layer, which costs
+nearly full-precision memory). Folding the scales into the weight costs weight-sized passes over warm memory instead
+of activation-sized temporaries; a batch whose samples use different experts runs one op per expert.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TuneQDMError
-from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes
+from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
+from .workspace import scratch
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {}
 
@@ -34,39 +38,61 @@ def register_qmodule(float_class: type[nn.Module]):
     return wrapper
 
 
-def _reduce(t: torch.Tensor, rows: int, channel_dim: int) -> torch.Tensor:
-    """Sum ``t`` to shape (rows, channels): per sample when rows > 1, over the whole batch when rows == 1."""
-    channel_dim %= t.dim()
-    dims = [d for d in range(t.dim()) if d != channel_dim and (rows == 1 or d != 0)]
-    out = t.sum(dim=dims) if dims else t
-    return out.reshape(rows, -1)
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
+def _channel_sum(a: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    channel_dim %= a.dim()
+    dims = [d for d in range(a.dim()) if d != channel_dim]
+    return a.sum(dim=dims, dtype=torch.float32) if dims else a.float()
+
+
+_WEIGHT_CHUNK = 1 << 22  # values: larger weights are rebuilt and applied a block of output channels at a time
+_DOT_CHUNK = 1 << 20  # elements of the product buffer: small, so that it adds nothing to the training peak
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``Σ a ⊙ b`` over every dimension but ``channel_dim``, in float32, a chunk at a time through a small reused
+    buffer (an activation-sized product would be fresh memory on every call)."""
+    channel_dim %= a.dim()
+    channels = a.shape[channel_dim]
+    a = a.reshape(-1, channels, a.shape[channel_dim + 1 :].numel())  # (P, C, Q)
+    b = b.reshape(a.shape)
+    out = torch.empty(channels, dtype=torch.float32, device=a.device)
+    if a.shape[2] > 1:  # channels in the middle (conv): chunk over channels
+        step = max(1, _DOT_CHUNK // (a.shape[0] * a.shape[2]))
+        for c in range(0, channels, step):
+            ac, bc = a[:, c : c + step], b[:, c : c + step]
+            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), a.dtype, a.device).view(ac.shape))
+            out[c : c + step] = prod.sum(dim=(0, 2), dtype=torch.float32)
+    else:  # channels last (linear): chunk over rows
+        step = max(1, _DOT_CHUNK // channels)
+        out.zero_()
+        for r in range(0, a.shape[0], step):
+            ac, bc = a[r : r + step, :, 0], b[r : r + step, :, 0]
+            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), a.dtype, a.device).view(ac.shape))
+            out += prod.sum(dim=0, dtype=torch.float32)
+    return out
+
+
 class _ScaledOp(torch.autograd.Function):
-    """``y = s_out ⊙ op(x ⊙ s_in, C) + b`` with gradients for x, s_in, s_out and b that need no saved weight."""
+    """``y = op(x, diag(s_out) C diag(s_in)) + b`` with gradients for x, s_in, s_out and b that need no saved weight."""
 
     @staticmethod
     def forward(ctx, x, s_in, s_out, bias, layer):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            s_in_b = None if s_in is None else layer._broadcast_in(s_in.to(dtype), x)
-            xs = x if s_in_b is None else x * s_in_b
-            y = layer._op(xs, layer.centred_weight(dtype))
-            del xs
-            y.mul_(layer._broadcast_out(s_out.to(dtype), y))
-            if bias is not None:
-                y.add_(layer._broadcast_bias(bias.to(dtype), y))
+            b = None if bias is None else bias.to(dtype)
+            ys = [layer._op(x, layer._scaled_weight(s_out, s_in, dtype, rows=r), None if b is None else b[r])
+                  for r in layer.row_blocks()]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=layer.channel_dim)
+            del ys
         need_x, need_s_in, need_s_out, _ = ctx.needs_input_grad[:4]
-        ctx.layer = layer
-        ctx.dtype = dtype
-        ctx.x_shape = x.shape
+        ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
         ctx.save_for_backward(
             x if need_s_in else None,
             y if need_s_out else None,  # the output is often saved by the next op too: shared storage
@@ -80,25 +106,25 @@ class _ScaledOp(torch.autograd.Function):
     def backward(ctx, g_y):
         x, y, s_in, s_out, bias = ctx.saved_tensors
         need_x, need_s_in, need_s_out, need_bias = ctx.needs_input_grad[:4]
-        layer, dtype = ctx.layer, ctx.dtype
+        layer, dtype, cdim = ctx.layer, ctx.dtype, ctx.layer.channel_dim
         g_y = g_y.to(dtype)
-        cdim = layer.channel_dim
         g_x = g_s_in = g_s_out = g_bias = None
-        s_out_b = layer._broadcast_out(s_out.to(dtype), g_y)
+        g_y_sum = _channel_sum(g_y, cdim) if (need_bias or need_s_out) else None
         if need_x or need_s_in:
-            g_xs = layer._op_input_grad(g_y * s_out_b, layer.centred_weight(dtype), ctx.x_shape)
+            for r in layer.row_blocks():
+                part = layer._op_input_grad(g_y[layer._channel_index(r)], layer._scaled_weight(s_out, s_in, dtype, rows=r),
+                                            ctx.x_shape)
+                g_x = part if g_x is None else g_x.add_(part)
             if need_s_in:
-                g_s_in = layer._fold_in(_reduce(g_xs * x, s_in.shape[0], cdim)).to(s_in.dtype)
-            if need_x:
-                g_x = g_xs if s_in is None else g_xs.mul_(layer._broadcast_in(s_in.to(dtype), g_xs))
-            del g_xs
-        if need_s_out:  # y_pre = (y − b) / s_out, built in one temporary (this is the peak of the backward)
-            tmp = y.clone() if bias is None else y - layer._broadcast_bias(bias.to(dtype), y)
-            g_s_out = _reduce(tmp.div_(s_out_b).mul_(g_y), s_out.shape[0], cdim).to(s_out.dtype)
-            del tmp
+                g_s_in = (layer._fold_in(_channel_dot(x, g_x, cdim)) / s_in.float()).to(s_in.dtype)
+        if need_s_out:
+            g_s_out = _channel_dot(g_y, y, cdim)
+            if bias is not None:
+                g_s_out -= bias.float() * g_y_sum
+            g_s_out = (g_s_out / s_out.float()).to(s_out.dtype)
         if need_bias:
-            g_bias = _reduce(g_y, 1, cdim).reshape(bias.shape).to(bias.dtype)
-        return g_x, g_s_in, g_s_out, g_bias, None
+            g_bias = g_y_sum.reshape(bias.shape).to(bias.dtype)
+        return (g_x if need_x else None), g_s_in, g_s_out, g_bias, None
 
 
 class QuantizedLayer(nn.Module):
@@ -140,10 +166,49 @@ class QuantizedLayer(nn.Module):
         self.scale = qw.scale.to(self.scale.device, torch.float32)
 
     def centred_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W_q − z`` as a float tensor of the weight's shape (built on demand, never stored)."""
-        codes = unpack_codes(self.qweight, self.bits, self.weight_shape.numel()).to(dtype)
-        shift = self.zero_point.to(dtype) + code_offset(self.bits)  # codes − (z + offset) = q − z
-        return codes.view(self.weight_shape[0], -1).sub_(shift[:, None]).view(self.weight_shape)
+        """``W_q − z`` as a new float tensor of the weight's shape (for export and tests; layers use scratch)."""
+        return self._scaled_weight(torch.ones((), dtype=dtype, device=self.scale.device), None, dtype, into=None)
+
+    def row_blocks(self) -> list[slice]:
+        """Blocks of output channels whose rebuilt float weight fits ``_WEIGHT_CHUNK`` values (one block for all
+        but the largest layers; SD 1.5's biggest conv, 1280x2560x3x3, takes 8). Block starts are multiples of 4 so
+        that each block begins on a byte of the packed storage."""
+        rows = self.weight_shape[0]
+        per_row = self.weight_shape.numel() // rows
+        step = max(4, _WEIGHT_CHUNK // per_row // 4 * 4)
+        return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    def _channel_index(self, rows: slice):
+        return (Ellipsis, rows) if self.channel_dim == -1 else (slice(None), rows)
+
+    def _scaled_weight(self, s_out, s_in, dtype: torch.dtype, into: str | None = "weight",
+                       rows: slice | None = None) -> torch.Tensor:
+        """``diag(s_out) (W_q − z) diag(s_in)`` for the output channels ``rows`` (default all), written into the
+        shared scratch buffer ``into`` (or a new tensor).
+
+        Three passes over warm memory: codes -> float while unpacking, ``− (z + offset)`` per row, then one multiply
+        by ``s_out ⊗ s_in`` (two row/column multiplies for a Linear, where that outer product is weight-sized).
+        """
+        rows = slice(0, self.weight_shape[0]) if rows is None else rows
+        n_rows, per_row = rows.stop - rows.start, self.weight_shape.numel() // self.weight_shape[0]
+        numel, per = n_rows * per_row, (1 if self.bits == 8 else values_per_byte(self.bits))
+        packed = self.qweight[rows.start * per_row // per : -(-rows.stop * per_row // per)]
+        device = packed.device
+        stored = packed.numel() * per
+        full = torch.empty(stored, dtype=dtype, device=device) if into is None else scratch(into, stored, dtype, device)
+        tmp = None if self.bits == 8 else scratch("bytes", packed.numel(), torch.uint8, device)
+        unpack_codes_into(packed, self.bits, full, tmp)
+        w = full[:numel].view(n_rows, self.in_scale_features, -1)
+        w.sub_((self.zero_point[rows].to(dtype) + code_offset(self.bits))[:, None, None])
+        s_out = s_out.to(dtype).expand(self.weight_shape[0])[rows]
+        if s_in is None:
+            w.mul_(s_out[:, None, None])
+        elif w.shape[2] > 1:
+            w.mul_((s_out[:, None] * s_in.to(dtype)[None, :])[:, :, None])
+        else:
+            w.mul_(s_out[:, None, None]).mul_(s_in.to(dtype)[None, :, None])
+        w = w.view(n_rows, *self.weight_shape[1:])
+        return w.clone() if into is None and stored != numel else w
 
     @property
     def weight_bytes(self) -> int:
@@ -178,47 +243,40 @@ class QuantizedLayer(nn.Module):
             return self.scale, None
         return self.s_out[k], (self.s_in[k] if self.trains_s_in else None)
 
-    def routed_scales(self, batch: int):
-        """Per-sample scales for this call: (s_in (R, in) or None, s_out (R, out)), R = 1 or the batch size."""
+    def route_experts(self) -> list[int]:
+        """The distinct experts of this call's batch, sorted (one entry when the whole batch shares an expert)."""
         route = None if self.router is None else self.router.route
-        if route is None:
-            if self.num_experts > 1 or (self.router is not None and self.router.intervals):
-                raise TuneQDMError(
-                    "no timestep for the scale experts: call the model with its `timestep` argument "
-                    "or set one with tuneqdm.set_timesteps(model, t)"
-                )
-            experts = [0]
-        else:
-            experts = route.groups
-        if len(experts) == 1:
-            s_out, s_in = self._expert_scales(experts[0])
-            return (None if s_in is None else s_in.unsqueeze(0)), s_out.unsqueeze(0)
-        if len(route.experts) != batch:
+        if route is not None:
+            return route.groups
+        if self.num_experts > 1 or (self.router is not None and self.router.intervals):
             raise TuneQDMError(
-                f"a quantized layer got a batch of {batch} but the timestep routing has {len(route.experts)} samples"
+                "no timestep for the scale experts: call the model with its `timestep` argument "
+                "or set one with tuneqdm.set_timesteps(model, t)"
             )
-        pairs = [self._expert_scales(k) for k in experts]
-        index = route.index(self.scale.device)
-        s_out = torch.stack([p[0] for p in pairs])[index]
-        if not self.trains_s_in:
-            return None, s_out
-        ones = self.scale.new_ones(self.in_scale_features)
-        s_in = torch.stack([ones if p[1] is None else p[1] for p in pairs])[index]
-        return s_in, s_out
+        return [0]
 
     def dequantized_weight(self, expert: int = 0) -> torch.Tensor:
         """The float weight ``diag(s_out[k]) C diag(s_in[k])`` of one expert (−1: the original scales)."""
         with torch.no_grad():
             s_out, s_in = self._expert_scales(expert)
-            view = (-1,) + (1,) * (len(self.weight_shape) - 1)
-            w = self.centred_weight(torch.float32) * s_out.float().view(view)
-            if s_in is not None:
-                w = w * s_in.float().view((1, -1) + (1,) * (len(self.weight_shape) - 2))
-            return w
+            return self._scaled_weight(s_out, s_in, torch.float32, into=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._prepare_input(x)
-        s_in, s_out = self.routed_scales(x.shape[0])
+        experts = self.route_experts()
+        if len(experts) == 1:
+            return self._expert_forward(x, experts[0])
+        route = self.router.route
+        if len(route.experts) != x.shape[0]:
+            raise TuneQDMError(
+                f"a quantized layer got a batch of {x.shape[0]} but the timestep routing has {len(route.experts)} samples"
+            )
+        members, inverse = route.members(x.device)
+        ys = [self._expert_forward(x.index_select(0, idx), k) for k, idx in zip(experts, members)]
+        return torch.cat(ys).index_select(0, inverse)
+
+    def _expert_forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        s_out, s_in = self._expert_scales(k)
         return _ScaledOp.apply(x, s_in, s_out, self.bias, self)
 
     # ---- per-op hooks (shapes and the op itself) -------------------------------------------------------------
@@ -256,24 +314,11 @@ class QLinear(QuantizedLayer):
             out.bias.data.copy_(self.bias.detach())
         return out
 
-    @staticmethod
-    def _rows_view(s, x):  # (R, C) -> broadcastable against x (R|B, ..., C)
-        return s.view(s.shape[0], *([1] * (x.dim() - 2)), s.shape[1]) if x.dim() >= 2 else s.view(-1)
+    def _op(self, x, w, bias):
+        return F.linear(x, w, bias)
 
-    def _broadcast_in(self, s, x):
-        return self._rows_view(s, x)
-
-    def _broadcast_out(self, s, y):
-        return self._rows_view(s, y)
-
-    def _broadcast_bias(self, b, y):
-        return b
-
-    def _op(self, xs, c):
-        return xs.matmul(c.t())
-
-    def _op_input_grad(self, g, c, x_shape):
-        return g.matmul(c)
+    def _op_input_grad(self, g, w, x_shape):
+        return g.matmul(w)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, experts={self.num_experts}"
@@ -320,29 +365,25 @@ class QConv2d(QuantizedLayer):
             out.bias.data.copy_(self.bias.detach())
         return out
 
+    def row_blocks(self) -> list[slice]:
+        if self.groups > 1:  # a block must hold whole groups; grouped convs are small, keep them whole
+            return [slice(0, self.out_channels)]
+        return super().row_blocks()
+
     def _prepare_input(self, x):
         if not self._explicit_pad:
             return x
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, self._pad, mode=mode)
 
-    def _broadcast_in(self, s, x):  # (R, Cin/groups) -> (R, Cin, 1, 1)
-        return s.repeat(1, self.groups)[:, :, None, None]
+    def _fold_in(self, g_s_in):  # (Cin,) -> (Cin/groups,): a group-shared scale sums over groups
+        return g_s_in.view(self.groups, -1).sum(0)
 
-    def _broadcast_out(self, s, y):
-        return s[:, :, None, None]
+    def _op(self, x, w, bias):
+        return F.conv2d(x, w, bias, self.stride, self._op_padding, self.dilation, self.groups)
 
-    def _broadcast_bias(self, b, y):
-        return b[:, None, None]
-
-    def _fold_in(self, g_s_in):  # (R, Cin) -> (R, Cin/groups): a group-shared scale sums over groups
-        return g_s_in.view(g_s_in.shape[0], self.groups, -1).sum(1)
-
-    def _op(self, xs, c):
-        return F.conv2d(xs, c, None, self.stride, self._op_padding, self.dilation, self.groups)
-
-    def _op_input_grad(self, g, c, x_shape):
-        return torch.nn.grad.conv2d_input(x_shape, c, g, self.stride, self._op_padding, self.dilation, self.groups)
+    def _op_input_grad(self, g, w, x_shape):
+        return torch.nn.grad.conv2d_input(x_shape, w, g, self.stride, self._op_padding, self.dilation, self.groups)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -63,16 +63,33 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """The first ``numel`` stored codes, flat: ``q − lo`` as uint8 for int2/int4, ``q`` itself (int8) for int8.
-
-    Layers convert these once to float and subtract ``z − lo`` per row, one pass fewer than unpacking to signed.
-    """
+    """The first ``numel`` stored codes, flat: ``q − lo`` as uint8 for int2/int4, ``q`` itself (int8) for int8."""
     if check_bits(bits) == 8:
         return packed[:numel]
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = packed.unsqueeze(1) >> shifts
     codes &= 2**bits - 1
     return codes.view(-1)[:numel]
+
+
+def unpack_codes_into(packed: torch.Tensor, bits: int, out: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
+    """Write every stored code (``packed.numel() * values_per_byte`` of them, padding included) into the float
+    tensor ``out``, converting while unpacking: one strided copy per position in the byte, no wide temporary.
+
+    ``tmp`` (uint8, ``packed.numel()`` elements) is reused for the shifted bytes. Layers subtract ``z − lo`` per row
+    afterwards.
+    """
+    if check_bits(bits) == 8:
+        out.copy_(packed)
+        return
+    per = values_per_byte(bits)
+    cols = out.view(-1, per)
+    tmp = torch.empty_like(packed) if tmp is None else tmp
+    for i in range(per):
+        torch.bitwise_right_shift(packed, bits * i, out=tmp)
+        if i < per - 1:
+            tmp &= 2**bits - 1
+        cols[:, i].copy_(tmp)
 
 
 def code_offset(bits: int) -> int:

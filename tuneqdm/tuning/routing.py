@@ -50,9 +50,13 @@ class Route:
     def uniform(self) -> bool:
         return len(self.groups) == 1
 
-    def index(self, device: torch.device) -> torch.Tensor:
+    def members(self, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The samples of each expert in ``groups`` (index tensors), and the permutation that puts the
+        concatenated per-expert outputs back in batch order."""
         if device not in self._on_device:
-            self._on_device[device] = self._index.to(device)
+            members = [torch.nonzero(self._index == g).flatten() for g in range(len(self.groups))]
+            inverse = torch.argsort(torch.cat(members))
+            self._on_device[device] = ([m.to(device) for m in members], inverse.to(device))
         return self._on_device[device]
 
 
