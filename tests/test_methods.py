@@ -111,3 +111,17 @@ def test_configure_switches_method_from_the_same_base():
     assert layer.num_experts == 4 and layer.trains_s_in and tuneqdm.fingerprint(unet) == before
     with pytest.raises(TuneQDMError, match="configure_ cannot change bits/init"):
         tuneqdm.configure_(unet, bits=8)
+
+
+@pytest.mark.parametrize("method", ["peqa", "tuneqdm"])
+def test_scale_param_groups_are_relative_and_cover_every_scale(method):
+    m = tuneqdm.quantize_(_mlp(), QuantConfig(bits=4, method=method))
+    groups = tuneqdm.scale_param_groups(m, lr=1e-2)
+    grouped = [p for g in groups for p in g["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, tuneqdm.scale_parameters(m)))  # each scale exactly once
+    for layer in (m[0], m[2]):
+        (g,) = [g for g in groups if g["params"][0] is layer.s_out[0]]
+        assert g["lr"] == pytest.approx(1e-2 * layer.scale.float().pow(2).mean().sqrt().item(), rel=1e-6)
+    assert all(g["weight_decay"] == 0.0 for g in groups)
+    if method == "tuneqdm":
+        assert groups[-1]["lr"] == 1e-2 and any(p is m[0].s_in[0] for p in groups[-1]["params"])

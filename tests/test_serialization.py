@@ -135,6 +135,7 @@ def test_loading_never_materialises_float_weights(tmp_path):
     quant_bytes = (tmp_path / "base" / QUANT_WEIGHTS).stat().st_size
     script = textwrap.dedent(f"""
         import resource, tuneqdm, diffusers, torch
+        diffusers.UNet2DConditionModel  # import the model code (and PEFT, which diffusers pulls in) before measuring
         def rss():
             return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024
         open('/proc/self/clear_refs', 'w').write('5')

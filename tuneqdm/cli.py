@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,115 @@ def _demo(args) -> None:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
     print(json.dumps(run_demo(out, steps=args.steps, bits=args.bits, seed=args.seed), indent=2))
+
+
+def _generate(args) -> None:
+    from .sampling import generate, load_pipeline, set_scheduler
+    from .serialization import _atomic_dir
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    if args.num_images < 1 or args.num_inference_steps < 1:
+        raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
+    prompt = args.prompt
+    if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
+        from .train.outputs import read_training_json
+
+        classes = {c for c in read_training_json(args.adapter).get("classes") or [] if c} if args.adapter else set()
+        if len(classes) != 1:
+            raise TuneQDMError("the prompt has a <class> placeholder but no --adapter trained on one toy subject "
+                               "names the class: write the class word instead")
+        prompt = prompt.replace("<class>", classes.pop())
+    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
+                         quantized_base=args.quantized_base, device=args.device)
+    set_scheduler(pipe, args.scheduler)
+    images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
+                      negative_prompt=args.negative_prompt)
+    with _atomic_dir(out) as tmp:
+        for i, image in enumerate(images):
+            image.save(tmp / f"{i:03d}.png")
+        meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
+                                              "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
+                                              "adapter", "quantized_base")}
+        meta["prompt"] = prompt
+        meta["seeds"] = [args.seed + i for i in range(len(images))]
+        (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
+    print(f"{len(images)} images of '{prompt}' in {out}")
+
+
+def _train(args) -> None:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.field_names()})
+    out = train(cfg)
+    if not cfg.quiet and os.environ.get("RANK", "0") == "0":  # once, when several processes train
+        print(f"trained {cfg.method} for {cfg.max_train_steps} steps: {out}")
+
+
+def _add_train_parser(sub) -> None:
+    from .train.config import DEFAULT_STEPS, LR_SCHEDULERS, METHOD_CHOICES
+
+    tr = sub.add_parser("train", help="personalize a model on a few photos (DreamBooth; diffusers' flag names)",
+                        description="DreamBooth on a quantized model: only the quantization scales train "
+                                    "(--method tuneqdm, peqa, mcsu, tas, s1), or the fp/lora baselines.")
+    a = tr.add_argument
+    a("--pretrained_model_name_or_path", default=None,
+      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    a("--method", choices=METHOD_CHOICES, default="tuneqdm",
+      help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA or the full UNet (fp)")
+    a("--bits", type=int, choices=(2, 4, 8), default=4, help="weight bits of the quantized UNet (default 4)")
+    a("--experts", type=int, default=None, help="timestep experts K (default: 4 for tuneqdm and tas, else 1)")
+    a("--s1_intervals", default=None, help="method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
+    a("--quant_init", choices=("minmax", "mse"), default="mse", help="quantizer initialisation (default mse)")
+    a("--quantized_base", default=None, help="a folder of tuneqdm.save_quantized to start from (skips quantizing)")
+    a("--rank", type=int, default=4, help="LoRA rank (method lora, default 4)")
+    a("--instance_data_dir", default=None, help="folder of 3-6 photos of the subject")
+    a("--instance_prompt", default=None,
+      help="prompt with a rare identifier, e.g. 'a sks dog' (default: the folder's subject.json)")
+    a("--subjects", default=None,
+      help='JSON list of {"instance_data_dir", "instance_prompt"}: one adapter for several subjects')
+    a("--with_prior_preservation", action="store_true", help="add the class-prior loss (DreamBooth)")
+    a("--class_data_dir", default=None, help="class images; missing ones are generated (default OUTPUT/class_images)")
+    a("--class_prompt", default=None, help="e.g. 'a dog' (default: the folder's subject.json)")
+    a("--num_class_images", type=int, default=100)
+    a("--prior_loss_weight", type=float, default=1.0)
+    a("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
+    a("--prior_inference_steps", type=int, default=25, help="sampling steps per generated class image")
+    a("--resolution", type=int, default=None, help="square training size, a multiple of 8 (default: native)")
+    a("--center_crop", action="store_true", help="centre crops instead of seeded random crops")
+    a("--memory_savers", action=argparse.BooleanOptionalAction, default=None,
+      help="cache latents and prompt embeddings, then release the VAE and text encoders "
+           "(default: on for quantized methods, off for fp/lora)")
+    a("--train_batch_size", type=int, default=1, help="per process")
+    a("--max_train_steps", type=int, default=DEFAULT_STEPS)
+    a("--learning_rate", type=float, default=None,
+      help="default: 2e-3 RELATIVE for scale methods (each layer's s_out moves by lr x its RMS), "
+           "1e-4 for lora, 5e-6 for fp")
+    a("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=None, help="default: 0 for scales, 1e-2 for fp/lora")
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    a("--seed", type=int, default=0)
+    a("--output_dir", default="tuneqdm-model")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    a("--validation_prompt", default=None)
+    a("--num_validation_images", type=int, default=4)
+    a("--validation_steps", type=int, default=100)
+    a("--validation_inference_steps", type=int, default=25)
+    a("--quiet", action="store_true", help="no progress bar or messages")
+    a("--force", action="store_true", help="start over in an --output_dir that holds a run")
+    tr.set_defaults(func=_train)
 
 
 def _toy_subject(args) -> None:
@@ -71,6 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     demo.set_defaults(func=_demo)
 
+    _add_train_parser(sub)
+
+    gen = sub.add_parser("generate", help="sample a pipeline (the embedded default unless a model is named)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--num_images", type=int, default=4)
+    gen.add_argument("--num_inference_steps", type=int, default=25)
+    gen.add_argument("--guidance_scale", type=float, default=7.5)
+    gen.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default="ddim")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--pretrained_model_name_or_path", default=None,
+                     help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
+    gen.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    gen.add_argument("--negative_prompt", default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--out", default="samples", help="output folder (default: samples)")
+    gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    gen.set_defaults(func=_generate)
+
     toy = sub.add_parser("toy", help="the procedural toy world: personal subjects and captioned scenes")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     subject = toy_sub.add_parser("subject", help="write a personal subject: 4-6 photos and subject.json")
@@ -89,15 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """tuneqdm's data warnings as one line each: ``tuneqdm: warning: ...``."""
+    import warnings
+
+    from .train.data import TrainWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TrainWarning):
+            print(f"tuneqdm: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     try:
         args.func(args)
     except TuneQDMError as e:
         print(f"tuneqdm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tuneqdm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"tuneqdm: interrupted{' ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
 

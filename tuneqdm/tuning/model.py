@@ -105,6 +105,26 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def scale_param_groups(model: nn.Module, lr: float = 2e-3) -> list[dict]:
+    """AdamW parameter groups with a relative learning rate: each layer's ``s_out`` moves by about
+    ``lr x RMS(its original scales)`` per step and every ``s_in`` (which starts at 1) by ``lr``. One absolute rate
+    cannot fit all layers: the original scales span four orders of magnitude across layers and bit widths. No weight
+    decay: decaying a scale shrinks the weight."""
+    groups, s_in, rest = [], [], []
+    layer_params = set()
+    for layer in quantized_layers(model).values():
+        rms = float(layer.scale.float().pow(2).mean().sqrt())
+        s_out = [p for p in layer.s_out if p.requires_grad]
+        if s_out:
+            groups.append({"params": s_out, "lr": lr * (rms if rms > 0 else 1.0), "weight_decay": 0.0})
+        s_in += [p for p in layer.s_in if p.requires_grad]
+        layer_params.update(id(p) for p in list(layer.s_out) + list(layer.s_in))
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in layer_params]
+    if s_in or rest:
+        groups.append({"params": s_in + rest, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
 def set_timesteps(model: nn.Module, t) -> None:
     """Route the next forward calls by timesteps ``t`` (for models whose forward has no ``timestep`` argument)."""
     quant_state(model).router.route_timesteps(t)

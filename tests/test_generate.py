@@ -1,0 +1,158 @@
+"""`tuneqdm generate --adapter` and `tuneqdm.load_pipeline`: scale adapters (re-quantized base or saved quantized
+base give the same images), LoRA and fp results, SDXL, and one-line errors for a foreign base or a wrong folder."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tuneqdm
+from tuneqdm.cli import main
+from tuneqdm.errors import TuneQDMError
+from tuneqdm.sampling import generate
+from tuneqdm.train import TrainConfig, train
+
+from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        a = np.full((32, 32, 3), (40, 200, 60), np.uint8)
+        a[4 + 3 * i:20 + 3 * i, 6:22] = (220, 30, 200)
+        Image.fromarray(a).save(folder / f"{i}.png")
+    return folder
+
+
+def _train(base, photos, out, **kw):
+    settings = dict(pretrained_model_name_or_path=str(base), instance_data_dir=str(photos),
+                    instance_prompt="a sks box", output_dir=str(out), resolution=32, max_train_steps=2, quiet=True,
+                    quant_init="minmax", learning_rate=5e-2)
+    settings.update(kw)
+    return train(TrainConfig(**settings))
+
+
+def _pixels(images):
+    return np.stack([np.asarray(i, dtype=np.int16) for i in images])
+
+
+def _sample(pipe, n=1):
+    return _pixels(generate(pipe, "a sks box", num_images=n, num_inference_steps=3, seed=7))
+
+
+@pytest.fixture(scope="module")
+def scales(base, photos, tmp_path_factory):
+    return _train(base, photos, tmp_path_factory.mktemp("tuneqdm") / "out")
+
+
+def test_scale_adapter_cli_matches_python_and_changes_the_picture(base, scales, tmp_path, capsys):
+    pipe = tuneqdm.load_pipeline(adapter=scales)  # the base is read from the adapter
+    assert tuneqdm.quantized_layers(pipe.unet) and not pipe.unet.training
+    tuned = _sample(pipe, 2)
+    plain = _sample(tuneqdm.load_pipeline(base), 2)
+    assert np.abs(tuned - plain).mean() > 0.5
+
+    out = tmp_path / "gen"
+    assert main(["generate", "--adapter", str(scales), "--prompt", "a sks box", "--num_images", "2",
+                 "--num_inference_steps", "3", "--seed", "7", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"2 images of 'a sks box' in {out}\n"
+    assert np.array_equal(_pixels([Image.open(out / f"00{i}.png") for i in range(2)]), tuned)
+    meta = json.loads((out / "generate.json").read_text())
+    assert meta["adapter"] == str(scales) and meta["seeds"] == [7, 8]
+
+
+def test_quantized_base_gives_the_same_images_as_requantizing(base, photos, scales, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    tuneqdm.quantize_(unet, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    qdir = tuneqdm.save_quantized(unet, tmp_path / "w4", base_id=str(base))
+    with_q = tuneqdm.load_pipeline(adapter=scales, quantized_base=qdir)
+    assert np.array_equal(_sample(with_q), _sample(tuneqdm.load_pipeline(adapter=scales)))
+
+    # training from the quantized base records it; generate then uses it without being told
+    out = _train(base, photos, tmp_path / "from-q", quantized_base=str(qdir))
+    assert json.loads((out / "adapter_config.json").read_text())["quantized_base"] == str(qdir.resolve())
+    pipe = tuneqdm.load_pipeline(adapter=out)
+    assert tuneqdm.fingerprint(pipe.unet) == tuneqdm.fingerprint(unet)
+    base_only = tuneqdm.load_pipeline(base, quantized_base=qdir)  # no adapter: the quantized base itself
+    assert not np.array_equal(_sample(base_only), _sample(pipe))
+    # without a base, the one recorded in quantization.json (a local folder) is used
+    assert np.array_equal(_sample(tuneqdm.load_pipeline(quantized_base=qdir)), _sample(base_only))
+
+
+def test_adapter_for_another_base_is_refused_in_one_line(base, scales, tmp_path, capsys):
+    other = tiny_sd_pipeline(tmp_path / "other", seed=1)
+    assert main(["generate", "--adapter", str(scales), "--pretrained_model_name_or_path", str(other),
+                 "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
+    assert f"(base '{base.resolve()}'), but this model's fingerprint is " in err
+    assert not (tmp_path / "g").exists()
+
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "--adapter", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
+    assert capsys.readouterr().err == (
+        f"tuneqdm: error: --adapter {tmp_path / 'empty'} holds no adapter (adapter_config.json, "
+        "pytorch_lora_weights.safetensors or unet/): point it at a `tuneqdm train` --output_dir\n")
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 5e-2), ("fp", 1e-3)])
+def test_lora_and_fp_results_load_and_change_the_picture(base, photos, tmp_path, method, lr):
+    out = _train(base, photos, tmp_path / method, method=method, learning_rate=lr)
+    pipe = tuneqdm.load_pipeline(adapter=out)
+    assert not tuneqdm.quantized_layers(pipe.unet)
+    assert np.abs(_sample(pipe) - _sample(tuneqdm.load_pipeline(base))).mean() > 0.5
+    with pytest.raises(TuneQDMError, match=f"^--quantized_base applies to scale adapters; {out} is a {method} result$"):
+        tuneqdm.load_pipeline(adapter=out, quantized_base=tmp_path)
+    if method == "lora":
+        other = tiny_sd_pipeline(tmp_path / "other", seed=1)
+        with pytest.raises(TuneQDMError, match=f"^LoRA {out} belongs to base fingerprint [0-9a-f]{{16}} "
+                                               f"\\(base '{base.resolve()}'\\), but this model's fingerprint is "):
+            tuneqdm.load_pipeline(other, adapter=out)
+
+
+def test_sdxl_trains_two_steps_and_generates(photos, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl = tiny_sdxl_pipeline(tmp_path / "sdxl")
+    out = _train(sdxl, photos, tmp_path / "out", experts=2)
+    assert json.loads((out / "adapter_config.json").read_text())["experts"] == 2
+    pipe = tuneqdm.load_pipeline(adapter=out)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert main(["generate", "--adapter", str(out), "--prompt", "a sks box on the beach", "--num_images", "1",
+                 "--num_inference_steps", "2", "--scheduler", "euler", "--out", str(tmp_path / "g")]) == 0
+    assert Image.open(tmp_path / "g" / "000.png").size == (32, 32)
+
+
+def test_class_placeholder_comes_from_the_subject_json(base, photos, tmp_path, capsys):
+    import shutil
+
+    subject = tmp_path / "subject"
+    shutil.copytree(photos, subject)
+    (subject / "subject.json").write_text(json.dumps({"class": "box", "class_prompt": "a box"}))
+    out = tmp_path / "out"
+    assert main(["train", "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(subject),
+                 "--instance_prompt", "a sks <class>", "--output_dir", str(out), "--resolution", "32",
+                 "--max_train_steps", "1", "--quiet", "--quant_init", "minmax", "--validation_prompt",
+                 "a sks <class> in the snow", "--num_validation_images", "1", "--validation_inference_steps", "1"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["instance_prompts"] == ["a sks box"]
+    assert (out / "validation" / "step-000001" / "prompt.txt").read_text() == "a sks box in the snow\n"
+    assert main(["generate", "--adapter", str(out), "--prompt", "a sks <class> on the beach", "--num_images", "1",
+                 "--num_inference_steps", "2", "--out", str(tmp_path / "g")]) == 0
+    assert capsys.readouterr().out == f"1 images of 'a sks box on the beach' in {tmp_path / 'g'}\n"
+
+    assert main(["train", "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(photos),
+                 "--instance_prompt", "a sks <class>", "--output_dir", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: the prompt has a <class> placeholder but {photos} has no "
+                                       "subject.json naming the class: write the class word instead\n")
+    assert main(["generate", "--prompt", "a <class>", "--out", str(tmp_path / "g2")]) == 2
+    assert capsys.readouterr().err == ("tuneqdm: error: the prompt has a <class> placeholder but no --adapter trained "
+                                       "on one toy subject names the class: write the class word instead\n")

@@ -1,0 +1,153 @@
+"""The settings of one training run (diffusers' DreamBooth names, plus the quantization ones), validated up front."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import TuneQDMError
+
+QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")
+METHOD_CHOICES = ("fp", "lora") + QUANTIZED_METHODS
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+# Learning rates. For the scale methods --learning_rate is RELATIVE: each layer's s_out gets
+# lr x (RMS of that layer's original quantization scales) and s_in (which starts at 1) gets lr itself, so that one
+# number moves every scale by about the same fraction per Adam step whatever its magnitude (s_out spans ~1e-4..1e-1
+# across the layers of one UNet and across bit widths: one absolute lr is a no-op for some layers and a blow-up for
+# others). The paper's released recipe (absolute 3e-6 on W8 SD 1.4) is ~1e-3 relative on s_out and 3e-6 on s_in,
+# which it thus hardly moves; measured on the tiny
+# test pipeline (200 steps, batch 2, held-out eps-MSE from 1.140): 3e-4 -> 1.095, 1e-3 -> 1.005, 2e-3 -> 0.906,
+# 5e-3 -> 0.702, 1e-2 -> 0.499, 3e-2 -> 0.315 (no divergence). 2e-3 is the default: a clear fit within 400 steps
+# while a scale can drift at most ~0.2x per expert (100 steps of 4 experts), keeping the prior.
+DEFAULT_LR = {"fp": 5e-6, "lora": 1e-4, **{m: 2e-3 for m in QUANTIZED_METHODS}}
+DEFAULT_WEIGHT_DECAY = {"fp": 1e-2, "lora": 1e-2, **{m: 0.0 for m in QUANTIZED_METHODS}}  # decay would shrink W
+DEFAULT_STEPS = 400
+
+
+@dataclass
+class TrainConfig:
+    # model
+    pretrained_model_name_or_path: str | None = None  # None: the embedded toy pipeline
+    method: str = "tuneqdm"
+    bits: int = 4
+    experts: int | None = None  # None: the method's default (tuneqdm/tas 4, others 1)
+    s1_intervals: str | None = None  # "0-250" or "0-250,600-800" (method s1)
+    quant_init: str = "mse"
+    quantized_base: str | None = None
+    rank: int = 4  # LoRA rank
+    # data
+    instance_data_dir: str | None = None
+    instance_prompt: str | None = None
+    subjects: str | None = None
+    with_prior_preservation: bool = False
+    class_data_dir: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    prior_inference_steps: int = 25
+    resolution: int | None = None  # None: the pipeline's native size
+    center_crop: bool = False
+    memory_savers: bool | None = None  # None: on for the quantized methods, off for fp/lora
+    # optimisation
+    train_batch_size: int = 1
+    max_train_steps: int = DEFAULT_STEPS
+    learning_rate: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float | None = None
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    seed: int = 0
+    # outputs
+    output_dir: str = "tuneqdm-model"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    validation_prompt: str | None = None
+    num_validation_images: int = 4
+    validation_steps: int = 100
+    validation_inference_steps: int = 25
+    quiet: bool = False
+    force: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHOD_CHOICES:
+            raise TuneQDMError(f"unknown --method {self.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
+        if self.bits not in (2, 4, 8):
+            raise TuneQDMError(f"--bits must be 2, 4 or 8, got {self.bits}")
+        if self.quant_init not in ("minmax", "mse"):
+            raise TuneQDMError(f"--quant_init must be 'minmax' or 'mse', got {self.quant_init!r}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise TuneQDMError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
+                     "validation_steps", "num_validation_images", "sample_batch_size", "rank",
+                     "prior_inference_steps", "validation_inference_steps", "lr_num_cycles"):
+            if getattr(self, name) < 1:
+                raise TuneQDMError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_class_images < 0 or self.lr_warmup_steps < 0:
+            raise TuneQDMError("--num_class_images and --lr_warmup_steps cannot be negative")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise TuneQDMError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise TuneQDMError(f"unknown --lr_scheduler {self.lr_scheduler!r}: "
+                               f"choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise TuneQDMError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise TuneQDMError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.subjects and (self.instance_data_dir or self.instance_prompt):
+            raise TuneQDMError("give either --subjects or --instance_data_dir/--instance_prompt, not both")
+        if not self.subjects and not self.instance_data_dir:
+            raise TuneQDMError("--instance_data_dir is required (or --subjects FILE for several subjects)")
+        if self.method not in QUANTIZED_METHODS and self.quantized_base:
+            raise TuneQDMError(f"--quantized_base applies to the quantized methods, not --method {self.method}")
+        if self.method == "s1" and not self.s1_intervals:
+            raise TuneQDMError("--method s1 needs --s1_intervals, e.g. --s1_intervals 0-250")
+        if self.method != "s1" and self.s1_intervals:
+            raise TuneQDMError(f"--s1_intervals applies to --method s1 only, not {self.method}")
+        self.intervals  # parse now: a bad value is reported before anything loads
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in QUANTIZED_METHODS
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+    @property
+    def weight_decay(self) -> float:
+        return self.adam_weight_decay if self.adam_weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.method]
+
+    @property
+    def savers(self) -> bool:
+        return self.memory_savers if self.memory_savers is not None else self.quantized
+
+    @property
+    def intervals(self) -> tuple[tuple[int, int], ...]:
+        if not self.s1_intervals:
+            return ()
+        out = []
+        for part in self.s1_intervals.split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+            if not m:
+                raise TuneQDMError(f"--s1_intervals {self.s1_intervals!r}: write intervals as A-B[,C-D], e.g. 0-250")
+            out.append((int(m.group(1)), int(m.group(2))))
+        return tuple(out)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

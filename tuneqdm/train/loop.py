@@ -1,0 +1,613 @@
+"""The DreamBooth training loop on accelerate: setup, steps, logging, validation, checkpoints, resume.
+
+Reproducibility: every random draw of micro-step ``m`` (which photos, which class images, timesteps, posterior and
+noise samples) comes from a generator seeded by ``(seed, m)`` and is drawn for the GLOBAL batch on every process,
+each process then taking its own rows. So the run is a pure function of (settings, step), a resumed run repeats the
+uninterrupted one bit for bit, and N processes with per-process batch B see exactly the samples of one process with
+batch N x B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import TuneQDMError
+from ..memory import pin_mmap_threshold
+from . import checkpoint as ckpt
+from .cache import TrainingTensors, release
+from .config import TrainConfig
+from .data import Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
+from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
+from .outputs import PRODUCTS, save_result
+from .prior import ensure_class_images
+
+LOG = "train_log.jsonl"
+CLASS_PLACEHOLDER = "<class>"  # replaced by the class of a toy subject folder's subject.json
+_MIX = 0x9E3779B97F4A7C15
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the state was saved (the message says where)."""
+
+
+def step_seed(seed: int, micro_step: int, stream: int = 0) -> int:
+    return (seed * 1_000_003 + micro_step * 7919 + stream * _MIX) % (2**63 - 1)
+
+
+def permutation_index(seed: int, stream: int, n: int, position: int) -> int:
+    """Item at ``position`` of an endless stream of seeded permutations of ``range(n)`` (one per epoch)."""
+    epoch, within = divmod(position, n)
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, stream + 1))
+    return int(torch.randperm(n, generator=g)[within])
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak over: CUDA's allocator statistics, or the process's VmHWM (Linux: ``5 > clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """Peak memory in MiB so far: CUDA's allocator peak on a GPU, the process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "rss"
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+
+
+@dataclass
+class Examples:
+    """Instance photos (with the prompt and class group of each) and class images (by group)."""
+
+    instance_pixels: torch.Tensor
+    instance_prompt_ids: list[int]
+    instance_groups: list[int]
+    class_pixels: torch.Tensor | None
+    class_members: list[list[int]]  # per class group, indices into class_pixels
+    class_prompt_ids: list[int]  # per class group
+    prompts: list[str]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, callbacks=()):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)  # called as cb(trainer, step) after each optimizer step (tests, tools)
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def _check_output_dir(self):
+        cfg = self.cfg
+        if self.out.exists() and not self.out.is_dir():
+            raise TuneQDMError(f"--output_dir {self.out} exists and is not a folder")
+        used = self.out.is_dir() and any((self.out / p).exists() for p in (*PRODUCTS, "checkpoints", LOG))
+        if used and not cfg.resume_from_checkpoint and not cfg.force:
+            raise TuneQDMError(f"--output_dir {self.out} already holds a training run: pass "
+                               "--resume_from_checkpoint latest to continue it, --force to start over, "
+                               "or choose another --output_dir")
+
+    def _subjects(self) -> list[Subject]:
+        cfg = self.cfg
+        if cfg.subjects:
+            entries = read_subjects_file(cfg.subjects)
+        else:
+            entries = [{"instance_data_dir": Path(cfg.instance_data_dir), "instance_prompt": cfg.instance_prompt}]
+        subjects = []
+        for e in entries:
+            meta = subject_metadata(e["instance_data_dir"])
+            prompt = e.get("instance_prompt") or meta.get("instance_prompt")
+            if not prompt:
+                raise TuneQDMError(f"--instance_prompt is required for {e['instance_data_dir']} "
+                                   "(e.g. \"a sks dog\")")
+            class_prompt = e.get("class_prompt") or cfg.class_prompt or meta.get("class_prompt")
+            noun = meta.get("class") if isinstance(meta.get("class"), str) else None
+            if CLASS_PLACEHOLDER in prompt or CLASS_PLACEHOLDER in (class_prompt or ""):
+                if noun is None:
+                    raise TuneQDMError(f"the prompt has a {CLASS_PLACEHOLDER} placeholder but "
+                                       f"{e['instance_data_dir']} has no subject.json naming the class: "
+                                       "write the class word instead")
+                prompt = prompt.replace(CLASS_PLACEHOLDER, noun)
+                class_prompt = class_prompt.replace(CLASS_PLACEHOLDER, noun) if class_prompt else None
+            subject = Subject(Path(e["instance_data_dir"]), prompt, class_prompt)
+            subject.noun = noun
+            subjects.append(subject)
+        return subjects
+
+    def setup(self):
+        cfg = self.cfg
+        pin_mmap_threshold()
+        self._check_output_dir()
+        subjects = self._subjects()
+        self.validation_prompt = cfg.validation_prompt
+        if self.validation_prompt and CLASS_PLACEHOLDER in self.validation_prompt:
+            nouns = {s.noun for s in subjects}
+            if len(nouns) != 1 or None in nouns:
+                raise TuneQDMError(f"--validation_prompt has a {CLASS_PLACEHOLDER} placeholder but the subjects do "
+                                   "not name one class: write the class word instead")
+            self.validation_prompt = self.validation_prompt.replace(CLASS_PLACEHOLDER, nouns.pop())
+        for s in subjects:
+            problem = rare_token_problem(s.instance_prompt, s.class_prompt)
+            if problem:
+                warn(problem)
+            if cfg.with_prior_preservation and not s.class_prompt:
+                raise TuneQDMError("--with_prior_preservation needs --class_prompt (e.g. \"a dog\")")
+
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        AcceleratorState._reset_state()  # a new run in the same process may change mixed precision
+        try:
+            self.acc = Accelerator(
+                cpu=not torch.cuda.is_available(),  # several CPU processes: gloo (accelerate's MULTI_CPU)
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
+        except (ValueError, RuntimeError) as e:
+            raise TuneQDMError(f"cannot set up training ({str(e).splitlines()[0]})") from None
+        acc = self.acc
+        self.main = acc.is_main_process
+        if not self.main or cfg.quiet:
+            _quiet_libraries()
+        set_seed(cfg.seed)
+        device = acc.device
+
+        # the base pipeline (its UNet replaced by a saved quantized base when one is given)
+        from ..sampling import base_id, base_source, pipeline_from
+
+        self.base_id = base_id(cfg.pretrained_model_name_or_path)
+        self.base_source = base_source(cfg.pretrained_model_name_or_path)
+        if cfg.quantized_base:
+            from diffusers import UNet2DConditionModel
+
+            source, extra = self.base_source
+            try:
+                float_config = UNet2DConditionModel.load_config(source, subfolder="unet", **extra)
+            except (OSError, ValueError) as e:
+                raise TuneQDMError(f"cannot read the UNet config of {source}: {str(e).splitlines()[0]}") from None
+            unet = load_quantized_base(cfg.quantized_base, float_config)
+            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, unet=unet)
+        else:
+            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device)
+        self.pipeline_class = type(pipe)
+        vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        native = pipe.unet.config.sample_size * vae_factor
+        self.resolution = cfg.resolution or native
+        need = vae_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        if self.resolution % need:
+            raise TuneQDMError(f"--resolution {self.resolution} does not fit this model: it must be a multiple of "
+                               f"{need} (its native size is {native})")
+
+        # data: photos, then class images generated by the base model where missing
+        ex = self._examples(pipe, subjects)
+        self.examples = ex
+        # memory savers: encode everything once, then release the VAE and the text encoders
+        self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution, device,
+                                       memory_savers=cfg.savers)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.T = self.noise_scheduler.config.num_train_timesteps
+        unet = pipe.unet
+        if cfg.savers:
+            release(pipe)
+            ex.instance_pixels = ex.class_pixels = None
+            del pipe
+            gc.collect()
+        else:
+            self._pipe = pipe
+
+        # what trains
+        if cfg.method == "lora":
+            from ..sampling import float_fingerprint
+
+            self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
+        unet, groups = prepare(unet, cfg, self.T, self.base_id)
+        for g in groups:
+            g["lr"] = cfg.lr * g["lr_scale"]
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles,
+                                          power=cfg.lr_power)
+        # DDP: broadcast_buffers=False keeps the frozen integers from being re-sent every step (torch 2.13 warns that
+        # the flag is renamed; its replacement does not exist in older versions, so the warning is silenced)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers", category=FutureWarning)
+            self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        self.model = acc.unwrap_model(self.unet)
+        if cfg.quantized:
+            from ..serialization import fingerprint
+
+            self.fingerprint = fingerprint(self.model)
+        else:
+            self.fingerprint = getattr(self, "float_fingerprint", None)
+        self._resume()
+        return self
+
+    def _examples(self, pipe, subjects: list[Subject]) -> Examples:
+        cfg = self.cfg
+        prompts: list[str] = []
+
+        def prompt_id(p):
+            if p not in prompts:
+                prompts.append(p)
+            return prompts.index(p)
+
+        pixels, pids, groups = [], [], []
+        class_prompts = []
+        for s in subjects:
+            s.photos = load_folder(s.instance_data_dir, self.resolution, cfg.center_crop, cfg.seed)
+            group = -1
+            if cfg.with_prior_preservation:
+                if s.class_prompt not in class_prompts:
+                    class_prompts.append(s.class_prompt)
+                group = class_prompts.index(s.class_prompt)
+            for photo in s.photos:
+                pixels.append(photo.pixels)
+                pids.append(prompt_id(s.instance_prompt))
+                groups.append(group)
+        class_pixels, members, class_pids = None, [], []
+        if cfg.with_prior_preservation:
+            root = Path(cfg.class_data_dir) if cfg.class_data_dir else self.out / "class_images"
+            cls_px = []
+            for g, cp in enumerate(class_prompts):
+                folder = root if len(class_prompts) == 1 else root / _slug(cp)
+                made = 0
+                if self.acc.is_main_process:
+                    made = ensure_class_images(pipe, folder, cp, cfg.num_class_images, self.resolution, cfg.seed,
+                                               cfg.prior_inference_steps, cfg.sample_batch_size)
+                self.acc.wait_for_everyone()
+                if made and self.main and not cfg.quiet:
+                    print(f"generated {made} class images of '{cp}' in {folder}", file=sys.stderr)
+                photos = load_folder(folder, self.resolution, True, cfg.seed, what="--class_data_dir")
+                photos = photos[:max(cfg.num_class_images, 1)]
+                members.append(list(range(len(cls_px), len(cls_px) + len(photos))))
+                cls_px += [p.pixels for p in photos]
+                class_pids.append(prompt_id(cp))
+            class_pixels = torch.stack(cls_px)
+        self.subjects = subjects
+        return Examples(torch.stack(pixels), pids, groups, class_pixels, members, class_pids, prompts)
+
+    def _resume(self):
+        cfg = self.cfg
+        self.resumed_from = None
+        if not cfg.resume_from_checkpoint:
+            return
+        path = ckpt.resolve(self.out, cfg.resume_from_checkpoint)
+        if path is None:
+            if self.main:
+                warn(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0")
+            return
+        tensors, meta = ckpt.load(path)
+        mine, theirs = self._identity(), meta.get("identity", {})
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            k = diff[0]
+            raise TuneQDMError(f"checkpoint {path} was made by another run ({k}: {theirs.get(k)!r}, this run: "
+                               f"{mine.get(k)!r})")
+        load_trainable_state(self.model, ckpt.model_tensors(tensors), path)
+        ckpt.restore(tensors, meta, self.optimizer, self.lr_scheduler)
+        self.step = int(meta["step"])
+        self.resumed_from = path
+        if self.main:
+            _truncate_log(self.out / LOG, self.step)
+
+    def _identity(self) -> dict:
+        """What must agree between a checkpoint and the run resuming it."""
+        c = self.cfg
+        return {"method": c.method, "bits": c.bits if c.quantized else None, "experts": c.experts,
+                "s1_intervals": c.s1_intervals, "quant_init": c.quant_init if c.quantized else None,
+                "rank": c.rank if c.method == "lora" else None, "base_fingerprint": self.fingerprint,
+                "base_id": self.base_id, "seed": c.seed,
+                "global_batch_size": c.train_batch_size * self.acc.num_processes,  # the draws depend on this only
+                "gradient_accumulation_steps": c.gradient_accumulation_steps,
+                "with_prior_preservation": c.with_prior_preservation, "resolution": self.resolution}
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def batch(self, micro_step: int) -> dict:
+        """This process's share of the global batch of ``micro_step``: inputs of the denoiser and the target."""
+        cfg, ex, acc, tt = self.cfg, self.examples, self.acc, self.tensors
+        B, P = cfg.train_batch_size, acc.num_processes
+        G = B * P
+        rows = slice(acc.process_index * B, (acc.process_index + 1) * B)
+        seed = cfg.seed
+        n_inst = len(ex.instance_prompt_ids)
+        inst = [permutation_index(seed, 0, n_inst, micro_step * G + j) for j in range(G)]
+        prior = cfg.with_prior_preservation
+        cls = []
+        if prior:
+            for j, i in enumerate(inst):
+                g = ex.instance_groups[i]
+                members = ex.class_members[g]
+                cls.append(members[permutation_index(seed, 10 + g, len(members), micro_step * G + j)])
+        n = G * (2 if prior else 1)
+        gen = torch.Generator().manual_seed(step_seed(seed, micro_step))
+        timesteps = torch.randint(0, self.T, (n,), generator=gen)
+        shape = (n, *self._latent_shape())
+        posterior = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+
+        def mine(x):  # this process's rows: instance rows, then (with prior) class rows
+            if not prior:
+                return x[rows]
+            return torch.cat([x[:G][rows], x[G:][rows]])
+
+        inst_r = inst[rows]
+        mean, std = tt.latent_dist("instance", inst_r)
+        pids = [ex.instance_prompt_ids[i] for i in inst_r]
+        if prior:
+            cls_r = cls[rows]
+            cm, cs = tt.latent_dist("class", cls_r)
+            mean, std = torch.cat([mean, cm]), torch.cat([std, cs])
+            pids += [ex.class_prompt_ids[ex.instance_groups[i]] for i in inst_r]
+        device = acc.device
+        latents = tt.latents(mean, std, mine(posterior).to(device))
+        noise, timesteps = mine(noise).to(device), mine(timesteps).to(device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return {"noisy": noisy, "timesteps": timesteps, "target": target, "cond": tt.conditioning(pids),
+                "n_instance": len(inst_r)}
+
+    def _latent_shape(self):
+        if not hasattr(self, "_lshape"):
+            if self.tensors.dists is not None:
+                self._lshape = tuple(self.tensors.dists["instance"][0].shape[1:])
+            else:
+                self._lshape = tuple(self.tensors.latent_dist("instance", [0])[0].shape[1:])
+        return self._lshape
+
+    def loss(self, b: dict) -> torch.Tensor:
+        pred = self.unet(b["noisy"], b["timesteps"], **b["cond"], return_dict=False)[0].float()
+        target = b["target"].float()
+        k = b["n_instance"]
+        if not self.cfg.with_prior_preservation:
+            return F.mse_loss(pred, target)
+        return F.mse_loss(pred[:k], target[:k]) + self.cfg.prior_loss_weight * F.mse_loss(pred[k:], target[k:])
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.acc
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step",
+                   disable=cfg.quiet or not self.main, file=sys.stderr, dynamic_ncols=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main and cfg.force and not self.resumed_from:
+            _start_over(self.out)
+        log = open(self.out / LOG, "a") if self.main else None
+        device = acc.device
+        reset_peak_memory(device)  # the log's peak is the training loop's, not quantization's or loading's
+        try:
+            while self.step < cfg.max_train_steps:
+                t0 = time.perf_counter()
+                losses = []
+                with contextlib.ExitStack() as update:  # a Ctrl-C during the update waits for its end
+                    for micro in range(cfg.gradient_accumulation_steps):
+                        m = self.step * cfg.gradient_accumulation_steps + micro
+                        with acc.accumulate(self.unet):
+                            b = self.batch(m)
+                            loss = self.loss(b)
+                            mean_loss = acc.gather(loss.detach()[None]).mean()
+                            if not torch.isfinite(mean_loss):
+                                self._diverged(f"loss became NaN at step {self.step + 1}")
+                            acc.backward(loss)
+                            if acc.sync_gradients:
+                                update.enter_context(deferred_interrupt())
+                                if cfg.max_grad_norm > 0:
+                                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                        losses.append(float(mean_loss))
+                    group = self.optimizer.param_groups[0]
+                    lr = group["lr"] / group["lr_scale"]  # this step's (relative) learning rate
+                    self.lr_scheduler.step()
+                    self.step += 1
+                    dt = time.perf_counter() - t0
+                    loss_value = sum(losses) / len(losses)
+                    if self.main:
+                        mem, kind = peak_memory(device)
+                        row = {"step": self.step, "loss": round(loss_value, 6), "lr": lr, "s_per_step": round(dt, 4),
+                               "peak_mem_mib": round(mem, 1), "peak_mem": kind}
+                        try:
+                            log.write(json.dumps(row) + "\n")
+                            log.flush()
+                        except OSError as e:
+                            raise TuneQDMError(f"cannot write {self.out / LOG} ({e.strerror or e})") from None
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                for cb in self.callbacks:
+                    cb(self, self.step)
+                if self.step % cfg.checkpointing_steps == 0 and self.step < cfg.max_train_steps:
+                    self.save_checkpoint()
+                if cfg.validation_prompt and self.step % cfg.validation_steps == 0:
+                    self.validate()
+        except KeyboardInterrupt:
+            bar.close()
+            where = self.save_checkpoint()
+            if where is None:
+                raise TrainingInterrupted(f"at step {self.step}") from None
+            raise TrainingInterrupted(f"at step {self.step}; checkpoint {where}: continue with "
+                                      "--resume_from_checkpoint latest") from None
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        acc.wait_for_everyone()
+        if self.main:
+            save_result(self.model, self.out, cfg.method, self.pipeline_class, self.info())
+            if cfg.validation_prompt and self.step % cfg.validation_steps != 0:
+                self.validate()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return self.out
+
+    def info(self) -> dict:
+        cfg = self.cfg
+        return {"tuneqdm_method": cfg.method, "base_id": self.base_id, "steps": self.step,
+                **({"base_fingerprint": self.fingerprint} if cfg.method == "lora" else {}),
+                "instance_prompts": [s.instance_prompt for s in self.subjects],
+                "class_prompts": sorted({s.class_prompt for s in self.subjects if s.class_prompt}),
+                "classes": [s.noun for s in self.subjects],
+                "instance_data_dirs": [str(s.instance_data_dir) for s in self.subjects],
+                "validation_prompt": self.validation_prompt, "resolution": self.resolution,
+                "quantized_base": str(Path(cfg.quantized_base).resolve()) if cfg.quantized_base else None,
+                "learning_rate": cfg.lr, "lr_is_relative": cfg.quantized, "settings": cfg.to_dict()}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write the state after ``self.step`` completed steps (main process); others wait."""
+        acc, path = self.acc, None
+        if not self._finite():  # never store a diverged state as a checkpoint
+            self._diverged(f"the trained weights became NaN or infinite at step {self.step}")
+        acc.wait_for_everyone()
+        if self.main:
+            path = ckpt.checkpoint_dir(self.out, self.step)
+            if not (path / ckpt.STATE_JSON).is_file():
+                path = ckpt.save(self.out, self.step, trainable_state(self.model), self.optimizer, self.lr_scheduler,
+                                 {"identity": self._identity(), "data_order": {"seed": self.cfg.seed,
+                                  "micro_steps_done": self.step * self.cfg.gradient_accumulation_steps},
+                                  "settings": self.cfg.to_dict()}, self.cfg.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return path
+
+    def _finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def _diverged(self, what: str):
+        """Stop: keep (or write, when the current state is still finite) the last good checkpoint and say which."""
+        where = None
+        if self._finite() and self.step > 0:
+            where = self.save_checkpoint()
+        elif self.main:
+            found = ckpt.list_checkpoints(self.out)
+            where = found[-1][1] if found else None
+        kept = (f"the last good checkpoint is {where}: resume from it with a lower --learning_rate" if where
+                else "no good checkpoint exists: lower --learning_rate and start again")
+        raise TuneQDMError(f"{what}; stopped, {kept}")
+
+    @torch.no_grad()
+    def validate(self):
+        """``--num_validation_images`` images of ``--validation_prompt`` into ``validation/step-<step>/``."""
+        if not self.main:
+            return
+        from ..sampling import generate, pipeline_from
+        from ..serialization import _atomic_dir
+
+        cfg = self.cfg
+        model = self.model
+        model.eval()
+        try:
+            pipe = getattr(self, "_pipe", None)
+            if pipe is None:
+                pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, unet=model)
+            images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
+                              seed=cfg.seed, height=self.resolution, width=self.resolution)
+            with _atomic_dir(self.out / "validation" / f"step-{self.step:06d}") as tmp:
+                for i, image in enumerate(images):
+                    image.save(tmp / f"{i:03d}.png")
+                (tmp / "prompt.txt").write_text(self.validation_prompt + "\n")
+        finally:
+            if getattr(self, "_pipe", None) is None:
+                pipe = None
+                gc.collect()
+            model.train()
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold back Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: the parameters, optimizer moments,
+    lr schedule and step counter are then consistent, so the checkpoint the interrupt writes is exact."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "class"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _start_over(out: Path) -> None:
+    (out / LOG).unlink(missing_ok=True)
+    for name in ("checkpoints", "validation"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _quiet_libraries():
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def train(cfg: TrainConfig | None = None, callbacks=(), **kwargs) -> Path:
+    """Run one training; returns the output folder. ``train(TrainConfig(...))`` or ``train(instance_data_dir=...)``."""
+    if cfg is None:
+        cfg = TrainConfig(**kwargs)
+    elif kwargs:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **kwargs)
+    with warnings.catch_warnings():
+        from .data import TrainWarning
+
+        warnings.simplefilter("always", TrainWarning)
+        return Trainer(cfg, callbacks).setup().run()

@@ -1,0 +1,94 @@
+"""What trains: the quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the float UNet, or the whole UNet.
+
+``prepare`` turns the pipeline's float UNet (or a saved quantized base) into the model to train and returns the
+optimizer's parameter groups. For the scale methods each layer's ``s_out`` is its own group whose learning rate is
+``lr x RMS(original scales of that layer)`` (``lr_scale``); ``s_in`` (initialised to 1) uses ``lr`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import TuneQDMError
+from ..serialization import load_quantized
+from ..tuning import QuantConfig, configure_, quantize_
+from ..tuning.model import quant_state, scale_param_groups
+from .config import TrainConfig
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.Module:
+    """A saved quantized base, checked against the pipeline's UNet config when one is given."""
+    directory = Path(directory)
+    unet = load_quantized(directory)
+    if float_unet_config is not None:
+        ignore = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+        mine = {k: v for k, v in dict(unet.config).items() if k not in ignore}
+        theirs = {k: v for k, v in float_unet_config.items() if k not in ignore}
+        diff = sorted(k for k in set(mine) | set(theirs)
+                      if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
+        if diff:
+            raise TuneQDMError(f"--quantized_base {directory} was made from another UNet than the pipeline's "
+                               f"(config differs in {', '.join(diff[:3])})")
+    return unet
+
+
+def quant_config(cfg: TrainConfig, num_train_timesteps: int) -> QuantConfig:
+    return QuantConfig(bits=cfg.bits, method=cfg.method, experts=cfg.experts, init=cfg.quant_init,
+                       intervals=cfg.intervals, num_train_timesteps=num_train_timesteps)
+
+
+def prepare(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> tuple[nn.Module, list]:
+    """The model to train (in place where possible) and its optimizer parameter groups (each with ``lr_scale``)."""
+    if cfg.quantized:
+        qc = quant_config(cfg, num_train_timesteps)
+        if getattr(unet, "_tuneqdm", None) is not None:  # a loaded --quantized_base
+            base = quant_state(unet).config
+            if (base.bits, base.init) != (cfg.bits, cfg.quant_init):
+                raise TuneQDMError(f"--quantized_base is W{base.bits} {base.init}, but this run asks for "
+                                   f"--bits {cfg.bits} --quant_init {cfg.quant_init}: make them agree")
+            configure_(unet, qc)
+        else:
+            quantize_(unet, qc)
+        if base_id is not None:
+            quant_state(unet).base_id = base_id
+        groups = [{"params": g["params"], "lr_scale": g["lr"]} for g in scale_param_groups(unet, lr=1.0)]
+        return unet, groups
+    if cfg.method == "lora":
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise TuneQDMError("--method lora needs PEFT: pip install peft") from None
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # keep the trainable weights in float32 whatever the base dtype
+            p.data = p.data.float()
+        return unet, [{"params": params, "lr_scale": 1.0}]
+    unet.requires_grad_(True)  # fp: full DreamBooth on the UNet
+    return unet, [{"params": [p for p in unet.parameters()], "lr_scale": 1.0}]
+
+
+def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors by parameter name (what a checkpoint stores of the model)."""
+    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(unet: nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
+    mine = trainable_state(unet)
+    if set(mine) != set(tensors):
+        odd = sorted(set(mine) ^ set(tensors))
+        raise TuneQDMError(f"checkpoint {where} does not match this run's trainable parameters (e.g. {odd[0]!r}): "
+                           "was it made with another --method, --experts or --rank?")
+    for name, p in mine.items():
+        t = tensors[name]
+        if t.shape != p.shape:
+            raise TuneQDMError(f"checkpoint {where}: {name} has shape {tuple(t.shape)}, this run has {tuple(p.shape)}")
+        p.copy_(t)

@@ -1,0 +1,71 @@
+"""The trained result in ``--output_dir``: what ``tuneqdm generate --adapter`` and ``tuneqdm.load_pipeline`` read.
+
+- scale methods: ``adapter.safetensors`` + ``adapter_config.json`` (``tuneqdm.save_adapter``: scales only, method,
+  bits, experts, base id and fingerprint) with the prompts and the run's settings added to the config;
+- ``lora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet, loadable by
+  ``pipe.load_lora_weights``);
+- ``fp``: the whole fine-tuned UNet, ``unet/`` (diffusers folder, safetensors).
+
+Every method also writes ``training.json``: method, base id and the prompts, for loading without guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import TuneQDMError
+from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _atomic_dir, save_adapter
+
+TRAINING_JSON = "training.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FP_UNET = "unet"
+PRODUCTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, FP_UNET, TRAINING_JSON)
+
+
+def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Path:
+    """Write the trained weights and ``training.json`` into ``output_dir`` (each file by an atomic rename)."""
+    output_dir = Path(output_dir)
+    try:
+        if method == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            with _atomic_dir(output_dir) as tmp:
+                pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+        elif method == "fp":
+            with _atomic_dir(output_dir / FP_UNET) as tmp:
+                unet.save_pretrained(tmp, safe_serialization=True)
+        else:
+            save_adapter(unet, output_dir, extra=info)
+        with _atomic_dir(output_dir) as tmp:
+            (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=1))
+    except OSError as e:
+        raise TuneQDMError(f"cannot write the result into {output_dir} ({e.strerror or e})") from None
+    return output_dir
+
+
+def read_training_json(directory) -> dict:
+    path = Path(directory) / TRAINING_JSON
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise TuneQDMError(f"{path} is not valid JSON: train the adapter again") from None
+
+
+def adapter_kind(directory) -> str:
+    """``scales``, ``lora`` or ``fp`` for a training output folder (one-line error when it is none of them)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise TuneQDMError(f"--adapter {d} is not a folder")
+    if (d / ADAPTER_CONFIG).is_file():
+        return "scales"
+    if (d / LORA_WEIGHTS).is_file():
+        return "lora"
+    if (d / FP_UNET / "config.json").is_file():
+        return "fp"
+    raise TuneQDMError(f"--adapter {d} holds no adapter ({ADAPTER_CONFIG}, {LORA_WEIGHTS} or {FP_UNET}/): "
+                       "point it at a `tuneqdm train` --output_dir")
