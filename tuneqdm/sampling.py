@@ -173,6 +173,11 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator for any integer seed: negative and huge ones wrap modulo 2**64 (as torch does for negatives)."""
+    return torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
+
+
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float = 7.5,
              seed: int = 0, batch_size: int = 4, negative_prompt: str | None = None, height: int | None = None,
@@ -181,7 +186,7 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     images = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
-        gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(n)]
+        gens = [generator(seed + start + i) for i in range(n)]
         out = pipe([prompt] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
                    generator=gens, output_type="pil", height=height, width=width)

@@ -50,8 +50,11 @@ def default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = to
     """The embedded ``StableDiffusionPipeline`` (float32 on CPU by default), loaded offline."""
     from diffusers import StableDiffusionPipeline
 
+    from ..sampling import _quiet_loading, dtype_kwarg
+
     folder = Path(path) if path is not None else DEFAULT_PIPELINE_DIR
     check_pipeline_folder(folder)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    _quiet_loading()
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **dtype_kwarg(dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

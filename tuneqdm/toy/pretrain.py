@@ -333,9 +333,10 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     (tmp / "tokenizer" / "NOTICE.md").write_text(
-        "vocab.json and merges.txt are OpenAI CLIP's byte-pair encoding (bpe_simple_vocab_16e6.txt.gz, MIT License,\n"
-        "Copyright (c) 2021 OpenAI), as distributed in the open-clip-torch wheel, rewritten by\n"
-        "tuneqdm.toy.tokenizer.write_clip_tokenizer into the files transformers' CLIPTokenizer reads.\n")
+        "The vocabulary and merges in this folder are OpenAI CLIP's byte-pair encoding (bpe_simple_vocab_16e6.txt.gz,\n"
+        "MIT License, Copyright (c) 2021 OpenAI), as distributed in the open-clip-torch wheel, rewritten by\n"
+        "tuneqdm.toy.tokenizer.write_clip_tokenizer into vocab.json and merges.txt and saved by transformers'\n"
+        "CLIPTokenizer in its own format.\n")
     from .pipeline import MANIFEST, file_digests
 
     (tmp / MANIFEST).write_text(json.dumps({"unet_steps": meta["step"], "unet_wall_s": round(meta["wall"], 1),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneQDMError
+from ..sampling import generator
 from .data import IMAGE_SUFFIXES
 
 PRIOR_STEPS = 25
@@ -53,7 +54,7 @@ def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: 
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in chunk]
+            gens = [generator(seed + i) for i in chunk]
             images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps, height=resolution,
                           width=resolution, generator=gens, output_type="pil").images
             for i, image in zip(chunk, images):

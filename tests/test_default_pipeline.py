@@ -1,0 +1,100 @@
+"""The embedded default pipeline: SD's format, offline loading, size, reproducible sampling, one-line damage errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import tuneqdm
+from tuneqdm.cli import main
+from tuneqdm.errors import TuneQDMError
+from tuneqdm.sampling import generate
+from tuneqdm.toy.pipeline import DEFAULT_PIPELINE_DIR, default_pipeline
+
+REINSTALL = "reinstall tuneqdm (pip install --force-reinstall tuneqdm)"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return default_pipeline()
+
+
+def test_is_a_stable_diffusion_pipeline_in_sd_format(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
+    assert pipe.tokenizer("a sks dog").input_ids == [49406, 320, 48136, 1929, 49407]  # CLIP's own ids
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+    assert z.shape == (1, 4, 16, 16)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # shipped fp16, upcast on load
+
+
+def test_shipped_folder_is_at_most_25_mb():
+    size = sum(p.stat().st_size for p in DEFAULT_PIPELINE_DIR.rglob("*") if p.is_file())
+    assert size <= 25 * 1024 * 1024
+
+
+def test_same_seed_same_image_and_any_prompt_works(pipe):
+    a = generate(pipe, "a red star on the beach", num_images=1, num_inference_steps=3, seed=5)[0]
+    b = generate(pipe, "a red star on the beach", num_images=1, num_inference_steps=3, seed=5)[0]
+    c = generate(pipe, "a photograph of an astronaut riding a horse", num_images=1, num_inference_steps=3, seed=5)[0]
+    assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_quantizes_to_w4_and_still_samples(pipe):
+    import copy
+
+    unet = copy.deepcopy(pipe.unet)
+    tuneqdm.quantize_(unet, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    emb = torch.randn(2, 77, pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():
+        assert unet(x, t, emb).sample.shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_install_is_one_line(tmp_path, damage):
+    folder = tmp_path / "pipe"
+    shutil.copytree(DEFAULT_PIPELINE_DIR, folder)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        data = (folder / weights).read_bytes()
+        (folder / weights).write_bytes(data[: len(data) // 2])
+        word = "corrupted"
+    else:
+        (folder / weights).unlink()
+        word = "missing"
+    with pytest.raises(TuneQDMError) as e:
+        default_pipeline(path=folder)
+    assert str(e.value) == f"the default pipeline file {weights} is {word}: {REINSTALL}"
+
+
+def test_cli_generate_writes_images_and_refuses_a_used_folder(tmp_path, capsys):
+    out = tmp_path / "samples"
+    args = ["generate", "--prompt", "a blue heart in the snow", "--num_images", "2", "--num_inference_steps", "2",
+            "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "generate.json"]
+    assert json.loads((out / "generate.json").read_text())["seeds"] == [0, 1]
+    assert main(args) == 2
+    assert capsys.readouterr().err.endswith(
+        f"tuneqdm: error: output folder {out} is not empty: choose another --out or pass --force\n")
+    assert main(args + ["--force", "--scheduler", "euler"]) == 0
+
+
+def test_negative_and_huge_seeds_work_and_wrap_like_torch(pipe):
+    huge = 2**64 + 5
+    a = generate(pipe, "a star", num_images=1, num_inference_steps=2, seed=huge)[0]
+    b = generate(pipe, "a star", num_images=1, num_inference_steps=2, seed=5)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # seeds are taken modulo 2**64
+    c = generate(pipe, "a star", num_images=1, num_inference_steps=2, seed=-7)[0]
+    d = generate(pipe, "a star", num_images=1, num_inference_steps=2, seed=2**64 - 7)[0]
+    assert np.array_equal(np.asarray(c), np.asarray(d))
