@@ -236,6 +236,8 @@ def _one_line_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns on import that torchvision is missing (it falls back to PIL, which is all we need)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     _one_line_warnings()
     try:
