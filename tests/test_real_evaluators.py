@@ -32,16 +32,18 @@ def dino_dir(tmp_path_factory):
 def clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from tuneqdm.toy.tokenizer import write_clip_tokenizer
+    from tiny_pipelines import MAX_LEN, tiny_tokenizer
 
     d = tmp_path_factory.mktemp("clip")
+    tok = tiny_tokenizer(d)  # letter-level CLIP BPE: no download, no open-clip-torch
+    tok.save_pretrained(d)
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
-    cfg = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **small),
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), max_position_embeddings=MAX_LEN,
+                                      eos_token_id=tok.eos_token_id, **small),
                      vision_config=dict(image_size=32, patch_size=16, **small), projection_dim=16)
     CLIPModel(cfg).save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
-    write_clip_tokenizer(d)
     return d
 
 
@@ -64,7 +66,8 @@ def test_clip_image_and_text_embeddings_match_the_model(clip_dir):
     img, txt = enc.encode_images(images), enc.encode_texts(prompts)
     assert img.shape == (3, 16) and txt.shape == (3, 16)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
-    tok = enc.tokenizer(prompts[:1], return_tensors="pt")
+    tok = enc.tokenizer(prompts[:1], truncation=True, max_length=enc.model.config.text_config.max_position_embeddings,
+                        return_tensors="pt")
     with torch.no_grad():
         out = enc.model.get_text_features(**tok)
     want = out if isinstance(out, torch.Tensor) else out.pooler_output
