@@ -55,6 +55,58 @@ def _generate(args) -> None:
     print(f"{len(images)} images of '{prompt}' in {out}")
 
 
+def _evaluate(args) -> None:
+    import shutil
+
+    from .eval.evaluate import METRICS, evaluate, read_photos
+    from .eval.prompts import evaluation_prompts
+    from .sampling import load_pipeline
+    from .train.data import subject_metadata, words
+    from .train.outputs import read_training_json
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.force:
+            raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+        if not (out / METRICS).is_file():
+            raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
+        shutil.rmtree(out)
+    real = read_photos(args.instance_data_dir)
+    subject = subject_metadata(args.instance_data_dir)
+    trained = read_training_json(args.adapter) if args.adapter else {}
+    class_word = args.class_word or subject.get("class") or next(iter(trained.get("classes") or []), None)
+    if not class_word:
+        raise TuneQDMError("no class word: pass --class_word (e.g. dog)")
+    token = args.token
+    if token is None:  # the word of the instance prompt that is not in the class prompt, e.g. "sks"
+        instance = subject.get("instance_prompt") or next(iter(trained.get("instance_prompts") or []), "a sks")
+        rare = [w for w in words(instance) if w not in set(words(class_word)) | {"a", "an", "the", "photo", "of"}]
+        token = rare[0] if rare else "sks"
+    spec = args.prompts or ("toy" if subject.get("prompts") else "dreambooth-object")
+    prompts = evaluation_prompts(spec, token, class_word)
+    evaluator = args.evaluator or ("toy" if args.pretrained_model_name_or_path is None and (
+        not trained or trained.get("base_id") == "tuneqdm-toy-default") else "clip-dino")
+    if evaluator == "toy":
+        from .toy.evaluators import load_toy_clip, load_toy_dino
+
+        subject_enc, clip_enc = load_toy_dino(), load_toy_clip()
+    else:
+        from .eval.real import ClipEncoder, DinoEncoder
+
+        subject_enc = DinoEncoder(args.dino_id, device=args.device)
+        clip_enc = ClipEncoder(args.clip_id, device=args.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
+                         quantized_base=args.quantized_base, device=args.device)
+    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
+            "instance_data_dir": str(args.instance_data_dir), "prompts": spec, "evaluator": evaluator,
+            "class_word": class_word}
+    m = evaluate(pipe, real, prompts, args.images_per_prompt, subject_enc, clip_enc, token, out, seed=args.seed,
+                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                 keep_token=args.keep_token_in_clip_t, info=info)
+    print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
+          f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
+
+
 def _train(args) -> None:
     from .train import TrainConfig, train
 
@@ -199,6 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     gen.set_defaults(func=_generate)
+
+    ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject")
+    ev.add_argument("--instance_data_dir", required=True, help="the subject's real photos")
+    ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
+    ev.add_argument("--pretrained_model_name_or_path", default=None,
+                    help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
+    ev.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    ev.add_argument("--prompts", default=None,
+                    help="dreambooth-object, dreambooth-live, toy or a file of prompts with {0} = token, {1} = class "
+                         "(default: toy for a toy subject, else dreambooth-object)")
+    ev.add_argument("--images_per_prompt", type=int, default=4)
+    ev.add_argument("--evaluator", choices=("toy", "clip-dino"), default=None,
+                    help="toy: the shipped toy-world encoders; clip-dino: real DINO and CLIP "
+                         "(default: toy on the embedded pipeline, else clip-dino)")
+    ev.add_argument("--dino_id", default="facebook/dino-vits16")
+    ev.add_argument("--clip_id", default="openai/clip-vit-base-patch32")
+    ev.add_argument("--token", default=None, help="the rare token (default: from the instance prompt)")
+    ev.add_argument("--class_word", default=None, help="default: from subject.json or the adapter")
+    ev.add_argument("--keep_token_in_clip_t", action="store_true", help="score CLIP-T against the prompt as written")
+    ev.add_argument("--num_inference_steps", type=int, default=25)
+    ev.add_argument("--guidance_scale", type=float, default=7.5)
+    ev.add_argument("--seed", type=int, default=0, help="prompt p, image i uses seed + 1000 p + i")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default="evaluation")
+    ev.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
+    ev.set_defaults(func=_evaluate)
 
     toy = sub.add_parser("toy", help="the procedural toy world: personal subjects and captioned scenes")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
