@@ -107,6 +107,61 @@ def _evaluate(args) -> None:
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
 
 
+def _parse_seeds(spec: str) -> list[int]:
+    seeds = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.strip().partition("-")
+            seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise TuneQDMError(f"--subjects {spec!r}: write toy subject seeds like 0-9 or 0,3,5") from None
+    return seeds
+
+
+def _benchmark_fidelity(args) -> None:
+    from .eval.fidelity import FLOOR, cells, cell_name, run_cell, table
+    from .sampling import pipeline_from
+    from .toy.subjects import write_subject
+    from .train.config import METHOD_CHOICES
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in (*METHOD_CHOICES, FLOOR):
+            raise TuneQDMError(f"unknown method {m!r} in --methods: choose from {', '.join((*METHOD_CHOICES, FLOOR))}")
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= shard < shards
+    except (ValueError, AssertionError):
+        raise TuneQDMError(f"--shard {args.shard!r}: write i/n with 0 <= i < n, e.g. 0/2") from None
+    out = Path(args.out)
+    subjects = []
+    for seed in _parse_seeds(args.subjects):
+        folder = out / "subjects" / f"s{seed}"
+        if not (folder / "subject.json").is_file():
+            write_subject(seed, folder, force=True)
+        subjects.append(folder.name)
+    if args.evaluator == "toy":
+        from .toy.evaluators import load_toy_clip, load_toy_dino
+
+        encoders = (load_toy_dino(), load_toy_clip())
+    else:
+        from .eval.real import ClipEncoder, DinoEncoder
+
+        encoders = (DinoEncoder(args.dino_id), ClipEncoder(args.clip_id))
+    kw = {"prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
+          "num_inference_steps": args.num_inference_steps, "seed": args.seed}
+    todo = cells(methods, args.bits, subjects)[shard::shards]
+    for i, (m, b, s) in enumerate(todo):
+        cell = out / "cells" / cell_name(m, b) / s
+        r = run_cell(args.pretrained_model_name_or_path, out / "subjects" / s, m, b, args.max_train_steps, cell, kw,
+                     encoders)
+        print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
+              f"CLIP-T {r['clip_t']:.3f}", flush=True)
+    total = sum(p.numel() for p in pipeline_from(args.pretrained_model_name_or_path).unet.parameters())
+    table(out, methods, args.bits, subjects, total)
+    print(f"table: {out / 'fidelity.md'}")
+
+
 def _train(args) -> None:
     from .train import TrainConfig, train
 
@@ -277,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="evaluation")
     ev.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
     ev.set_defaults(func=_evaluate)
+
+    bench = sub.add_parser("benchmark", help="benchmarks over subjects, methods and bit widths")
+    bench_sub = bench.add_subparsers(dest="benchmark_command", required=True)
+    fid = bench_sub.add_parser("fidelity", help="train and evaluate every (method, bits, subject); resumable")
+    fid.add_argument("--subjects", default="0-9", help="toy subject seeds, e.g. 0-9 or 0,3,5 (default 0-9)")
+    fid.add_argument("--methods", default="fp,peqa,tuneqdm,floor",
+                     help="comma-separated: fp, lora, peqa, tuneqdm, mcsu, tas, s1, floor (the untuned quantized model)")
+    fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=(2, 4, 8))
+    fid.add_argument("--max_train_steps", type=int, default=400)
+    fid.add_argument("--pretrained_model_name_or_path", default=None, help="default: the embedded toy pipeline")
+    fid.add_argument("--prompts", default="toy", help="dreambooth-object, dreambooth-live, toy or a file")
+    fid.add_argument("--images_per_prompt", type=int, default=4)
+    fid.add_argument("--num_inference_steps", type=int, default=25)
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--evaluator", choices=("toy", "clip-dino"), default="toy")
+    fid.add_argument("--dino_id", default="facebook/dino-vits16")
+    fid.add_argument("--clip_id", default="openai/clip-vit-base-patch32")
+    fid.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (one per process)")
+    fid.add_argument("--out", default="fidelity")
+    fid.set_defaults(func=_benchmark_fidelity)
 
     toy = sub.add_parser("toy", help="the procedural toy world: personal subjects and captioned scenes")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)

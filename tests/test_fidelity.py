@@ -1,0 +1,63 @@
+"""`tuneqdm benchmark fidelity`: cells, the table over subjects, resume without redoing cells, one-line errors."""
+
+import json
+import statistics
+
+import pytest
+
+import tuneqdm
+from tuneqdm.cli import main
+
+from tiny_pipelines import tiny_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("fidelity") / "base")
+
+
+def _args(base, tmp_path, methods, *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    return ["benchmark", "fidelity", "--pretrained_model_name_or_path", str(base), "--subjects", "0,1",
+            "--methods", methods, "--max_train_steps", "2", "--images_per_prompt", "1", "--num_inference_steps", "2",
+            "--prompts", str(prompts), "--out", str(tmp_path / "fid"), *extra]
+
+
+def test_table_resume_and_trainable_counts(base, tmp_path):
+    out = tmp_path / "fid"
+    assert main(_args(base, tmp_path, "peqa,floor")) == 0
+    cells = {p.parent.parent.relative_to(out / "cells").as_posix(): p for p in out.glob("cells/*/*/eval/metrics.json")}
+    assert sorted(cells) == ["floor-w4/s0", "floor-w4/s1", "peqa-w4/s0", "peqa-w4/s1"]
+    stamps = {k: p.stat().st_mtime_ns for k, p in cells.items()}
+
+    rows = {r["method"]: r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
+    for method in ("peqa", "floor"):
+        ms = [json.loads(cells[f"{method}-w4/s{i}"].read_text()) for i in (0, 1)]
+        assert rows[method]["dino"] == pytest.approx(statistics.fmean(m["dino"] for m in ms))
+        assert rows[method]["clip_t_std"] == pytest.approx(statistics.pstdev(m["clip_t"] for m in ms))
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    total = sum(p.numel() for p in unet.parameters())
+    tuneqdm.quantize_(unet, tuneqdm.QuantConfig(bits=4, method="peqa"))
+    assert rows["peqa"]["trainable_params"] == sum(p.numel() for p in tuneqdm.scale_parameters(unet))
+    assert rows["peqa"]["trainable_fraction"] == pytest.approx(rows["peqa"]["trainable_params"] / total)
+    assert rows["floor"]["trainable_params"] == 0
+
+    assert main(_args(base, tmp_path, "peqa,floor,tas")) == 0  # resumes: finished cells are not redone
+    assert all(cells[k].stat().st_mtime_ns == t for k, t in stamps.items())
+    assert (out / "cells" / "tas-w4" / "s1" / "eval" / "metrics.json").is_file()
+    assert "| tas | 4 | 2 |" in (out / "fidelity.md").read_text()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "dreambooth"], "unknown method 'dreambooth' in --methods: choose from fp, lora, peqa, tuneqdm, "
+                                  "mcsu, tas, s1, floor"),
+    (["--subjects", "a-b"], "--subjects 'a-b': write toy subject seeds like 0-9 or 0,3,5"),
+    (["--shard", "2/2"], "--shard '2/2': write i/n with 0 <= i < n, e.g. 0/2"),
+])
+def test_bad_arguments_are_one_line(base, tmp_path, capsys, extra, message):
+    assert main(_args(base, tmp_path, "peqa") + extra) == 2
+    assert capsys.readouterr().err == f"tuneqdm: error: {message}\n"
+    assert not (tmp_path / "fid").exists()

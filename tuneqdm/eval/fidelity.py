@@ -1,0 +1,136 @@
+"""`tuneqdm benchmark fidelity`: subjects x methods x bits on the same seeds, one cell at a time, resumable.
+
+A cell is one (method, bits, subject): ``tuneqdm train`` then ``tuneqdm evaluate``, written to
+``OUT/cells/<method>-w<bits>/<subject>/`` (``run/`` and ``eval/``). A cell whose ``eval/metrics.json`` exists is
+finished and never redone, so an interrupted benchmark resumes where it stopped; ``--shard i/n`` runs every n-th cell
+so that n processes (or GPUs) share the work. ``floor`` is the untuned quantized model (scales at their initial
+values); ``fp`` and ``lora`` ignore ``bits``. The table averages over subjects (mean and population std).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from ..errors import TuneQDMError
+
+FLOOR = "floor"
+TABLE_VERSION = 1
+
+
+def cells(methods, bits, subjects) -> list[tuple[str, int | None, str]]:
+    out = []
+    for m in methods:
+        for b in ([None] if m in ("fp", "lora") else bits):
+            for s in subjects:
+                out.append((m, b, s))
+    return out
+
+
+def cell_name(method: str, bits: int | None) -> str:
+    return method if bits is None else f"{method}-w{bits}"
+
+
+def _numel(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def trained_size(run: Path) -> tuple[int, int]:
+    """(trainable parameters, bytes on disk) of a ``tuneqdm train`` result."""
+    files = [p for p in run.rglob("*.safetensors") if "checkpoints" not in p.parts]
+    if not files:
+        raise TuneQDMError(f"{run} holds no trained weights")
+    return sum(_numel(p) for p in files), sum(p.stat().st_size for p in run.rglob("*")
+                                              if p.is_file() and "checkpoints" not in p.parts and p.suffix != ".jsonl")
+
+
+def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
+             encoders) -> dict:
+    from ..sampling import load_pipeline, pipeline_from
+    from ..train import TrainConfig, train
+    from ..tuning import QuantConfig, quantize_
+    from .evaluate import METRICS, evaluate, read_photos
+
+    done = cell / "eval" / METRICS
+    if done.is_file():
+        return json.loads(done.read_text())
+    meta = json.loads((subject_dir / "subject.json").read_text())
+    token, class_word = meta["instance_prompt"].split()[1], meta["class"]
+    info = {"method": method, "bits": bits, "subject": subject_dir.name}
+    if method == FLOOR:
+        pipe = pipeline_from(base)
+        quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
+        pipe.unet.eval()
+        info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
+    else:
+        run = cell / "run"
+        cfg = TrainConfig(pretrained_model_name_or_path=base, method=method, bits=bits or 4,
+                          instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run), quiet=True,
+                          force=True, checkpointing_steps=10**9)
+        t0 = time.perf_counter()
+        train(cfg)
+        log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+        params, size = trained_size(run)
+        info.update(trainable_params=params, adapter_bytes=size, train_s=time.perf_counter() - t0,
+                    train_peak_mib=max(r["peak_mem_mib"] for r in log))
+        pipe = load_pipeline(base, adapter=run)
+    from ..sampling import base_id
+
+    info["base"] = base_id(base)
+    subject_enc, clip_enc = encoders
+    return evaluate(pipe, read_photos(subject_dir), _prompts(evaluate_kwargs, token, class_word),
+                    evaluate_kwargs["images_per_prompt"], subject_enc, clip_enc, token, cell / "eval",
+                    seed=evaluate_kwargs["seed"], num_inference_steps=evaluate_kwargs["num_inference_steps"],
+                    info=info)
+
+
+def _prompts(kw, token, class_word):
+    from .prompts import evaluation_prompts
+
+    return evaluation_prompts(kw["prompts"], token, class_word)
+
+
+def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
+    """Mean and std over subjects of every finished (method, bits), as JSON and markdown in ``out``."""
+    rows = []
+    for m in methods:
+        for b in ([None] if m in ("fp", "lora") else bits):
+            ms = [json.loads(p.read_text()) for s in subjects
+                  if (p := out / "cells" / cell_name(m, b) / s / "eval" / "metrics.json").is_file()]
+            if not ms:
+                continue
+            row = {"method": m, "bits": b, "subjects": len(ms)}
+            for k in ("dino", "clip_i", "clip_t", "train_s"):
+                vals = [x[k] for x in ms]
+                row[k] = statistics.fmean(vals)
+                row[k + "_std"] = statistics.pstdev(vals)
+            row["trainable_params"] = ms[0]["trainable_params"]
+            row["trainable_fraction"] = ms[0]["trainable_params"] / total_params
+            row["adapter_bytes"] = ms[0]["adapter_bytes"]
+            peaks = [x["train_peak_mib"] for x in ms if x.get("train_peak_mib") is not None]
+            row["train_peak_mib"] = max(peaks) if peaks else None
+            rows.append(row)
+    result = {"table_version": TABLE_VERSION, "unet_params": total_params, "rows": rows}
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    md = ["| method | bits | subjects | DINO | CLIP-I | CLIP-T | trainable | adapter bytes | train s | peak MiB |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pm = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
+        md.append(f"| {r['method']} | {r['bits'] or '-'} | {r['subjects']} | {pm('dino')} | {pm('clip_i')} | "
+                  f"{pm('clip_t')} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %) | "
+                  f"{r['adapter_bytes']:,} | {r['train_s']:.0f} | "
+                  f"{'-' if r['train_peak_mib'] is None else round(r['train_peak_mib'])} |")
+    (out / "fidelity.md").write_text("\n".join(md) + "\n")
+    return result
