@@ -25,28 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _strip_token(prompt: str, token: str) -> str:
-    return " ".join(w for w in prompt.split() if w != token)
-
-
-def _row(images, side=64):
-    from PIL import Image
-
-    canvas = Image.new("RGB", (side * len(images), side), "white")
-    for i, im in enumerate(images):
-        canvas.paste(im.convert("RGB").resize((side, side)), (i * side, 0))
-    return canvas
-
-
 def _picture(rows, path: Path, scale=3):
     from PIL import Image
 
-    width = max(r.width for r in rows)
-    canvas = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        canvas.paste(r, (0, y))
-        y += r.height
+    from tuneqdm.eval.evaluate import grid
+
+    canvas = grid(rows)
     canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST).save(path)
 
 
@@ -59,9 +43,10 @@ def sample_prompts(pipe, prompts, images_per_prompt, seed=0):
 
 def score(per_prompt, real, prompts, token, clip, dino):
     from tuneqdm.eval.encoders import clip_t_score, dino_score
+    from tuneqdm.eval.evaluate import without_token
 
     flat = [im for ims in per_prompt for im in ims]
-    texts = [_strip_token(p, token) for p, ims in zip(prompts, per_prompt) for _ in ims]
+    texts = [without_token(p, token) for p, ims in zip(prompts, per_prompt) for _ in ims]
     return {"dino": dino_score(dino, real, flat), "clip_i": dino_score(clip, real, flat),
             "clip_t": clip_t_score(clip, flat, texts)}
 
@@ -139,7 +124,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gen = lambda pipe: sample_prompts(pipe, [prompts[beach]], 4, seed=7)[0]  # noqa: E731
     picture = args.out.with_name(args.out.name + ".png")
-    _picture([_row(real[:4]), _row(gen(untuned)), _row(gen(tuned))], picture)
+    _picture([real[:4], gen(untuned), gen(tuned)], picture)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     s = result["scores"]
     md = ["# Personalization on the embedded default (acceptance)", "",
