@@ -156,3 +156,24 @@ def test_class_placeholder_comes_from_the_subject_json(base, photos, tmp_path, c
     assert main(["generate", "--prompt", "a <class>", "--out", str(tmp_path / "g2")]) == 2
     assert capsys.readouterr().err == ("tuneqdm: error: the prompt has a <class> placeholder but no --adapter trained "
                                        "on one toy subject names the class: write the class word instead\n")
+
+
+def test_weight_cache_gives_bit_identical_images_within_its_budget(scales):
+    from tuneqdm.quant import cached_weights
+
+    pipe = tuneqdm.load_pipeline(adapter=scales)  # TuneQDM, 4 experts
+    rebuilt = _pixels(generate(pipe, "a sks box", num_inference_steps=3, seed=7, weight_cache_bytes=0))
+    assert np.array_equal(_sample(pipe), rebuilt)  # default: cached
+
+    layers = list(tuneqdm.quantized_layers(pipe.unet).values())
+    sizes = [4 * layer.weight_shape.numel() for layer in layers]
+    with cached_weights(pipe.unet) as cache:
+        generate(pipe, "a sks box", num_inference_steps=3, seed=7)
+    experts = {k[1] for k in cache._weights}
+    assert len(experts) == 3  # DDIM's 3 steps fall in 3 of the 4 timestep intervals
+    assert cache.bytes == len(experts) * sum(sizes) and all(w is not None for w in cache._weights.values())
+    assert all(layer.weight_cache is None for layer in layers)  # released on exit
+
+    with cached_weights(pipe.unet, max_bytes=min(sizes)) as cache:  # room for one layer of one expert
+        small = _pixels(generate(pipe, "a sks box", num_inference_steps=3, seed=7, weight_cache_bytes=min(sizes)))
+    assert np.array_equal(small, rebuilt) and cache.bytes <= min(sizes)

@@ -181,14 +181,20 @@ def generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float = 7.5,
              seed: int = 0, batch_size: int = 4, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None):
-    """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``."""
+             width: int | None = None, weight_cache_bytes: int = 256 * 2**20):
+    """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``.
+
+    A quantized UNet keeps up to ``weight_cache_bytes`` of rebuilt float weights for the call (see
+    ``tuneqdm.quant.cached_weights``; 0 rebuilds every weight at every step, the lowest memory)."""
+    from .quant import cached_weights
+
     images = []
-    for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        gens = [generator(seed + start + i) for i in range(n)]
-        out = pipe([prompt] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
-                   generator=gens, output_type="pil", height=height, width=width)
-        images += out.images
+    with cached_weights(pipe.unet, weight_cache_bytes):
+        for start in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - start)
+            gens = [generator(seed + start + i) for i in range(n)]
+            out = pipe([prompt] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
+                       generator=gens, output_type="pil", height=height, width=width)
+            images += out.images
     return images

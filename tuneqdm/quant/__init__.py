@@ -3,3 +3,4 @@
 from .layers import QUANTIZED_CLASSES, QConv2d, QLinear, QuantizedLayer, register_qmodule
 from .packing import pack, unpack
 from .quantizer import QuantizedWeight, quantize_weight, sqnr_db
+from .weight_cache import cached_weights

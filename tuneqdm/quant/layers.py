@@ -155,6 +155,7 @@ class QuantizedLayer(nn.Module):
         self.s_out = nn.ParameterList()
         self.s_in = nn.ParameterList()
         self.router = None  # a tuning.routing.Router shared by the model's layers, set by quantize_
+        self.weight_cache = None  # a quant.weight_cache.WeightCache while sampling inside cached_weights()
 
     # ---- storage -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -277,7 +278,24 @@ class QuantizedLayer(nn.Module):
 
     def _expert_forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         s_out, s_in = self._expert_scales(k)
+        if self.weight_cache is not None and not torch.is_grad_enabled():
+            y = self._cached_forward(x, s_in, s_out, k)
+            if y is not None:
+                return y
         return _ScaledOp.apply(x, s_in, s_out, self.bias, self)
+
+    def _cached_forward(self, x, s_in, s_out, k):
+        """``_ScaledOp.forward`` with the weight blocks kept in the cache (same ops, same numbers)."""
+        dtype = _compute_dtype(x)
+        blocks = self.weight_cache.get(self, k, dtype, lambda: [
+            self._scaled_weight(s_out, s_in, dtype, into=None, rows=r) for r in self.row_blocks()])
+        if blocks is None:
+            return None
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            b = None if self.bias is None else self.bias.to(dtype)
+            ys = [self._op(x, w, None if b is None else b[r]) for w, r in zip(blocks, self.row_blocks())]
+            return ys[0] if len(ys) == 1 else torch.cat(ys, dim=self.channel_dim)
 
     # ---- per-op hooks (shapes and the op itself) -------------------------------------------------------------
     def _prepare_input(self, x):
