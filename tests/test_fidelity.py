@@ -24,7 +24,7 @@ def _args(base, tmp_path, methods, *extra):
             "--prompts", str(prompts), "--out", str(tmp_path / "fid"), *extra]
 
 
-def test_table_resume_and_trainable_counts(base, tmp_path):
+def test_table_resume_and_trainable_counts(base, tmp_path, capsys):
     out = tmp_path / "fid"
     assert main(_args(base, tmp_path, "peqa,floor")) == 0
     cells = {p.parent.parent.relative_to(out / "cells").as_posix(): p for p in out.glob("cells/*/*/eval/metrics.json")}
@@ -48,7 +48,27 @@ def test_table_resume_and_trainable_counts(base, tmp_path):
     assert main(_args(base, tmp_path, "peqa,floor,tas")) == 0  # resumes: finished cells are not redone
     assert all(cells[k].stat().st_mtime_ns == t for k, t in stamps.items())
     assert (out / "cells" / "tas-w4" / "s1" / "eval" / "metrics.json").is_file()
-    assert "| tas | 4 | 2 |" in (out / "fidelity.md").read_text()
+    assert "| tas | 4 | 0.002 | 2 |" in (out / "fidelity.md").read_text()
+
+    # other settings for a finished cell are refused, not mixed into the table
+    assert main(_args(base, tmp_path, "peqa", "--learning_rate", "peqa=5e-2")) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: {out / 'cells/peqa-w4/s0'} was made with learning_rate "
+                                       f"0.002, this run asks 0.05: use another --out or the same settings\n")
+    metrics = json.loads(cells["floor-w4/s0"].read_text())
+    del metrics["settings"]
+    cells["floor-w4/s0"].write_text(json.dumps(metrics))
+    assert main(_args(base, tmp_path, "floor")) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: {out / 'cells/floor-w4/s0'} was made by an older tuneqdm: "
+                                       f"use another --out\n")
+
+
+def test_per_method_learning_rate_reaches_training(base, tmp_path):
+    out = tmp_path / "fid"
+    assert main(_args(base, tmp_path, "peqa,fp", "--subjects", "0", "--learning_rate", "fp=1e-3")) == 0
+    config = lambda cell: json.loads((out / "cells" / cell / "s0" / "run" / "training.json").read_text())  # noqa
+    assert config("fp")["learning_rate"] == 1e-3 and config("peqa-w4")["learning_rate"] == 2e-3
+    rows = {r["method"]: r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
+    assert rows["fp"]["learning_rate"] == 1e-3 and rows["peqa"]["learning_rate"] == 2e-3
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -56,6 +76,8 @@ def test_table_resume_and_trainable_counts(base, tmp_path):
                                   "mcsu, tas, s1, floor"),
     (["--subjects", "a-b"], "--subjects 'a-b': write toy subject seeds like 0-9 or 0,3,5"),
     (["--shard", "2/2"], "--shard '2/2': write i/n with 0 <= i < n, e.g. 0/2"),
+    (["--learning_rate", "fp=1e-4"], "--learning_rate 'fp=1e-4': 'fp' is not a trained method of --methods"),
+    (["--learning_rate", "peqa:1e-4"], "--learning_rate 'peqa:1e-4': write METHOD=LR, e.g. fp=1e-4"),
 ])
 def test_bad_arguments_are_one_line(base, tmp_path, capsys, extra, message):
     assert main(_args(base, tmp_path, "peqa") + extra) == 2

@@ -118,6 +118,19 @@ def _parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
+def _method_lrs(entries, methods) -> dict[str, float]:
+    lrs = {}
+    for entry in entries:
+        method, _, value = entry.partition("=")
+        try:
+            lrs[method] = float(value)
+        except ValueError:
+            raise TuneQDMError(f"--learning_rate {entry!r}: write METHOD=LR, e.g. fp=1e-4") from None
+        if method not in methods or method == "floor":
+            raise TuneQDMError(f"--learning_rate {entry!r}: {method!r} is not a trained method of --methods")
+    return lrs
+
+
 def _benchmark_fidelity(args) -> None:
     from .eval.fidelity import FLOOR, cells, cell_name, run_cell, table
     from .sampling import pipeline_from
@@ -133,6 +146,7 @@ def _benchmark_fidelity(args) -> None:
         assert 0 <= shard < shards
     except (ValueError, AssertionError):
         raise TuneQDMError(f"--shard {args.shard!r}: write i/n with 0 <= i < n, e.g. 0/2") from None
+    lrs = _method_lrs(args.learning_rate, methods)
     out = Path(args.out)
     subjects = []
     for seed in _parse_seeds(args.subjects):
@@ -154,7 +168,7 @@ def _benchmark_fidelity(args) -> None:
     for i, (m, b, s) in enumerate(todo):
         cell = out / "cells" / cell_name(m, b) / s
         r = run_cell(args.pretrained_model_name_or_path, out / "subjects" / s, m, b, args.max_train_steps, cell, kw,
-                     encoders)
+                     encoders, lrs.get(m))
         print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
               f"CLIP-T {r['clip_t']:.3f}", flush=True)
     total = sum(p.numel() for p in pipeline_from(args.pretrained_model_name_or_path).unet.parameters())
@@ -341,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated: fp, lora, peqa, tuneqdm, mcsu, tas, s1, floor (the untuned quantized model)")
     fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=(2, 4, 8))
     fid.add_argument("--max_train_steps", type=int, default=400)
+    fid.add_argument("--learning_rate", nargs="+", default=[], metavar="METHOD=LR",
+                     help="per-method learning rates, e.g. fp=1e-4 tuneqdm=5e-3 (default: each method's own)")
     fid.add_argument("--pretrained_model_name_or_path", default=None, help="default: the embedded toy pipeline")
     fid.add_argument("--prompts", default="toy", help="dreambooth-object, dreambooth-live, toy or a file")
     fid.add_argument("--images_per_prompt", type=int, default=4)

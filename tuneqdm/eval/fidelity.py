@@ -5,6 +5,9 @@ A cell is one (method, bits, subject): ``tuneqdm train`` then ``tuneqdm evaluate
 finished and never redone, so an interrupted benchmark resumes where it stopped; ``--shard i/n`` runs every n-th cell
 so that n processes (or GPUs) share the work. ``floor`` is the untuned quantized model (scales at their initial
 values); ``fp`` and ``lora`` ignore ``bits``. The table averages over subjects (mean and population std).
+
+Each finished cell records the settings it was made with (learning rate, steps, prompts, images, seeds, evaluators);
+resuming with other settings is refused rather than mixing two protocols in one table.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from ..errors import TuneQDMError
 
 FLOOR = "floor"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 def cells(methods, bits, subjects) -> list[tuple[str, int | None, str]]:
@@ -56,19 +59,46 @@ def trained_size(run: Path) -> tuple[int, int]:
                                               if p.is_file() and "checkpoints" not in p.parts and p.suffix != ".jsonl")
 
 
+def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, learning_rate: float | None) -> dict:
+    """What makes two runs of one cell comparable (the floor has no training, so no lr or steps)."""
+    from ..train.config import DEFAULT_LR
+
+    settings = {k: evaluate_kwargs[k] for k in ("prompts", "images_per_prompt", "num_inference_steps", "seed")}
+    settings.update(subject_encoder=encoders[0].name, clip_encoder=encoders[1].name)
+    if method != FLOOR:
+        settings.update(max_train_steps=steps,
+                        learning_rate=DEFAULT_LR[method] if learning_rate is None else learning_rate)
+    return settings
+
+
+def _finished(done: Path, settings: dict) -> dict | None:
+    if not done.is_file():
+        return None
+    metrics = json.loads(done.read_text())
+    cell = done.parent.parent
+    if "settings" not in metrics:
+        raise TuneQDMError(f"{cell} was made by an older tuneqdm: use another --out")
+    for k, v in settings.items():
+        if metrics["settings"].get(k) != v:
+            raise TuneQDMError(f"{cell} was made with {k} {metrics['settings'].get(k)!r}, this run asks {v!r}: "
+                               f"use another --out or the same settings")
+    return metrics
+
+
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
-             encoders) -> dict:
+             encoders, learning_rate: float | None = None) -> dict:
     from ..sampling import load_pipeline, pipeline_from
     from ..train import TrainConfig, train
     from ..tuning import QuantConfig, quantize_
     from .evaluate import METRICS, evaluate, read_photos
 
-    done = cell / "eval" / METRICS
-    if done.is_file():
-        return json.loads(done.read_text())
+    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate)
+    finished = _finished(cell / "eval" / METRICS, settings)
+    if finished is not None:
+        return finished
     meta = json.loads((subject_dir / "subject.json").read_text())
     token, class_word = meta["instance_prompt"].split()[1], meta["class"]
-    info = {"method": method, "bits": bits, "subject": subject_dir.name}
+    info = {"method": method, "bits": bits, "subject": subject_dir.name, "settings": settings}
     if method == FLOOR:
         pipe = pipeline_from(base)
         quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
@@ -78,7 +108,7 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
         run = cell / "run"
         cfg = TrainConfig(pretrained_model_name_or_path=base, method=method, bits=bits or 4,
                           instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run), quiet=True,
-                          force=True, checkpointing_steps=10**9)
+                          force=True, checkpointing_steps=10**9, learning_rate=settings["learning_rate"])
         t0 = time.perf_counter()
         train(cfg)
         log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
@@ -116,6 +146,7 @@ def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
                 vals = [x[k] for x in ms]
                 row[k] = statistics.fmean(vals)
                 row[k + "_std"] = statistics.pstdev(vals)
+            row["learning_rate"] = ms[0]["settings"].get("learning_rate")
             row["trainable_params"] = ms[0]["trainable_params"]
             row["trainable_fraction"] = ms[0]["trainable_params"] / total_params
             row["adapter_bytes"] = ms[0]["adapter_bytes"]
@@ -124,11 +155,12 @@ def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
             rows.append(row)
     result = {"table_version": TABLE_VERSION, "unet_params": total_params, "rows": rows}
     (out / "fidelity.json").write_text(json.dumps(result, indent=1))
-    md = ["| method | bits | subjects | DINO | CLIP-I | CLIP-T | trainable | adapter bytes | train s | peak MiB |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = ["| method | bits | lr | subjects | DINO | CLIP-I | CLIP-T | trainable | adapter bytes | train s | peak MiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pm = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
-        md.append(f"| {r['method']} | {r['bits'] or '-'} | {r['subjects']} | {pm('dino')} | {pm('clip_i')} | "
+        lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}"
+        md.append(f"| {r['method']} | {r['bits'] or '-'} | {lr} | {r['subjects']} | {pm('dino')} | {pm('clip_i')} | "
                   f"{pm('clip_t')} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %) | "
                   f"{r['adapter_bytes']:,} | {r['train_s']:.0f} | "
                   f"{'-' if r['train_peak_mib'] is None else round(r['train_peak_mib'])} |")
