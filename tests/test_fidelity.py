@@ -83,3 +83,19 @@ def test_bad_arguments_are_one_line(base, tmp_path, capsys, extra, message):
     assert main(_args(base, tmp_path, "peqa") + extra) == 2
     assert capsys.readouterr().err == f"tuneqdm: error: {message}\n"
     assert not (tmp_path / "fid").exists()
+
+
+def test_a_subject_written_by_another_shard_meanwhile_is_used(base, tmp_path, monkeypatch):
+    import errno
+
+    import tuneqdm.toy.subjects as subjects
+
+    real = subjects.write_subject
+
+    def lose_the_race(seed, folder, **kw):  # the other shard renames its folder into place first
+        real(seed, folder, **kw)
+        raise OSError(errno.ENOTEMPTY, "Directory not empty")
+
+    monkeypatch.setattr(subjects, "write_subject", lose_the_race)
+    assert main(_args(base, tmp_path, "floor", "--subjects", "0")) == 0
+    assert (tmp_path / "fid" / "cells" / "floor-w4" / "s0" / "eval" / "metrics.json").is_file()

@@ -152,7 +152,11 @@ def _benchmark_fidelity(args) -> None:
     for seed in _parse_seeds(args.subjects):
         folder = out / "subjects" / f"s{seed}"
         if not (folder / "subject.json").is_file():
-            write_subject(seed, folder, force=True)
+            try:
+                write_subject(seed, folder, force=True)
+            except OSError:  # another shard wrote it at the same moment (same seed: the same files)
+                if not (folder / "subject.json").is_file():
+                    raise
         subjects.append(folder.name)
     if args.evaluator == "toy":
         from .toy.evaluators import load_toy_clip, load_toy_dino
@@ -174,6 +178,23 @@ def _benchmark_fidelity(args) -> None:
     total = sum(p.numel() for p in pipeline_from(args.pretrained_model_name_or_path).unet.parameters())
     table(out, methods, args.bits, subjects, total)
     print(f"table: {out / 'fidelity.md'}")
+
+
+def _report(args) -> None:
+    from .eval.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.results) / "report.html"
+    if args.screenshot and not args.screenshot.lower().endswith(".png"):
+        raise TuneQDMError(f"--screenshot {args.screenshot}: give a .png file name")
+    write_report(args.results, out, args.image_format)
+    print(f"report: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    if args.screenshot:
+        from .eval.browser import open_in_chromium
+
+        problems = open_in_chromium(out, Path(args.screenshot))
+        if problems:
+            raise TuneQDMError(f"{out} has {len(problems)} problem(s) in Chromium, the first: {problems[0]}")
+        print(f"screenshot: {args.screenshot} (Chromium loaded the page with no console errors)")
 
 
 def _train(args) -> None:
@@ -368,6 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (one per process)")
     fid.add_argument("--out", default="fidelity")
     fid.set_defaults(func=_benchmark_fidelity)
+
+    rep = sub.add_parser("report", help="one self-contained HTML page of an evaluation or a fidelity benchmark")
+    rep.add_argument("results", help="a tuneqdm evaluate --out folder or a tuneqdm benchmark fidelity --out folder")
+    rep.add_argument("--out", default=None, help="the HTML file (default: RESULTS/report.html)")
+    rep.add_argument("--image_format", choices=("jpeg", "png"), default="jpeg",
+                     help="how images are embedded (default jpeg: about 4x smaller; scores come from the PNGs)")
+    rep.add_argument("--screenshot", default=None, metavar="PNG",
+                     help="also open the page in headless Chromium (needs playwright + chromium), fail on console "
+                          "errors or broken images, and save a screenshot of its top")
+    rep.set_defaults(func=_report)
 
     toy = sub.add_parser("toy", help="the procedural toy world: personal subjects and captioned scenes")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
