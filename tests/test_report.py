@@ -1,0 +1,148 @@
+"""`tuneqdm report`: the page embeds exactly the evaluated images and the benchmark's numbers, loads in headless
+Chromium without console errors, and bad results folders are one-line errors."""
+
+import base64
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tuneqdm.cli import main
+
+from tiny_pipelines import tiny_sd_pipeline
+
+IMG = re.compile(r"<img alt='([^']*)'(?: title='([^']*)')? src='data:image/png;base64,([^']+)'>")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    base = tiny_sd_pipeline(root / "base")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\na red {0} {1}\n")
+    assert main(["benchmark", "fidelity", "--pretrained_model_name_or_path", str(base), "--subjects", "0,1",
+                 "--methods", "peqa,floor", "--max_train_steps", "2", "--images_per_prompt", "2",
+                 "--num_inference_steps", "2", "--prompts", str(prompts), "--out", str(root / "fid")]) == 0
+    return root / "fid"
+
+
+def _decode(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+
+
+def _strip(paths) -> np.ndarray:
+    return np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in paths], axis=1)
+
+
+def test_benchmark_report_embeds_the_evaluated_images_and_numbers(bench, tmp_path, capsys):
+    page = tmp_path / "r.html"
+    assert main(["report", str(bench), "--out", str(page), "--image_format", "png"]) == 0
+    assert capsys.readouterr().out.startswith(f"report: {page} (")
+    text = page.read_text()
+    images = IMG.findall(text)
+    # per subject: one strip of reference photos + prompts x methods strips
+    assert len(images) == 2 * (1 + 2 * 2)
+    strips = {alt: (title, uri) for alt, title, uri in images}
+    for s in ("s0", "s1"):
+        photos = sorted((bench / "subjects" / s).glob("*.png"))
+        assert np.array_equal(_decode(strips[f"reference photos of {s}"][1]), _strip(photos))
+        for cell in ("peqa-w4", "floor-w4"):
+            ev = bench / "cells" / cell / s / "eval"
+            m = json.loads((ev / "metrics.json").read_text())
+            for p, scores in enumerate(m["per_prompt"]):
+                title, uri = strips[f"{cell}: {scores['prompt']}"]
+                assert np.array_equal(_decode(uri), _strip([ev / "images" / f"{p:03d}_{i}.png" for i in range(2)]))
+                assert title == f"DINO {scores['dino']:.3f} · CLIP-I {scores['clip_i']:.3f} · CLIP-T {scores['clip_t']:.3f}"
+    for row in json.loads((bench / "fidelity.json").read_text())["rows"]:
+        assert f"{row['dino']:.3f} ± {row['dino_std']:.3f}" in text
+        assert f"{row['clip_t']:.3f} ± {row['clip_t_std']:.3f}" in text
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+
+
+def test_single_evaluation_report(bench, tmp_path):
+    ev = bench / "cells" / "peqa-w4" / "s0" / "eval"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    metrics["instance_data_dir"] = str(bench / "subjects" / "s0")  # as tuneqdm evaluate records it
+    single = tmp_path / "ev"
+    (single / "images").mkdir(parents=True)
+    for f in (ev / "images").iterdir():
+        (single / "images" / f.name).write_bytes(f.read_bytes())
+    (single / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(single)]) == 0
+    text = (single / "report.html").read_text()
+    assert len(re.findall(r"<img ", text)) == 1 + 2 and "reference photos of s0" in text
+    assert f"<td>{metrics['dino']:.3f}</td>" in text
+
+
+def test_bad_results_folders_are_one_line(bench, tmp_path, capsys):
+    def err(*argv):
+        assert main(["report", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert err(str(tmp_path / "nope")) == f"tuneqdm: error: {tmp_path / 'nope'} is not a folder: pass an evaluation " \
+                                          f"or benchmark output folder\n"
+    assert err(str(tmp_path)) == f"tuneqdm: error: {tmp_path} holds no metrics.json: run tuneqdm evaluate (or the " \
+                                 f"benchmark) first\n"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "fidelity.json").write_text(json.dumps({"table_version": 1, "rows": []}))
+    assert err(str(old)) == f"tuneqdm: error: {old} was made by an older tuneqdm: run the benchmark again into a " \
+                            f"new --out\n"
+    img = bench / "cells" / "floor-w4" / "s1" / "eval" / "images" / "001_1.png"
+    saved = img.read_bytes()
+    img.unlink()
+    try:
+        assert err(str(bench), "--out", str(tmp_path / "x.html")) == (
+            f"tuneqdm: error: {img} is missing or unreadable: evaluate that cell again\n")
+        assert not (tmp_path / "x.html").exists()
+    finally:
+        img.write_bytes(saved)
+    assert err(str(bench), "--screenshot", str(tmp_path / "s.jpg")) == (
+        f"tuneqdm: error: --screenshot {tmp_path / 's.jpg'}: give a .png file name\n")
+
+
+def _browser_available() -> bool:
+    from tuneqdm.eval.browser import chromium_executable
+
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return False
+    return chromium_executable() is not None
+
+
+browser = pytest.mark.skipif(not _browser_available() and not os.environ.get("TUNEQDM_REQUIRE_BROWSER"),
+                             reason="needs playwright and Debian's chromium (.ci/run installs both)")
+
+
+@browser
+def test_report_loads_in_chromium_and_the_screenshot_shows_the_grid(bench, tmp_path):
+    from tuneqdm.eval.browser import open_in_chromium
+
+    page = tmp_path / "r.html"
+    assert main(["report", str(bench), "--out", str(page), "--image_format", "png"]) == 0
+    shot = tmp_path / "shot.png"
+    assert open_in_chromium(page, shot, width=1000, height=900) == []
+    screen = np.asarray(Image.open(shot).convert("RGB"))
+    assert screen.shape == (900, 1000, 3)
+    # the first grid strip (peqa, first prompt of s0) appears pixel for pixel: images are shown at their own size
+    ev = bench / "cells" / "peqa-w4" / "s0" / "eval"
+    strip = _strip([ev / "images" / f"000_{i}.png" for i in range(2)])
+    h, w, _ = strip.shape
+    ys, xs = np.nonzero((screen[: 900 - h, : 1000 - w] == strip[0, 0]).all(-1))
+    assert any(np.array_equal(screen[y:y + h, x:x + w], strip) for y, x in zip(ys, xs))
+
+
+@browser
+def test_the_browser_check_reports_console_errors_and_broken_images(tmp_path):
+    from tuneqdm.eval.browser import open_in_chromium
+
+    page = tmp_path / "bad.html"
+    page.write_text("<!doctype html><html><head><link rel='icon' href='data:,'></head><body>"
+                    "<script>console.error('boom')</script><img src='data:image/png;base64,AAAA'></body></html>")
+    problems = open_in_chromium(page)
+    assert "console error: boom" in problems and "1 image(s) failed to load" in problems

@@ -1,0 +1,206 @@
+"""`tuneqdm report RESULTS`: one self-contained HTML page of an evaluation or a fidelity benchmark.
+
+The page holds the metrics table, then per subject its reference photos and a grid with one row per prompt and one
+column per method (that prompt's images side by side; hovering an image strip shows its per-prompt scores). Images
+are embedded as data URIs, so the file can be mailed or attached to an issue; they are re-encoded (JPEG by default,
+to keep a 10-subject benchmark near 10 MB) — the metrics were computed on the lossless PNGs kept in RESULTS.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import TuneQDMError
+from .evaluate import FORMAT_VERSION, METRICS
+from .fidelity import TABLE_VERSION, cell_name
+
+FORMATS = {"jpeg": ("JPEG", "image/jpeg", {"quality": 90}), "png": ("PNG", "image/png", {"optimize": True})}
+SCORES = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+
+
+@dataclass
+class Column:
+    label: str
+    folder: Path  # an evaluation folder: metrics.json, images/PPP_I.png
+    metrics: dict
+
+
+@dataclass
+class Section:
+    name: str
+    photos: list[Path]
+    columns: list[Column] = field(default_factory=list)
+
+
+def _metrics(folder: Path) -> dict:
+    path = folder / METRICS
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TuneQDMError(f"{folder} holds no {METRICS}: run tuneqdm evaluate (or the benchmark) first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TuneQDMError(f"{path} is not valid JSON: evaluate again") from None
+    if m.get("format_version") != FORMAT_VERSION:
+        raise TuneQDMError(f"{path} was written by another tuneqdm version: evaluate again")
+    return m
+
+
+def _photos(folder: Path) -> list[Path]:
+    from ..train.data import IMAGE_SUFFIXES
+
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
+def collect(results) -> tuple[list[dict], list[Section]]:
+    """(metric table rows, sections) of an evaluation folder or a ``tuneqdm benchmark fidelity`` folder."""
+    results = Path(results)
+    if not results.is_dir():
+        raise TuneQDMError(f"{results} is not a folder: pass an evaluation or benchmark output folder")
+    if (results / "fidelity.json").is_file():
+        table = json.loads((results / "fidelity.json").read_text())
+        if table.get("table_version") != TABLE_VERSION:
+            raise TuneQDMError(f"{results} was made by an older tuneqdm: run the benchmark again into a new --out")
+        sections = []
+        for subject in sorted((results / "subjects").iterdir(), key=lambda p: _natural(p.name)):
+            section = Section(subject.name, _photos(subject))
+            for row in table["rows"]:
+                cell = results / "cells" / cell_name(row["method"], row["bits"]) / subject.name / "eval"
+                if (cell / METRICS).is_file():
+                    section.columns.append(Column(cell_name(row["method"], row["bits"]), cell, _metrics(cell)))
+            if section.columns:
+                sections.append(section)
+        return table["rows"], sections
+    m = _metrics(results)
+    photos = Path(m.get("instance_data_dir") or "")
+    photos = photos if photos.is_absolute() or photos.is_dir() else results.parent / photos
+    label = m.get("adapter") or m.get("quantized_base") or m.get("base") or "model"
+    rows = [{"method": str(label), "bits": None, "subjects": 1, **{k: m[k] for k, _ in SCORES}}]
+    return rows, [Section(Path(m.get("instance_data_dir") or "subject").name, _photos(photos),
+                          [Column(str(label), results, m)])]
+
+
+def _natural(name: str):
+    digits = "".join(c for c in name if c.isdigit())
+    return (int(digits) if digits else -1, name)
+
+
+def _data_uri(images: list[Image.Image], fmt: str, max_side: int = 128) -> str:
+    """The images side by side as one embedded strip, each at most ``max_side`` pixels (real photos are large)."""
+    side = min(images[0].height, max_side)
+    strip = Image.new("RGB", (side * len(images), side), "white")
+    for i, im in enumerate(images):
+        strip.paste(im.convert("RGB").resize((side, side)), (i * side, 0))
+    kind, mime, options = FORMATS[fmt]
+    buf = io.BytesIO()
+    strip.save(buf, kind, **options)
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (FileNotFoundError, OSError):
+        raise TuneQDMError(f"{path} is missing or unreadable: evaluate that cell again") from None
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _metric_table(rows: list[dict]) -> str:
+    best = {k: max(r[k] for r in rows) for k, _ in SCORES}
+    head = ["method", "bits", "lr", "subjects", *(n for _, n in SCORES), "trainable", "adapter bytes", "train s",
+            "peak MiB"]
+    out = ["<table class='metrics'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        cells = [html.escape(str(r["method"])), r.get("bits") or "-",
+                 "-" if r.get("learning_rate") is None else f"{r['learning_rate']:g}", r.get("subjects", 1)]
+        for k, _ in SCORES:
+            text = _fmt(r[k]) + (f" ± {r[k + '_std']:.3f}" if k + "_std" in r else "")
+            cells.append(f"<b>{text}</b>" if r[k] == best[k] and len(rows) > 1 else text)
+        if "trainable_params" in r:
+            cells += [f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %)", f"{r['adapter_bytes']:,}",
+                      f"{r['train_s']:.0f}", "-" if r.get("train_peak_mib") is None else round(r["train_peak_mib"])]
+        else:
+            cells += ["-"] * 4
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "\n".join(out) + "</tbody></table>"
+
+
+def _section(s: Section, fmt: str) -> str:
+    prompts = [p["prompt"] for p in s.columns[0].metrics["per_prompt"]]
+    for c in s.columns:
+        if [p["prompt"] for p in c.metrics["per_prompt"]] != prompts:
+            raise TuneQDMError(f"{c.folder} was evaluated on other prompts than {s.columns[0].folder}")
+    out = [f"<section id='{html.escape(s.name)}'><h2>{html.escape(s.name)}</h2>"]
+    if s.photos:
+        out.append(f"<p class='photos'>reference photos<br><img alt='reference photos of {html.escape(s.name)}' "
+                   f"src='{_data_uri([_open(p) for p in s.photos], fmt)}'></p>")
+    else:
+        out.append("<p class='photos'>reference photos not found</p>")
+    head = "".join(f"<th>{html.escape(c.label)}<br><small>" + " · ".join(f"{n} {c.metrics[k]:.3f}" for k, n in SCORES)
+                   + "</small></th>" for c in s.columns)
+    out.append(f"<table class='grid'><thead><tr><th>prompt</th>{head}</tr></thead><tbody>")
+    for p, prompt in enumerate(prompts):
+        row = [f"<td class='prompt'>{html.escape(prompt)}</td>"]
+        for c in s.columns:
+            scores = c.metrics["per_prompt"][p]
+            n = len(scores["seeds"])
+            images = [_open(c.folder / "images" / f"{p:03d}_{i}.png") for i in range(n)]
+            tip = " · ".join(f"{name} {scores[k]:.3f}" for k, name in SCORES)
+            row.append(f"<td><img alt='{html.escape(c.label)}: {html.escape(prompt)}' title='{tip}' "
+                       f"src='{_data_uri(images, fmt)}'></td>")
+        out.append("<tr>" + "".join(row) + "</tr>")
+    out.append("</tbody></table></section>")
+    return "\n".join(out)
+
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; margin: 12px 0; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; }
+table.metrics td { text-align: right; } table.metrics td:first-child { text-align: left; }
+img { display: block; image-rendering: pixelated; }
+p.photos img { height: 96px; }
+td.prompt { max-width: 16em; }
+nav a { margin-right: 8px; }
+"""
+
+
+def render(results, fmt: str = "jpeg") -> str:
+    if fmt not in FORMATS:
+        raise TuneQDMError(f"image format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    rows, sections = collect(results)
+    if not sections:
+        raise TuneQDMError(f"{results} has no finished evaluations yet")
+    first = sections[0].columns[0].metrics
+    title = f"tuneqdm report: {Path(results).resolve().name}"
+    settings = (f"{len(sections)} subject(s); {first['images_per_prompt']} images per prompt, "
+                f"{first['num_inference_steps']} steps, guidance {first['guidance_scale']}, seed {first['seed']}; "
+                f"evaluators {first['subject_encoder']} (DINO) and {first['clip_encoder']} (CLIP-I, CLIP-T; rare "
+                f"token {'kept' if first['clip_t_keeps_token'] else 'dropped'}). Images shown as {fmt.upper()}; "
+                f"scores were computed on the PNGs.")
+    nav = " ".join(f"<a href='#{html.escape(s.name)}'>{html.escape(s.name)}</a>" for s in sections)
+    body = "\n".join(_section(s, fmt) for s in sections)
+    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<link rel='icon' href='data:,'><style>{STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(settings)}</p>\n{_metric_table(rows)}\n<nav>{nav}</nav>\n{body}\n</body></html>\n")
+
+
+def write_report(results, out=None, fmt: str = "jpeg") -> Path:
+    """Write the page to ``out`` (default ``RESULTS/report.html``) atomically."""
+    out = Path(out) if out is not None else Path(results) / "report.html"
+    page = render(results, fmt)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
