@@ -64,9 +64,12 @@ def test_table_resume_and_trainable_counts(base, tmp_path, capsys):
 
 def test_per_method_learning_rate_reaches_training(base, tmp_path):
     out = tmp_path / "fid"
-    assert main(_args(base, tmp_path, "peqa,fp", "--subjects", "0", "--learning_rate", "fp=1e-3")) == 0
+    assert main(_args(base, tmp_path, "peqa,fp,s1", "--subjects", "0", "--learning_rate", "fp=1e-3",
+                      "--s1_intervals", "0-500")) == 0
     config = lambda cell: json.loads((out / "cells" / cell / "s0" / "run" / "training.json").read_text())  # noqa
     assert config("fp")["learning_rate"] == 1e-3 and config("peqa-w4")["learning_rate"] == 2e-3
+    s1 = json.loads((out / "cells" / "s1-w4" / "s0" / "run" / "adapter_config.json").read_text())
+    assert "0-500" in json.dumps(s1)  # the intervals reached training
     rows = {r["method"]: r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
     assert rows["fp"]["learning_rate"] == 1e-3 and rows["peqa"]["learning_rate"] == 2e-3
 
@@ -78,6 +81,7 @@ def test_per_method_learning_rate_reaches_training(base, tmp_path):
     (["--shard", "2/2"], "--shard '2/2': write i/n with 0 <= i < n, e.g. 0/2"),
     (["--learning_rate", "fp=1e-4"], "--learning_rate 'fp=1e-4': 'fp' is not a trained method of --methods"),
     (["--learning_rate", "peqa:1e-4"], "--learning_rate 'peqa:1e-4': write METHOD=LR, e.g. fp=1e-4"),
+    (["--methods", "s1"], "--methods s1 needs --s1_intervals (e.g. 0-250), and --s1_intervals needs s1 in --methods"),
 ])
 def test_bad_arguments_are_one_line(base, tmp_path, capsys, extra, message):
     assert main(_args(base, tmp_path, "peqa") + extra) == 2

@@ -147,6 +147,8 @@ def _benchmark_fidelity(args) -> None:
     except (ValueError, AssertionError):
         raise TuneQDMError(f"--shard {args.shard!r}: write i/n with 0 <= i < n, e.g. 0/2") from None
     lrs = _method_lrs(args.learning_rate, methods)
+    if ("s1" in methods) != bool(args.s1_intervals):
+        raise TuneQDMError("--methods s1 needs --s1_intervals (e.g. 0-250), and --s1_intervals needs s1 in --methods")
     out = Path(args.out)
     subjects = []
     for seed in _parse_seeds(args.subjects):
@@ -172,7 +174,7 @@ def _benchmark_fidelity(args) -> None:
     for i, (m, b, s) in enumerate(todo):
         cell = out / "cells" / cell_name(m, b) / s
         r = run_cell(args.pretrained_model_name_or_path, out / "subjects" / s, m, b, args.max_train_steps, cell, kw,
-                     encoders, lrs.get(m))
+                     encoders, lrs.get(m), args.s1_intervals)
         print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
               f"CLIP-T {r['clip_t']:.3f}", flush=True)
     total = sum(p.numel() for p in pipeline_from(args.pretrained_model_name_or_path).unet.parameters())
@@ -375,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--methods", default="fp,peqa,tuneqdm,floor",
                      help="comma-separated: fp, lora, peqa, tuneqdm, mcsu, tas, s1, floor (the untuned quantized model)")
     fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=(2, 4, 8))
+    fid.add_argument("--s1_intervals", default=None, help="the timesteps S1 trains on, e.g. 0-250 (method s1 only)")
     fid.add_argument("--max_train_steps", type=int, default=400)
     fid.add_argument("--learning_rate", nargs="+", default=[], metavar="METHOD=LR",
                      help="per-method learning rates, e.g. fp=1e-4 tuneqdm=5e-3 (default: each method's own)")

@@ -59,7 +59,8 @@ def trained_size(run: Path) -> tuple[int, int]:
                                               if p.is_file() and "checkpoints" not in p.parts and p.suffix != ".jsonl")
 
 
-def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, learning_rate: float | None) -> dict:
+def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, learning_rate: float | None,
+                  s1_intervals: str | None = None) -> dict:
     """What makes two runs of one cell comparable (the floor has no training, so no lr or steps)."""
     from ..train.config import DEFAULT_LR
 
@@ -68,6 +69,8 @@ def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, lear
     if method != FLOOR:
         settings.update(max_train_steps=steps,
                         learning_rate=DEFAULT_LR[method] if learning_rate is None else learning_rate)
+    if method == "s1":
+        settings["s1_intervals"] = s1_intervals
     return settings
 
 
@@ -86,13 +89,13 @@ def _finished(done: Path, settings: dict) -> dict | None:
 
 
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
-             encoders, learning_rate: float | None = None) -> dict:
+             encoders, learning_rate: float | None = None, s1_intervals: str | None = None) -> dict:
     from ..sampling import load_pipeline, pipeline_from
     from ..train import TrainConfig, train
     from ..tuning import QuantConfig, quantize_
     from .evaluate import METRICS, evaluate, read_photos
 
-    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate)
+    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate, s1_intervals)
     finished = _finished(cell / "eval" / METRICS, settings)
     if finished is not None:
         return finished
@@ -108,7 +111,8 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
         run = cell / "run"
         cfg = TrainConfig(pretrained_model_name_or_path=base, method=method, bits=bits or 4,
                           instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run), quiet=True,
-                          force=True, checkpointing_steps=10**9, learning_rate=settings["learning_rate"])
+                          force=True, checkpointing_steps=10**9, learning_rate=settings["learning_rate"],
+                          s1_intervals=settings.get("s1_intervals"))
         t0 = time.perf_counter()
         train(cfg)
         log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
