@@ -236,6 +236,63 @@ def _add_train_parser(sub) -> None:
     tr.set_defaults(func=_train)
 
 
+def _quantize(args) -> None:
+    from .ptq.quantize import quantize_pipeline
+    from .ptq.weights import AdaRoundConfig
+
+    def progress(i, n, block):
+        if not args.quiet:
+            print(f"block {i}/{n} {block['block']}: error {block['round_to_nearest']:.3g} (round to nearest) -> "
+                  f"{block['adaround']:.3g} ({block['seconds']:.0f} s)", flush=True)
+
+    rec = quantize_pipeline(args.out, args.pretrained_model_name_or_path, args.bits, args.calibrate,
+                            args.calib_prompts, args.calib_samples, args.calib_steps, args.num_inference_steps,
+                            args.guidance_scale, args.seed, args.split_shortcuts,
+                            AdaRoundConfig(iters=args.iters, batch_size=args.batch_size, seed=args.seed),
+                            force=args.force, device=args.device, progress=progress)
+    print(f"W{args.bits} {args.calibrate} quantized base in {args.out} ({rec['rows']} calibration rows, "
+          f"{len(rec['splits'])} split convs, {rec['seconds']:.0f} s); use it with tuneqdm train --quantized_base "
+          f"{args.out} --bits {args.bits} --quant_init {rec['grid_init']}")
+
+
+def _add_quantize_parser(sub) -> None:
+    from .ptq.weights import CALIBRATIONS, AdaRoundConfig
+
+    q = sub.add_parser("quantize", help="post-training quantization: a calibrated quantized base (Q-Diffusion)",
+                       description="Quantize the UNet's weights with timestep-aware calibration data (the fp "
+                                   "pipeline's denoiser inputs at uniformly spaced DDIM steps, with classifier-free "
+                                   "guidance) and write a quantized base for train/generate --quantized_base.")
+    a = q.add_argument
+    a("--pretrained_model_name_or_path", default=None,
+      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    a("--bits", type=int, default=4, help="weight bits: 2, 4 or 8 (default 4)")
+    a("--calibrate", choices=CALIBRATIONS, default="adaround",
+      help="minmax / mse: round to nearest on the channel's range / on an MSE-searched clipping range; adaround: the "
+           "mse grid with learned rounding, block by block against the fp model (default)")
+    a("--calib_prompts", default=None,
+      help="text file, one prompt per line (default for the embedded toy pipeline only: captions of toy-world "
+           "scenes from seed 40000000, the PTQ calibration seeds [40M, 50M))")
+    a("--calib_samples", type=int, default=32,
+      help="images sampled per calibration prompt set, i.e. rows per recorded timestep per guidance half "
+           "(Q-Diffusion's cali_n; default 32; adaround only)")
+    a("--calib_steps", type=int, default=None,
+      help="sampling steps recorded, uniformly spaced (default: all --num_inference_steps)")
+    a("--num_inference_steps", type=int, default=25, help="DDIM steps of the calibration sampling (default 25)")
+    a("--guidance_scale", type=float, default=7.5)
+    a("--iters", type=int, default=AdaRoundConfig.iters,
+      help=f"adaround: Adam steps per block (default {AdaRoundConfig.iters})")
+    a("--batch_size", type=int, default=AdaRoundConfig.batch_size,
+      help=f"adaround: calibration rows per step (default {AdaRoundConfig.batch_size})")
+    a("--split_shortcuts", action=argparse.BooleanOptionalAction, default=True,
+      help="separate quantizers for the hidden and skip slices of up-block resnets' concatenated input (default on)")
+    a("--seed", type=int, default=0, help="calibration image i uses seed + i")
+    a("--device", default="cpu")
+    a("--out", required=True, help="output folder (written only when calibration has finished)")
+    a("--force", action="store_true", help="write into a non-empty output folder")
+    a("--quiet", action="store_true")
+    q.set_defaults(func=_quantize)
+
+
 def _toy_subject(args) -> None:
     from .toy.subjects import write_subject
 
@@ -289,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     _add_train_parser(sub)
+    _add_quantize_parser(sub)
 
     gen = sub.add_parser("generate", help="sample a pipeline (the embedded default unless a model is named)")
     gen.add_argument("--prompt", required=True)
