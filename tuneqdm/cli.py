@@ -71,6 +71,10 @@ def _evaluate(args) -> None:
         if not (out / METRICS).is_file():
             raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
         shutil.rmtree(out)
+    if args.metric == "fid":
+        return _evaluate_fid(args, out)
+    if args.instance_data_dir is None:
+        raise TuneQDMError("--instance_data_dir is required for --metric dreambooth (the subject's photos)")
     real = read_photos(args.instance_data_dir)
     subject = subject_metadata(args.instance_data_dir)
     trained = read_training_json(args.adapter) if args.adapter else {}
@@ -105,6 +109,28 @@ def _evaluate(args) -> None:
                  keep_token=args.keep_token_in_clip_t, info=info)
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
+
+
+def _evaluate_fid(args, out: Path) -> None:
+    from .eval.fid import fid_evaluate
+    from .sampling import load_pipeline
+
+    evaluator = args.evaluator or ("toy" if args.pretrained_model_name_or_path is None else "clip-dino")
+    if evaluator == "toy":
+        from .toy.evaluators import load_toy_clip
+
+        encoder = load_toy_clip()
+    else:
+        from .eval.real import ClipEncoder
+
+        encoder = ClipEncoder(args.clip_id, device=args.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
+                         quantized_base=args.quantized_base, device=args.device)
+    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base}
+    m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
+                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
+    print(f"FD {m['fd']:.4f}  text score {m['text_score']:.3f} (renders {m['reference_text_score']:.3f})  "
+          f"({args.fid_images} images, {encoder.name} features) -> {out / 'metrics.json'}")
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -365,8 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     gen.set_defaults(func=_generate)
 
-    ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject")
-    ev.add_argument("--instance_data_dir", required=True, help="the subject's real photos")
+    ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject, or "
+                                         "--metric fid (PTQ fidelity on the toy world)")
+    ev.add_argument("--metric", choices=("dreambooth", "fid"), default="dreambooth",
+                    help="dreambooth: subject metrics; fid: Frechet distance of CLIP-like image features, one image "
+                         "per toy-world caption (world seed 50000000) vs the renders, and the text score")
+    ev.add_argument("--fid_images", type=int, default=1000, help="--metric fid: images on each side (default 1000)")
+    ev.add_argument("--instance_data_dir", default=None, help="the subject's real photos (--metric dreambooth)")
     ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
