@@ -299,8 +299,9 @@ def _add_quantize_parser(sub) -> None:
       help="text file, one prompt per line (default for the embedded toy pipeline only: captions of toy-world "
            "scenes from seed 40000000, the PTQ calibration seeds [40M, 50M))")
     a("--calib_samples", type=int, default=32,
-      help="images sampled per calibration prompt set, i.e. rows per recorded timestep per guidance half "
-           "(Q-Diffusion's cali_n; default 32; adaround only)")
+      help="calibration images (prompt i mod the number of prompts, seed --seed + i); each gives the UNet's inputs "
+           "at every recorded step, both guidance halves: N x steps x 2 rows (Q-Diffusion's cali_n; default 32; "
+           "adaround only: minmax/mse use one row, to find the shortcut splits)")
     a("--calib_steps", type=int, default=None,
       help="sampling steps recorded, uniformly spaced (default: all --num_inference_steps)")
     a("--num_inference_steps", type=int, default=25, help="DDIM steps of the calibration sampling (default 25)")
