@@ -71,6 +71,10 @@ def _evaluate(args) -> None:
         if not (out / METRICS).is_file():
             raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
         shutil.rmtree(out)
+    if args.metric == "fid":
+        return _evaluate_fid(args, out)
+    if args.instance_data_dir is None:
+        raise TuneQDMError("--instance_data_dir is required for --metric dreambooth (the subject's photos)")
     real = read_photos(args.instance_data_dir)
     subject = subject_metadata(args.instance_data_dir)
     trained = read_training_json(args.adapter) if args.adapter else {}
@@ -105,6 +109,28 @@ def _evaluate(args) -> None:
                  keep_token=args.keep_token_in_clip_t, info=info)
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
+
+
+def _evaluate_fid(args, out: Path) -> None:
+    from .eval.fid import fid_evaluate
+    from .sampling import load_pipeline
+
+    evaluator = args.evaluator or ("toy" if args.pretrained_model_name_or_path is None else "clip-dino")
+    if evaluator == "toy":
+        from .toy.evaluators import load_toy_clip
+
+        encoder = load_toy_clip()
+    else:
+        from .eval.real import ClipEncoder
+
+        encoder = ClipEncoder(args.clip_id, device=args.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
+                         quantized_base=args.quantized_base, device=args.device)
+    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base}
+    m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
+                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
+    print(f"FD {m['fd']:.4f}  text score {m['text_score']:.3f} (renders {m['reference_text_score']:.3f})  "
+          f"({args.fid_images} images, {encoder.name} features) -> {out / 'metrics.json'}")
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -273,6 +299,64 @@ def _add_train_parser(sub) -> None:
     tr.set_defaults(func=_train)
 
 
+def _quantize(args) -> None:
+    from .ptq.quantize import quantize_pipeline
+    from .ptq.weights import AdaRoundConfig
+
+    def progress(i, n, block):
+        if not args.quiet:
+            print(f"block {i}/{n} {block['block']}: error {block['round_to_nearest']:.3g} (round to nearest) -> "
+                  f"{block['adaround']:.3g} ({block['seconds']:.0f} s)", flush=True)
+
+    rec = quantize_pipeline(args.out, args.pretrained_model_name_or_path, args.bits, args.calibrate,
+                            args.calib_prompts, args.calib_samples, args.calib_steps, args.num_inference_steps,
+                            args.guidance_scale, args.seed, args.split_shortcuts,
+                            AdaRoundConfig(iters=args.iters, batch_size=args.batch_size, seed=args.seed),
+                            force=args.force, device=args.device, progress=progress)
+    print(f"W{args.bits} {args.calibrate} quantized base in {args.out} ({rec['rows']} calibration rows, "
+          f"{len(rec['splits'])} split convs, {rec['seconds']:.0f} s); use it with tuneqdm train --quantized_base "
+          f"{args.out} --bits {args.bits} --quant_init {rec['grid_init']}")
+
+
+def _add_quantize_parser(sub) -> None:
+    from .ptq.weights import CALIBRATIONS, AdaRoundConfig
+
+    q = sub.add_parser("quantize", help="post-training quantization: a calibrated quantized base (Q-Diffusion)",
+                       description="Quantize the UNet's weights with timestep-aware calibration data (the fp "
+                                   "pipeline's denoiser inputs at uniformly spaced DDIM steps, with classifier-free "
+                                   "guidance) and write a quantized base for train/generate --quantized_base.")
+    a = q.add_argument
+    a("--pretrained_model_name_or_path", default=None,
+      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    a("--bits", type=int, default=4, help="weight bits: 2, 4 or 8 (default 4)")
+    a("--calibrate", choices=CALIBRATIONS, default="adaround",
+      help="minmax / mse: round to nearest on the channel's range / on an MSE-searched clipping range; adaround: the "
+           "mse grid with learned rounding, block by block against the fp model (default)")
+    a("--calib_prompts", default=None,
+      help="text file, one prompt per line (default for the embedded toy pipeline only: captions of toy-world "
+           "scenes from seed 40000000, the PTQ calibration seeds [40M, 50M))")
+    a("--calib_samples", type=int, default=32,
+      help="calibration images (prompt i mod the number of prompts, seed --seed + i); each gives the UNet's inputs "
+           "at every recorded step, both guidance halves: N x steps x 2 rows (Q-Diffusion's cali_n; default 32; "
+           "adaround only: minmax/mse use one row, to find the shortcut splits)")
+    a("--calib_steps", type=int, default=None,
+      help="sampling steps recorded, uniformly spaced (default: all --num_inference_steps)")
+    a("--num_inference_steps", type=int, default=25, help="DDIM steps of the calibration sampling (default 25)")
+    a("--guidance_scale", type=float, default=7.5)
+    a("--iters", type=int, default=AdaRoundConfig.iters,
+      help=f"adaround: Adam steps per block (default {AdaRoundConfig.iters})")
+    a("--batch_size", type=int, default=AdaRoundConfig.batch_size,
+      help=f"adaround: calibration rows per step (default {AdaRoundConfig.batch_size})")
+    a("--split_shortcuts", action=argparse.BooleanOptionalAction, default=True,
+      help="separate quantizers for the hidden and skip slices of up-block resnets' concatenated input (default on)")
+    a("--seed", type=int, default=0, help="calibration image i uses seed + i")
+    a("--device", default="cpu")
+    a("--out", required=True, help="output folder (written only when calibration has finished)")
+    a("--force", action="store_true", help="write into a non-empty output folder")
+    a("--quiet", action="store_true")
+    q.set_defaults(func=_quantize)
+
+
 def _toy_subject(args) -> None:
     from .toy.subjects import write_subject
 
@@ -326,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     _add_train_parser(sub)
+    _add_quantize_parser(sub)
 
     gen = sub.add_parser("generate", help="sample a pipeline (the embedded default unless a model is named)")
     gen.add_argument("--prompt", required=True)
@@ -344,8 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     gen.set_defaults(func=_generate)
 
-    ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject")
-    ev.add_argument("--instance_data_dir", required=True, help="the subject's real photos")
+    ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject, or "
+                                         "--metric fid (PTQ fidelity on the toy world)")
+    ev.add_argument("--metric", choices=("dreambooth", "fid"), default="dreambooth",
+                    help="dreambooth: subject metrics; fid: Frechet distance of CLIP-like image features, one image "
+                         "per toy-world caption (world seed 50000000) vs the renders, and the text score")
+    ev.add_argument("--fid_images", type=int, default=1000, help="--metric fid: images on each side (default 1000)")
+    ev.add_argument("--instance_data_dir", default=None, help="the subject's real photos (--metric dreambooth)")
     ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")

@@ -3,6 +3,8 @@
 Quantized base folder::
 
     quantization.json      format version, base id, QuantConfig, the quantized layers, the fingerprint
+                           (+ "splits": {conv: channel} for shortcut-split convs, see tuneqdm.quant.split,
+                           + "calibration" when written by `tuneqdm quantize`)
     config.json            the diffusers model config (when the model is a diffusers model)
     quantized.safetensors  packed integers, zero-points and original scales per layer + every other tensor
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from .errors import TuneQDMError
 from .quant.layers import QUANTIZED_CLASSES, QuantizedLayer
+from .quant.split import SplitConv2d, split_convs
 from .tuning.config import QuantConfig
 from .tuning.model import _set_submodule, attach, configure_, quant_state, quantized_layers
 
@@ -96,8 +99,9 @@ def _check_version(cfg: dict, path: Path) -> None:
 
 
 # ---- quantized base ------------------------------------------------------------------------------------------
-def save_quantized(model: nn.Module, directory, base_id: str | None = None) -> Path:
-    """Write the frozen quantized base (no trainable scales: those go to adapters)."""
+def save_quantized(model: nn.Module, directory, base_id: str | None = None, extra: dict | None = None) -> Path:
+    """Write the frozen quantized base (no trainable scales: those go to adapters). ``extra``: more JSON entries for
+    quantization.json (e.g. how the weights were calibrated)."""
     state = quant_state(model)
     if base_id is not None:
         state.base_id = base_id
@@ -118,6 +122,9 @@ def save_quantized(model: nn.Module, directory, base_id: str | None = None) -> P
         "fingerprint": fingerprint(model),
         "layers": layers,
     }
+    if split_convs(model):  # shortcut splitting (tuneqdm.quant.split): convs stored as two quantized layers
+        meta["splits"] = split_convs(model)
+    meta = {**(extra or {}), **meta}  # extra entries never replace the format's own
     with _atomic_dir(directory) as tmp:
         save_file(tensors, tmp / QUANT_WEIGHTS, metadata={"format": "pt"})
         if hasattr(model, "save_config"):
@@ -152,6 +159,12 @@ def load_quantized(directory, model: nn.Module | None = None, device: str | torc
     tensors = _load_tensors(directory / QUANT_WEIGHTS, "quantized base")
     if model is None:
         model = _build_skeleton(meta, directory)
+    for name, split in (meta.get("splits") or {}).items():
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError:
+            raise TuneQDMError(f"{directory}: split conv {name!r} of quantization.json is not in the model") from None
+        _set_submodule(model, name, SplitConv2d.from_conv(conv, split))
     float_classes = {q.__name__: f for f, q in QUANTIZED_CLASSES.items()}
     for name, info in meta["layers"].items():
         try:

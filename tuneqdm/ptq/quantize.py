@@ -1,0 +1,66 @@
+"""`tuneqdm quantize`: a pipeline's UNet -> a calibrated quantized base folder that train/generate reuse.
+
+The calibration prompts are a file (one per line), or, for the embedded toy pipeline only, captions of toy-world
+scenes drawn from seed 40,000,000 (the PTQ calibration range [40M, 50M); PTQ evaluation uses [50M, 60M)). The
+folder is written only when calibration has finished (temporary folder + rename): an interrupted run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import TuneQDMError
+from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
+from .weights import AdaRoundConfig, WeightCalibrationConfig, calibrate_weights
+
+
+def calibration_prompts(base, prompts_file, n: int) -> tuple[list[str], str]:
+    """(prompts, where they came from)."""
+    if prompts_file is not None:
+        return read_prompts(prompts_file), str(prompts_file)
+    if base is not None:
+        raise TuneQDMError("--calib_prompts is required for a model other than the embedded toy pipeline: "
+                           "pass a text file with one prompt per line")
+    return toy_calibration_prompts(n), "toy world captions, seed 40000000"
+
+
+def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround", calib_prompts=None,
+                      calib_samples: int = 32, calib_steps: int | None = None, num_inference_steps: int = 25,
+                      guidance_scale: float = 7.5, seed: int = 0, split_shortcuts: bool = True,
+                      adaround: AdaRoundConfig | None = None, force: bool = False, device="cpu",
+                      progress=None) -> dict:
+    """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
+    quantization.json (``"calibration"``)."""
+    from ..sampling import base_id, pipeline_from
+    from ..serialization import save_quantized
+
+    out = Path(out)
+    config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
+                                     adaround=adaround or AdaRoundConfig())
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    if calib_samples < 1:
+        raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
+    prompts, source = calibration_prompts(base, calib_prompts, calib_samples)
+    t0 = time.perf_counter()
+    pipe = pipeline_from(base, device)
+    data_free = calibrate != "adaround"  # round-to-nearest needs one row only, to find the shortcut splits
+    n, steps = (1, 1) if data_free else (calib_samples, calib_steps)
+    calib = None
+    if not data_free or split_shortcuts:
+        calib = collect_calibration_set(pipe, prompts, n, num_inference_steps=num_inference_steps, steps=steps,
+                                        guidance_scale=guidance_scale, seed=seed)
+    t_collect = time.perf_counter() - t0
+    report = calibrate_weights(pipe.unet, calib, config, progress=progress)
+    record = {
+        **config.to_dict(),
+        "prompts": source, "num_prompts": len(prompts),
+        "samples_per_step": n, "steps": sorted(set(calib.steps.tolist())) if calib is not None else [],
+        "rows": len(calib) if calib is not None else 0, "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale, "seed": seed,
+        "collect_seconds": t_collect, "calibrate_seconds": report["seconds"],
+        "seconds": time.perf_counter() - t0, "splits": report["splits"], "blocks": report["blocks"],
+    }
+    save_quantized(pipe.unet, out, base_id=base_id(base), extra={"calibration": record})
+    return record
