@@ -1,0 +1,1 @@
+"""Post-training quantization: calibrated weights and DGQ activation quantization (issue 6)."""
