@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import tuneqdm
@@ -256,3 +257,39 @@ def test_error_messages(tmp_path):
         q.install(nn.Sequential(nn.Linear(4, 4)))
     assert str(e.value) == ("the activation parameters do not match this model's layers (e.g. ['0', 'proj']): "
                             "calibrate them on this model")
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+def test_cli_quantize_activations_next_to_the_base_then_generate(w8_pipe, tmp_path, capsys):
+    from tuneqdm.cli import main
+
+    base_dir = tuneqdm.save_quantized(w8_pipe.unet, tmp_path / "w8", base_id=str(w8_pipe.name_or_path))
+    (tmp_path / "prompts.txt").write_text("a red box\na blue ball\n")
+    common = ["--calib_prompts", str(tmp_path / "prompts.txt"), "--num_inference_steps", "3"]
+    assert main(["quantize-activations", "--quantized_base", str(base_dir), "--activation_bits", "8",
+                 "--groups", "2", *common]) == 0
+    folder = base_dir / "activations-a8-k2"
+    meta = json.loads((folder / "activations.json").read_text())
+    assert (meta["bits"], meta["groups"], meta["info"]["prompts"], len(meta["timesteps"])) == (8, 2, 2, 3)
+    assert meta["info"]["fingerprint"] == json.loads((base_dir / "quantization.json").read_text())["fingerprint"]
+    capsys.readouterr()
+    args = ["generate", "--prompt", "a red box", "--num_images", "1", "--num_inference_steps", "3",
+            "--quantized_base", str(base_dir)]
+    assert main([*args, "--out", str(tmp_path / "a8"), "--activation_bits", "8", "--groups", "2"]) == 0
+    assert "calibrating" not in capsys.readouterr().err  # found next to the base
+    assert main([*args, "--out", str(tmp_path / "fp")]) == 0
+    a8 = np.asarray(Image.open(tmp_path / "a8" / "000.png"), dtype=np.int16)
+    fp = np.asarray(Image.open(tmp_path / "fp" / "000.png"), dtype=np.int16)
+    assert np.abs(a8 - fp).mean() > 0.1
+    assert json.loads((tmp_path / "a8" / "generate.json").read_text())["activation_bits"] == 8
+    # K = 8 is not next to the base: calibrated on the fly from the prompts file
+    assert main([*args, "--out", str(tmp_path / "k8"), "--activation_bits", "6", "--groups", "8", *common[:2]]) == 0
+    assert "calibrating A6 K=8 activations on 2 prompts" in capsys.readouterr().err
+    # one-line errors, nothing written
+    assert main([*args, "--out", str(tmp_path / "bad"), "--activation_bits", "4"]) == 2
+    assert capsys.readouterr().err == "tuneqdm: error: activation bits 4 are not supported: choose 6 or 8\n"
+    assert main(["quantize-activations", "--quantized_base", str(base_dir), "--calib_prompts",
+                 str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: calibration prompts file {tmp_path / 'missing.txt'} does "
+                                       "not exist: pass a text file with one prompt per line\n")
+    assert not (tmp_path / "bad").exists() and not (base_dir / "activations-a8-k16").exists()

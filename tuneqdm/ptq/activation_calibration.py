@@ -162,3 +162,42 @@ def load_activations(directory, bits: int | None = None, attention: str = "log",
     except KeyError as e:
         raise TuneQDMError(f"{directory / TENSORS_FILE} lacks {e.args[0]!r}: calibrate again") from None
     return ActivationQuantizer(config, meta["timesteps"], layers, meta.get("info"))
+
+
+def calibration_prompts(prompts_file=None, samples: int | None = None, base=None) -> tuple[list[str], str]:
+    """(prompts, where they came from): the file's lines, or toy-world captions for the embedded pipeline; with
+    ``samples`` the list is cut or cycled to that length."""
+    if samples is not None and samples < 1:
+        raise TuneQDMError(f"--calib_samples must be at least 1, got {samples}")
+    if prompts_file is not None:
+        prompts, source = read_prompts(prompts_file), str(prompts_file)
+    elif base is None:
+        n = samples or 64
+        prompts, source = toy_calibration_prompts(n), f"toy world seed {CALIBRATION_SEED}, {n} scenes"
+    else:
+        raise TuneQDMError(f"no --calib_prompts for {base}: pass a text file with one calibration prompt per line")
+    if samples is not None:
+        prompts = [prompts[i % len(prompts)] for i in range(samples)]
+    return prompts, source
+
+
+def activations_for(pipe, bits: int, groups: int, attention: str = "log", activations=None, quantized_base=None,
+                    prompts_file=None, samples: int | None = None, base=None, num_inference_steps: int = 25,
+                    guidance_scale: float = 7.5, log=print) -> ActivationQuantizer:
+    """The activation parameters for ``pipe``: a given folder, else ``quantized_base/activations-aB-kK`` when it
+    exists, else calibrated now on the calibration prompts (not saved). Checked against the UNet's fingerprint."""
+    config = ActivationConfig(bits=bits, groups=groups, attention=attention)
+    folder = Path(activations) if activations is not None else None
+    if folder is None and quantized_base is not None and (Path(quantized_base) / folder_name(bits, groups)).is_dir():
+        folder = Path(quantized_base) / folder_name(bits, groups)
+    if folder is not None:
+        q = load_activations(folder, bits=bits, attention=attention, expect_fingerprint=model_fingerprint(pipe.unet))
+        if q.config.groups != groups:
+            raise TuneQDMError(f"{folder} holds K={q.config.groups} groups, not --groups {groups}: pass the folder "
+                               "calibrated with these groups or leave --activations out to calibrate now")
+        return q
+    prompts, source = calibration_prompts(prompts_file, samples, base)
+    log(f"calibrating A{bits} K={groups} activations on {len(prompts)} prompts ({source}, "
+        f"{num_inference_steps} steps)")
+    return calibrate_activations(pipe, prompts, config, num_inference_steps, guidance_scale,
+                                 info={"prompts_source": source})
