@@ -293,3 +293,15 @@ def test_cli_quantize_activations_next_to_the_base_then_generate(w8_pipe, tmp_pa
     assert capsys.readouterr().err == (f"tuneqdm: error: calibration prompts file {tmp_path / 'missing.txt'} does "
                                        "not exist: pass a text file with one prompt per line\n")
     assert not (tmp_path / "bad").exists() and not (base_dir / "activations-a8-k16").exists()
+
+
+def test_an_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    import tuneqdm.ptq.activation_calibration as calibration
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_activations(_two_step_quantizer(), tmp_path / "activations-a8-k1")
+    assert list(tmp_path.iterdir()) == []
