@@ -101,14 +101,13 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 100) -> torch.Tensor:
     centres = points[order[picks]].clone()
     labels = None
     for _ in range(iterations):
-        new = torch.cdist(points, centres).argmin(dim=1)
+        new = (points[:, None, :] - centres[None, :, :]).square().sum(-1).argmin(dim=1)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        for c in range(k):
-            members = labels == c
-            if members.any():
-                centres[c] = points[members].mean(dim=0)
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, labels, points)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
     return labels
 
 
