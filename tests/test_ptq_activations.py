@@ -282,6 +282,11 @@ def test_cli_quantize_activations_next_to_the_base_then_generate(w8_pipe, tmp_pa
     fp = np.asarray(Image.open(tmp_path / "fp" / "000.png"), dtype=np.int16)
     assert np.abs(a8 - fp).mean() > 0.1
     assert json.loads((tmp_path / "a8" / "generate.json").read_text())["activation_bits"] == 8
+    # A6 with the same groups reuses the A8 folder (groups and ranges do not depend on the bits)
+    assert main([*args, "--out", str(tmp_path / "a6"), "--activation_bits", "6", "--groups", "2"]) == 0
+    assert "calibrating" not in capsys.readouterr().err
+    a6 = np.asarray(Image.open(tmp_path / "a6" / "000.png"), dtype=np.int16)
+    assert np.abs(a6 - fp).mean() > np.abs(a8 - fp).mean()
     # K = 8 is not next to the base: calibrated on the fly from the prompts file
     assert main([*args, "--out", str(tmp_path / "k8"), "--activation_bits", "6", "--groups", "8", *common[:2]]) == 0
     assert "calibrating A6 K=8 activations on 2 prompts" in capsys.readouterr().err
@@ -305,3 +310,15 @@ def test_an_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_activations(_two_step_quantizer(), tmp_path / "activations-a8-k1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pixel_groups_refuse_another_resolution():
+    q = _two_step_quantizer()
+    q.layers["proj"].dims[:] = POSITION  # groups over the 3 tokens the parameters were calibrated at
+    model = _Timed()
+    q.install(model)
+    assert model(torch.zeros(2, 3, 4), 500).shape == (2, 3, 4)
+    with pytest.raises(TuneQDMError) as e:
+        model(torch.zeros(2, 5, 4), 500)
+    assert str(e.value) == ("layer 'proj': activations were calibrated at 3 positions per sample, this input has 5: "
+                            "calibrate at the resolution you sample at")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from .activations import ActivationConfig, ActivationObserver, ActivationQuantizer, LayerParams
+from .activations import ACTIVATION_BITS, ActivationConfig, ActivationObserver, ActivationQuantizer, LayerParams
 
 FORMAT_VERSION = 1
 CONFIG_FILE, TENSORS_FILE = "activations.json", "activations.safetensors"
@@ -185,11 +185,13 @@ def activations_for(pipe, bits: int, groups: int, attention: str = "log", activa
                     prompts_file=None, samples: int | None = None, base=None, num_inference_steps: int = 25,
                     guidance_scale: float = 7.5, log=print) -> ActivationQuantizer:
     """The activation parameters for ``pipe``: a given folder, else ``quantized_base/activations-aB-kK`` when it
-    exists, else calibrated now on the calibration prompts (not saved). Checked against the UNet's fingerprint."""
+    exists (or the K-group folder of the other bit width: groups and ranges do not depend on the bits), else
+    calibrated now on the calibration prompts (not saved). Checked against the UNet's fingerprint."""
     config = ActivationConfig(bits=bits, groups=groups, attention=attention)
     folder = Path(activations) if activations is not None else None
-    if folder is None and quantized_base is not None and (Path(quantized_base) / folder_name(bits, groups)).is_dir():
-        folder = Path(quantized_base) / folder_name(bits, groups)
+    if folder is None and quantized_base is not None:  # the groups and ranges do not depend on the bits
+        candidates = [Path(quantized_base) / folder_name(b, groups) for b in (bits, *ACTIVATION_BITS)]
+        folder = next((c for c in candidates if (c / CONFIG_FILE).is_file()), None)
     if folder is not None:
         q = load_activations(folder, bits=bits, attention=attention, expect_fingerprint=model_fingerprint(pipe.unet))
         if q.config.groups != groups:
