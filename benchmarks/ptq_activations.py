@@ -63,6 +63,29 @@ def sample(pipe, prompts, steps, guidance, batch):
     return images
 
 
+def table(results: dict) -> str:
+    """Markdown table of the rows: fp, then per weight setting the weight-only row and DGQ / baseline per A bits."""
+    rows = results["rows"]
+    fp = rows.get("fp")
+    lines = ["| setting | method | Frechet distance (lower better) | CLIP-T | cos to fp | PSNR to fp (dB) | s/image |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if name == "fp":
+            setting, method = "W32A32", "full precision"
+        elif "-" not in name:
+            setting, method = f"{name}A32", "weights only"
+        else:
+            setting, kind = name.split("-")
+            method = (f"DGQ K={r['groups']}, log2 attention" if kind == "dgq" else "layer-wise min-max K=1, uniform attention")
+        rel = ""
+        if fp and name != "fp":
+            rel = f" ({100 * (r['fd'] / fp['fd'] - 1):+.0f} %)"
+        psnr = "-" if r["psnr_to_fp"] is None else f"{r['psnr_to_fp']:.2f}"
+        lines.append(f"| {setting} | {method} | {r['fd']:.4f}{rel} | {r['clip_t']:.4f} | {r['cos_to_fp']:.4f} | {psnr} "
+                     f"| {r['seconds_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=128, help="generated images per row (default 128)")
@@ -78,7 +101,11 @@ def main():
     ap.add_argument("--w4_base", default=None, help="a quantized base folder to use for W4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/ptq_act")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of --out's results")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((Path(args.out) / "ptq_activations.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
 
     import tuneqdm
@@ -178,6 +205,7 @@ def main():
                         "calibration_seconds": round(calib_seconds, 1), "dims": q.dim_counts()})
                 finally:
                     q.remove()
+    print(table(results))
     print(f"results: {results_path}")
 
 
