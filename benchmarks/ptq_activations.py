@@ -86,6 +86,59 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ablation(args) -> dict:
+    """One-step error of the noise prediction, free of trajectory divergence: the UNet inputs of full-precision
+    sampling (weights quantized to --ablation_wbits, fp activations) on the first 8 evaluation prompts are replayed
+    with each activation setting, and ``SQNR = 10 log10(|eps|^2 / |eps_q - eps|^2)`` is summed over all steps and
+    prompts. Separates the groups (K) from the attention quantizer."""
+    import tuneqdm
+    from tuneqdm.ptq.activations import ActivationConfig, ActivationObserver
+    from tuneqdm.ptq.activation_calibration import toy_calibration_prompts
+    from tuneqdm.sampling import generator, pipeline_from, set_scheduler
+    from tuneqdm.toy.world import make_dataset
+
+    pipe = pipeline_from(None)
+    tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=args.ablation_wbits, method="peqa", experts=1, init="mse"))
+    set_scheduler(pipe, "ddim")
+    observer = ActivationObserver(pipe.unet)
+    calib = toy_calibration_prompts(args.calib, CALIB_SEED)
+    with torch.no_grad():
+        for i in range(0, len(calib), args.batch):
+            chunk = calib[i:i + args.batch]
+            pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
+                 generator=[generator(CALIB_SEED + i + j) for j in range(len(chunk))])
+    observer.remove()
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((a[0].clone(), a[1], kw["encoder_hidden_states"].clone())), with_kwargs=True)
+    prompts = make_dataset(EVAL_SEED, 8)[1]
+    with torch.no_grad():
+        pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
+             generator=[generator(EVAL_SEED + j) for j in range(len(prompts))])
+    handle.remove()
+
+    def predictions():
+        with torch.no_grad():
+            return [pipe.unet(x, t, encoder_hidden_states=e).sample for x, t, e in calls]
+
+    reference = predictions()
+    out = {}
+    for bits in [int(a) for a in args.acts.split(",")]:
+        for groups in (1, args.groups):
+            for attention in ("none", "uniform", "log"):
+                q = observer.fit(ActivationConfig(bits=bits, groups=groups, attention=attention)).install(pipe.unet)
+                try:
+                    pred = predictions()
+                finally:
+                    q.remove()
+                signal = sum(float(r.square().sum()) for r in reference)
+                noise = sum(float((p - r).square().sum()) for p, r in zip(pred, reference))
+                name = f"W{args.ablation_wbits}A{bits} K={groups} attention={attention}"
+                out[name] = round(10 * np.log10(signal / noise), 2)
+                print(f"{name}: SQNR {out[name]} dB", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=128, help="generated images per row (default 128)")
@@ -102,7 +155,19 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/ptq_act")
     ap.add_argument("--table", action="store_true", help="only print the markdown table of --out's results")
+    ap.add_argument("--ablation", action="store_true",
+                    help="only the one-step noise-prediction SQNR of K x attention settings (added to --out's JSON)")
+    ap.add_argument("--ablation_wbits", type=int, default=8)
     args = ap.parse_args()
+    if args.ablation:
+        torch.set_num_threads(args.threads)
+        path = Path(args.out) / "ptq_activations.json"
+        results = json.loads(path.read_text())
+        results["ablation_sqnr_db"] = ablation(args)
+        results["ablation_settings"] = {"wbits": args.ablation_wbits, "prompts": 8, "steps": args.steps,
+                                        "calib": args.calib, "groups": args.groups}
+        path.write_text(json.dumps(results, indent=1))
+        return
     if args.table:
         print(table(json.loads((Path(args.out) / "ptq_activations.json").read_text())))
         return
