@@ -76,7 +76,8 @@ def table(results: dict) -> str:
             setting, method = f"{name}A32", "weights only"
         else:
             setting, kind = name.split("-")
-            method = (f"DGQ K={r['groups']}, log2 attention" if kind == "dgq" else "layer-wise min-max K=1, uniform attention")
+            method = (f"DGQ K={r['groups']}, log2 attention" if kind == "dgq"
+                      else "layer-wise min-max K=1, uniform attention")
         rel = ""
         if fp and name != "fp":
             rel = f" ({100 * (r['fd'] / fp['fd'] - 1):+.0f} %)"
