@@ -29,6 +29,10 @@ def _generate(args) -> None:
         raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
+    if args.activation_bits is not None:
+        from .ptq.activations import ActivationConfig
+
+        ActivationConfig(bits=args.activation_bits, groups=args.groups, attention=args.attention_quant)
     prompt = args.prompt
     if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
         from .train.outputs import read_training_json
@@ -41,6 +45,13 @@ def _generate(args) -> None:
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device)
     set_scheduler(pipe, args.scheduler)
+    if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
+        from .ptq.activation_calibration import activations_for
+
+        activations_for(pipe, args.activation_bits, args.groups, args.attention_quant, args.activations,
+                        args.quantized_base, args.calib_prompts, args.calib_samples,
+                        args.pretrained_model_name_or_path, args.num_inference_steps, args.guidance_scale,
+                        log=lambda m: print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt)
     with _atomic_dir(out) as tmp:
@@ -48,7 +59,8 @@ def _generate(args) -> None:
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
-                                              "adapter", "quantized_base")}
+                                              "adapter", "quantized_base", "activation_bits", "groups",
+                                              "attention_quant", "activations")}
         meta["prompt"] = prompt
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
@@ -131,6 +143,48 @@ def _evaluate_fid(args, out: Path) -> None:
                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
     print(f"FD {m['fd']:.4f}  text score {m['text_score']:.3f} (renders {m['reference_text_score']:.3f})  "
           f"({args.fid_images} images, {encoder.name} features) -> {out / 'metrics.json'}")
+
+
+def _quantize_activations(args) -> None:
+    from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
+    from .ptq.activations import ActivationConfig
+    from .sampling import load_pipeline, set_scheduler
+
+    ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
+    if args.out is None and args.quantized_base is None:
+        raise TuneQDMError("name the output folder with --out (or pass --quantized_base to write next to it)")
+    out = Path(args.out) if args.out else Path(args.quantized_base) / folder_name(args.activation_bits, args.groups)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
+    pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device)
+    set_scheduler(pipe, args.scheduler)
+    q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
+                        samples=args.calib_samples, base=args.pretrained_model_name_or_path,
+                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+    q.info.update(quantized_base=args.quantized_base, base=args.pretrained_model_name_or_path)
+    save_activations(q, out)
+    print(f"A{args.activation_bits} K={args.groups} activation parameters for {len(q.timesteps)} steps, "
+          f"{len(q.layers)} layers ({q.dim_counts()}) in {q.info['calibration_seconds']} s -> {out}")
+
+
+def _add_activation_flags(parser, calibrate_only: bool) -> None:
+    a = parser.add_argument
+    if calibrate_only:
+        a("--activation_bits", type=int, default=8, help="activation bits: 6 or 8 (default 8)")
+    else:
+        a("--activation_bits", type=int, default=None,
+          help="quantize activations to 6 or 8 bits (DGQ; default: full-precision activations)")
+        a("--attention_quant", choices=("log", "uniform", "none"), default="log",
+          help="attention probabilities: log (DGQ, dynamic prompt-specific scale, <start> kept), uniform "
+               "(baseline) or none (default log)")
+        a("--activations", default=None,
+          help="a folder of `tuneqdm quantize-activations` (default: QUANTIZED_BASE/activations-aB-kK if it "
+               "exists, else calibrated now)")
+    a("--groups", type=int, default=16, help="DGQ groups per layer: 1 (layer-wise min-max), 2, 8 or 16 (default 16)")
+    a("--calib_prompts", default=None,
+      help="calibration prompts, one per line (default for the embedded pipeline: toy-world captions, seed 40M)")
+    a("--calib_samples", type=int, default=None, help="number of calibration prompts (default: the file, or 64)")
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -427,7 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    _add_activation_flags(gen, calibrate_only=False)
     gen.set_defaults(func=_generate)
+
+    qa = sub.add_parser("quantize-activations", help="calibrate DGQ activation quantization (written next to a "
+                                                     "quantized base)")
+    qa.add_argument("--quantized_base", default=None, help="a quantized base folder (default: the float UNet)")
+    qa.add_argument("--pretrained_model_name_or_path", default=None,
+                    help="a local diffusers folder or hub id (default: the quantized base's, or the embedded one)")
+    _add_activation_flags(qa, calibrate_only=True)
+    qa.add_argument("--num_inference_steps", type=int, default=25, help="the sampling schedule calibrated (25)")
+    qa.add_argument("--guidance_scale", type=float, default=7.5)
+    qa.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default="ddim")
+    qa.add_argument("--device", default="cpu")
+    qa.add_argument("--out", default=None, help="output folder (default: QUANTIZED_BASE/activations-aB-kK)")
+    qa.add_argument("--force", action="store_true", help="replace the parameters in a non-empty --out")
+    qa.set_defaults(func=_quantize_activations)
 
     ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject, or "
                                          "--metric fid (PTQ fidelity on the toy world)")

@@ -1,2 +1,2 @@
-"""Post-training quantization (issue 6): timestep-aware calibration data and calibrated weights (see
-:mod:`tuneqdm.ptq.calibration` and :mod:`tuneqdm.ptq.weights`)."""
+"""Post-training quantization: timestep-aware calibration data and calibrated weights (:mod:`.calibration`,
+:mod:`.weights`), DGQ activation quantization (:mod:`.activations`, :mod:`.attention`, :mod:`.activation_calibration`)."""

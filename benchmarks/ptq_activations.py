@@ -1,0 +1,279 @@
+"""DGQ activation quantization on the embedded toy pipeline: W8A8, W4A8, W8A6, W4A6 vs the layer-wise baseline and
+full precision.
+
+    nice -n 19 python benchmarks/ptq_activations.py --out runs/ptq_act      # resumable: finished rows are kept
+
+Rows: full precision; per weight setting (W8, W4: tuneqdm.quantize_ with MSE-clipped per-channel round-to-nearest,
+PEQA scales at their initial values; a `tuneqdm quantize` base can be passed with --w8_base/--w4_base) the
+weight-only model, then per activation setting (A8, A6): DGQ (K groups, log2 attention with the <start> token
+kept) and the layer-wise min-max baseline (K = 1, uniform attention). Both come from the same calibration pass:
+--calib prompts from toy-world seed 40,000,000, 25 DDIM steps, guidance 7.5; groups and ranges do not depend on
+the bit width, so one pass serves A8 and A6.
+
+Metrics on --images prompts (captions of toy-world seed 50,000,000, one image each, seeds 50,000,000 + i, the same
+for every row):
+- Frechet distance between the CLIP-like toy evaluator's image features (128-d, normalised) of the generated
+  images and of --reference procedural images of the same world seed (the prompts are the first captions of that
+  set). A private, small implementation (torch eigh for the matrix square root) until `tuneqdm evaluate --metric
+  fid` lands; with a few hundred generated images the absolute value is biased upwards, so compare rows only.
+- CLIP-like text score: mean cosine between each image and its prompt (toy evaluator).
+- Paired closeness to full precision (same prompt and seed): mean cosine of the CLIP-like image features
+  (cos_to_fp) and pixel PSNR (psnr_to_fp); far less noisy than the distribution metrics at this sample size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB_SEED, EVAL_SEED = 40_000_000, 50_000_000
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to the rows of ``a`` and ``b`` (float64; sqrt via eigh)."""
+    a, b = a.double(), b.double()
+    mu = a.mean(0) - b.mean(0)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+
+    def psd_sqrt(m):
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp_min(0).sqrt()) @ v.T
+
+    ra = psd_sqrt(ca)
+    cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
+    return float(mu @ mu + torch.trace(ca) + torch.trace(cb) - 2 * cross)
+
+
+def sample(pipe, prompts, steps, guidance, batch):
+    from tuneqdm.sampling import generator
+
+    images = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        with torch.no_grad():
+            images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=[generator(EVAL_SEED + i + j) for j in range(len(chunk))]).images
+    return images
+
+
+def table(results: dict) -> str:
+    """Markdown table of the rows: fp, then per weight setting the weight-only row and DGQ / baseline per A bits."""
+    rows = results["rows"]
+    fp = rows.get("fp")
+    lines = ["| setting | method | Frechet distance (lower better) | CLIP-T | cos to fp | PSNR to fp (dB) | s/image |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if name == "fp":
+            setting, method = "W32A32", "full precision"
+        elif "-" not in name:
+            setting, method = f"{name}A32", "weights only"
+        else:
+            setting, kind = name.split("-")
+            method = (f"DGQ K={r['groups']}, log2 attention" if kind == "dgq"
+                      else "layer-wise min-max K=1, uniform attention")
+        rel = ""
+        if fp and name != "fp":
+            rel = f" ({100 * (r['fd'] / fp['fd'] - 1):+.0f} %)"
+        psnr = "-" if r["psnr_to_fp"] is None else f"{r['psnr_to_fp']:.2f}"
+        lines.append(f"| {setting} | {method} | {r['fd']:.4f}{rel} | {r['clip_t']:.4f} | {r['cos_to_fp']:.4f} | {psnr} "
+                     f"| {r['seconds_per_image']:.2f} |")
+    return "\n".join(lines)
+
+
+def ablation(args) -> dict:
+    """One-step error of the noise prediction, free of trajectory divergence: the UNet inputs of full-precision
+    sampling (weights quantized to --ablation_wbits, fp activations) on the first 8 evaluation prompts are replayed
+    with each activation setting, and ``SQNR = 10 log10(|eps|^2 / |eps_q - eps|^2)`` is summed over all steps and
+    prompts. Separates the groups (K) from the attention quantizer."""
+    import tuneqdm
+    from tuneqdm.ptq.activations import ActivationConfig, ActivationObserver
+    from tuneqdm.ptq.activation_calibration import toy_calibration_prompts
+    from tuneqdm.sampling import generator, pipeline_from, set_scheduler
+    from tuneqdm.toy.world import make_dataset
+
+    pipe = pipeline_from(None)
+    tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=args.ablation_wbits, method="peqa", experts=1, init="mse"))
+    set_scheduler(pipe, "ddim")
+    observer = ActivationObserver(pipe.unet)
+    calib = toy_calibration_prompts(args.calib, CALIB_SEED)
+    with torch.no_grad():
+        for i in range(0, len(calib), args.batch):
+            chunk = calib[i:i + args.batch]
+            pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
+                 generator=[generator(CALIB_SEED + i + j) for j in range(len(chunk))])
+    observer.remove()
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((a[0].clone(), a[1], kw["encoder_hidden_states"].clone())), with_kwargs=True)
+    prompts = make_dataset(EVAL_SEED, 8)[1]
+    with torch.no_grad():
+        pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
+             generator=[generator(EVAL_SEED + j) for j in range(len(prompts))])
+    handle.remove()
+
+    def predictions():
+        with torch.no_grad():
+            return [pipe.unet(x, t, encoder_hidden_states=e).sample for x, t, e in calls]
+
+    reference = predictions()
+    out = {}
+    for bits in [int(a) for a in args.acts.split(",")]:
+        for groups in (1, args.groups):
+            for attention in ("none", "uniform", "log"):
+                q = observer.fit(ActivationConfig(bits=bits, groups=groups, attention=attention)).install(pipe.unet)
+                try:
+                    pred = predictions()
+                finally:
+                    q.remove()
+                signal = sum(float(r.square().sum()) for r in reference)
+                noise = sum(float((p - r).square().sum()) for p, r in zip(pred, reference))
+                name = f"W{args.ablation_wbits}A{bits} K={groups} attention={attention}"
+                out[name] = round(10 * np.log10(signal / noise), 2)
+                print(f"{name}: SQNR {out[name]} dB", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=128, help="generated images per row (default 128)")
+    ap.add_argument("--reference", type=int, default=1000, help="procedural reference images (default 1000)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration prompts (default 64)")
+    ap.add_argument("--groups", type=int, default=16, help="DGQ groups (default 16)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--weights", default="8,4", help="weight bits (default 8,4)")
+    ap.add_argument("--acts", default="8,6", help="activation bits (default 8,6)")
+    ap.add_argument("--w8_base", default=None, help="a quantized base folder to use for W8")
+    ap.add_argument("--w4_base", default=None, help="a quantized base folder to use for W4")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/ptq_act")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of --out's results")
+    ap.add_argument("--ablation", action="store_true",
+                    help="only the one-step noise-prediction SQNR of K x attention settings (added to --out's JSON)")
+    ap.add_argument("--ablation_wbits", type=int, default=8)
+    args = ap.parse_args()
+    if args.ablation:
+        torch.set_num_threads(args.threads)
+        path = Path(args.out) / "ptq_activations.json"
+        results = json.loads(path.read_text())
+        results["ablation_sqnr_db"] = ablation(args)
+        results["ablation_settings"] = {"wbits": args.ablation_wbits, "prompts": 8, "steps": args.steps,
+                                        "calib": args.calib, "groups": args.groups}
+        path.write_text(json.dumps(results, indent=1))
+        return
+    if args.table:
+        print(table(json.loads((Path(args.out) / "ptq_activations.json").read_text())))
+        return
+    torch.set_num_threads(args.threads)
+
+    import tuneqdm
+    from tuneqdm.eval.encoders import clip_t_score
+    from tuneqdm.ptq.activations import ActivationConfig, ActivationObserver
+    from tuneqdm.ptq.activation_calibration import toy_calibration_prompts
+    from tuneqdm.sampling import pipeline_from, set_scheduler
+    from tuneqdm.toy.evaluators import load_toy_clip
+    from tuneqdm.toy.world import make_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "ptq_activations.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
+    results["settings"] = {k: getattr(args, k) for k in ("images", "reference", "calib", "groups", "steps",
+                                                          "guidance", "batch", "weights", "acts", "w8_base",
+                                                          "w4_base", "threads")}
+    results["settings"].update(calibration_prompts=f"toy world seed {CALIB_SEED}",
+                               evaluation_prompts=f"toy world seed {EVAL_SEED}", cpu_count=os.cpu_count(),
+                               note="run under nice -n 19 on a shared 2-core CPU: times are upper bounds")
+
+    clip = load_toy_clip()
+    ref_images, captions, _ = make_dataset(EVAL_SEED, max(args.reference, args.images))
+    ref_feats = clip.encode_images(list(ref_images[:args.reference]))
+    prompts = captions[:args.images]
+
+    def record(name, pipe, extra):
+        if name in results["rows"]:
+            print(f"{name}: done earlier", flush=True)
+            return
+        start = time.perf_counter()
+        images = sample(pipe, prompts, args.steps, args.guidance, args.batch)
+        seconds = time.perf_counter() - start
+        feats = clip.encode_images(images)
+        pixels = np.stack([np.asarray(im) for im in images])
+        fp_file = out / "fp_pixels.npy"
+        if name == "fp":
+            np.save(fp_file, pixels, allow_pickle=False)
+        fp_pixels = np.load(fp_file, allow_pickle=False)
+        fp_feats = clip.encode_images(list(fp_pixels))
+        row = {"fd": frechet_distance(feats, ref_feats), "clip_t": clip_t_score(clip, images, prompts),
+               "cos_to_fp": float((feats * fp_feats).sum(-1).mean()),
+               "psnr_to_fp": float(10 * np.log10(255**2 / np.mean((pixels.astype(np.float64) - fp_pixels) ** 2)))
+               if name != "fp" else None,
+               "seconds_per_image": seconds / len(images), **extra}
+        results["rows"][name] = row
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, results_path)
+        print(f"{name}: FD {row['fd']:.4f}  CLIP-T {row['clip_t']:.4f}  cos-fp {row['cos_to_fp']:.4f}  "
+              f"PSNR-fp {row['psnr_to_fp']}  {row['seconds_per_image']:.2f} s/image", flush=True)
+        grid = np.concatenate([np.concatenate([np.asarray(im) for im in images[r * 8:(r + 1) * 8]], 1)
+                               for r in range(min(2, len(images) // 8))], 0)
+        from PIL import Image
+
+        Image.fromarray(grid).save(out / f"{name}.png")
+
+    pipe = pipeline_from(None)
+    set_scheduler(pipe, "ddim")
+    record("fp", pipe, {"weights": None, "activations": None})
+
+    for wbits in [int(w) for w in args.weights.split(",")]:
+        given = getattr(args, f"w{wbits}_base", None)
+        if given:
+            pipe = tuneqdm.load_pipeline(quantized_base=given)
+        else:
+            pipe = pipeline_from(None)
+            tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=wbits, method="peqa", experts=1, init="mse"))
+        set_scheduler(pipe, "ddim")
+        weights = given or f"W{wbits} mse round-to-nearest (tuneqdm.quantize_)"
+        record(f"W{wbits}", pipe, {"weights": weights, "activations": None})
+        abits = [int(a) for a in args.acts.split(",")]
+        todo = [f"W{wbits}A{a}-{m}" for a in abits for m in ("dgq", "baseline")]
+        if all(n in results["rows"] for n in todo):
+            continue
+        start = time.perf_counter()
+        observer = ActivationObserver(pipe.unet)
+        calib = toy_calibration_prompts(args.calib, CALIB_SEED)
+        try:
+            from tuneqdm.sampling import generator
+
+            for i in range(0, len(calib), args.batch):
+                chunk = calib[i:i + args.batch]
+                with torch.no_grad():
+                    pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
+                         generator=[generator(CALIB_SEED + i + j) for j in range(len(chunk))])
+        finally:
+            observer.remove()
+        calib_seconds = time.perf_counter() - start
+        for a in abits:
+            for method, groups, attention in (("dgq", args.groups, "log"), ("baseline", 1, "uniform")):
+                q = observer.fit(ActivationConfig(bits=a, groups=groups, attention=attention))
+                q.install(pipe.unet)
+                try:
+                    record(f"W{wbits}A{a}-{method}", pipe, {
+                        "weights": weights, "activations": a, "groups": groups, "attention": attention,
+                        "calibration_seconds": round(calib_seconds, 1), "dims": q.dim_counts()})
+                finally:
+                    q.remove()
+    print(table(results))
+    print(f"results: {results_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""DGQ activation quantization: fake-quantize the input of every Linear/Conv2d with grouped, per-step parameters.
+
+DGQ (Ryu, Park & Shim, ICLR 2025) keeps activation outliers apart instead of letting them stretch one layer-wide
+range. For each layer and each sampling step, from calibration statistics:
+
+1. every *vector* of the input along one dimension gets its (min, max): per **channel** (reduced over the batch and
+   the positions) and per **position** (pixel of a conv input, token of a linear input; reduced over the batch and
+   the channels);
+2. the grouping dimension is the one whose vectors are spread more: ``spread = (max of the maxes − min of the
+   maxes) + (max of the mins − min of the mins)`` (the criterion of DGQ's released code); a 2-D linear input
+   (batch, features) has channels only;
+3. the vectors' (min, max) points are clustered into K groups by K-means (deterministic: centres start at the
+   points of evenly spaced rank in the order of their range, Lloyd iterations until no label changes);
+4. each group gets the asymmetric uniform quantizer of its members' range ``[min of mins, max of maxes]``:
+   ``scale = (hi − lo) / (2^b − 1)``, ``zero_point = round(−lo / scale)``.
+
+K = 1 is the layer-wise min-max baseline. Per-pixel groups quantize the layer's input pixels (before the conv
+unfolds them), the natural place for a pre-hook; DGQ's code groups the unfolded patches' positions.
+
+The quantizer is attached with public PyTorch hooks only: a forward pre-hook on each layer replaces its input by
+the fake-quantized one, and a forward pre-hook on the denoiser reads its ``timestep`` argument and selects the
+parameters of the nearest calibrated timestep (so a sampler with the calibrated schedule uses exactly one parameter
+set per step). Works on tuneqdm's quantized layers (W+A) and on plain float layers (A only). Nothing is added to
+the model's ``state_dict``; ``remove()`` restores the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import TuneQDMError
+
+ACTIVATION_BITS = (6, 8)
+GROUP_CHOICES = (1, 2, 8, 16)
+ATTENTION_MODES = ("log", "uniform", "none")
+CHANNEL, POSITION = 0, 1
+DIM_NAMES = ("channel", "position")
+DEFAULT_EXCLUDE = ("conv_in", "conv_out")
+
+
+def check_activation_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in ACTIVATION_BITS:
+        raise TuneQDMError(f"activation bits {bits!r} are not supported: choose 6 or 8")
+    return int(bits)
+
+
+def check_groups(groups) -> int:
+    if isinstance(groups, bool) or groups not in GROUP_CHOICES:
+        raise TuneQDMError(f"--groups {groups!r} is not supported: choose 1, 2, 8 or 16")
+    return int(groups)
+
+
+@dataclass
+class ActivationConfig:
+    """How activations are quantized. ``groups=1, attention="uniform"`` is the layer-wise min-max baseline."""
+
+    bits: int = 8
+    groups: int = 16
+    attention: str = "log"  # attention probabilities: "log" (DGQ), "uniform" (baseline) or "none" (full precision)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns of layers kept in full precision
+
+    def __post_init__(self):
+        self.bits = check_activation_bits(self.bits)
+        self.groups = check_groups(self.groups)
+        if self.attention not in ATTENTION_MODES:
+            raise TuneQDMError(f"attention quantization {self.attention!r} is unknown: choose log, uniform or none")
+        self.exclude = tuple(self.exclude)
+
+
+# ---- the uniform quantizer ----------------------------------------------------------------------------------------
+def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric uniform quantizer of the range [lo, hi]: (scale, zero_point), float32."""
+    lo, hi = lo.float(), hi.float()
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    return scale, torch.round(-lo / scale)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(clamp(round(x / s) + z, 0, 2^b − 1) − z) · s`` in float32, returned in ``x``'s dtype. Inside the range the
+    parameters were fitted to, the error is at most ``s / 2``."""
+    q = torch.clamp(torch.round(x.float() / scale) + zero_point, 0, 2**bits - 1)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+# ---- grouping -------------------------------------------------------------------------------------------------------
+def kmeans(points: torch.Tensor, k: int, iterations: int = 100) -> torch.Tensor:
+    """Labels (int64) of ``points`` (N, D) in ``k`` clusters. Deterministic: centres start at the points of evenly
+    spaced rank in the order of their extent (last minus first coordinate, i.e. the range of a (min, max) point), so
+    the narrowest and the widest vectors seed the first and the last cluster; ties go to the lower cluster."""
+    points = points.double()
+    n = points.shape[0]
+    if k <= 1 or n == 0:
+        return torch.zeros(n, dtype=torch.long)
+    order = torch.argsort(points[:, -1] - points[:, 0], stable=True)
+    picks = torch.round(torch.linspace(0, n - 1, k, dtype=torch.float64)).long()
+    centres = points[order[picks]].clone()
+    labels = None
+    for _ in range(iterations):
+        new = (points[:, None, :] - centres[None, :, :]).square().sum(-1).argmin(dim=1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, labels, points)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+    return labels
+
+
+def spread(lo: torch.Tensor, hi: torch.Tensor) -> float:
+    """DGQ's spread of a set of vectors' ranges: how far apart their maxima are plus how far apart their minima are."""
+    if lo.numel() == 0:
+        return float("-inf")
+    return float((hi.max() - hi.min()) + (lo.max() - lo.min()))
+
+
+@dataclass
+class Grouping:
+    """One layer at one step: the grouping dimension, each vector's group and each group's range."""
+
+    dim: int  # CHANNEL or POSITION
+    labels: torch.Tensor  # (n,) int64, n = channels or positions
+    lo: torch.Tensor  # (K,) float32
+    hi: torch.Tensor  # (K,) float32
+
+
+def fit_grouping(channel_lo, channel_hi, position_lo, position_hi, groups: int) -> Grouping:
+    """DGQ grouping of one layer's input at one step from its per-channel and per-position ranges."""
+    use_position = spread(position_lo, position_hi) > spread(channel_lo, channel_hi)
+    lo, hi = (position_lo, position_hi) if use_position else (channel_lo, channel_hi)
+    lo, hi = lo.float().reshape(-1), hi.float().reshape(-1)
+    labels = kmeans(torch.stack([lo, hi], dim=1), groups)
+    g_lo = torch.zeros(groups)
+    g_hi = torch.zeros(groups)
+    for g in range(groups):
+        members = labels == g
+        if members.any():
+            g_lo[g], g_hi[g] = lo[members].min(), hi[members].max()
+    return Grouping(POSITION if use_position else CHANNEL, labels, g_lo, g_hi)
+
+
+# ---- layout of a layer's input ---------------------------------------------------------------------------------------
+def is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) or getattr(module, "channel_dim", None) == 1
+
+
+def input_ranges(x: torch.Tensor, conv: bool) -> tuple[torch.Tensor, ...]:
+    """(channel_lo, channel_hi, position_lo, position_hi) of one input, float32 on the CPU. Positions are the
+    pixels of a conv input (B, C, H, W) and the tokens of a linear input (B, ..., C); a 2-D linear input has none."""
+    x = x.detach().float()
+    if conv:
+        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+        pos = x.reshape(x.shape[0], x.shape[1], -1)
+        p_lo, p_hi = pos.amin(dim=(0, 1)), pos.amax(dim=(0, 1))
+    else:
+        per_channel = x.reshape(-1, x.shape[-1]).T
+        if x.dim() > 2:
+            pos = x.reshape(x.shape[0], -1, x.shape[-1])
+            p_lo, p_hi = pos.amin(dim=(0, 2)), pos.amax(dim=(0, 2))
+        else:
+            p_lo = p_hi = torch.empty(0)
+    return per_channel.amin(1).cpu(), per_channel.amax(1).cpu(), p_lo.cpu(), p_hi.cpu()
+
+
+def _vector_shape(x: torch.Tensor, conv: bool, dim: int) -> tuple[int, ...]:
+    """How a per-channel or per-position vector broadcasts against ``x``."""
+    if dim == CHANNEL:
+        return (1, x.shape[1], *[1] * (x.dim() - 2)) if conv else (*[1] * (x.dim() - 1), x.shape[-1])
+    return (1, 1, *x.shape[2:]) if conv else (1, *x.shape[1:-1], 1)
+
+
+def _positions(x: torch.Tensor, conv: bool) -> int:
+    return x.shape[2:].numel() if conv else x.shape[1:-1].numel()
+
+
+# ---- per-step parameters of one layer --------------------------------------------------------------------------------
+@dataclass
+class LayerParams:
+    """A layer's DGQ parameters for every calibrated step (stacked along dim 0)."""
+
+    conv: bool
+    dims: torch.Tensor  # (S,) int8: CHANNEL or POSITION
+    channel_labels: torch.Tensor  # (S, C) uint8 (zeros where the step groups positions)
+    position_labels: torch.Tensor  # (S, P) uint8 (zeros where the step groups channels; P = 0 for 2-D inputs)
+    lo: torch.Tensor  # (S, K) float32
+    hi: torch.Tensor  # (S, K) float32
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_groupings(cls, conv: bool, groupings: list[Grouping], channels: int, positions: int) -> LayerParams:
+        s = len(groupings)
+        c_labels = torch.zeros(s, channels, dtype=torch.uint8)
+        p_labels = torch.zeros(s, positions, dtype=torch.uint8)
+        for i, g in enumerate(groupings):
+            (c_labels if g.dim == CHANNEL else p_labels)[i] = g.labels.to(torch.uint8)
+        return cls(conv, torch.tensor([g.dim for g in groupings], dtype=torch.int8), c_labels, p_labels,
+                   torch.stack([g.lo for g in groupings]), torch.stack([g.hi for g in groupings]))
+
+    def vectors(self, step: int, x: torch.Tensor, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-vector (scale, zero_point) of ``step``, shaped to broadcast against ``x`` (cached)."""
+        dim = int(self.dims[step])
+        if dim == POSITION and _positions(x, self.conv) != self.position_labels.shape[1]:
+            raise TuneQDMError(
+                f"layer {name!r}: activations were calibrated at {self.position_labels.shape[1]} positions per "
+                f"sample, this input has {_positions(x, self.conv)}: calibrate at the resolution you sample at"
+            )
+        key = (step, bits, x.device, tuple(x.shape[1:]))
+        if key not in self._cache:
+            labels = (self.channel_labels if dim == CHANNEL else self.position_labels)[step].long()
+            scale, zero = uniform_params(self.lo[step], self.hi[step], bits)
+            shape = _vector_shape(x, self.conv, dim)
+            self._cache[key] = (scale[labels].reshape(shape).to(x.device), zero[labels].reshape(shape).to(x.device))
+        return self._cache[key]
+
+
+# ---- timestep -> step -------------------------------------------------------------------------------------------
+def _timestep_argument(model: nn.Module):
+    """A function (args, kwargs) -> the ``timestep`` argument of ``model.forward``, or None if it has none."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if "timestep" not in params:
+        return None
+    position = params.index("timestep")
+
+    def find(args, kwargs):
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        return args[position] if position < len(args) else None
+
+    return find
+
+
+def nearest_steps(t, timesteps: torch.Tensor) -> list[int]:
+    """Per-sample index of the calibrated timestep nearest to ``t`` (ties: the earlier step)."""
+    t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
+    return (t[:, None] - timesteps[None, :].double()).abs().argmin(dim=1).tolist()
+
+
+def select_layers(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> dict[str, nn.Module]:
+    """The Linear/Conv2d layers (float or tuneqdm-quantized) whose inputs are quantized, by name."""
+    from ..quant.layers import QuantizedLayer
+
+    return {
+        name: m for name, m in model.named_modules()
+        if name and isinstance(m, (nn.Linear, nn.Conv2d, QuantizedLayer))
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    }
+
+
+class ActivationQuantizer:
+    """Calibrated DGQ parameters of a model, and the hooks that apply them.
+
+    ``timesteps``: the calibrated timesteps (one parameter set each); ``layers``: :class:`LayerParams` by layer name.
+    ``install(model)`` attaches the pre-hooks and the attention processors; ``enabled = False`` runs the model in
+    full precision without removing anything; ``set_step(i)`` selects a step by hand for models without a
+    ``timestep`` argument.
+    """
+
+    def __init__(self, config: ActivationConfig, timesteps, layers: dict[str, LayerParams], info: dict | None = None):
+        self.config = config
+        self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1)
+        self.layers = layers
+        self.info = dict(info or {})
+        self.enabled = True
+        self.steps: list[int] | None = None
+        self._handles: list = []
+        self._model: nn.Module | None = None
+        self._processors = None
+
+    # -- routing
+    def set_step(self, step: int) -> None:
+        if not 0 <= step < len(self.timesteps):
+            raise TuneQDMError(f"step {step} does not exist: the activations have steps 0..{len(self.timesteps) - 1}")
+        self.steps = [step]
+
+    def route(self, t) -> list[int]:
+        self.steps = nearest_steps(t, self.timesteps)
+        return self.steps
+
+    # -- hooks
+    def install(self, model: nn.Module) -> ActivationQuantizer:
+        if self._model is not None:
+            raise TuneQDMError("these activation parameters are already installed on a model: remove() them first")
+        found = select_layers(model, self.config.exclude)
+        if set(found) != set(self.layers):
+            odd = sorted(set(found) ^ set(self.layers))
+            raise TuneQDMError(f"the activation parameters do not match this model's layers (e.g. {odd[:3]}): "
+                               "calibrate them on this model")
+        find = _timestep_argument(model)
+        if find is not None:
+            def route_hook(module, args, kwargs):
+                t = find(args, kwargs)
+                if t is not None:
+                    self.route(t)
+
+            self._handles.append(model.register_forward_pre_hook(route_hook, with_kwargs=True))
+        for name, module in found.items():
+            self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
+        if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
+            from .attention import QuantizedAttnProcessor
+
+            self._processors = dict(model.attn_processors)
+            model.set_attn_processor(QuantizedAttnProcessor(self.config.bits, self.config.attention, owner=self))
+        self._model = model
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._processors is not None and self._model is not None:
+            self._model.set_attn_processor(self._processors)
+        self._processors, self._model, self.steps = None, None, None
+
+    def _layer_hook(self, name: str, params: LayerParams):
+        bits = self.config.bits
+
+        def hook(module, args):
+            if not self.enabled or not args or not torch.is_tensor(args[0]):
+                return None
+            if self.steps is None:
+                raise TuneQDMError(f"layer {name!r} ran before any timestep was seen: call the model with its "
+                                   "timestep argument or set_step() first")
+            x = args[0]
+            steps = self.steps
+            if len(set(steps)) == 1:
+                scale, zero = params.vectors(steps[0], x, bits, name)
+                return (fake_quantize(x, scale, zero, bits), *args[1:])
+            if len(steps) != x.shape[0]:
+                raise TuneQDMError(f"layer {name!r} got a batch of {x.shape[0]} for {len(steps)} timesteps")
+            out = torch.empty_like(x)
+            index = torch.tensor(steps, device=x.device)
+            for s in sorted(set(steps)):
+                rows = torch.nonzero(index == s).flatten()
+                part = x.index_select(0, rows)
+                scale, zero = params.vectors(s, part, bits, name)
+                out[rows] = fake_quantize(part, scale, zero, bits)
+            return (out, *args[1:])
+
+        return hook
+
+    # -- summary
+    def dim_counts(self) -> dict[str, int]:
+        """How many (layer, step) pairs group channels and how many group positions."""
+        dims = torch.cat([p.dims.reshape(-1) for p in self.layers.values()]) if self.layers else torch.empty(0)
+        return {DIM_NAMES[d]: int((dims == d).sum()) for d in (CHANNEL, POSITION)}
+
+
+class ActivationObserver:
+    """Calibration hooks: per layer and per timestep, the running per-channel and per-position (min, max) of the
+    layer's input. ``fit(config)`` turns them into an :class:`ActivationQuantizer`."""
+
+    def __init__(self, model: nn.Module, exclude=DEFAULT_EXCLUDE):
+        self.layers = select_layers(model, exclude)
+        if not self.layers:
+            raise TuneQDMError("the model has no Linear or Conv2d layer whose activations could be quantized")
+        self.exclude = tuple(exclude)
+        self.stats: dict[float, dict[str, list[torch.Tensor]]] = {}
+        self.t: float | None = None
+        self._handles = []
+        find = _timestep_argument(model)
+        if find is not None:
+            def route_hook(module, args, kwargs):
+                t = find(args, kwargs)
+                if t is not None:
+                    values = torch.as_tensor(t).detach().reshape(-1).double().cpu().unique()
+                    if values.numel() != 1:
+                        raise TuneQDMError("calibration batches must share one timestep (as a sampler's are)")
+                    self.t = round(float(values[0]), 6)
+
+            self._handles.append(model.register_forward_pre_hook(route_hook, with_kwargs=True))
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, is_conv(module))))
+
+    def set_timestep(self, t: float) -> None:
+        """For models without a ``timestep`` argument: the timestep the next calls belong to."""
+        self.t = round(float(t), 6)
+
+    def _hook(self, name: str, conv: bool):
+        def hook(module, args):
+            if self.t is None:
+                raise TuneQDMError("calibration saw a layer before any timestep: call the model with its timestep")
+            new = input_ranges(args[0], conv)
+            at = self.stats.setdefault(self.t, {})
+            if name not in at:
+                at[name] = list(new)
+            else:
+                old = at[name]
+                if old[2].shape != new[2].shape:
+                    raise TuneQDMError(f"layer {name!r} saw inputs of different sizes during calibration: "
+                                       "calibrate at one resolution")
+                at[name] = [torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1]),
+                            torch.minimum(old[2], new[2]), torch.maximum(old[3], new[3])]
+            return None
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def fit(self, config: ActivationConfig, info: dict | None = None) -> ActivationQuantizer:
+        """DGQ grouping of every layer at every observed timestep (sorted from high t to low, as samplers go)."""
+        if not self.stats:
+            raise TuneQDMError("no calibration statistics: run the model on calibration inputs first")
+        timesteps = sorted(self.stats, reverse=True)
+        layers = {}
+        for name, module in self.layers.items():
+            missing = [t for t in timesteps if name not in self.stats[t]]
+            if missing:
+                raise TuneQDMError(f"layer {name!r} did not run at timestep {missing[0]} during calibration")
+            groupings = [fit_grouping(*self.stats[t][name], config.groups) for t in timesteps]
+            first = self.stats[timesteps[0]][name]
+            layers[name] = LayerParams.from_groupings(is_conv(module), groupings, first[0].numel(), first[2].numel())
+        return ActivationQuantizer(config, timesteps, layers, info)

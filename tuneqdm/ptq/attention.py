@@ -1,0 +1,104 @@
+"""Quantized attention probabilities, as a diffusers attention processor (``unet.set_attn_processor``).
+
+DGQ's observation: cross-attention gives the ``<start>`` token (key 0) a large share of every query's probability,
+so one range for all keys leaves the words' probabilities a handful of levels. DGQ therefore
+
+- keeps the ``<start>`` token's probability (key index 0 of cross-attention) in full precision;
+- quantizes every other probability with a log2 quantizer, ``p̂ = δ · 2^(−q)``, ``q = clamp(round(−log2(p / δ)),
+  0, 2^b − 1)``, whose scale δ is dynamic and prompt-specific: the maximum over the sample's non-``<start>``
+  probabilities (all heads and queries of that prompt), computed on the fly.
+
+Self-attention has no ``<start>`` key: all its probabilities use the log2 quantizer with the sample's maximum.
+The baseline (``mode="uniform"``) quantizes every probability uniformly on [0, 1] (scale ``1 / (2^b − 1)``, zero
+point 0). With ``bits=None`` (or the owning quantizer disabled) the processor computes exactly diffusers'
+``AttnProcessor``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import check_activation_bits
+
+MODES = ("log", "uniform")
+
+
+def log2_quantize(p: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """``δ · 2^(−clamp(round(−log2(p / δ)), 0, 2^b − 1))``; exact for ``p = δ · 2^(−k)``, k in [0, 2^b − 1];
+    zero probabilities go to the smallest level."""
+    delta = delta.float().clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(-torch.log2(p.float() / delta)).clamp(0, 2**bits - 1)
+    return (delta * torch.exp2(-q)).to(p.dtype)
+
+
+def uniform_quantize(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Uniform quantization of probabilities on [0, 1]: ``round(p · (2^b − 1)) / (2^b − 1)``."""
+    levels = 2**bits - 1
+    return (torch.round(p.float() * levels).clamp(0, levels) / levels).to(p.dtype)
+
+
+def quantize_probabilities(probs: torch.Tensor, bits: int, mode: str, batch_size: int, keep_start: bool):
+    """Quantize attention probabilities ``(batch·heads, queries, keys)`` (diffusers' ``head_to_batch_dim`` layout:
+    sample-major). ``keep_start``: key 0 stays in full precision and is left out of the log scale."""
+    if mode == "uniform":
+        return uniform_quantize(probs, bits)
+    per_sample = probs.reshape(batch_size, -1, probs.shape[-1])
+    rest = per_sample[..., 1:] if keep_start else per_sample
+    delta = rest.amax(dim=(1, 2), keepdim=True)  # one dynamic scale per prompt
+    quantized = log2_quantize(rest, delta, bits)
+    if keep_start:
+        quantized = torch.cat([per_sample[..., :1], quantized], dim=-1)
+    return quantized.reshape(probs.shape)
+
+
+class QuantizedAttnProcessor:
+    """diffusers' ``AttnProcessor`` computation with the attention probabilities quantized (see the module doc)."""
+
+    def __init__(self, bits: int | None = 8, mode: str = "log", owner=None):
+        if mode not in MODES:
+            from ..errors import TuneQDMError
+
+            raise TuneQDMError(f"attention quantization {mode!r} is unknown: choose log or uniform")
+        self.bits = None if bits is None else check_activation_bits(bits)
+        self.mode = mode
+        self.owner = owner  # an ActivationQuantizer whose ``enabled`` switches this processor too
+
+    @property
+    def active(self) -> bool:
+        return self.bits is not None and (self.owner is None or self.owner.enabled)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        cross = encoder_hidden_states is not None
+        batch_size, sequence_length, _ = (encoder_hidden_states if cross else hidden_states).shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if not cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        query = attn.head_to_batch_dim(query)
+
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        if self.active:
+            probs = quantize_probabilities(probs, self.bits, self.mode, batch_size, keep_start=cross)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
