@@ -14,8 +14,8 @@ Metrics on --images prompts (captions of toy-world seed 50,000,000, one image ea
 for every row):
 - Frechet distance between the CLIP-like toy evaluator's image features (128-d, normalised) of the generated
   images and of --reference procedural images of the same world seed (the prompts are the first captions of that
-  set). A private, small implementation (torch eigh for the matrix square root) until `tuneqdm evaluate --metric
-  fid` lands; with a few hundred generated images the absolute value is biased upwards, so compare rows only.
+  set), computed by ``tuneqdm.eval.fid.feature_distance`` (as ``tuneqdm evaluate --metric fid``); with a few
+  hundred generated images the absolute value is biased upwards, so compare rows only.
 - CLIP-like text score: mean cosine between each image and its prompt (toy evaluator).
 - Paired closeness to full precision (same prompt and seed): mean cosine of the CLIP-like image features
   (cos_to_fp) and pixel PSNR (psnr_to_fp); far less noisy than the distribution metrics at this sample size.
@@ -32,23 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tuneqdm.eval.fid import feature_distance
+
 ROOT = Path(__file__).resolve().parents[1]
 CALIB_SEED, EVAL_SEED = 40_000_000, 50_000_000
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to the rows of ``a`` and ``b`` (float64; sqrt via eigh)."""
-    a, b = a.double(), b.double()
-    mu = a.mean(0) - b.mean(0)
-    ca, cb = torch.cov(a.T), torch.cov(b.T)
-
-    def psd_sqrt(m):
-        w, v = torch.linalg.eigh((m + m.T) / 2)
-        return (v * w.clamp_min(0).sqrt()) @ v.T
-
-    ra = psd_sqrt(ca)
-    cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
-    return float(mu @ mu + torch.trace(ca) + torch.trace(cb) - 2 * cross)
 
 
 def sample(pipe, prompts, steps, guidance, batch):
@@ -212,7 +199,7 @@ def main():
             np.save(fp_file, pixels, allow_pickle=False)
         fp_pixels = np.load(fp_file, allow_pickle=False)
         fp_feats = clip.encode_images(list(fp_pixels))
-        row = {"fd": frechet_distance(feats, ref_feats), "clip_t": clip_t_score(clip, images, prompts),
+        row = {"fd": feature_distance(feats, ref_feats), "clip_t": clip_t_score(clip, images, prompts),
                "cos_to_fp": float((feats * fp_feats).sum(-1).mean()),
                "psnr_to_fp": float(10 * np.log10(255**2 / np.mean((pixels.astype(np.float64) - fp_pixels) ** 2)))
                if name != "fp" else None,
