@@ -84,13 +84,7 @@ class _ScaledOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, s_in, s_out, bias, layer):
         dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            ys = [layer._op(x, layer._scaled_weight(s_out, s_in, dtype, rows=r), None if b is None else b[r])
-                  for r in layer.row_blocks()]
-            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=layer.channel_dim)
-            del ys
+        x, y = layer._blockwise_op(x, bias, dtype, lambda i, r: layer._scaled_weight(s_out, s_in, dtype, rows=r))
         need_x, need_s_in, need_s_out, _ = ctx.needs_input_grad[:4]
         ctx.layer, ctx.dtype, ctx.x_shape = layer, dtype, x.shape
         ctx.save_for_backward(
@@ -291,11 +285,16 @@ class QuantizedLayer(nn.Module):
             self._scaled_weight(s_out, s_in, dtype, into=None, rows=r) for r in self.row_blocks()])
         if blocks is None:
             return None
+        return self._blockwise_op(x, self.bias, dtype, lambda i, r: blocks[i])[1]
+
+    def _blockwise_op(self, x, bias, dtype, weight):
+        """``(x in dtype, op(x, W) + b)`` computed per block of output channels, ``weight(i, rows)`` giving block i's
+        weight (rebuilt into scratch, or cached)."""
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            b = None if self.bias is None else self.bias.to(dtype)
-            ys = [self._op(x, w, None if b is None else b[r]) for w, r in zip(blocks, self.row_blocks())]
-            return ys[0] if len(ys) == 1 else torch.cat(ys, dim=self.channel_dim)
+            b = None if bias is None else bias.to(dtype)
+            ys = [self._op(x, weight(i, r), None if b is None else b[r]) for i, r in enumerate(self.row_blocks())]
+            return x, (ys[0] if len(ys) == 1 else torch.cat(ys, dim=self.channel_dim))
 
     # ---- per-op hooks (shapes and the op itself) -------------------------------------------------------------
     def _prepare_input(self, x):
