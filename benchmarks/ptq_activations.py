@@ -5,8 +5,9 @@ full precision.
 
 Rows: full precision; per weight setting (W8, W4: tuneqdm.quantize_ with MSE-clipped per-channel round-to-nearest,
 PEQA scales at their initial values; a `tuneqdm quantize` base can be passed with --w8_base/--w4_base) the
-weight-only model, then per activation setting (A8, A6): DGQ (K groups, log2 attention with the <start> token
-kept) and the layer-wise min-max baseline (K = 1, uniform attention). Both come from the same calibration pass:
+weight-only model, then per activation setting (A8, A6): DGQ (K groups, log attention over 16 octaves with the
+<start> token kept), DGQ with the published log2 attention (one level per octave), and the layer-wise min-max
+baseline (K = 1, uniform attention). All three come from the same calibration pass:
 --calib prompts from toy-world seed 40,000,000, 25 DDIM steps, guidance 7.5; groups and ranges do not depend on
 the bit width, so one pass serves A8 and A6.
 
@@ -36,6 +37,10 @@ from tuneqdm.eval.fid import feature_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB_SEED, EVAL_SEED = 40_000_000, 50_000_000
+# row suffix -> (DGQ groups or 1, attention mode), and how the table names it
+METHODS = {"dgq": (None, "log"), "dgq-log2": (None, "log2"), "baseline": (1, "uniform")}
+METHOD_NAMES = {"dgq": "DGQ K={groups}, log attention (16 octaves)", "dgq-log2": "DGQ K={groups}, log2 attention",
+                "baseline": "layer-wise min-max K=1, uniform attention"}
 
 
 def sample(pipe, prompts, steps, guidance, batch):
@@ -54,6 +59,9 @@ def table(results: dict) -> str:
     """Markdown table of the rows: fp, then per weight setting the weight-only row and DGQ / baseline per A bits."""
     rows = results["rows"]
     fp = rows.get("fp")
+    order = ["fp"] + [f"W{w}{suffix}" for w in (8, 4) for suffix in
+                      [""] + [f"A{a}-{m}" for a in (8, 6) for m in METHODS]]
+    rows = {name: rows[name] for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order))}
     lines = ["| setting | method | Frechet distance (lower better) | CLIP-T | cos to fp | PSNR to fp (dB) | s/image |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -62,9 +70,8 @@ def table(results: dict) -> str:
         elif "-" not in name:
             setting, method = f"{name}A32", "weights only"
         else:
-            setting, kind = name.split("-")
-            method = (f"DGQ K={r['groups']}, log2 attention" if kind == "dgq"
-                      else "layer-wise min-max K=1, uniform attention")
+            setting, kind = name.split("-", 1)
+            method = METHOD_NAMES[kind].format(groups=r["groups"])
         rel = ""
         if fp and name != "fp":
             rel = f" ({100 * (r['fd'] / fp['fd'] - 1):+.0f} %)"
@@ -113,7 +120,7 @@ def ablation(args) -> dict:
     out = {}
     for bits in [int(a) for a in args.acts.split(",")]:
         for groups in (1, args.groups):
-            for attention in ("none", "uniform", "log"):
+            for attention in ("none", "uniform", "log2", "log"):
                 q = observer.fit(ActivationConfig(bits=bits, groups=groups, attention=attention)).install(pipe.unet)
                 try:
                     pred = predictions()
@@ -231,7 +238,7 @@ def main():
         weights = given or f"W{wbits} mse round-to-nearest (tuneqdm.quantize_)"
         record(f"W{wbits}", pipe, {"weights": weights, "activations": None})
         abits = [int(a) for a in args.acts.split(",")]
-        todo = [f"W{wbits}A{a}-{m}" for a in abits for m in ("dgq", "baseline")]
+        todo = [f"W{wbits}A{a}-{m}" for a in abits for m in METHODS]
         if all(n in results["rows"] for n in todo):
             continue
         start = time.perf_counter()
@@ -249,7 +256,10 @@ def main():
             observer.remove()
         calib_seconds = time.perf_counter() - start
         for a in abits:
-            for method, groups, attention in (("dgq", args.groups, "log"), ("baseline", 1, "uniform")):
+            for method, (groups, attention) in METHODS.items():
+                groups = groups or args.groups
+                if f"W{wbits}A{a}-{method}" in results["rows"]:
+                    continue
                 q = observer.fit(ActivationConfig(bits=a, groups=groups, attention=attention))
                 q.install(pipe.unet)
                 try:

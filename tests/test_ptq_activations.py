@@ -15,7 +15,7 @@ from tuneqdm.ptq.activation_calibration import (calibrate_activations, folder_na
                                                 save_activations)
 from tuneqdm.ptq.activations import (CHANNEL, POSITION, ActivationConfig, ActivationObserver, ActivationQuantizer,
                                      LayerParams, fake_quantize, fit_grouping, input_ranges, kmeans, uniform_params)
-from tuneqdm.ptq.attention import QuantizedAttnProcessor, log2_quantize, quantize_probabilities
+from tuneqdm.ptq.attention import LOG_OCTAVES, QuantizedAttnProcessor, log_quantize, quantize_probabilities
 from tuneqdm.sampling import generate, pipeline_from
 
 from tiny_models import tiny_unet
@@ -83,10 +83,30 @@ def test_quantize_dequantize_error_is_at_most_half_a_step_inside_the_range(bits)
 def test_log2_quantizer_is_exact_on_powers_of_two():
     delta = torch.tensor(0.5)
     p = delta * torch.exp2(-torch.arange(0, 64, dtype=torch.float32))
-    assert torch.equal(log2_quantize(p, delta, 6), p)
-    assert torch.equal(log2_quantize(torch.tensor([0.0]), delta, 6), delta * torch.exp2(torch.tensor([-63.0])))
+    assert torch.equal(log_quantize(p, delta, 6, octaves=None), p)
+    assert torch.equal(log_quantize(torch.tensor([0.0, 0.5 * 2**-64]), delta, 6, octaves=None), torch.zeros(2))
     # between two levels: the nearer one in the log domain
-    assert float(log2_quantize(torch.tensor(0.5 * 2**-2.4), delta, 8)) == 0.5 * 2**-2
+    assert float(log_quantize(torch.tensor(0.5 * 2**-2.4), delta, 8, octaves=None)) == 0.5 * 2**-2
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_log_quantizer_spreads_its_levels_over_16_octaves(bits):
+    delta, levels = torch.tensor(0.25), 2**bits - 1
+    step = LOG_OCTAVES / levels
+    codes = torch.arange(0, levels + 1, dtype=torch.float32)
+    on_levels = delta * torch.exp2(-codes * step)
+    assert torch.allclose(log_quantize(on_levels, delta, bits), on_levels, rtol=1e-6, atol=0)
+    # inside the range the relative error is at most half a level: 2^(step / 2) - 1 (4.4 % at 8 bits, 9.2 % at 6)
+    p = delta * torch.exp2(-torch.linspace(0, LOG_OCTAVES, 10_001))
+    rel = (log_quantize(p, delta, bits) / p - 1).abs()
+    assert float(rel.max()) <= 2 ** (step / 2) - 1 + 1e-6
+    assert float(rel.max()) > 2 ** (step / 2) - 1 - 1e-3  # and that bound is reached
+    log2_rel = (log_quantize(p, delta, bits, octaves=None) / p - 1).abs()
+    assert float(log2_rel.max()) > 0.4  # one level per octave: up to sqrt(2) - 1
+    # half a level below the last one, probabilities flush to 0
+    tiny = delta * torch.exp2(torch.tensor([-LOG_OCTAVES - 0.51 * step, -LOG_OCTAVES - 0.49 * step]))
+    out = log_quantize(tiny, delta, bits)
+    assert float(out[0]) == 0.0 and float(out[1]) == float(on_levels[-1])
 
 
 def test_start_token_untouched_and_left_out_of_the_scale():
@@ -94,14 +114,17 @@ def test_start_token_untouched_and_left_out_of_the_scale():
     batch, heads, queries, keys = 2, 3, 5, 7
     probs = torch.softmax(torch.randn(batch * heads, queries, keys, generator=g) * 3, dim=-1)
     probs[:, :, 0] += 5  # a dominant <start> token (not normalised: only its handling matters here)
-    out = quantize_probabilities(probs, 8, "log", batch, keep_start=True)
-    assert torch.equal(out[..., 0], probs[..., 0])
-    for b in range(batch):  # the largest non-start probability of each prompt is its scale: kept exactly
-        rows = slice(b * heads, (b + 1) * heads)
-        rest = probs[rows, :, 1:]
-        i = torch.argmax(rest)
-        assert out[rows, :, 1:].reshape(-1)[i] == rest.reshape(-1)[i]
-    assert not torch.equal(out, probs)
+    for mode in ("log", "log2"):
+        out = quantize_probabilities(probs, 8, mode, batch, keep_start=True)
+        assert torch.equal(out[..., 0], probs[..., 0])
+        for b in range(batch):  # the largest non-start probability of each prompt is its scale: kept exactly
+            rows = slice(b * heads, (b + 1) * heads)
+            rest = probs[rows, :, 1:]
+            i = torch.argmax(rest)
+            assert out[rows, :, 1:].reshape(-1)[i] == rest.reshape(-1)[i]
+        assert not torch.equal(out, probs)
+    assert not torch.equal(quantize_probabilities(probs, 8, "log", batch, True),
+                           quantize_probabilities(probs, 8, "log2", batch, True))
     uniform = quantize_probabilities(probs.clamp(0, 1), 6, "uniform", batch, keep_start=False)
     assert torch.equal(uniform * 63, torch.round(uniform * 63))
 
@@ -244,6 +267,9 @@ def test_error_messages(tmp_path):
     with pytest.raises(TuneQDMError) as e:
         ActivationConfig(groups=4)
     assert str(e.value) == "--groups 4 is not supported: choose 1, 2, 8 or 16"
+    with pytest.raises(TuneQDMError) as e:
+        ActivationConfig(attention="log10")
+    assert str(e.value) == "attention quantization 'log10' is unknown: choose log, log2, uniform or none"
     with pytest.raises(TuneQDMError) as e:
         read_prompts(tmp_path / "none.txt")
     assert str(e.value) == (f"calibration prompts file {tmp_path / 'none.txt'} does not exist: pass a text file "

@@ -175,9 +175,10 @@ def _add_activation_flags(parser, calibrate_only: bool) -> None:
     else:
         a("--activation_bits", type=int, default=None,
           help="quantize activations to 6 or 8 bits (DGQ; default: full-precision activations)")
-        a("--attention_quant", choices=("log", "uniform", "none"), default="log",
-          help="attention probabilities: log (DGQ, dynamic prompt-specific scale, <start> kept), uniform "
-               "(baseline) or none (default log)")
+        a("--attention_quant", choices=("log", "log2", "uniform", "none"), default="log",
+          help="attention probabilities: log (DGQ's dynamic prompt-specific scale, <start> kept, levels over 16 "
+               "octaves), log2 (the same with one level per octave, as published), uniform (baseline) or none "
+               "(default log)")
         a("--activations", default=None,
           help="a folder of `tuneqdm quantize-activations` (default: QUANTIZED_BASE/activations-aB-kK if it "
                "exists, else calibrated now)")

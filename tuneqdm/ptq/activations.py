@@ -37,7 +37,7 @@ from ..errors import TuneQDMError
 
 ACTIVATION_BITS = (6, 8)
 GROUP_CHOICES = (1, 2, 8, 16)
-ATTENTION_MODES = ("log", "uniform", "none")
+ATTENTION_MODES = ("log", "log2", "uniform", "none")
 CHANNEL, POSITION = 0, 1
 DIM_NAMES = ("channel", "position")
 DEFAULT_EXCLUDE = ("conv_in", "conv_out")
@@ -61,14 +61,17 @@ class ActivationConfig:
 
     bits: int = 8
     groups: int = 16
-    attention: str = "log"  # attention probabilities: "log" (DGQ), "uniform" (baseline) or "none" (full precision)
+    # attention probabilities: "log" (DGQ, 16 octaves), "log2" (DGQ as published, one level per octave),
+    # "uniform" (baseline) or "none" (full precision); see tuneqdm.ptq.attention
+    attention: str = "log"
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns of layers kept in full precision
 
     def __post_init__(self):
         self.bits = check_activation_bits(self.bits)
         self.groups = check_groups(self.groups)
         if self.attention not in ATTENTION_MODES:
-            raise TuneQDMError(f"attention quantization {self.attention!r} is unknown: choose log, uniform or none")
+            raise TuneQDMError(f"attention quantization {self.attention!r} is unknown: "
+                               "choose log, log2, uniform or none")
         self.exclude = tuple(self.exclude)
 
 
