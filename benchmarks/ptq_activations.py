@@ -134,6 +134,34 @@ def ablation(args) -> dict:
     return out
 
 
+def paired(out: Path, ref_feats: torch.Tensor, resamples: int = 1000) -> dict:
+    """DGQ minus baseline per setting, paired over the same prompts and seeds (rows that saved per-image arrays):
+    CLIP-T difference with its standard error, and the Frechet distance difference with a bootstrap standard error
+    (the generated images resampled jointly for both rows, seed 0; the reference set fixed)."""
+    stats = {}
+    rng = np.random.default_rng(0)
+    for dgq in sorted(out.glob("*-dgq.clip_t.npy")):
+        setting = dgq.name.split("-")[0]
+        base = out / f"{setting}-baseline.clip_t.npy"
+        if not base.is_file():
+            continue
+        d = np.load(dgq).astype(np.float64) - np.load(base).astype(np.float64)
+        fa, fb = (torch.from_numpy(np.load(out / f"{setting}-{m}.feats.npy")) for m in ("dgq", "baseline"))
+        boot = []
+        for _ in range(resamples):
+            idx = torch.from_numpy(rng.integers(0, len(d), len(d)))
+            boot.append(feature_distance(fa[idx], ref_feats) - feature_distance(fb[idx], ref_feats))
+        stats[setting] = {"images": len(d), "clip_t_diff": float(d.mean()),
+                          "clip_t_diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
+                          "clip_t_dgq_higher_fraction": float((d > 0).mean()),
+                          "fd_diff": feature_distance(fa, ref_feats) - feature_distance(fb, ref_feats),
+                          "fd_diff_bootstrap_se": float(np.std(boot, ddof=1)), "bootstrap_resamples": resamples}
+        r = stats[setting]
+        print(f"{setting} DGQ - baseline: CLIP-T {r['clip_t_diff']:+.5f} ± {r['clip_t_diff_se']:.5f} (SE), "
+              f"FD {r['fd_diff']:+.5f} ± {r['fd_diff_bootstrap_se']:.5f} (bootstrap SE)", flush=True)
+    return stats
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=128, help="generated images per row (default 128)")
@@ -153,6 +181,8 @@ def main():
     ap.add_argument("--ablation", action="store_true",
                     help="only the one-step noise-prediction SQNR of K x attention settings (added to --out's JSON)")
     ap.add_argument("--ablation_wbits", type=int, default=8)
+    ap.add_argument("--paired", action="store_true",
+                    help="only the paired DGQ - baseline differences of --out's rows (added to its JSON)")
     args = ap.parse_args()
     if args.ablation:
         torch.set_num_threads(args.threads)
@@ -161,6 +191,18 @@ def main():
         results["ablation_sqnr_db"] = ablation(args)
         results["ablation_settings"] = {"wbits": args.ablation_wbits, "prompts": 8, "steps": args.steps,
                                         "calib": args.calib, "groups": args.groups}
+        path.write_text(json.dumps(results, indent=1))
+        return
+    if args.paired:  # the reference features exactly as the rows used them
+        from tuneqdm.toy.evaluators import load_toy_clip
+        from tuneqdm.toy.world import make_dataset
+
+        torch.set_num_threads(args.threads)
+        path = Path(args.out) / "ptq_activations.json"
+        results = json.loads(path.read_text())
+        n_ref, n_img = results["settings"]["reference"], results["settings"]["images"]
+        ref_images = make_dataset(EVAL_SEED, max(n_ref, n_img))[0][:n_ref]
+        results["paired"] = paired(Path(args.out), load_toy_clip().encode_images(list(ref_images)))
         path.write_text(json.dumps(results, indent=1))
         return
     if args.table:
@@ -185,12 +227,13 @@ def main():
                                                           "w4_base", "threads")}
     results["settings"].update(calibration_prompts=f"toy world seed {CALIB_SEED}",
                                evaluation_prompts=f"toy world seed {EVAL_SEED}", cpu_count=os.cpu_count(),
-                               note="run under nice -n 19 on a shared 2-core CPU: times are upper bounds")
+                               note="2-core CPU, sometimes shared with other jobs: times are upper bounds")
 
     clip = load_toy_clip()
     ref_images, captions, _ = make_dataset(EVAL_SEED, max(args.reference, args.images))
     ref_feats = clip.encode_images(list(ref_images[:args.reference]))
     prompts = captions[:args.images]
+    text_feats = clip.encode_texts(prompts)
 
     def record(name, pipe, extra):
         if name in results["rows"]:
@@ -200,6 +243,8 @@ def main():
         images = sample(pipe, prompts, args.steps, args.guidance, args.batch)
         seconds = time.perf_counter() - start
         feats = clip.encode_images(images)
+        np.save(out / f"{name}.feats.npy", feats.numpy(), allow_pickle=False)  # for the paired statistics
+        np.save(out / f"{name}.clip_t.npy", (feats * text_feats).sum(-1).numpy(), allow_pickle=False)
         pixels = np.stack([np.asarray(im) for im in images])
         fp_file = out / "fp_pixels.npy"
         if name == "fp":
@@ -268,6 +313,8 @@ def main():
                         "calibration_seconds": round(calib_seconds, 1), "dims": q.dim_counts()})
                 finally:
                     q.remove()
+    results["paired"] = paired(out, ref_feats)
+    results_path.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"results: {results_path}")
 
