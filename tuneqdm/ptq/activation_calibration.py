@@ -24,21 +24,14 @@ from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
 from .activations import ACTIVATION_BITS, ActivationConfig, ActivationObserver, ActivationQuantizer, LayerParams
+from .calibration import CALIBRATION_SEED, toy_calibration_prompts
 
 FORMAT_VERSION = 1
 CONFIG_FILE, TENSORS_FILE = "activations.json", "activations.safetensors"
-CALIBRATION_SEED = 40_000_000
 
 
 def folder_name(bits: int, groups: int) -> str:
     return f"activations-a{bits}-k{groups}"
-
-
-def toy_calibration_prompts(n: int, seed: int = CALIBRATION_SEED) -> list[str]:
-    """``n`` captions of toy-world scenes (seed convention: PTQ calibration uses [40M, 50M))."""
-    from ..toy.world import make_dataset
-
-    return make_dataset(seed, n)[1]
 
 
 def read_prompts(path) -> list[str]:

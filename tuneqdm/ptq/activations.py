@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..tuning.routing import _find_argument
 
 ACTIVATION_BITS = (6, 8)
 GROUP_CHOICES = (1, 2, 8, 16)
@@ -221,22 +222,22 @@ class LayerParams:
 
 
 # ---- timestep -> step -------------------------------------------------------------------------------------------
-def _timestep_argument(model: nn.Module):
-    """A function (args, kwargs) -> the ``timestep`` argument of ``model.forward``, or None if it has none."""
+def on_timestep(model: nn.Module, callback):
+    """A forward pre-hook on ``model`` calling ``callback(timestep)`` whenever it is called with its ``timestep``
+    argument; its handle, or None if ``model.forward`` has no such argument."""
     try:
-        params = list(inspect.signature(model.forward).parameters)
+        signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
-    if "timestep" not in params:
+    if "timestep" not in signature.parameters:
         return None
-    position = params.index("timestep")
 
-    def find(args, kwargs):
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        return args[position] if position < len(args) else None
+    def hook(module, args, kwargs):
+        t = _find_argument(signature, ["timestep"], args, kwargs)
+        if t is not None:
+            callback(t)
 
-    return find
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def nearest_steps(t, timesteps: torch.Tensor) -> list[int]:
@@ -295,14 +296,8 @@ class ActivationQuantizer:
             odd = sorted(set(found) ^ set(self.layers))
             raise TuneQDMError(f"the activation parameters do not match this model's layers (e.g. {odd[:3]}): "
                                "calibrate them on this model")
-        find = _timestep_argument(model)
-        if find is not None:
-            def route_hook(module, args, kwargs):
-                t = find(args, kwargs)
-                if t is not None:
-                    self.route(t)
-
-            self._handles.append(model.register_forward_pre_hook(route_hook, with_kwargs=True))
+        handle = on_timestep(model, self.route)
+        self._handles += [handle] if handle is not None else []
         for name, module in found.items():
             self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
         if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
@@ -367,19 +362,16 @@ class ActivationObserver:
         self.stats: dict[float, dict[str, list[torch.Tensor]]] = {}
         self.t: float | None = None
         self._handles = []
-        find = _timestep_argument(model)
-        if find is not None:
-            def route_hook(module, args, kwargs):
-                t = find(args, kwargs)
-                if t is not None:
-                    values = torch.as_tensor(t).detach().reshape(-1).double().cpu().unique()
-                    if values.numel() != 1:
-                        raise TuneQDMError("calibration batches must share one timestep (as a sampler's are)")
-                    self.t = round(float(values[0]), 6)
-
-            self._handles.append(model.register_forward_pre_hook(route_hook, with_kwargs=True))
+        handle = on_timestep(model, self._see_timestep)
+        self._handles += [handle] if handle is not None else []
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name, is_conv(module))))
+
+    def _see_timestep(self, t) -> None:
+        values = torch.as_tensor(t).detach().reshape(-1).double().cpu().unique()
+        if values.numel() != 1:
+            raise TuneQDMError("calibration batches must share one timestep (as a sampler's are)")
+        self.t = round(float(values[0]), 6)
 
     def set_timestep(self, t: float) -> None:
         """For models without a ``timestep`` argument: the timestep the next calls belong to."""

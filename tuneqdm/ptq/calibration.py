@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import TuneQDMError
+from ..tuning.routing import _find_argument
 
 CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration prompts ([50M, 60M): PTQ evaluation)
 
@@ -87,13 +88,6 @@ def recorded_steps(num_inference_steps: int, steps: int) -> list[int]:
     return sorted({round(i * (num_inference_steps - 1) / (steps - 1)) for i in range(steps)})
 
 
-def _argument(signature, name, args, kwargs):
-    if name in kwargs:
-        return kwargs[name]
-    params = list(signature.parameters)
-    return args[params.index(name)] if name in params and params.index(name) < len(args) else None
-
-
 @torch.no_grad()
 def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int, num_inference_steps: int = 25,
                             steps: int | None = None, guidance_scale: float = 7.5, seed: int = 0,
@@ -122,9 +116,9 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
         state["step"] += 1
         if step not in keep:
             return None
-        sample = _argument(signature, "sample", args, kwargs)
-        t = torch.as_tensor(_argument(signature, "timestep", args, kwargs)).reshape(-1).float()
-        emb = _argument(signature, "encoder_hidden_states", args, kwargs)
+        sample = _find_argument(signature, ["sample"], args, kwargs)
+        t = torch.as_tensor(_find_argument(signature, ["timestep"], args, kwargs)).reshape(-1).float()
+        emb = _find_argument(signature, ["encoder_hidden_states"], args, kwargs)
         n = sample.shape[0]
         rows["latents"].append(sample.detach().float().cpu())
         rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
@@ -132,7 +126,7 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
         rows["steps"].append(torch.full((n,), step, dtype=torch.long))
         half = n // 2 if getattr(pipe, "do_classifier_free_guidance", guidance_scale > 1) else 0
         rows["uncond"].append(torch.arange(n) < half)
-        for k, v in (_argument(signature, "added_cond_kwargs", args, kwargs) or {}).items():
+        for k, v in (_find_argument(signature, ["added_cond_kwargs"], args, kwargs) or {}).items():
             added.setdefault(k, []).append(v.detach().float().cpu())
         return None
 

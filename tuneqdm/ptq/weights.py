@@ -41,6 +41,7 @@ from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
 from ..tuning.model import _select, _set_submodule, attach
+from ..tuning.routing import _find_argument
 from .calibration import CalibrationSet
 
 CALIBRATIONS = ("minmax", "mse", "adaround")
@@ -118,10 +119,6 @@ class WeightCalibrationConfig:
 
 
 # ---- shortcut splits and block order -----------------------------------------------------------------------------
-def _call_arguments(module: nn.Module, args, kwargs) -> dict:
-    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-
-
 @torch.no_grad()
 def trace_unet(unet: nn.Module, calib: CalibrationSet) -> tuple[dict[str, int], list[str]]:
     """One forward on one calibration row: the shortcut splits ``{conv name: hidden channels}`` of the up blocks'
@@ -130,7 +127,7 @@ def trace_unet(unet: nn.Module, calib: CalibrationSet) -> tuple[dict[str, int], 
 
     def up_block_hook(name):
         def hook(module, args, kwargs):
-            skips = _call_arguments(module, args, kwargs).get("res_hidden_states_tuple")
+            skips = _find_argument(inspect.signature(module.forward), ["res_hidden_states_tuple"], args, kwargs)
             if skips is None:
                 return
             for i, resnet in enumerate(module.resnets):
