@@ -300,9 +300,6 @@ def reconstruct_block(block: nn.Module, grids: dict[str, _LayerGrid], inputs, ta
     matches ``target``; returns the reconstruction error (mean squared, per element) before and after."""
     args, kwargs = inputs
     n = target.shape[0]
-    params = [s.start_rounding() for g in grids.values() for s in g.slices]
-    opt = torch.optim.Adam(params, lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)
 
     def run(index, hard=False):
         weights = {(f"{name}.weight" if name else "weight"): g.weight(hard) for name, g in grids.items()}
@@ -310,11 +307,15 @@ def reconstruct_block(block: nn.Module, grids: dict[str, _LayerGrid], inputs, ta
 
     probe = _probe_rows(n)
 
-    def error(hard):
+    def error():
+        """Error of the exact integers on the probe rows: round to nearest until the rounding is learned."""
         with torch.no_grad():
-            return float((run(probe, hard) - target[probe]).pow(2).mean())
+            return float((run(probe, hard=True) - target[probe]).pow(2).mean())
 
-    rtn = _round_to_nearest_error(block, grids, args, kwargs, target, n)
+    rtn = error()
+    params = [s.start_rounding() for g in grids.values() for s in g.slices]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
     for it in range(config.iters):
         index = torch.randint(n, (min(config.batch_size, n),), generator=gen)
         rec = (run(index) - target[index]).pow(2).flatten(1).sum(1).mean()
@@ -325,21 +326,12 @@ def reconstruct_block(block: nn.Module, grids: dict[str, _LayerGrid], inputs, ta
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {"round_to_nearest": rtn, "adaround": error(True)}
+    return {"round_to_nearest": rtn, "adaround": error()}
 
 
 def _probe_rows(n: int, most: int = 256) -> torch.Tensor:
     """Up to ``most`` rows spread evenly over the set (rows are ordered by sampling step)."""
     return torch.linspace(0, n - 1, min(n, most)).round().long()
-
-
-def _round_to_nearest_error(block, grids, args, kwargs, target, n) -> float:
-    with torch.no_grad():
-        index = _probe_rows(n)
-        weights = {(f"{name}.weight" if name else "weight"): torch.cat(
-            [s.init.dequantize() for s in g.slices], dim=1) for name, g in grids.items()}
-        out = _first_tensor(functional_call(block, weights, _take(args, index, n), _take(kwargs, index, n)))
-        return float((out - target[index]).pow(2).mean())
 
 
 # ---- the whole model ----------------------------------------------------------------------------------------------
