@@ -43,18 +43,6 @@ METHOD_NAMES = {"dgq": "DGQ K={groups}, log attention (16 octaves)", "dgq-log2":
                 "baseline": "layer-wise min-max K=1, uniform attention"}
 
 
-def sample(pipe, prompts, steps, guidance, batch):
-    from tuneqdm.sampling import generator
-
-    images = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        with torch.no_grad():
-            images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=[generator(EVAL_SEED + i + j) for j in range(len(chunk))]).images
-    return images
-
-
 def table(results: dict) -> str:
     """Markdown table of the rows: fp, then per weight setting the weight-only row and DGQ / baseline per A bits."""
     rows = results["rows"]
@@ -87,22 +75,17 @@ def ablation(args) -> dict:
     with each activation setting, and ``SQNR = 10 log10(|eps|^2 / |eps_q - eps|^2)`` is summed over all steps and
     prompts. Separates the groups (K) from the attention quantizer."""
     import tuneqdm
-    from tuneqdm.ptq.activations import ActivationConfig, ActivationObserver
-    from tuneqdm.ptq.activation_calibration import toy_calibration_prompts
+    from tuneqdm.ptq.activation_calibration import observe_activations
+    from tuneqdm.ptq.activations import ActivationConfig
+    from tuneqdm.ptq.calibration import toy_calibration_prompts
     from tuneqdm.sampling import generator, pipeline_from, set_scheduler
     from tuneqdm.toy.world import make_dataset
 
     pipe = pipeline_from(None)
     tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=args.ablation_wbits, method="peqa", experts=1, init="mse"))
     set_scheduler(pipe, "ddim")
-    observer = ActivationObserver(pipe.unet)
-    calib = toy_calibration_prompts(args.calib, CALIB_SEED)
-    with torch.no_grad():
-        for i in range(0, len(calib), args.batch):
-            chunk = calib[i:i + args.batch]
-            pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
-                 generator=[generator(CALIB_SEED + i + j) for j in range(len(chunk))])
-    observer.remove()
+    observer = observe_activations(pipe, toy_calibration_prompts(args.calib, CALIB_SEED), args.steps, args.guidance,
+                                   CALIB_SEED, args.batch)
     calls = []
     handle = pipe.unet.register_forward_pre_hook(
         lambda m, a, kw: calls.append((a[0].clone(), a[1], kw["encoder_hidden_states"].clone())), with_kwargs=True)
@@ -211,9 +194,11 @@ def main():
     torch.set_num_threads(args.threads)
 
     import tuneqdm
-    from tuneqdm.eval.encoders import clip_t_score
-    from tuneqdm.ptq.activations import ActivationConfig, ActivationObserver
-    from tuneqdm.ptq.activation_calibration import toy_calibration_prompts
+    from tuneqdm.eval.evaluate import grid
+    from tuneqdm.eval.fid import sample_captions
+    from tuneqdm.ptq.activation_calibration import observe_activations
+    from tuneqdm.ptq.activations import ActivationConfig
+    from tuneqdm.ptq.calibration import toy_calibration_prompts
     from tuneqdm.sampling import pipeline_from, set_scheduler
     from tuneqdm.toy.evaluators import load_toy_clip
     from tuneqdm.toy.world import make_dataset
@@ -234,26 +219,28 @@ def main():
     ref_feats = clip.encode_images(list(ref_images[:args.reference]))
     prompts = captions[:args.images]
     text_feats = clip.encode_texts(prompts)
+    fp_file, fp = out / "fp_pixels.npy", {}  # the fp row's pixels and features, loaded once
 
     def record(name, pipe, extra):
         if name in results["rows"]:
             print(f"{name}: done earlier", flush=True)
             return
         start = time.perf_counter()
-        images = sample(pipe, prompts, args.steps, args.guidance, args.batch)
+        images = sample_captions(pipe, prompts, args.steps, args.guidance, seed=EVAL_SEED, batch_size=args.batch)
         seconds = time.perf_counter() - start
         feats = clip.encode_images(images)
+        clip_t = (feats * text_feats).sum(-1)
         np.save(out / f"{name}.feats.npy", feats.numpy(), allow_pickle=False)  # for the paired statistics
-        np.save(out / f"{name}.clip_t.npy", (feats * text_feats).sum(-1).numpy(), allow_pickle=False)
+        np.save(out / f"{name}.clip_t.npy", clip_t.numpy(), allow_pickle=False)
         pixels = np.stack([np.asarray(im) for im in images])
-        fp_file = out / "fp_pixels.npy"
         if name == "fp":
             np.save(fp_file, pixels, allow_pickle=False)
-        fp_pixels = np.load(fp_file, allow_pickle=False)
-        fp_feats = clip.encode_images(list(fp_pixels))
-        row = {"fd": feature_distance(feats, ref_feats), "clip_t": clip_t_score(clip, images, prompts),
-               "cos_to_fp": float((feats * fp_feats).sum(-1).mean()),
-               "psnr_to_fp": float(10 * np.log10(255**2 / np.mean((pixels.astype(np.float64) - fp_pixels) ** 2)))
+        if not fp:
+            fp["pixels"] = np.load(fp_file, allow_pickle=False)
+            fp["feats"] = clip.encode_images(list(fp["pixels"]))
+        row = {"fd": feature_distance(feats, ref_feats), "clip_t": float(clip_t.mean()),
+               "cos_to_fp": float((feats * fp["feats"]).sum(-1).mean()),
+               "psnr_to_fp": float(10 * np.log10(255**2 / np.mean((pixels.astype(np.float64) - fp["pixels"]) ** 2)))
                if name != "fp" else None,
                "seconds_per_image": seconds / len(images), **extra}
         results["rows"][name] = row
@@ -262,11 +249,7 @@ def main():
         os.replace(tmp, results_path)
         print(f"{name}: FD {row['fd']:.4f}  CLIP-T {row['clip_t']:.4f}  cos-fp {row['cos_to_fp']:.4f}  "
               f"PSNR-fp {row['psnr_to_fp']}  {row['seconds_per_image']:.2f} s/image", flush=True)
-        grid = np.concatenate([np.concatenate([np.asarray(im) for im in images[r * 8:(r + 1) * 8]], 1)
-                               for r in range(min(2, len(images) // 8))], 0)
-        from PIL import Image
-
-        Image.fromarray(grid).save(out / f"{name}.png")
+        grid([images[r * 8:(r + 1) * 8] for r in range(min(2, len(images) // 8))]).save(out / f"{name}.png")
 
     pipe = pipeline_from(None)
     set_scheduler(pipe, "ddim")
@@ -287,18 +270,8 @@ def main():
         if all(n in results["rows"] for n in todo):
             continue
         start = time.perf_counter()
-        observer = ActivationObserver(pipe.unet)
-        calib = toy_calibration_prompts(args.calib, CALIB_SEED)
-        try:
-            from tuneqdm.sampling import generator
-
-            for i in range(0, len(calib), args.batch):
-                chunk = calib[i:i + args.batch]
-                with torch.no_grad():
-                    pipe(chunk, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="latent",
-                         generator=[generator(CALIB_SEED + i + j) for j in range(len(chunk))])
-        finally:
-            observer.remove()
+        observer = observe_activations(pipe, toy_calibration_prompts(args.calib, CALIB_SEED), args.steps,
+                                       args.guidance, CALIB_SEED, args.batch)
         calib_seconds = time.perf_counter() - start
         for a in abits:
             for method, (groups, attention) in METHODS.items():

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from .activations import ACTIVATION_BITS, ActivationConfig, ActivationObserver, ActivationQuantizer, LayerParams
+from .activations import (ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig, ActivationObserver,
+                          ActivationQuantizer, LayerParams)
 from .calibration import CALIBRATION_SEED, toy_calibration_prompts
 
 FORMAT_VERSION = 1
@@ -60,20 +61,15 @@ def model_fingerprint(model) -> str:
 
 
 @torch.no_grad()
-def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, num_inference_steps: int = 25,
-                          guidance_scale: float = 7.5, seed: int = CALIBRATION_SEED, batch_size: int = 4,
-                          height: int | None = None, width: int | None = None,
-                          info: dict | None = None) -> ActivationQuantizer:
-    """Run ``pipe`` on ``prompts`` (classifier-free guidance, latents only) and fit DGQ parameters for every step of
-    its ``num_inference_steps`` schedule. The pipeline is left as it was (no hooks stay)."""
+def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                        seed: int = CALIBRATION_SEED, batch_size: int = 4, height: int | None = None,
+                        width: int | None = None, exclude=DEFAULT_EXCLUDE) -> ActivationObserver:
+    """Run ``pipe`` on ``prompts`` (classifier-free guidance, latents only, prompt ``i`` with seed ``seed + i``) and
+    record every layer's input ranges at every step. The returned observer's hooks are already removed; its
+    statistics serve any number of :meth:`~ActivationObserver.fit` calls (bits, groups)."""
     from ..sampling import generator
 
-    if not prompts:
-        raise TuneQDMError("no calibration prompts: pass at least one")
-    if num_inference_steps < 1 or batch_size < 1:
-        raise TuneQDMError("--num_inference_steps and the batch size must be at least 1")
-    start = time.perf_counter()
-    observer = ActivationObserver(pipe.unet, config.exclude)
+    observer = ActivationObserver(pipe.unet, exclude)
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
@@ -82,6 +78,22 @@ def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, nu
                  height=height, width=width)
     finally:
         observer.remove()
+    return observer
+
+
+def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, num_inference_steps: int = 25,
+                          guidance_scale: float = 7.5, seed: int = CALIBRATION_SEED, batch_size: int = 4,
+                          height: int | None = None, width: int | None = None,
+                          info: dict | None = None) -> ActivationQuantizer:
+    """Run ``pipe`` on ``prompts`` (classifier-free guidance, latents only) and fit DGQ parameters for every step of
+    its ``num_inference_steps`` schedule. The pipeline is left as it was (no hooks stay)."""
+    if not prompts:
+        raise TuneQDMError("no calibration prompts: pass at least one")
+    if num_inference_steps < 1 or batch_size < 1:
+        raise TuneQDMError("--num_inference_steps and the batch size must be at least 1")
+    start = time.perf_counter()
+    observer = observe_activations(pipe, prompts, num_inference_steps, guidance_scale, seed, batch_size, height,
+                                   width, config.exclude)
     meta = {"prompts": len(prompts), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
             "seed": seed, "scheduler": type(pipe.scheduler).__name__, **(info or {})}
     quantizer = observer.fit(config, meta)
