@@ -13,20 +13,17 @@ from .errors import TuneQDMError
 
 def _demo(args) -> None:
     from .demo import run_demo
+    from .serialization import check_output_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    out = check_output_folder(args.out, args.force)
     print(json.dumps(run_demo(out, steps=args.steps, bits=args.bits, seed=args.seed), indent=2))
 
 
 def _generate(args) -> None:
     from .sampling import generate, load_pipeline, set_scheduler
-    from .serialization import _atomic_dir
+    from .serialization import _atomic_dir, check_output_folder
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
     if args.activation_bits is not None:
@@ -149,13 +146,13 @@ def _quantize_activations(args) -> None:
     from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
     from .ptq.activations import ActivationConfig
     from .sampling import load_pipeline, set_scheduler
+    from .serialization import check_output_folder
 
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
     if args.out is None and args.quantized_base is None:
         raise TuneQDMError("name the output folder with --out (or pass --quantized_base to write next to it)")
-    out = Path(args.out) if args.out else Path(args.quantized_base) / folder_name(args.activation_bits, args.groups)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    out = check_output_folder(args.out or Path(args.quantized_base) / folder_name(args.activation_bits, args.groups),
+                              args.force)
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
     pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device)
     set_scheduler(pipe, args.scheduler)

@@ -72,6 +72,14 @@ def _atomic_dir(target: str | os.PathLike):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_folder(out: str | os.PathLike, force: bool) -> Path:
+    """``out`` as a Path; a one-line error when it is a file or a non-empty folder, unless ``force``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    return out
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise TuneQDMError(f"no {what} at {path.parent}: {path.name} is missing")

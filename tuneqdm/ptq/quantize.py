@@ -8,7 +8,6 @@ folder is written only when calibration has finished (temporary folder + rename)
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from ..errors import TuneQDMError
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
@@ -33,13 +32,11 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
     quantization.json (``"calibration"``)."""
     from ..sampling import base_id, pipeline_from
-    from ..serialization import save_quantized
+    from ..serialization import check_output_folder, save_quantized
 
-    out = Path(out)
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    out = check_output_folder(out, force)
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     prompts, source = calibration_prompts(base, calib_prompts, calib_samples)

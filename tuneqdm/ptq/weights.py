@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
