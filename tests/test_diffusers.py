@@ -68,9 +68,11 @@ def test_mixed_timesteps_route_per_sample(arch):
         both = call(model, 2, torch.tensor([50, 950]))()
         first = call(model, 2, torch.tensor([50, 50]))()
         second = call(model, 2, torch.tensor([950, 950]))()
-    torch.testing.assert_close(both[0], first[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(both[1], second[1], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(first[1], second[1])
+    # float summation order depends on the batch's composition (BLAS blocking): 1e-4 relative, while the wrong
+    # expert moves outputs by orders of magnitude more (asserted below)
+    torch.testing.assert_close(both[0], first[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both[1], second[1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(first[1], second[1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl", "sd3"])

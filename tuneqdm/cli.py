@@ -13,7 +13,7 @@ from .errors import TuneQDMError
 
 def _demo(args) -> None:
     from .demo import run_demo
-    from .serialization import check_output_folder
+    from .files import check_output_folder
 
     out = check_output_folder(args.out, args.force)
     print(json.dumps(run_demo(out, steps=args.steps, bits=args.bits, seed=args.seed), indent=2))
@@ -21,7 +21,7 @@ def _demo(args) -> None:
 
 def _generate(args) -> None:
     from .sampling import generate, load_pipeline, set_scheduler
-    from .serialization import _atomic_dir, check_output_folder
+    from .files import atomic_dir, check_output_folder
 
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
@@ -51,7 +51,7 @@ def _generate(args) -> None:
                         log=lambda m: print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt)
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
@@ -146,7 +146,7 @@ def _quantize_activations(args) -> None:
     from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
     from .ptq.activations import ActivationConfig
     from .sampling import load_pipeline, set_scheduler
-    from .serialization import check_output_folder
+    from .files import check_output_folder
 
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
     if args.out is None and args.quantized_base is None:

@@ -16,27 +16,22 @@ Adapter folder::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import TuneQDMError
-from .quant.layers import QUANTIZED_CLASSES, QuantizedLayer
+from .files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
+from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import QuantConfig
 from .tuning.model import _set_submodule, attach, configure_, quant_state, quantized_layers
 
-FORMAT_VERSION = 1
 QUANT_MAP, QUANT_WEIGHTS = "quantization.json", "quantized.safetensors"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
 _SCALE_KEYS = (".s_out.", ".s_in.")
@@ -53,57 +48,6 @@ def fingerprint(model: nn.Module) -> str:
                 h.update(t.detach().contiguous().cpu().numpy().tobytes())
         state.fingerprint = h.hexdigest()[:16]
     return state.fingerprint
-
-
-@contextlib.contextmanager
-def _atomic_dir(target: str | os.PathLike):
-    """Yield a temporary folder; on success its files move into ``target`` (each by an atomic rename)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if not target.exists():
-            os.replace(tmp, target)
-        else:
-            for f in tmp.iterdir():
-                os.replace(f, target / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_output_folder(out: str | os.PathLike, force: bool) -> Path:
-    """``out`` as a Path; a one-line error when it is a file or a non-empty folder, unless ``force``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
-    return out
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise TuneQDMError(f"no {what} at {path.parent}: {path.name} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TuneQDMError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): save the {what} again")
-
-
-def _load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise TuneQDMError(f"no {what} at {path.parent}: {path.name} is missing")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TuneQDMError(f"{path} is corrupt or truncated ({reason}): save the {what} again") from None
-
-
-def _check_version(cfg: dict, path: Path) -> None:
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise TuneQDMError(
-            f"{path} has format version {cfg.get('format_version')!r}; this tuneqdm reads version {FORMAT_VERSION}"
-        )
 
 
 # ---- quantized base ------------------------------------------------------------------------------------------
@@ -133,7 +77,7 @@ def save_quantized(model: nn.Module, directory, base_id: str | None = None, extr
     if split_convs(model):  # shortcut splitting (tuneqdm.quant.split): convs stored as two quantized layers
         meta["splits"] = split_convs(model)
     meta = {**(extra or {}), **meta}  # extra entries never replace the format's own
-    with _atomic_dir(directory) as tmp:
+    with atomic_dir(directory) as tmp:
         save_file(tensors, tmp / QUANT_WEIGHTS, metadata={"format": "pt"})
         if hasattr(model, "save_config"):
             model.save_config(tmp)
@@ -161,10 +105,10 @@ def load_quantized(directory, model: nn.Module | None = None, device: str | torc
     an empty float instance), its Linear/Conv2d become empty quantized layers, and the saved tensors are assigned.
     """
     directory = Path(directory)
-    meta = _read_json(directory / QUANT_MAP, "quantized base")
-    _check_version(meta, directory / QUANT_MAP)
+    meta = read_json(directory / QUANT_MAP, "quantized base")
+    check_version(meta, directory / QUANT_MAP)
     config = QuantConfig.from_dict(meta["quant_config"])
-    tensors = _load_tensors(directory / QUANT_WEIGHTS, "quantized base")
+    tensors = load_tensors(directory / QUANT_WEIGHTS, "quantized base")
     if model is None:
         model = _build_skeleton(meta, directory)
     for name, split in (meta.get("splits") or {}).items():
@@ -229,7 +173,7 @@ def save_adapter(model: nn.Module, directory, extra: dict | None = None) -> Path
         "layout": "one tensor per layer, shape (K, out + in): row k = [s_out[k] | s_in[k]] (s_in only with MCSU)",
         **(extra or {}),
     }
-    with _atomic_dir(directory) as tmp:
+    with atomic_dir(directory) as tmp:
         save_file(adapter_state(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(directory)
@@ -237,8 +181,8 @@ def save_adapter(model: nn.Module, directory, extra: dict | None = None) -> Path
 
 def read_adapter_config(directory) -> dict:
     path = Path(directory) / ADAPTER_CONFIG
-    cfg = _read_json(path, "adapter")
-    _check_version(cfg, path)
+    cfg = read_json(path, "adapter")
+    check_version(cfg, path)
     return cfg
 
 
@@ -258,7 +202,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
             f"adapter {directory} belongs to base fingerprint {cfg['base_fingerprint']} "
             f"(base {cfg.get('base_id')!r}), but this model's fingerprint is {fingerprint(model)}"
         )
-    tensors = _load_tensors(directory / ADAPTER_WEIGHTS, "adapter")
+    tensors = load_tensors(directory / ADAPTER_WEIGHTS, "adapter")
     configure_(model, method=cfg["method"], experts=cfg["experts"], num_train_timesteps=cfg["num_train_timesteps"],
                intervals=tuple(tuple(i) for i in cfg["intervals"]), train_bias=cfg["train_bias"])
     layers = quantized_layers(model)

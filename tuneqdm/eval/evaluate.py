@@ -14,10 +14,10 @@ from typing import Sequence
 from PIL import Image
 
 from ..errors import TuneQDMError
+from ..files import FORMAT_VERSION, atomic_dir
 from .encoders import ImageEncoder, ImageTextEncoder, clip_i_score, clip_t_score, dino_score
 
 METRICS = "metrics.json"
-FORMAT_VERSION = 1
 
 
 def read_photos(folder) -> list[Image.Image]:
@@ -54,7 +54,6 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
              info: dict | None = None) -> dict:
     """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``) atomically."""
     from ..sampling import generate
-    from ..serialization import _atomic_dir
 
     if images_per_prompt < 1 or not prompts:
         raise TuneQDMError("need at least one prompt and --images_per_prompt >= 1")
@@ -74,7 +73,7 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
                "clip_t_keeps_token": keep_token, "token": token, "images_per_prompt": images_per_prompt,
                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
                "real_images": len(real), **(info or {}), "per_prompt": per_prompt}
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         for p, images in enumerate(rows):
             for i, im in enumerate(images):

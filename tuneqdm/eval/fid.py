@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..errors import TuneQDMError
+from ..files import atomic_dir
 from .encoders import ImageTextEncoder
 
 EVALUATION_SEED = 50_000_000
@@ -84,7 +85,6 @@ def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, w
     (``metrics.json``, ``grid.png`` of the first 64 images) atomically."""
     import time
 
-    from ..serialization import _atomic_dir
     from .encoders import cosine_matrix
     from .evaluate import grid
 
@@ -105,7 +105,7 @@ def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, w
         "sample_seconds": sample_s, **(info or {}),
     }
     rows = [generated[i:i + 8] for i in range(0, min(64, len(generated)), 8)]
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         grid(rows).save(tmp / "grid.png")
         (tmp / METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -19,7 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import TuneQDMError
-from .evaluate import FORMAT_VERSION, METRICS
+from ..files import check_version
+from .evaluate import METRICS
 from .fidelity import TABLE_VERSION, cell_name
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg", {"quality": 90}), "png": ("PNG", "image/png", {"optimize": True})}
@@ -48,8 +49,7 @@ def _metrics(folder: Path) -> dict:
         raise TuneQDMError(f"{folder} holds no {METRICS}: run tuneqdm evaluate (or the benchmark) first") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise TuneQDMError(f"{path} is not valid JSON: evaluate again") from None
-    if m.get("format_version") != FORMAT_VERSION:
-        raise TuneQDMError(f"{path} was written by another tuneqdm version: evaluate again")
+    check_version(m, path, f"{path} was written by another tuneqdm version: evaluate again")
     return m
 
 

@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
+from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from .activations import (ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig, ActivationObserver,
                           ActivationQuantizer, LayerParams)
 from .calibration import CALIBRATION_SEED, toy_calibration_prompts
 
-FORMAT_VERSION = 1
 CONFIG_FILE, TENSORS_FILE = "activations.json", "activations.safetensors"
 
 
@@ -104,8 +104,6 @@ def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, nu
 
 def save_activations(quantizer: ActivationQuantizer, directory) -> Path:
     """Write the parameters (safetensors + JSON) atomically: the folder appears whole or not at all."""
-    from ..serialization import _atomic_dir
-
     c = quantizer.config
     tensors, layers = {}, {}
     for name, p in quantizer.layers.items():
@@ -124,7 +122,7 @@ def save_activations(quantizer: ActivationQuantizer, directory) -> Path:
         "layout": "per layer: dims (S,) 0=channel 1=position; channel_labels (S, C) and position_labels (S, P) "
                   "uint8 group of each vector; lo/hi (S, K) each group's range; step s = timesteps[s]",
     }
-    with _atomic_dir(directory) as tmp:
+    with atomic_dir(directory) as tmp:
         save_file(tensors, tmp / TENSORS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     return Path(directory)
@@ -134,18 +132,14 @@ def load_activations(directory, bits: int | None = None, attention: str = "log",
                      expect_fingerprint: str | None = None) -> ActivationQuantizer:
     """Read a folder of :func:`save_activations`. ``bits`` may differ from the calibrated ones (the groups and
     ranges do not depend on them); ``expect_fingerprint``: refuse parameters calibrated on another model."""
-    from ..serialization import _load_tensors, _read_json
-
     directory = Path(directory)
-    meta = _read_json(directory / CONFIG_FILE, "activation parameters")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TuneQDMError(f"{directory / CONFIG_FILE} has format version {meta.get('format_version')!r}; "
-                           f"this tuneqdm reads version {FORMAT_VERSION}")
+    meta = read_json(directory / CONFIG_FILE, "activation parameters")
+    check_version(meta, directory / CONFIG_FILE)
     recorded = meta.get("info", {}).get("fingerprint")
     if expect_fingerprint is not None and recorded != expect_fingerprint:
         raise TuneQDMError(f"activation parameters {directory} were calibrated on a model with fingerprint "
                            f"{recorded}, but this model's fingerprint is {expect_fingerprint}: calibrate them again")
-    tensors = _load_tensors(directory / TENSORS_FILE, "activation parameters")
+    tensors = load_tensors(directory / TENSORS_FILE, "activation parameters")
     config = ActivationConfig(bits=meta["bits"] if bits is None else bits, groups=meta["groups"],
                               attention=attention, exclude=tuple(meta["exclude"]))
     steps = len(meta["timesteps"])

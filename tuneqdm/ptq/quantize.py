@@ -32,7 +32,8 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
     quantization.json (``"calibration"``)."""
     from ..sampling import base_id, pipeline_from
-    from ..serialization import check_output_folder, save_quantized
+    from ..files import check_output_folder
+    from ..serialization import save_quantized
 
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())

@@ -19,9 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from ..serialization import _atomic_dir, _load_tensors, _read_json
+from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 
-FORMAT_VERSION = 1
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -118,7 +117,7 @@ def save(output_dir, step: int, trainable: dict, optimizer, lr_scheduler, info: 
     meta = {"format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta,
             "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_meta, **info}
     try:
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
     except OSError as e:
@@ -135,11 +134,9 @@ def save(output_dir, step: int, trainable: dict, optimizer, lr_scheduler, info: 
 def load(path: Path) -> tuple[dict, dict]:
     """(tensors, meta) of a checkpoint folder."""
     path = Path(path)
-    meta = _read_json(path / STATE_JSON, "checkpoint")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TuneQDMError(f"{path / STATE_JSON} has format version {meta.get('format_version')!r}; "
-                           f"this tuneqdm reads version {FORMAT_VERSION}")
-    return _load_tensors(path / STATE_TENSORS, "checkpoint"), meta
+    meta = read_json(path / STATE_JSON, "checkpoint")
+    check_version(meta, path / STATE_JSON)
+    return load_tensors(path / STATE_TENSORS, "checkpoint"), meta
 
 
 def restore(tensors: dict, meta: dict, optimizer, lr_scheduler) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
+from ..files import atomic_dir
 from ..memory import pin_mmap_threshold
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
@@ -524,8 +525,6 @@ class Trainer:
         if not self.main:
             return
         from ..sampling import generate, pipeline_from
-        from ..serialization import _atomic_dir
-
         cfg = self.cfg
         model = self.model
         model.eval()
@@ -535,7 +534,7 @@ class Trainer:
                 pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, unet=model)
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)
-            with _atomic_dir(self.out / "validation" / f"step-{self.step:06d}") as tmp:
+            with atomic_dir(self.out / "validation" / f"step-{self.step:06d}") as tmp:
                 for i, image in enumerate(images):
                     image.save(tmp / f"{i:03d}.png")
                 (tmp / "prompt.txt").write_text(self.validation_prompt + "\n")

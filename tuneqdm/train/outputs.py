@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from ..errors import TuneQDMError
-from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _atomic_dir, save_adapter
+from ..files import atomic_dir
+from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 
 TRAINING_JSON = "training.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -32,14 +33,14 @@ def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Pa
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            with _atomic_dir(output_dir) as tmp:
+            with atomic_dir(output_dir) as tmp:
                 pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
         elif method == "fp":
-            with _atomic_dir(output_dir / FP_UNET) as tmp:
+            with atomic_dir(output_dir / FP_UNET) as tmp:
                 unet.save_pretrained(tmp, safe_serialization=True)
         else:
             save_adapter(unet, output_dir, extra=info)
-        with _atomic_dir(output_dir) as tmp:
+        with atomic_dir(output_dir) as tmp:
             (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=1))
     except OSError as e:
         raise TuneQDMError(f"cannot write the result into {output_dir} ({e.strerror or e})") from None
