@@ -4,3 +4,4 @@ from .config import METHODS, QuantConfig
 from .model import (configure_, dequantize_, quantize_, quantized_layers, scale_param_groups, scale_parameters,
                     set_expert, set_timesteps, weight_bytes)
 from .routing import expert_for_timestep
+from .streaming import quantize_pretrained
