@@ -120,3 +120,24 @@ def test_a_folder_without_weights_or_config_is_one_line(tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(TuneQDMError, match="has no config.json"):
         quantize_pretrained(folder, bits=4)
+
+
+def test_quantize_cli_streams_a_dit_folder_and_a_unet_without_splits(tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+    from tiny_pipelines import tiny_sd_pipeline
+    from tuneqdm.cli import main
+
+    flux = _save(tiny_flux(), tmp_path / "flux")
+    assert main(["quantize", "--pretrained_model_name_or_path", str(flux), "--bits", "4", "--calibrate", "mse",
+                 "--out", str(tmp_path / "qf")]) == 0
+    meta = json.loads((tmp_path / "qf" / "quantization.json").read_text())
+    assert meta["calibration"]["streamed_from"] == str(flux.resolve())
+    want = quantize_pretrained(flux, bits=4, method="peqa", init="mse")
+    assert tuneqdm.fingerprint(tuneqdm.load_quantized(tmp_path / "qf")) == tuneqdm.fingerprint(want)
+
+    base = tiny_sd_pipeline(tmp_path / "sd")
+    assert main(["quantize", "--pretrained_model_name_or_path", str(base), "--bits", "4", "--calibrate", "minmax",
+                 "--no-split_shortcuts", "--out", str(tmp_path / "qu")]) == 0
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    want = tuneqdm.quantize_(unet, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    assert tuneqdm.fingerprint(tuneqdm.load_quantized(tmp_path / "qu")) == tuneqdm.fingerprint(want)

@@ -379,7 +379,9 @@ def _add_quantize_parser(sub) -> None:
                                    "guidance) and write a quantized base for train/generate --quantized_base.")
     a = q.add_argument
     a("--pretrained_model_name_or_path", default=None,
-      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+      help="a local diffusers folder or hub id (default: the embedded toy pipeline). With --calibrate minmax/mse a "
+           "local transformer (or a UNet with --no-split_shortcuts) is quantized tensor by tensor from its "
+           "safetensors, never loading the float model")
     a("--bits", type=int, default=4, help="weight bits: 2, 4 or 8 (default 4)")
     a("--calibrate", choices=CALIBRATIONS, default="adaround",
       help="minmax / mse: round to nearest on the channel's range / on an MSE-searched clipping range; adaround: the "

@@ -7,7 +7,9 @@ folder is written only when calibration has finished (temporary folder + rename)
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from ..errors import TuneQDMError
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
@@ -22,6 +24,21 @@ def calibration_prompts(base, prompts_file, n: int) -> tuple[list[str], str]:
         raise TuneQDMError("--calib_prompts is required for a model other than the embedded toy pipeline: "
                            "pass a text file with one prompt per line")
     return toy_calibration_prompts(n), "toy world captions, seed 40000000"
+
+
+def streamable_denoiser(base, calibrate: str, split_shortcuts: bool) -> Path | None:
+    """The local denoiser folder to quantize tensor by tensor (tuning.streaming), or None for the calibrated path:
+    AdaRound needs the float model's outputs, and a UNet's shortcut splits are found from one forward pass."""
+    if base is None or calibrate == "adaround":
+        return None
+    for folder in (Path(base), Path(base) / "transformer", Path(base) / "unet"):
+        if (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors*")):
+            try:
+                is_unet = "UNet" in str(json.loads((folder / "config.json").read_text()).get("_class_name"))
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                return None  # the diffusers path reports the broken file
+            return None if is_unet and split_shortcuts else folder
+    return None
 
 
 def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround", calib_prompts=None,
@@ -40,8 +57,17 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     out = check_output_folder(out, force)
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
-    prompts, source = calibration_prompts(base, calib_prompts, calib_samples)
     t0 = time.perf_counter()
+    folder = streamable_denoiser(base, calibrate, split_shortcuts)
+    if folder is not None:
+        from ..tuning.streaming import quantize_pretrained
+
+        model = quantize_pretrained(folder, config.quant_config())
+        record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "rows": 0, "splits": {}, "blocks": [],
+                  "seconds": time.perf_counter() - t0}
+        save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
+        return record
+    prompts, source = calibration_prompts(base, calib_prompts, calib_samples)
     pipe = pipeline_from(base, device)
     data_free = calibrate != "adaround"  # round-to-nearest needs one row only, to find the shortcut splits
     n, steps = (1, 1) if data_free else (calib_samples, calib_steps)
