@@ -71,6 +71,15 @@ def test_dreambooth_prompt_lists():
     assert evaluation_prompts("dreambooth-object", "sks", "can")[-1] == "a cube shaped sks can"
 
 
+def test_prompt_files_substitute_only_the_two_placeholders(tmp_path):
+    """A prompt file is text: only {0} and {1} are replaced; format fields, stray braces and {2} stay literal."""
+    lines = ["a {0} {1} {0.__class__.__mro__}", "a { {0}", "{2} and {} and {{0}} {1}", "{1}{0}"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    assert evaluation_prompts(str(path), "s{1}ks", "dog") == [
+        "a s{1}ks dog {0.__class__.__mro__}", "a { s{1}ks", "{2} and {} and {s{1}ks} dog", "dogs{1}ks"]
+
+
 def test_bad_input_is_one_line(setup, tmp_path, capsys):
     root, base, photos, prompts = setup
 
