@@ -69,12 +69,14 @@ def _evaluate(args) -> None:
 
     from .eval.evaluate import METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
+    from .files import check_writable
     from .sampling import load_pipeline
     from .train.data import subject_metadata, words
     from .train.outputs import read_training_json
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable(out)  # before any sampling
+    if out.exists() and any(out.iterdir()):
         if not args.force:
             raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
         if not (out / METRICS).is_file():
@@ -211,6 +213,7 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 
 def _benchmark_fidelity(args) -> None:
     from .eval.fidelity import FLOOR, cells, cell_name, run_cell, table
+    from .files import check_writable
     from .sampling import pipeline_from
     from .toy.subjects import write_subject
     from .train.config import METHOD_CHOICES
@@ -228,6 +231,7 @@ def _benchmark_fidelity(args) -> None:
     if ("s1" in methods) != bool(args.s1_intervals):
         raise TuneQDMError("--methods s1 needs --s1_intervals (e.g. 0-250), and --s1_intervals needs s1 in --methods")
     out = Path(args.out)
+    check_writable(out)  # before the first cell trains
     subjects = []
     for seed in _parse_seeds(args.subjects):
         folder = out / "subjects" / f"s{seed}"

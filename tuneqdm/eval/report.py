@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import TuneQDMError
-from ..files import check_version
+from ..files import check_version, check_writable_file
 from .evaluate import METRICS
 from .fidelity import TABLE_VERSION, cell_name
 
@@ -217,6 +217,7 @@ def render(results, fmt: str = "jpeg") -> str:
 def write_report(results, out=None, fmt: str = "jpeg") -> Path:
     """Write the page to ``out`` (default ``RESULTS/report.html``) atomically."""
     out = Path(out) if out is not None else Path(results) / "report.html"
+    check_writable_file(out)  # before the images are re-encoded
     page = render(results, fmt)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
