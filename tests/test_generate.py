@@ -177,3 +177,21 @@ def test_weight_cache_gives_bit_identical_images_within_its_budget(scales):
     with cached_weights(pipe.unet, max_bytes=min(sizes)) as cache:  # room for one layer of one expert
         small = _pixels(generate(pipe, "a sks box", num_inference_steps=3, seed=7, weight_cache_bytes=min(sizes)))
     assert np.array_equal(small, rebuilt) and cache.bytes <= min(sizes)
+
+
+def test_height_and_width_default_to_the_native_size(base, tmp_path, capsys):
+    def run(out, *extra):
+        return main(["generate", "--pretrained_model_name_or_path", str(base), "--prompt", "a box", "--num_images", "1",
+                     "--num_inference_steps", "2", "--out", str(tmp_path / out), *extra])
+
+    assert run("native") == 0 and Image.open(tmp_path / "native" / "000.png").size == (32, 32)  # 16x16 latents x 2
+    assert run("wide", "--height", "16", "--width", "48") == 0
+    assert Image.open(tmp_path / "wide" / "000.png").size == (48, 16)
+    meta = json.loads((tmp_path / "wide" / "generate.json").read_text())
+    assert (meta["height"], meta["width"]) == (16, 48)
+    expected = generate(tuneqdm.load_pipeline(base), "a box", num_inference_steps=2, height=16, width=48)
+    assert np.array_equal(_pixels([Image.open(tmp_path / "wide" / "000.png")]), _pixels(expected))
+    capsys.readouterr()
+    assert run("bad", "--width", "20") == 2
+    assert capsys.readouterr().err == ("tuneqdm: error: --width 20: give a positive multiple of 8 (the VAE's latent "
+                                       "grid), or leave it out for the model's native size\n")

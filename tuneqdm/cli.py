@@ -26,6 +26,11 @@ def _generate(args) -> None:
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
+    for flag in ("height", "width"):
+        size = getattr(args, flag)
+        if size is not None and (size < 8 or size % 8):
+            raise TuneQDMError(f"--{flag} {size}: give a positive multiple of 8 (the VAE's latent grid), or leave it "
+                               "out for the model's native size")
     if args.activation_bits is not None:
         from .ptq.activations import ActivationConfig
 
@@ -50,7 +55,7 @@ def _generate(args) -> None:
                         args.pretrained_model_name_or_path, args.num_inference_steps, args.guidance_scale,
                         log=lambda m: print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
-                      negative_prompt=args.negative_prompt)
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width)
     with atomic_dir(out) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i:03d}.png")
@@ -59,6 +64,7 @@ def _generate(args) -> None:
                                               "adapter", "quantized_base", "activation_bits", "groups",
                                               "attention_quant", "activations")}
         meta["prompt"] = prompt
+        meta["height"], meta["width"] = images[0].height, images[0].width
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     print(f"{len(images)} images of '{prompt}' in {out}")
@@ -454,8 +460,22 @@ def _toy_scenes(args) -> None:
         print(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every option's help ends with its default (subcommands inherit the class), unless the help already names
+    which default applies; an option without a default says "none"."""
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.nargs != 0 and not action.required and action.help is not argparse.SUPPRESS:
+            text = action.help or ""
+            if "default" not in text.lower():
+                shown = "none" if action.default is None else "%(default)s"
+                action.help = f"{text} (default: {shown})" if text else f"default: {shown}"
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneqdm", description="Quantized diffusion personalization by scale tuning.")
+    parser = _Parser(prog="tuneqdm", description="Quantized diffusion personalization by scale tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize a tiny model, train its scales, save, reload and sample")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
@@ -475,10 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance_scale", type=float, default=7.5)
     gen.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default="ddim")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
+                                                              "(default: the model's native size)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 "
+                                                             "(default: the model's native size)")
     gen.add_argument("--pretrained_model_name_or_path", default=None,
                      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
     gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
-    gen.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    gen.add_argument("--quantized_base", default=None,
+                     help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
+                          "on, if its folder still exists, else none)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
@@ -510,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
-    ev.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    ev.add_argument("--quantized_base", default=None,
+                    help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
+                         "on, if its folder still exists, else none)")
     ev.add_argument("--prompts", default=None,
                     help="dreambooth-object, dreambooth-live, toy or a file of prompts with {0} = token, {1} = class "
                          "(default: toy for a toy subject, else dreambooth-object)")
