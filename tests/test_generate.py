@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import tuneqdm
@@ -95,7 +96,24 @@ def test_adapter_for_another_base_is_refused_in_one_line(base, scales, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
     assert f"(base '{base.resolve()}'), but this model's fingerprint is " in err
+    assert err.endswith(f": pass --pretrained_model_name_or_path {base.resolve()} (the base it was trained on), or "
+                        "train again on this one\n")
     assert not (tmp_path / "g").exists()
+
+    # a quantized base made otherwise (mse grid) than the adapter's (minmax): the error says both ways out
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    tuneqdm.quantize_(unet, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    with torch.no_grad():
+        next(iter(tuneqdm.quantized_layers(unet).values())).zero_point.add_(1)  # other integers, same settings
+    qdir = tuneqdm.save_quantized(unet, tmp_path / "w4", base_id=str(base))
+    assert main(["generate", "--adapter", str(scales), "--quantized_base", str(qdir), "--prompt", "x",
+                 "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
+    assert err.endswith(": drop --quantized_base (the adapter's own base is then quantized as in training), or train "
+                        f"with --quantized_base {qdir} to use that one\n")
 
     (tmp_path / "empty").mkdir()
     assert main(["generate", "--adapter", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
@@ -110,7 +128,8 @@ def test_lora_and_fp_results_load_and_change_the_picture(base, photos, tmp_path,
     pipe = tuneqdm.load_pipeline(adapter=out)
     assert not tuneqdm.quantized_layers(pipe.unet)
     assert np.abs(_sample(pipe) - _sample(tuneqdm.load_pipeline(base))).mean() > 0.5
-    with pytest.raises(TuneQDMError, match=f"^--quantized_base applies to scale adapters; {out} is a {method} result$"):
+    with pytest.raises(TuneQDMError, match=f"^--quantized_base applies to scale adapters; {out} is a {method} "
+                                           "result: drop --quantized_base$"):
         tuneqdm.load_pipeline(adapter=out, quantized_base=tmp_path)
     if method == "lora":
         other = tiny_sd_pipeline(tmp_path / "other", seed=1)

@@ -116,6 +116,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     from .serialization import load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
+    chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
     if adapter is not None:
         from .train.outputs import adapter_kind, read_training_json
 
@@ -132,7 +133,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         if recorded is not None and Path(recorded).is_dir():
             base = recorded
     if quantized_base is not None and kind in ("lora", "fp"):
-        raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result")
+        raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
+                           "drop --quantized_base")
 
     if quantized_base is not None:
         pipe = pipeline_from(base, device, dtype, unet=load_quantized(quantized_base, device=device))
@@ -151,7 +153,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         expected, actual = info.get("base_fingerprint"), float_fingerprint(pipe.unet)
         if expected and expected != actual:
             raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
-                               f"but this model's fingerprint is {actual}")
+                               f"but this model's fingerprint is {actual}: "
+                               f"{_base_fix(info.get('base_id'), chosen_base)}")
         pipe.load_lora_weights(str(adapter))
     elif kind == "scales":
         if quantized_base is None:
@@ -160,9 +163,37 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
             quantize_(pipe.unet, QuantConfig(
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
+        _check_adapter_base(pipe.unet, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
         load_adapter(pipe.unet, adapter)
     pipe.unet.eval()
     return pipe
+
+
+def _check_adapter_base(unet, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
+    """Refuse a scale adapter on integers it was not trained on, in one line that names the fix."""
+    from .serialization import fingerprint
+
+    expected, actual = cfg.get("base_fingerprint"), fingerprint(unet)
+    if expected == actual:
+        return
+    problem = (f"adapter {adapter} belongs to base fingerprint {expected} (base {cfg.get('base_id')!r}), "
+               f"but this model's fingerprint is {actual}")
+    if chosen_quantized:
+        fix = (f"drop --quantized_base (the adapter's own base is then quantized as in training), or train with "
+               f"--quantized_base {quantized_base} to use that one")
+    elif quantized_base is not None:
+        fix = f"the quantized base {quantized_base} it was trained on has changed since: train again"
+    else:
+        fix = _base_fix(cfg.get("base_id"), chosen_base)
+    raise TuneQDMError(f"{problem}: {fix}")
+
+
+def _base_fix(recorded: str | None, chosen_base: bool) -> str:
+    if not chosen_base:
+        return f"its base {recorded} has changed since training: train again"
+    if recorded in (None, DEFAULT_BASE_ID):
+        return "drop --pretrained_model_name_or_path (it was trained on the embedded pipeline), or train again"
+    return f"pass --pretrained_model_name_or_path {recorded} (the base it was trained on), or train again on this one"
 
 
 def set_scheduler(pipe, name: str) -> None:
