@@ -214,3 +214,54 @@ def test_height_and_width_default_to_the_native_size(base, tmp_path, capsys):
     assert run("bad", "--width", "20") == 2
     assert capsys.readouterr().err == ("tuneqdm: error: --width 20: give a positive multiple of 8 (the VAE's latent "
                                        "grid), or leave it out for the model's native size\n")
+
+
+@pytest.fixture(scope="module")
+def fp16_variant(base, tmp_path_factory):
+    """The tiny base saved as a variant only (``*.fp16.safetensors``; the tensors stay float32): no download."""
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("variant") / "sd"
+    DiffusionPipeline.from_pretrained(base, safety_checker=None).save_pretrained(folder, variant="fp16")
+    assert not list(folder.glob("unet/*model.safetensors")) and list(folder.glob("unet/*.fp16.safetensors"))
+    return folder
+
+
+def test_variant_reaches_every_command_that_loads_a_pipeline(base, photos, scales, fp16_variant, tmp_path, capsys):
+    var = ["--pretrained_model_name_or_path", str(fp16_variant)]
+    gen = ["generate", "--prompt", "a sks box", "--num_images", "1", "--num_inference_steps", "3", "--seed", "7"]
+    assert main([*gen, *var, "--variant", "fp16", "--out", str(tmp_path / "g")]) == 0
+    expected = _sample(tuneqdm.load_pipeline(base))
+    assert np.array_equal(_pixels([Image.open(tmp_path / "g" / "000.png")]), expected)
+    assert json.loads((tmp_path / "g" / "generate.json").read_text())["variant"] == "fp16"
+
+    # train with the variant: the same adapter as on the plain folder, and generate reads the variant from it
+    out = _train(fp16_variant, photos, tmp_path / "t", variant="fp16")
+    assert (out / "adapter.safetensors").read_bytes() == (scales / "adapter.safetensors").read_bytes()
+    assert np.array_equal(_sample(tuneqdm.load_pipeline(adapter=out)), _sample(tuneqdm.load_pipeline(adapter=scales)))
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1}\n")
+    assert main(["quantize", *var, "--variant", "fp16", "--calibrate", "minmax", "--calib_prompts", str(prompts),
+                 "--calib_samples", "1", "--num_inference_steps", "2", "--out", str(tmp_path / "q")]) == 0
+    assert main(["evaluate", *var, "--variant", "fp16", "--quantized_base", str(tmp_path / "q"),
+                 "--instance_data_dir", str(photos), "--prompts", str(prompts), "--class_word", "box",
+                 "--evaluator", "toy", "--images_per_prompt", "1", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert main(["quantize-activations", *var, "--variant", "fp16", "--quantized_base", str(tmp_path / "q"),
+                 "--calib_prompts", str(prompts), "--calib_samples", "1", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+
+    def err(*argv):
+        assert main([*gen, *argv, "--out", str(tmp_path / "x")]) == 2
+        return capsys.readouterr().err
+
+    assert err(*var).startswith(f"tuneqdm: error: cannot load the pipeline {fp16_variant}: ")
+    assert err(*var, "--revision", "v1") == (
+        f"tuneqdm: error: --revision v1 names a version of a hub repository, but {fp16_variant} is a local folder: "
+        "drop --revision (the folder holds one version)\n")
+    assert err("--variant", "fp16") == (
+        "tuneqdm: error: --revision and --variant apply to the model of --pretrained_model_name_or_path; the "
+        "embedded pipeline has one version: drop them or name the model\n")
+    assert not (tmp_path / "x").exists()

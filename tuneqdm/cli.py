@@ -45,7 +45,7 @@ def _generate(args) -> None:
                                "names the class: write the class word instead")
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, **_version(args))
     set_scheduler(pipe, args.scheduler)
     if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
@@ -61,8 +61,8 @@ def _generate(args) -> None:
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
-                                              "adapter", "quantized_base", "activation_bits", "groups",
-                                              "attention_quant", "activations")}
+                                              "revision", "variant", "adapter", "quantized_base", "activation_bits",
+                                              "groups", "attention_quant", "activations")}
         meta["prompt"] = prompt
         meta["height"], meta["width"] = images[0].height, images[0].width
         meta["seeds"] = [args.seed + i for i in range(len(images))]
@@ -117,7 +117,7 @@ def _evaluate(args) -> None:
         subject_enc = DinoEncoder(args.dino_id, device=args.device)
         clip_enc = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, **_version(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             "instance_data_dir": str(args.instance_data_dir), "prompts": spec, "evaluator": evaluator,
             "class_word": class_word}
@@ -142,7 +142,7 @@ def _evaluate_fid(args, out: Path) -> None:
 
         encoder = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, **_version(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base}
     m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
@@ -162,7 +162,8 @@ def _quantize_activations(args) -> None:
     out = check_output_folder(args.out or Path(args.quantized_base) / folder_name(args.activation_bits, args.groups),
                               args.force)
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
-    pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
+                         **_version(args))
     set_scheduler(pipe, args.scheduler)
     q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
                         samples=args.calib_samples, base=args.pretrained_model_name_or_path,
@@ -171,6 +172,19 @@ def _quantize_activations(args) -> None:
     save_activations(q, out)
     print(f"A{args.activation_bits} K={args.groups} activation parameters for {len(q.timesteps)} steps, "
           f"{len(q.layers)} layers ({q.dim_counts()}) in {q.info['calibration_seconds']} s -> {out}")
+
+
+def _version(args) -> dict:
+    return {"revision": args.revision, "variant": args.variant}
+
+
+def _add_version_flags(parser) -> None:
+    """diffusers' --revision/--variant, for a model named by --pretrained_model_name_or_path."""
+    parser.add_argument("--revision", default=None,
+                        help="a hub id's branch, tag or commit (default: the repository's main branch)")
+    parser.add_argument("--variant", default=None,
+                        help="load the model's files of this variant, e.g. fp16 for *.fp16.safetensors "
+                             "(default: the files without a variant)")
 
 
 def _add_activation_flags(parser, calibrate_only: bool) -> None:
@@ -305,6 +319,7 @@ def _add_train_parser(sub) -> None:
     a = tr.add_argument
     a("--pretrained_model_name_or_path", default=None,
       help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    _add_version_flags(tr)
     a("--method", choices=METHOD_CHOICES, default="tuneqdm",
       help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA or the full UNet (fp)")
     a("--bits", type=int, choices=(2, 4, 8), default=4, help="weight bits of the quantized UNet (default 4)")
@@ -374,7 +389,7 @@ def _quantize(args) -> None:
                             args.calib_prompts, args.calib_samples, args.calib_steps, args.num_inference_steps,
                             args.guidance_scale, args.seed, args.split_shortcuts,
                             AdaRoundConfig(iters=args.iters, batch_size=args.batch_size, seed=args.seed),
-                            force=args.force, device=args.device, progress=progress)
+                            force=args.force, device=args.device, progress=progress, **_version(args))
     print(f"W{args.bits} {args.calibrate} quantized base in {args.out} ({rec['rows']} calibration rows, "
           f"{len(rec['splits'])} split convs, {rec['seconds']:.0f} s); use it with tuneqdm train --quantized_base "
           f"{args.out} --bits {args.bits} --quant_init {rec['grid_init']}")
@@ -390,6 +405,7 @@ def _add_quantize_parser(sub) -> None:
     a = q.add_argument
     a("--pretrained_model_name_or_path", default=None,
       help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    _add_version_flags(q)
     a("--bits", type=int, default=4, help="weight bits: 2, 4 or 8 (default 4)")
     a("--calibrate", choices=CALIBRATIONS, default="adaround",
       help="minmax / mse: round to nearest on the channel's range / on an MSE-searched clipping range; adaround: the "
@@ -501,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: the model's native size)")
     gen.add_argument("--pretrained_model_name_or_path", default=None,
                      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    _add_version_flags(gen)
     gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
     gen.add_argument("--quantized_base", default=None,
                      help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
@@ -517,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--quantized_base", default=None, help="a quantized base folder (default: the float UNet)")
     qa.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the quantized base's, or the embedded one)")
+    _add_version_flags(qa)
     _add_activation_flags(qa, calibrate_only=True)
     qa.add_argument("--num_inference_steps", type=int, default=25, help="the sampling schedule calibrated (25)")
     qa.add_argument("--guidance_scale", type=float, default=7.5)
@@ -536,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
+    _add_version_flags(ev)
     ev.add_argument("--quantized_base", default=None,
                     help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
                          "on, if its folder still exists, else none)")

@@ -48,14 +48,24 @@ def _base_from_id(base_id_: str | None) -> str | None:
     return None if base_id_ in (None, DEFAULT_BASE_ID) else base_id_
 
 
-def base_source(base: str | Path | None) -> tuple[str, dict]:
-    """(what to pass to ``from_pretrained``, its extra kwargs) for a base, the embedded default checked first."""
+def base_source(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> tuple[str, dict]:
+    """(what to pass to ``from_pretrained``, its extra kwargs) for a base, the embedded default checked first.
+
+    ``revision`` (a hub commit, branch or tag) and ``variant`` (e.g. "fp16": ``*.fp16.safetensors``) go to diffusers;
+    a revision of a local folder would be ignored by diffusers, so it is refused instead."""
     if base is None:
+        if revision is not None or variant is not None:
+            raise TuneQDMError("--revision and --variant apply to the model of --pretrained_model_name_or_path; the "
+                               "embedded pipeline has one version: drop them or name the model")
         from .toy.pipeline import DEFAULT_PIPELINE_DIR, check_pipeline_folder
 
         check_pipeline_folder(DEFAULT_PIPELINE_DIR)
         return str(DEFAULT_PIPELINE_DIR), {"local_files_only": True}
-    return str(base), {}
+    if revision is not None and Path(base).exists():
+        raise TuneQDMError(f"--revision {revision} names a version of a hub repository, but {base} is a local folder: "
+                           "drop --revision (the folder holds one version)")
+    extra = {"revision": revision} if revision is not None else {}
+    return str(base), {**extra, **({"variant": variant} if variant is not None else {})}
 
 
 def dtype_kwarg(dtype) -> dict:
@@ -67,19 +77,22 @@ def dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype}
 
 
-def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32, **components):
-    """The base pipeline with some components given instead of loaded (e.g. ``unet=...``)."""
+def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32, *,
+                  revision: str | None = None, variant: str | None = None, **components):
+    """The base pipeline (at ``revision``, in ``variant``: see ``base_source``) with some components given instead of
+    loaded (e.g. ``unet=...``): the one place a pipeline is loaded by name."""
     from diffusers import DiffusionPipeline
 
     _quiet_loading()
-    source, extra = base_source(base)
+    source, extra = base_source(base, revision, variant)
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first}") from None
+        raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first} (check "
+                           "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -104,10 +117,12 @@ def _has_component(source: str, name: str) -> bool:
 
 
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
-                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32):
+                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
+                  revision: str | None = None, variant: str | None = None):
     """A ready diffusers pipeline.
 
-    ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default).
+    ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
+    ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with).
     ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its UNet is used instead of the base's.
     ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
@@ -125,6 +140,9 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         cfg = read_adapter_config(adapter) if kind == "scales" else {}
         if base is None:
             base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
+            trained = info.get("settings") or {}
+            revision = trained.get("revision") if revision is None and base is not None else revision
+            variant = trained.get("variant") if variant is None and base is not None else variant
         if quantized_base is None and kind == "scales" and cfg.get("quantized_base"):
             if Path(cfg["quantized_base"]).is_dir():
                 quantized_base = cfg["quantized_base"]
@@ -136,15 +154,16 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
 
+    version = {"revision": revision, "variant": variant}
     if quantized_base is not None:
-        pipe = pipeline_from(base, device, dtype, unet=load_quantized(quantized_base, device=device))
+        pipe = pipeline_from(base, device, dtype, **version, unet=load_quantized(quantized_base, device=device))
     elif kind == "fp":
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(Path(adapter) / "unet", **dtype_kwarg(dtype))
-        pipe = pipeline_from(base, device, dtype, unet=unet)
+        pipe = pipeline_from(base, device, dtype, **version, unet=unet)
     else:
-        pipe = pipeline_from(base, device, dtype)
+        pipe = pipeline_from(base, device, dtype, **version)
     if kind == "lora":
         try:
             import peft  # noqa: F401
