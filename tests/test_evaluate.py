@@ -91,7 +91,8 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     args = _args(setup, out)
     i = args.index("--instance_data_dir") + 1
     assert err(args[:i] + [str(tmp_path / "none")] + args[i + 1:]) == \
-        f"tuneqdm: error: --instance_data_dir {tmp_path / 'none'} is not a folder"
+        f"tuneqdm: error: --instance_data_dir {tmp_path / 'none'} is not a folder: pass the folder of the subject's " \
+        "photos"
     j = args.index("--prompts") + 1
     assert err(args[:j] + [str(tmp_path / "p.txt")] + args[j + 1:]) == (
         f"tuneqdm: error: --prompts {tmp_path / 'p.txt'}: no such file; use a text file or one of "
@@ -107,3 +108,8 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
         f"tuneqdm: error: --force replaces only an earlier evaluation, and {used} holds no metrics.json"
     assert (used / "keep.txt").read_text() == "mine"
     assert not out.exists()  # nothing half-written
+    missing = ["--pretrained_model_name_or_path", str(tmp_path / "no-model")]  # checked before any loading
+    assert err(_args(setup, out, *missing, "--images_per_prompt", "0")) == \
+        "tuneqdm: error: --images_per_prompt and --num_inference_steps must be at least 1"
+    assert err(_args(setup, out, *missing, "--metric", "fid", "--fid_images", "1")) == \
+        "tuneqdm: error: --fid_images must be at least 2 (a covariance needs two images), got 1"

@@ -80,6 +80,10 @@ def _evaluate(args) -> None:
     from .train.data import subject_metadata, words
     from .train.outputs import read_training_json
 
+    if args.images_per_prompt < 1 or args.num_inference_steps < 1:
+        raise TuneQDMError("--images_per_prompt and --num_inference_steps must be at least 1")
+    if args.metric == "fid" and args.fid_images < 2:
+        raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {args.fid_images}")
     out = Path(args.out)
     check_writable(out)  # before any sampling
     if out.exists() and any(out.iterdir()):

@@ -26,7 +26,7 @@ def read_photos(folder) -> list[Image.Image]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise TuneQDMError(f"--instance_data_dir {folder} is not a folder")
+        raise TuneQDMError(f"--instance_data_dir {folder} is not a folder: pass the folder of the subject's photos")
     photos = [read_photo(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     photos = [p for p in photos if p is not None]
     if not photos:

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import TuneQDMError
-from ..files import check_version, check_writable_file
+from ..files import check_version, check_writable_file, read_json
 from .evaluate import METRICS
 from .fidelity import TABLE_VERSION, cell_name
 
@@ -65,11 +65,12 @@ def collect(results) -> tuple[list[dict], list[Section]]:
     if not results.is_dir():
         raise TuneQDMError(f"{results} is not a folder: pass an evaluation or benchmark output folder")
     if (results / "fidelity.json").is_file():
-        table = json.loads((results / "fidelity.json").read_text())
+        table = read_json(results / "fidelity.json", "fidelity table")
         if table.get("table_version") != TABLE_VERSION:
             raise TuneQDMError(f"{results} was made by an older tuneqdm: run the benchmark again into a new --out")
         sections = []
-        for subject in sorted((results / "subjects").iterdir(), key=lambda p: _natural(p.name)):
+        subjects = results / "subjects"
+        for subject in sorted(subjects.iterdir() if subjects.is_dir() else [], key=lambda p: _natural(p.name)):
             section = Section(subject.name, _photos(subject))
             for row in table["rows"]:
                 cell = results / "cells" / cell_name(row["method"], row["bits"]) / subject.name / "eval"
@@ -160,7 +161,8 @@ def _section(s: Section, fmt: str) -> str:
     prompts = [p["prompt"] for p in s.columns[0].metrics["per_prompt"]]
     for c in s.columns:
         if [p["prompt"] for p in c.metrics["per_prompt"]] != prompts:
-            raise TuneQDMError(f"{c.folder} was evaluated on other prompts than {s.columns[0].folder}")
+            raise TuneQDMError(f"{c.folder} was evaluated on other prompts than {s.columns[0].folder}: report "
+                               "evaluations of the same --prompts")
     out = [f"<section id='{html.escape(s.name)}'><h2>{html.escape(s.name)}</h2>"]
     if s.photos:
         out.append(f"<p class='photos'>reference photos<br><img alt='reference photos of {html.escape(s.name)}' "
@@ -199,7 +201,8 @@ def render(results, fmt: str = "jpeg") -> str:
         raise TuneQDMError(f"image format {fmt!r}: choose one of {', '.join(FORMATS)}")
     rows, sections = collect(results)
     if not sections:
-        raise TuneQDMError(f"{results} has no finished evaluations yet")
+        raise TuneQDMError(f"{results} has no finished evaluations yet: report it when the benchmark has finished "
+                           "a cell")
     first = sections[0].columns[0].metrics
     title = f"tuneqdm report: {Path(results).resolve().name}"
     settings = (f"{len(sections)} subject(s); {first['images_per_prompt']} images per prompt, "
