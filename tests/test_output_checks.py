@@ -81,3 +81,6 @@ def test_report_checks_its_file_before_rendering(read_only, tmp_path, capsys):
         f"tuneqdm: error: cannot write {page}: {read_only} is not writable (")
     assert _error(capsys, ["report", str(missing), "--out", str(tmp_path)]) == \
         f"tuneqdm: error: --out {tmp_path} is a folder: give a file name\n"
+    shot = read_only / "top.png"
+    assert _error(capsys, ["report", str(missing), "--out", str(tmp_path / "r.html"), "--screenshot", str(shot)]) \
+        .startswith(f"tuneqdm: error: cannot write {shot}: {read_only} is not writable (")

@@ -124,7 +124,7 @@ def _evaluate(args) -> None:
                          quantized_base=args.quantized_base, device=args.device, **_version(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             "instance_data_dir": str(args.instance_data_dir), "prompts": spec, "evaluator": evaluator,
-            "class_word": class_word}
+            "class_word": class_word, **_version(args)}
     m = evaluate(pipe, real, prompts, args.images_per_prompt, subject_enc, clip_enc, token, out, seed=args.seed,
                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                  keep_token=args.keep_token_in_clip_t, info=info)
@@ -147,7 +147,8 @@ def _evaluate_fid(args, out: Path) -> None:
         encoder = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, **_version(args))
-    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base}
+    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
+            **_version(args)}
     m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
                      num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
     print(f"FD {m['fd']:.4f}  text score {m['text_score']:.3f} (renders {m['reference_text_score']:.3f})  "
@@ -294,6 +295,10 @@ def _report(args) -> None:
     out = Path(args.out) if args.out else Path(args.results) / "report.html"
     if args.screenshot and not args.screenshot.lower().endswith(".png"):
         raise TuneQDMError(f"--screenshot {args.screenshot}: give a .png file name")
+    if args.screenshot:
+        from .files import check_writable_file
+
+        check_writable_file(args.screenshot, "--screenshot")
     write_report(args.results, out, args.image_format)
     print(f"report: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     if args.screenshot:
