@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "on, if its folder still exists, else none)")
     ev.add_argument("--prompts", default=None,
                     help="dreambooth-object, dreambooth-live, toy or a file of prompts with {0} = token, {1} = class "
-                         "(default: toy for a toy subject, else dreambooth-object)")
+                         "and all else literal (default: toy for a toy subject, else dreambooth-object)")
     ev.add_argument("--images_per_prompt", type=int, default=4)
     ev.add_argument("--evaluator", choices=("toy", "clip-dino"), default=None,
                     help="toy: the shipped toy-world encoders; clip-dino: real DINO and CLIP "
