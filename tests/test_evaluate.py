@@ -55,8 +55,13 @@ def test_metrics_are_those_of_the_saved_images(setup, tmp_path):
     assert (m["real_images"], m["token"], m["clip_t_keeps_token"]) == (3, "sks", False)
     assert Image.open(out / "grid.png").size == (2 * 64, 2 * 64)
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metrics.json"]
+    # --force that fails before writing (here: no such model) keeps the earlier evaluation
+    assert main(_args(setup, out, "--force", "--pretrained_model_name_or_path", str(tmp_path / "no-model"))) == 2
+    assert json.loads((out / "metrics.json").read_text()) == m and len(list((out / "images").iterdir())) == 4
+    (out / "images" / "099_0.png").write_bytes(b"stale")
     assert main(_args(setup, out, "--force")) == 0  # an earlier evaluation is replaced whole
     assert json.loads((out / "metrics.json").read_text())["dino"] == m["dino"]
+    assert not (out / "images" / "099_0.png").exists()
 
     again = tmp_path / "again"
     assert main(_args(setup, again, "--keep_token_in_clip_t")) == 0

@@ -71,8 +71,6 @@ def _generate(args) -> None:
 
 
 def _evaluate(args) -> None:
-    import shutil
-
     from .eval.evaluate import METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
     from .files import check_writable
@@ -91,7 +89,6 @@ def _evaluate(args) -> None:
             raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
         if not (out / METRICS).is_file():
             raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
-        shutil.rmtree(out)
     if args.metric == "fid":
         return _evaluate_fid(args, out)
     if args.instance_data_dir is None:
@@ -127,7 +124,7 @@ def _evaluate(args) -> None:
             "class_word": class_word, **_version(args)}
     m = evaluate(pipe, real, prompts, args.images_per_prompt, subject_enc, clip_enc, token, out, seed=args.seed,
                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                 keep_token=args.keep_token_in_clip_t, info=info)
+                 keep_token=args.keep_token_in_clip_t, info=info, replace=args.force)
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
 
@@ -150,7 +147,8 @@ def _evaluate_fid(args, out: Path) -> None:
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             **_version(args)}
     m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
-                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
+                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info,
+                     replace=args.force)
     print(f"FD {m['fd']:.4f}  text score {m['text_score']:.3f} (renders {m['reference_text_score']:.3f})  "
           f"({args.fid_images} images, {encoder.name} features) -> {out / 'metrics.json'}")
 
