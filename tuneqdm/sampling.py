@@ -140,7 +140,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         cfg = read_adapter_config(adapter) if kind == "scales" else {}
         if base is None:
             base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
-            trained = info.get("settings") or {}
+            trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
             revision = trained.get("revision") if revision is None and base is not None else revision
             variant = trained.get("variant") if variant is None and base is not None else variant
         if quantized_base is None and kind == "scales" and cfg.get("quantized_base"):
