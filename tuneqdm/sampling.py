@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -88,13 +90,32 @@ def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", d
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
+        with _without_logged_errors("diffusers"):
+            pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _without_logged_errors(library: str):
+    """diffusers logs a failed load at ERROR level before raising; the exception becomes tuneqdm's one line, so the
+    logged copy is dropped (warnings still show)."""
+    handlers = logging.getLogger(library).handlers
+
+    def below_error(record) -> bool:
+        return record.levelno < logging.ERROR
+
+    for handler in handlers:
+        handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(below_error)
 
 
 def _quiet_loading() -> None:
