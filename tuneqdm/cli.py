@@ -181,13 +181,14 @@ def _version(args) -> dict:
     return {"revision": args.revision, "variant": args.variant}
 
 
-def _add_version_flags(parser) -> None:
+def _add_version_flags(parser, adapter: bool = False) -> None:
     """diffusers' --revision/--variant, for a model named by --pretrained_model_name_or_path."""
+    trained = "the adapter's, else " if adapter else ""
     parser.add_argument("--revision", default=None,
-                        help="a hub id's branch, tag or commit (default: the repository's main branch)")
+                        help=f"a hub id's branch, tag or commit (default: {trained}the repository's main branch)")
     parser.add_argument("--variant", default=None,
                         help="load the model's files of this variant, e.g. fp16 for *.fp16.safetensors "
-                             "(default: the files without a variant)")
+                             f"(default: {trained}the files without a variant)")
 
 
 def _add_activation_flags(parser, calibrate_only: bool) -> None:
@@ -524,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: the model's native size)")
     gen.add_argument("--pretrained_model_name_or_path", default=None,
                      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
-    _add_version_flags(gen)
+    _add_version_flags(gen, adapter=True)
     gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
     gen.add_argument("--quantized_base", default=None,
                      help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
@@ -561,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
-    _add_version_flags(ev)
+    _add_version_flags(ev, adapter=True)
     ev.add_argument("--quantized_base", default=None,
                     help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
                          "on, if its folder still exists, else none)")
