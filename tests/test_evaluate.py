@@ -55,8 +55,13 @@ def test_metrics_are_those_of_the_saved_images(setup, tmp_path):
     assert (m["real_images"], m["token"], m["clip_t_keeps_token"]) == (3, "sks", False)
     assert Image.open(out / "grid.png").size == (2 * 64, 2 * 64)
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metrics.json"]
+    # --force that fails before writing (here: no such model) keeps the earlier evaluation
+    assert main(_args(setup, out, "--force", "--pretrained_model_name_or_path", str(tmp_path / "no-model"))) == 2
+    assert json.loads((out / "metrics.json").read_text()) == m and len(list((out / "images").iterdir())) == 4
+    (out / "images" / "099_0.png").write_bytes(b"stale")
     assert main(_args(setup, out, "--force")) == 0  # an earlier evaluation is replaced whole
     assert json.loads((out / "metrics.json").read_text())["dino"] == m["dino"]
+    assert not (out / "images" / "099_0.png").exists()
 
     again = tmp_path / "again"
     assert main(_args(setup, again, "--keep_token_in_clip_t")) == 0
@@ -71,6 +76,15 @@ def test_dreambooth_prompt_lists():
     assert evaluation_prompts("dreambooth-object", "sks", "can")[-1] == "a cube shaped sks can"
 
 
+def test_prompt_files_substitute_only_the_two_placeholders(tmp_path):
+    """A prompt file is text: only {0} and {1} are replaced; format fields, stray braces and {2} stay literal."""
+    lines = ["a {0} {1} {0.__class__.__mro__}", "a { {0}", "{2} and {} and {{0}} {1}", "{1}{0}"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    assert evaluation_prompts(str(path), "s{1}ks", "dog") == [
+        "a s{1}ks dog {0.__class__.__mro__}", "a { s{1}ks", "{2} and {} and {s{1}ks} dog", "dogs{1}ks"]
+
+
 def test_bad_input_is_one_line(setup, tmp_path, capsys):
     root, base, photos, prompts = setup
 
@@ -82,7 +96,8 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     args = _args(setup, out)
     i = args.index("--instance_data_dir") + 1
     assert err(args[:i] + [str(tmp_path / "none")] + args[i + 1:]) == \
-        f"tuneqdm: error: --instance_data_dir {tmp_path / 'none'} is not a folder"
+        f"tuneqdm: error: --instance_data_dir {tmp_path / 'none'} is not a folder: pass the folder of the subject's " \
+        "photos"
     j = args.index("--prompts") + 1
     assert err(args[:j] + [str(tmp_path / "p.txt")] + args[j + 1:]) == (
         f"tuneqdm: error: --prompts {tmp_path / 'p.txt'}: no such file; use a text file or one of "
@@ -98,3 +113,8 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
         f"tuneqdm: error: --force replaces only an earlier evaluation, and {used} holds no metrics.json"
     assert (used / "keep.txt").read_text() == "mine"
     assert not out.exists()  # nothing half-written
+    missing = ["--pretrained_model_name_or_path", str(tmp_path / "no-model")]  # checked before any loading
+    assert err(_args(setup, out, *missing, "--images_per_prompt", "0")) == \
+        "tuneqdm: error: --images_per_prompt and --num_inference_steps must be at least 1"
+    assert err(_args(setup, out, *missing, "--metric", "fid", "--fid_images", "1")) == \
+        "tuneqdm: error: --fid_images must be at least 2 (a covariance needs two images), got 1"

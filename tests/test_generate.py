@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import tuneqdm
@@ -95,7 +96,24 @@ def test_adapter_for_another_base_is_refused_in_one_line(base, scales, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
     assert f"(base '{base.resolve()}'), but this model's fingerprint is " in err
+    assert err.endswith(f": pass --pretrained_model_name_or_path {base.resolve()} (the base it was trained on), or "
+                        "train again on this one\n")
     assert not (tmp_path / "g").exists()
+
+    # a quantized base made otherwise (mse grid) than the adapter's (minmax): the error says both ways out
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    tuneqdm.quantize_(unet, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    with torch.no_grad():
+        next(iter(tuneqdm.quantized_layers(unet).values())).zero_point.add_(1)  # other integers, same settings
+    qdir = tuneqdm.save_quantized(unet, tmp_path / "w4", base_id=str(base))
+    assert main(["generate", "--adapter", str(scales), "--quantized_base", str(qdir), "--prompt", "x",
+                 "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
+    assert err.endswith(": drop --quantized_base (the adapter's own base is then quantized as in training), or train "
+                        f"with --quantized_base {qdir} to use that one\n")
 
     (tmp_path / "empty").mkdir()
     assert main(["generate", "--adapter", str(tmp_path / "empty"), "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
@@ -110,7 +128,8 @@ def test_lora_and_fp_results_load_and_change_the_picture(base, photos, tmp_path,
     pipe = tuneqdm.load_pipeline(adapter=out)
     assert not tuneqdm.quantized_layers(pipe.unet)
     assert np.abs(_sample(pipe) - _sample(tuneqdm.load_pipeline(base))).mean() > 0.5
-    with pytest.raises(TuneQDMError, match=f"^--quantized_base applies to scale adapters; {out} is a {method} result$"):
+    with pytest.raises(TuneQDMError, match=f"^--quantized_base applies to scale adapters; {out} is a {method} "
+                                           "result: drop --quantized_base$"):
         tuneqdm.load_pipeline(adapter=out, quantized_base=tmp_path)
     if method == "lora":
         other = tiny_sd_pipeline(tmp_path / "other", seed=1)
@@ -177,3 +196,75 @@ def test_weight_cache_gives_bit_identical_images_within_its_budget(scales):
     with cached_weights(pipe.unet, max_bytes=min(sizes)) as cache:  # room for one layer of one expert
         small = _pixels(generate(pipe, "a sks box", num_inference_steps=3, seed=7, weight_cache_bytes=min(sizes)))
     assert np.array_equal(small, rebuilt) and cache.bytes <= min(sizes)
+
+
+def test_height_and_width_default_to_the_native_size(base, tmp_path, capsys):
+    def run(out, *extra):
+        return main(["generate", "--pretrained_model_name_or_path", str(base), "--prompt", "a box", "--num_images", "1",
+                     "--num_inference_steps", "2", "--out", str(tmp_path / out), *extra])
+
+    assert run("native") == 0 and Image.open(tmp_path / "native" / "000.png").size == (32, 32)  # 16x16 latents x 2
+    assert run("wide", "--height", "16", "--width", "48") == 0
+    assert Image.open(tmp_path / "wide" / "000.png").size == (48, 16)
+    meta = json.loads((tmp_path / "wide" / "generate.json").read_text())
+    assert (meta["height"], meta["width"]) == (16, 48)
+    expected = generate(tuneqdm.load_pipeline(base), "a box", num_inference_steps=2, height=16, width=48)
+    assert np.array_equal(_pixels([Image.open(tmp_path / "wide" / "000.png")]), _pixels(expected))
+    capsys.readouterr()
+    assert run("bad", "--width", "20") == 2
+    assert capsys.readouterr().err == ("tuneqdm: error: --width 20: give a positive multiple of 8 (the VAE's latent "
+                                       "grid), or leave it out for the model's native size\n")
+
+
+@pytest.fixture(scope="module")
+def fp16_variant(base, tmp_path_factory):
+    """The tiny base saved as a variant only (``*.fp16.safetensors``; the tensors stay float32): no download."""
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("variant") / "sd"
+    DiffusionPipeline.from_pretrained(base, safety_checker=None).save_pretrained(folder, variant="fp16")
+    assert not list(folder.glob("unet/*model.safetensors")) and list(folder.glob("unet/*.fp16.safetensors"))
+    return folder
+
+
+def test_variant_reaches_every_command_that_loads_a_pipeline(base, photos, scales, fp16_variant, tmp_path, capsys):
+    var = ["--pretrained_model_name_or_path", str(fp16_variant)]
+    gen = ["generate", "--prompt", "a sks box", "--num_images", "1", "--num_inference_steps", "3", "--seed", "7"]
+    assert main([*gen, *var, "--variant", "fp16", "--out", str(tmp_path / "g")]) == 0
+    expected = _sample(tuneqdm.load_pipeline(base))
+    assert np.array_equal(_pixels([Image.open(tmp_path / "g" / "000.png")]), expected)
+    assert json.loads((tmp_path / "g" / "generate.json").read_text())["variant"] == "fp16"
+
+    # train with the variant: the same adapter as on the plain folder, and generate reads the variant from it
+    out = _train(fp16_variant, photos, tmp_path / "t", variant="fp16")
+    assert (out / "adapter.safetensors").read_bytes() == (scales / "adapter.safetensors").read_bytes()
+    assert np.array_equal(_sample(tuneqdm.load_pipeline(adapter=out)), _sample(tuneqdm.load_pipeline(adapter=scales)))
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1}\n")
+    assert main(["quantize", *var, "--variant", "fp16", "--calibrate", "minmax", "--calib_prompts", str(prompts),
+                 "--calib_samples", "1", "--num_inference_steps", "2", "--out", str(tmp_path / "q")]) == 0
+    assert main(["evaluate", *var, "--variant", "fp16", "--quantized_base", str(tmp_path / "q"),
+                 "--instance_data_dir", str(photos), "--prompts", str(prompts), "--class_word", "box",
+                 "--evaluator", "toy", "--images_per_prompt", "1", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert main(["quantize-activations", *var, "--variant", "fp16", "--quantized_base", str(tmp_path / "q"),
+                 "--calib_prompts", str(prompts), "--calib_samples", "1", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+
+    def err(*argv):
+        assert main([*gen, *argv, "--out", str(tmp_path / "x")]) == 2
+        return capsys.readouterr().err
+
+    no_variant = err(*var)  # one line: diffusers' logged copy of the error is dropped
+    assert no_variant.startswith(f"tuneqdm: error: cannot load the pipeline {fp16_variant}: ")
+    assert no_variant.endswith("(check --pretrained_model_name_or_path, and --variant for a folder saved in one)\n")
+    assert no_variant.count("\n") == 1
+    assert err(*var, "--revision", "v1") == (
+        f"tuneqdm: error: --revision v1 names a version of a hub repository, but {fp16_variant} is a local folder: "
+        "drop --revision (the folder holds one version)\n")
+    assert err("--variant", "fp16") == (
+        "tuneqdm: error: --revision and --variant apply to the model of --pretrained_model_name_or_path; the "
+        "embedded pipeline has one version: drop them or name the model\n")
+    assert not (tmp_path / "x").exists()

@@ -105,6 +105,63 @@ def test_bad_results_folders_are_one_line(bench, tmp_path, capsys):
         f"tuneqdm: error: --screenshot {tmp_path / 's.jpg'}: give a .png file name\n")
 
 
+def _mark(field: str) -> str:
+    """Markup that would run if it reached the page unescaped (no "/": some fields become folder names)."""
+    return f"<img src=x onerror=alert('{field}') class=\"{field}\">"
+
+
+def _plant(value, field: str):
+    """``value`` with every leaf (numbers, strings, booleans) replaced by markup naming its field."""
+    if isinstance(value, dict):
+        return {k: _plant(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plant(v, f"{field}.{i}") for i, v in enumerate(value)]
+    return _mark(field)
+
+
+def _crafted_benchmark(root, rows_fields, metric_fields):
+    """A fidelity folder written by hand: one subject, one cell, every field of both JSON files planted."""
+    subject = root / "subjects" / _mark("subject")
+    subject.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(subject / "0.png")
+    row = _plant(rows_fields, "row")
+    (root / "fidelity.json").write_text(json.dumps({"table_version": 2, "rows": [row]}))
+    eval_dir = root / "cells" / f"{row['method']}-w{row['bits']}" / subject.name / "eval"
+    (eval_dir / "images").mkdir(parents=True)
+    metrics = _plant(metric_fields, "metrics")
+    metrics.update(format_version=1, per_prompt=[{**_plant(metric_fields["per_prompt"][0], "p"), "seeds": [0]}])
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    Image.new("RGB", (8, 8), "blue").save(eval_dir / "images" / "000_0.png")
+    return [_mark(f) for f in (*rows_fields, *metric_fields, *metric_fields["per_prompt"][0], "subject")]
+
+
+def test_markup_planted_in_every_results_field_reaches_the_page_only_escaped(bench, tmp_path):
+    import html
+
+    fields = json.loads((bench / "fidelity.json").read_text())["rows"][0]
+    metrics = json.loads((bench / "cells" / "peqa-w4" / "s0" / "eval" / "metrics.json").read_text())
+    marks = _crafted_benchmark(tmp_path / "fid", fields, metrics)
+    assert main(["report", str(tmp_path / "fid"), "--out", str(tmp_path / "r.html")]) == 0
+    text = (tmp_path / "r.html").read_text()
+    assert "<img src=x" not in text and "onerror=alert('" not in text
+    shown = [m for m in marks if html.escape(m) in text]
+    for field in ("method", "bits", "learning_rate", "subjects", "dino", "dino_std", "clip_t_std",
+                  "trainable_params", "trainable_fraction", "adapter_bytes", "train_s", "train_peak_mib", "prompt",
+                  "subject", "subject_encoder", "clip_encoder", "seed", "guidance_scale", "images_per_prompt"):
+        assert _mark(field) in shown, field
+
+    single = tmp_path / "single"
+    (single / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(single / "images" / "000_0.png")
+    planted = {**_plant({**metrics, "adapter": 0, "instance_data_dir": 0}, "metrics"), "format_version": 1,
+               "per_prompt": [{**_plant(metrics["per_prompt"][0], "p"), "seeds": [0]}]}
+    (single / "metrics.json").write_text(json.dumps(planted))
+    assert main(["report", str(single)]) == 0
+    text = (single / "report.html").read_text()
+    assert "<img src=x" not in text
+    assert all(html.escape(_mark(f)) in text for f in ("adapter", "instance_data_dir", "dino", "prompt", "seed"))
+
+
 def _browser_available() -> bool:
     from tuneqdm.eval.browser import chromium_executable
 

@@ -26,6 +26,11 @@ def _generate(args) -> None:
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
+    for flag in ("height", "width"):
+        size = getattr(args, flag)
+        if size is not None and (size < 8 or size % 8):
+            raise TuneQDMError(f"--{flag} {size}: give a positive multiple of 8 (the VAE's latent grid), or leave it "
+                               "out for the model's native size")
     if args.activation_bits is not None:
         from .ptq.activations import ActivationConfig
 
@@ -40,7 +45,7 @@ def _generate(args) -> None:
                                "names the class: write the class word instead")
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, **_version(args))
     set_scheduler(pipe, args.scheduler)
     if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
@@ -50,36 +55,40 @@ def _generate(args) -> None:
                         args.pretrained_model_name_or_path, args.num_inference_steps, args.guidance_scale,
                         log=lambda m: print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
-                      negative_prompt=args.negative_prompt)
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width)
     with atomic_dir(out) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
-                                              "adapter", "quantized_base", "activation_bits", "groups",
-                                              "attention_quant", "activations")}
+                                              "revision", "variant", "adapter", "quantized_base", "activation_bits",
+                                              "groups", "attention_quant", "activations")}
         meta["prompt"] = prompt
+        meta["height"], meta["width"] = images[0].height, images[0].width
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     print(f"{len(images)} images of '{prompt}' in {out}")
 
 
 def _evaluate(args) -> None:
-    import shutil
-
     from .eval.evaluate import METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
+    from .files import check_writable
     from .sampling import load_pipeline
     from .train.data import subject_metadata, words
     from .train.outputs import read_training_json
 
+    if args.images_per_prompt < 1 or args.num_inference_steps < 1:
+        raise TuneQDMError("--images_per_prompt and --num_inference_steps must be at least 1")
+    if args.metric == "fid" and args.fid_images < 2:
+        raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {args.fid_images}")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_writable(out)  # before any sampling
+    if out.exists() and any(out.iterdir()):
         if not args.force:
             raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
         if not (out / METRICS).is_file():
             raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
-        shutil.rmtree(out)
     if args.metric == "fid":
         return _evaluate_fid(args, out)
     if args.instance_data_dir is None:
@@ -109,13 +118,13 @@ def _evaluate(args) -> None:
         subject_enc = DinoEncoder(args.dino_id, device=args.device)
         clip_enc = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, **_version(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             "instance_data_dir": str(args.instance_data_dir), "prompts": spec, "evaluator": evaluator,
-            "class_word": class_word}
+            "class_word": class_word, **_version(args)}
     m = evaluate(pipe, real, prompts, args.images_per_prompt, subject_enc, clip_enc, token, out, seed=args.seed,
                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                 keep_token=args.keep_token_in_clip_t, info=info)
+                 keep_token=args.keep_token_in_clip_t, info=info, replace=args.force)
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
 
@@ -134,10 +143,12 @@ def _evaluate_fid(args, out: Path) -> None:
 
         encoder = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
-    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base}
+                         quantized_base=args.quantized_base, device=args.device, **_version(args))
+    info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
+            **_version(args)}
     m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
-                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info)
+                     num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, info=info,
+                     replace=args.force)
     print(f"FD {m['fd']:.4f}  text score {m['text_score']:.3f} (renders {m['reference_text_score']:.3f})  "
           f"({args.fid_images} images, {encoder.name} features) -> {out / 'metrics.json'}")
 
@@ -154,7 +165,8 @@ def _quantize_activations(args) -> None:
     out = check_output_folder(args.out or Path(args.quantized_base) / folder_name(args.activation_bits, args.groups),
                               args.force)
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
-    pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
+                         **_version(args))
     set_scheduler(pipe, args.scheduler)
     q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
                         samples=args.calib_samples, base=args.pretrained_model_name_or_path,
@@ -163,6 +175,20 @@ def _quantize_activations(args) -> None:
     save_activations(q, out)
     print(f"A{args.activation_bits} K={args.groups} activation parameters for {len(q.timesteps)} steps, "
           f"{len(q.layers)} layers ({q.dim_counts()}) in {q.info['calibration_seconds']} s -> {out}")
+
+
+def _version(args) -> dict:
+    return {"revision": args.revision, "variant": args.variant}
+
+
+def _add_version_flags(parser, adapter: bool = False) -> None:
+    """diffusers' --revision/--variant, for a model named by --pretrained_model_name_or_path."""
+    trained = "the adapter's, else " if adapter else ""
+    parser.add_argument("--revision", default=None,
+                        help=f"a hub id's branch, tag or commit (default: {trained}the repository's main branch)")
+    parser.add_argument("--variant", default=None,
+                        help="load the model's files of this variant, e.g. fp16 for *.fp16.safetensors "
+                             f"(default: {trained}the files without a variant)")
 
 
 def _add_activation_flags(parser, calibrate_only: bool) -> None:
@@ -211,6 +237,7 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 
 def _benchmark_fidelity(args) -> None:
     from .eval.fidelity import FLOOR, cells, cell_name, run_cell, table
+    from .files import check_writable
     from .sampling import pipeline_from
     from .toy.subjects import write_subject
     from .train.config import METHOD_CHOICES
@@ -228,6 +255,7 @@ def _benchmark_fidelity(args) -> None:
     if ("s1" in methods) != bool(args.s1_intervals):
         raise TuneQDMError("--methods s1 needs --s1_intervals (e.g. 0-250), and --s1_intervals needs s1 in --methods")
     out = Path(args.out)
+    check_writable(out)  # before the first cell trains
     subjects = []
     for seed in _parse_seeds(args.subjects):
         folder = out / "subjects" / f"s{seed}"
@@ -266,6 +294,10 @@ def _report(args) -> None:
     out = Path(args.out) if args.out else Path(args.results) / "report.html"
     if args.screenshot and not args.screenshot.lower().endswith(".png"):
         raise TuneQDMError(f"--screenshot {args.screenshot}: give a .png file name")
+    if args.screenshot:
+        from .files import check_writable_file
+
+        check_writable_file(args.screenshot, "--screenshot")
     write_report(args.results, out, args.image_format)
     print(f"report: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     if args.screenshot:
@@ -295,6 +327,7 @@ def _add_train_parser(sub) -> None:
     a = tr.add_argument
     a("--pretrained_model_name_or_path", default=None,
       help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    _add_version_flags(tr)
     a("--method", choices=METHOD_CHOICES, default="tuneqdm",
       help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA or the full UNet (fp)")
     a("--bits", type=int, choices=(2, 4, 8), default=4, help="weight bits of the quantized UNet (default 4)")
@@ -364,7 +397,7 @@ def _quantize(args) -> None:
                             args.calib_prompts, args.calib_samples, args.calib_steps, args.num_inference_steps,
                             args.guidance_scale, args.seed, args.split_shortcuts,
                             AdaRoundConfig(iters=args.iters, batch_size=args.batch_size, seed=args.seed),
-                            force=args.force, device=args.device, progress=progress)
+                            force=args.force, device=args.device, progress=progress, **_version(args))
     print(f"W{args.bits} {args.calibrate} quantized base in {args.out} ({rec['rows']} calibration rows, "
           f"{len(rec['splits'])} split convs, {rec['seconds']:.0f} s); use it with tuneqdm train --quantized_base "
           f"{args.out} --bits {args.bits} --quant_init {rec['grid_init']}")
@@ -382,6 +415,7 @@ def _add_quantize_parser(sub) -> None:
       help="a local diffusers folder or hub id (default: the embedded toy pipeline). With --calibrate minmax/mse a "
            "local transformer (or a UNet with --no-split_shortcuts) is quantized tensor by tensor from its "
            "safetensors, never loading the float model")
+    _add_version_flags(q)
     a("--bits", type=int, default=4, help="weight bits: 2, 4 or 8 (default 4)")
     a("--calibrate", choices=CALIBRATIONS, default="adaround",
       help="minmax / mse: round to nearest on the channel's range / on an MSE-searched clipping range; adaround: the "
@@ -452,8 +486,22 @@ def _toy_scenes(args) -> None:
         print(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every option's help ends with its default (subcommands inherit the class), unless the help already names
+    which default applies; an option without a default says "none"."""
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and action.nargs != 0 and not action.required and action.help is not argparse.SUPPRESS:
+            text = action.help or ""
+            if "default" not in text.lower():
+                shown = "none" if action.default is None else "%(default)s"
+                action.help = f"{text} (default: {shown})" if text else f"default: {shown}"
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneqdm", description="Quantized diffusion personalization by scale tuning.")
+    parser = _Parser(prog="tuneqdm", description="Quantized diffusion personalization by scale tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize a tiny model, train its scales, save, reload and sample")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
@@ -473,10 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance_scale", type=float, default=7.5)
     gen.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default="ddim")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
+                                                              "(default: the model's native size)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 "
+                                                             "(default: the model's native size)")
     gen.add_argument("--pretrained_model_name_or_path", default=None,
                      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    _add_version_flags(gen, adapter=True)
     gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
-    gen.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    gen.add_argument("--quantized_base", default=None,
+                     help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
+                          "on, if its folder still exists, else none)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
@@ -489,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--quantized_base", default=None, help="a quantized base folder (default: the float UNet)")
     qa.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the quantized base's, or the embedded one)")
+    _add_version_flags(qa)
     _add_activation_flags(qa, calibrate_only=True)
     qa.add_argument("--num_inference_steps", type=int, default=25, help="the sampling schedule calibrated (25)")
     qa.add_argument("--guidance_scale", type=float, default=7.5)
@@ -508,10 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (default: the base itself)")
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
-    ev.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    _add_version_flags(ev, adapter=True)
+    ev.add_argument("--quantized_base", default=None,
+                    help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
+                         "on, if its folder still exists, else none)")
     ev.add_argument("--prompts", default=None,
                     help="dreambooth-object, dreambooth-live, toy or a file of prompts with {0} = token, {1} = class "
-                         "(default: toy for a toy subject, else dreambooth-object)")
+                         "and all else literal (default: toy for a toy subject, else dreambooth-object)")
     ev.add_argument("--images_per_prompt", type=int, default=4)
     ev.add_argument("--evaluator", choices=("toy", "clip-dino"), default=None,
                     help="toy: the shipped toy-world encoders; clip-dino: real DINO and CLIP "

@@ -41,11 +41,48 @@ def atomic_dir(target: str | os.PathLike):
 
 
 def check_output_folder(out: str | os.PathLike, force: bool) -> Path:
-    """``out`` as a Path; a one-line error when it is a file or a non-empty folder, unless ``force``."""
+    """``out`` as a Path; a one-line error when it is a file, a non-empty folder (unless ``force``) or cannot be
+    written (see ``check_writable``): called before the long work, not after it."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise TuneQDMError(f"--out {out} is a file: give a folder name")
+    if out.exists() and any(out.iterdir()) and not force:
         raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    check_writable(out)
     return out
+
+
+def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
+    """A one-line error when the output folder ``out`` cannot be written where ``atomic_dir`` will write it: its
+    nearest existing ancestor is a file or refuses new entries, or ``out`` itself does (probed by creating and
+    removing a temporary folder: permission bits alone say nothing for root or a read-only mount)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TuneQDMError(f"{flag} {out} is a file: give a folder name")
+    _probe(out.parent, out, flag)
+    if out.is_dir():
+        _probe(out, out, flag)
+
+
+def check_writable_file(out: str | os.PathLike, flag: str = "--out") -> None:
+    """A one-line error when the file ``out`` cannot be written (atomically, beside itself)."""
+    out = Path(out)
+    if out.is_dir():
+        raise TuneQDMError(f"{flag} {out} is a folder: give a file name")
+    _probe(out.parent, out, flag)
+
+
+def _probe(folder: Path, out: Path, flag: str) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TuneQDMError(f"cannot write {out}: {existing} is a file: choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as e:
+        raise TuneQDMError(f"cannot write {out}: {existing} is not writable ({e.strerror}): choose another {flag}"
+                           ) from None
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -48,14 +50,24 @@ def _base_from_id(base_id_: str | None) -> str | None:
     return None if base_id_ in (None, DEFAULT_BASE_ID) else base_id_
 
 
-def base_source(base: str | Path | None) -> tuple[str, dict]:
-    """(what to pass to ``from_pretrained``, its extra kwargs) for a base, the embedded default checked first."""
+def base_source(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> tuple[str, dict]:
+    """(what to pass to ``from_pretrained``, its extra kwargs) for a base, the embedded default checked first.
+
+    ``revision`` (a hub commit, branch or tag) and ``variant`` (e.g. "fp16": ``*.fp16.safetensors``) go to diffusers;
+    a revision of a local folder would be ignored by diffusers, so it is refused instead."""
     if base is None:
+        if revision is not None or variant is not None:
+            raise TuneQDMError("--revision and --variant apply to the model of --pretrained_model_name_or_path; the "
+                               "embedded pipeline has one version: drop them or name the model")
         from .toy.pipeline import DEFAULT_PIPELINE_DIR, check_pipeline_folder
 
         check_pipeline_folder(DEFAULT_PIPELINE_DIR)
         return str(DEFAULT_PIPELINE_DIR), {"local_files_only": True}
-    return str(base), {}
+    if revision is not None and Path(base).exists():
+        raise TuneQDMError(f"--revision {revision} names a version of a hub repository, but {base} is a local folder: "
+                           "drop --revision (the folder holds one version)")
+    extra = {"revision": revision} if revision is not None else {}
+    return str(base), {**extra, **({"variant": variant} if variant is not None else {})}
 
 
 def dtype_kwarg(dtype) -> dict:
@@ -67,21 +79,43 @@ def dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype}
 
 
-def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32, **components):
-    """The base pipeline with some components given instead of loaded (e.g. ``unet=...``)."""
+def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32, *,
+                  revision: str | None = None, variant: str | None = None, **components):
+    """The base pipeline (at ``revision``, in ``variant``: see ``base_source``) with some components given instead of
+    loaded (e.g. ``unet=...``): the one place a pipeline is loaded by name."""
     from diffusers import DiffusionPipeline
 
     _quiet_loading()
-    source, extra = base_source(base)
+    source, extra = base_source(base, revision, variant)
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
+        with _without_logged_errors("diffusers"):
+            pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first}") from None
+        raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first} (check "
+                           "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _without_logged_errors(library: str):
+    """diffusers logs a failed load at ERROR level before raising; the exception becomes tuneqdm's one line, so the
+    logged copy is dropped (warnings still show)."""
+    handlers = logging.getLogger(library).handlers
+
+    def below_error(record) -> bool:
+        return record.levelno < logging.ERROR
+
+    for handler in handlers:
+        handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(below_error)
 
 
 def _quiet_loading() -> None:
@@ -104,10 +138,12 @@ def _has_component(source: str, name: str) -> bool:
 
 
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
-                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32):
+                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
+                  revision: str | None = None, variant: str | None = None):
     """A ready diffusers pipeline.
 
-    ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default).
+    ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
+    ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with).
     ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its UNet is used instead of the base's.
     ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
@@ -116,6 +152,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     from .serialization import load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
+    chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
     if adapter is not None:
         from .train.outputs import adapter_kind, read_training_json
 
@@ -124,6 +161,9 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         cfg = read_adapter_config(adapter) if kind == "scales" else {}
         if base is None:
             base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
+            trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
+            revision = trained.get("revision") if revision is None and base is not None else revision
+            variant = trained.get("variant") if variant is None and base is not None else variant
         if quantized_base is None and kind == "scales" and cfg.get("quantized_base"):
             if Path(cfg["quantized_base"]).is_dir():
                 quantized_base = cfg["quantized_base"]
@@ -132,17 +172,19 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         if recorded is not None and Path(recorded).is_dir():
             base = recorded
     if quantized_base is not None and kind in ("lora", "fp"):
-        raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result")
+        raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
+                           "drop --quantized_base")
 
+    version = {"revision": revision, "variant": variant}
     if quantized_base is not None:
-        pipe = pipeline_from(base, device, dtype, unet=load_quantized(quantized_base, device=device))
+        pipe = pipeline_from(base, device, dtype, **version, unet=load_quantized(quantized_base, device=device))
     elif kind == "fp":
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel.from_pretrained(Path(adapter) / "unet", **dtype_kwarg(dtype))
-        pipe = pipeline_from(base, device, dtype, unet=unet)
+        pipe = pipeline_from(base, device, dtype, **version, unet=unet)
     else:
-        pipe = pipeline_from(base, device, dtype)
+        pipe = pipeline_from(base, device, dtype, **version)
     if kind == "lora":
         try:
             import peft  # noqa: F401
@@ -151,7 +193,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         expected, actual = info.get("base_fingerprint"), float_fingerprint(pipe.unet)
         if expected and expected != actual:
             raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
-                               f"but this model's fingerprint is {actual}")
+                               f"but this model's fingerprint is {actual}: "
+                               f"{_base_fix(info.get('base_id'), chosen_base)}")
         pipe.load_lora_weights(str(adapter))
     elif kind == "scales":
         if quantized_base is None:
@@ -160,9 +203,37 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
             quantize_(pipe.unet, QuantConfig(
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
+        _check_adapter_base(pipe.unet, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
         load_adapter(pipe.unet, adapter)
     pipe.unet.eval()
     return pipe
+
+
+def _check_adapter_base(unet, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
+    """Refuse a scale adapter on integers it was not trained on, in one line that names the fix."""
+    from .serialization import fingerprint
+
+    expected, actual = cfg.get("base_fingerprint"), fingerprint(unet)
+    if expected == actual:
+        return
+    problem = (f"adapter {adapter} belongs to base fingerprint {expected} (base {cfg.get('base_id')!r}), "
+               f"but this model's fingerprint is {actual}")
+    if chosen_quantized:
+        fix = (f"drop --quantized_base (the adapter's own base is then quantized as in training), or train with "
+               f"--quantized_base {quantized_base} to use that one")
+    elif quantized_base is not None:
+        fix = f"the quantized base {quantized_base} it was trained on has changed since: train again"
+    else:
+        fix = _base_fix(cfg.get("base_id"), chosen_base)
+    raise TuneQDMError(f"{problem}: {fix}")
+
+
+def _base_fix(recorded: str | None, chosen_base: bool) -> str:
+    if not chosen_base:
+        return f"its base {recorded} has changed since training: train again"
+    if recorded in (None, DEFAULT_BASE_ID):
+        return "drop --pretrained_model_name_or_path (it was trained on the embedded pipeline), or train again"
+    return f"pass --pretrained_model_name_or_path {recorded} (the base it was trained on), or train again on this one"
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -8,6 +8,7 @@ model has never seen it). Every number is kept per prompt; the means weigh promp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,7 @@ def read_photos(folder) -> list[Image.Image]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise TuneQDMError(f"--instance_data_dir {folder} is not a folder")
+        raise TuneQDMError(f"--instance_data_dir {folder} is not a folder: pass the folder of the subject's photos")
     photos = [read_photo(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     photos = [p for p in photos if p is not None]
     if not photos:
@@ -51,8 +52,9 @@ def grid(rows: Sequence[Sequence[Image.Image]], side: int = 64) -> Image.Image:
 def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_per_prompt: int,
              subject_encoder: ImageEncoder, clip_encoder: ImageTextEncoder, token: str, out, *, seed: int = 0,
              num_inference_steps: int = 25, guidance_scale: float = 7.5, keep_token: bool = False,
-             info: dict | None = None) -> dict:
-    """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``) atomically."""
+             info: dict | None = None, replace: bool = False) -> dict:
+    """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``) atomically;
+    ``replace``: an earlier evaluation in ``out`` is removed only then, so a failed or interrupted run keeps it."""
     from ..sampling import generate
 
     if images_per_prompt < 1 or not prompts:
@@ -73,6 +75,8 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
                "clip_t_keeps_token": keep_token, "token": token, "images_per_prompt": images_per_prompt,
                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
                "real_images": len(real), **(info or {}), "per_prompt": per_prompt}
+    if replace:
+        shutil.rmtree(out, ignore_errors=True)
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         for p, images in enumerate(rows):

@@ -11,6 +11,7 @@ caption (CLIP-T); the same score of the reference renders is reported as the cei
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -80,9 +81,9 @@ def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25
 
 def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, world_seed: int = EVALUATION_SEED,
                  seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
-                 info: dict | None = None) -> dict:
+                 info: dict | None = None, replace: bool = False) -> dict:
     """Generate one image per toy-world caption, score FD and text score against the renders, write ``out/``
-    (``metrics.json``, ``grid.png`` of the first 64 images) atomically."""
+    (``metrics.json``, ``grid.png`` of the first 64 images) atomically (``replace``: as in ``evaluate``)."""
     import time
 
     from .encoders import cosine_matrix
@@ -105,6 +106,8 @@ def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, w
         "sample_seconds": sample_s, **(info or {}),
     }
     rows = [generated[i:i + 8] for i in range(0, min(64, len(generated)), 8)]
+    if replace:
+        shutil.rmtree(out, ignore_errors=True)
     with atomic_dir(out) as tmp:
         grid(rows).save(tmp / "grid.png")
         (tmp / METRICS).write_text(json.dumps(metrics, indent=1))

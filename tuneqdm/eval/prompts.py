@@ -6,6 +6,7 @@ published, with ``{0}`` the unique token and ``{1}`` the class word.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import TuneQDMError
@@ -51,4 +52,11 @@ def evaluation_prompts(spec: str, token: str, class_word: str) -> list[str]:
         templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not templates:
             raise TuneQDMError(f"--prompts {spec} has no prompts: write one per line")
-    return [t.format(token, class_word) for t in templates]
+    return [fill(t, token, class_word) for t in templates]
+
+
+def fill(template: str, token: str, class_word: str) -> str:
+    """``template`` with ``{0}`` -> token and ``{1}`` -> class word, and nothing else: a prompt file is text, not a
+    ``str.format`` template (which would evaluate ``{0.__class__}`` and fail on a stray brace)."""
+    words = (token, class_word)
+    return re.sub(r"\{([01])\}", lambda m: words[int(m.group(1))], template)  # one pass: a token may hold "{1}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import TuneQDMError
-from ..files import check_version
+from ..files import check_version, check_writable_file, read_json
 from .evaluate import METRICS
 from .fidelity import TABLE_VERSION, cell_name
 
@@ -65,11 +65,12 @@ def collect(results) -> tuple[list[dict], list[Section]]:
     if not results.is_dir():
         raise TuneQDMError(f"{results} is not a folder: pass an evaluation or benchmark output folder")
     if (results / "fidelity.json").is_file():
-        table = json.loads((results / "fidelity.json").read_text())
+        table = read_json(results / "fidelity.json", "fidelity table")
         if table.get("table_version") != TABLE_VERSION:
             raise TuneQDMError(f"{results} was made by an older tuneqdm: run the benchmark again into a new --out")
         sections = []
-        for subject in sorted((results / "subjects").iterdir(), key=lambda p: _natural(p.name)):
+        subjects = results / "subjects"
+        for subject in sorted(subjects.iterdir() if subjects.is_dir() else [], key=lambda p: _natural(p.name)):
             section = Section(subject.name, _photos(subject))
             for row in table["rows"]:
                 cell = results / "cells" / cell_name(row["method"], row["bits"]) / subject.name / "eval"
@@ -82,7 +83,7 @@ def collect(results) -> tuple[list[dict], list[Section]]:
     photos = Path(m.get("instance_data_dir") or "")
     photos = photos if photos.is_absolute() or photos.is_dir() else results.parent / photos
     label = m.get("adapter") or m.get("quantized_base") or m.get("base") or "model"
-    rows = [{"method": str(label), "bits": None, "subjects": 1, **{k: m[k] for k, _ in SCORES}}]
+    rows = [{"method": str(label), "bits": None, "subjects": 1, **{k: m.get(k) for k, _ in SCORES}}]
     return rows, [Section(Path(m.get("instance_data_dir") or "subject").name, _photos(photos),
                           [Column(str(label), results, m)])]
 
@@ -112,52 +113,71 @@ def _open(path: Path) -> Image.Image:
         raise TuneQDMError(f"{path} is missing or unreadable: evaluate that cell again") from None
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text(value, spec: str = "") -> str:
+    """A value as escaped page text: numbers by ``spec``, None as "-", anything else (a results file may be crafted
+    or damaged) as its escaped ``str``: nothing read from RESULTS reaches the page as markup."""
+    if value is None:
+        return "-"
+    return html.escape(format(value, spec) if spec and _is_number(value) else str(value))
+
+
+def _score(row: dict, key: str) -> str:
+    return _text(row.get(key), ".3f") + (f" ± {_text(row[key + '_std'], '.3f')}" if key + "_std" in row else "")
+
+
+def _size_cells(r: dict) -> list[str]:
+    if "trainable_params" not in r:
+        return ["-"] * 4
+    fraction = r.get("trainable_fraction")
+    percent = _text(100 * fraction, ".2f") if _is_number(fraction) else _text(fraction)
+    return [f"{_text(r['trainable_params'], ',')} ({percent} %)", _text(r.get("adapter_bytes"), ","),
+            _text(r.get("train_s"), ".0f"), _text(r.get("train_peak_mib"), ".0f")]
 
 
 def _metric_table(rows: list[dict]) -> str:
-    best = {k: max(r[k] for r in rows) for k, _ in SCORES}
+    best = {k: max((r[k] for r in rows if _is_number(r.get(k))), default=None) for k, _ in SCORES}
     head = ["method", "bits", "lr", "subjects", *(n for _, n in SCORES), "trainable", "adapter bytes", "train s",
             "peak MiB"]
     out = ["<table class='metrics'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in rows:
-        cells = [html.escape(str(r["method"])), r.get("bits") or "-",
-                 "-" if r.get("learning_rate") is None else f"{r['learning_rate']:g}", r.get("subjects", 1)]
+        cells = [_text(r.get("method")), _text(r.get("bits")), _text(r.get("learning_rate"), "g"),
+                 _text(r.get("subjects", 1))]
         for k, _ in SCORES:
-            text = _fmt(r[k]) + (f" ± {r[k + '_std']:.3f}" if k + "_std" in r else "")
-            cells.append(f"<b>{text}</b>" if r[k] == best[k] and len(rows) > 1 else text)
-        if "trainable_params" in r:
-            cells += [f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %)", f"{r['adapter_bytes']:,}",
-                      f"{r['train_s']:.0f}", "-" if r.get("train_peak_mib") is None else round(r["train_peak_mib"])]
-        else:
-            cells += ["-"] * 4
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            text = _score(r, k)
+            cells.append(f"<b>{text}</b>" if r.get(k) == best[k] and best[k] is not None and len(rows) > 1 else text)
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells + _size_cells(r)) + "</tr>")
     return "\n".join(out) + "</tbody></table>"
+
+
+def _scores(metrics: dict) -> str:
+    return " · ".join(f"{n} {_text(metrics.get(k), '.3f')}" for k, n in SCORES)
 
 
 def _section(s: Section, fmt: str) -> str:
     prompts = [p["prompt"] for p in s.columns[0].metrics["per_prompt"]]
     for c in s.columns:
         if [p["prompt"] for p in c.metrics["per_prompt"]] != prompts:
-            raise TuneQDMError(f"{c.folder} was evaluated on other prompts than {s.columns[0].folder}")
+            raise TuneQDMError(f"{c.folder} was evaluated on other prompts than {s.columns[0].folder}: report "
+                               "evaluations of the same --prompts")
     out = [f"<section id='{html.escape(s.name)}'><h2>{html.escape(s.name)}</h2>"]
     if s.photos:
         out.append(f"<p class='photos'>reference photos<br><img alt='reference photos of {html.escape(s.name)}' "
                    f"src='{_data_uri([_open(p) for p in s.photos], fmt)}'></p>")
     else:
         out.append("<p class='photos'>reference photos not found</p>")
-    head = "".join(f"<th>{html.escape(c.label)}<br><small>" + " · ".join(f"{n} {c.metrics[k]:.3f}" for k, n in SCORES)
-                   + "</small></th>" for c in s.columns)
+    head = "".join(f"<th>{html.escape(c.label)}<br><small>{_scores(c.metrics)}</small></th>" for c in s.columns)
     out.append(f"<table class='grid'><thead><tr><th>prompt</th>{head}</tr></thead><tbody>")
     for p, prompt in enumerate(prompts):
-        row = [f"<td class='prompt'>{html.escape(prompt)}</td>"]
+        row = [f"<td class='prompt'>{_text(prompt)}</td>"]
         for c in s.columns:
             scores = c.metrics["per_prompt"][p]
             n = len(scores["seeds"])
             images = [_open(c.folder / "images" / f"{p:03d}_{i}.png") for i in range(n)]
-            tip = " · ".join(f"{name} {scores[k]:.3f}" for k, name in SCORES)
-            row.append(f"<td><img alt='{html.escape(c.label)}: {html.escape(prompt)}' title='{tip}' "
+            row.append(f"<td><img alt='{html.escape(c.label)}: {_text(prompt)}' title='{_scores(scores)}' "
                        f"src='{_data_uri(images, fmt)}'></td>")
         out.append("<tr>" + "".join(row) + "</tr>")
     out.append("</tbody></table></section>")
@@ -181,7 +201,8 @@ def render(results, fmt: str = "jpeg") -> str:
         raise TuneQDMError(f"image format {fmt!r}: choose one of {', '.join(FORMATS)}")
     rows, sections = collect(results)
     if not sections:
-        raise TuneQDMError(f"{results} has no finished evaluations yet")
+        raise TuneQDMError(f"{results} has no finished evaluations yet: report it when the benchmark has finished "
+                           "a cell")
     first = sections[0].columns[0].metrics
     title = f"tuneqdm report: {Path(results).resolve().name}"
     settings = (f"{len(sections)} subject(s); {first['images_per_prompt']} images per prompt, "
@@ -199,6 +220,7 @@ def render(results, fmt: str = "jpeg") -> str:
 def write_report(results, out=None, fmt: str = "jpeg") -> Path:
     """Write the page to ``out`` (default ``RESULTS/report.html``) atomically."""
     out = Path(out) if out is not None else Path(results) / "report.html"
+    check_writable_file(out)  # before the images are re-encoded
     page = render(results, fmt)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -45,7 +45,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
                       calib_samples: int = 32, calib_steps: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float = 7.5, seed: int = 0, split_shortcuts: bool = True,
                       adaround: AdaRoundConfig | None = None, force: bool = False, device="cpu",
-                      progress=None) -> dict:
+                      progress=None, revision: str | None = None, variant: str | None = None) -> dict:
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
     quantization.json (``"calibration"``)."""
     from ..sampling import base_id, pipeline_from
@@ -62,13 +62,13 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     if folder is not None:
         from ..tuning.streaming import quantize_pretrained
 
-        model = quantize_pretrained(folder, config.quant_config())
+        model = quantize_pretrained(folder, config.quant_config(), variant=variant)
         record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "rows": 0, "splits": {}, "blocks": [],
                   "seconds": time.perf_counter() - t0}
         save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
         return record
     prompts, source = calibration_prompts(base, calib_prompts, calib_samples)
-    pipe = pipeline_from(base, device)
+    pipe = pipeline_from(base, device, revision=revision, variant=variant)
     data_free = calibrate != "adaround"  # round-to-nearest needs one row only, to find the shortcut splits
     n, steps = (1, 1) if data_free else (calib_samples, calib_steps)
     calib = None
@@ -82,7 +82,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
         "prompts": source, "num_prompts": len(prompts),
         "samples_per_step": n, "steps": sorted(set(calib.steps.tolist())) if calib is not None else [],
         "rows": len(calib) if calib is not None else 0, "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale, "seed": seed,
+        "guidance_scale": guidance_scale, "seed": seed, "revision": revision, "variant": variant,
         "collect_seconds": t_collect, "calibrate_seconds": report["seconds"],
         "seconds": time.perf_counter() - t0, "splits": report["splits"], "blocks": report["blocks"],
     }

@@ -30,6 +30,8 @@ DEFAULT_STEPS = 400
 class TrainConfig:
     # model
     pretrained_model_name_or_path: str | None = None  # None: the embedded toy pipeline
+    revision: str | None = None  # of a hub id (diffusers' from_pretrained)
+    variant: str | None = None  # e.g. "fp16": the model's *.fp16.safetensors files
     method: str = "tuneqdm"
     bits: int = 4
     experts: int | None = None  # None: the method's default (tuneqdm/tas 4, others 1)

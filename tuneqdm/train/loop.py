@@ -181,7 +181,8 @@ class Trainer:
         from ..sampling import base_id, base_source, pipeline_from
 
         self.base_id = base_id(cfg.pretrained_model_name_or_path)
-        self.base_source = base_source(cfg.pretrained_model_name_or_path)
+        self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of a hub id or folder
+        self.base_source = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         if cfg.quantized_base:
             from diffusers import UNet2DConditionModel
 
@@ -191,9 +192,9 @@ class Trainer:
             except (OSError, ValueError) as e:
                 raise TuneQDMError(f"cannot read the UNet config of {source}: {str(e).splitlines()[0]}") from None
             unet = load_quantized_base(cfg.quantized_base, float_config)
-            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, unet=unet)
+            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version, unet=unet)
         else:
-            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device)
+            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version)
         self.pipeline_class = type(pipe)
         vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         native = pipe.unet.config.sample_size * vae_factor
@@ -531,7 +532,7 @@ class Trainer:
         try:
             pipe = getattr(self, "_pipe", None)
             if pipe is None:
-                pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, unet=model)
+                pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version, unet=model)
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)
             with atomic_dir(self.out / "validation" / f"step-{self.step:06d}") as tmp:
