@@ -94,7 +94,11 @@ def replace_folder(new: Path, target: Path) -> None:
         return
     old = target.parent / f"{_temporary_name(target, 'old')}{secrets.token_hex(4)}"
     os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # the new one could not go in: the old one comes back
+        raise
     _remove(old)
 
 

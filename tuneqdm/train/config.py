@@ -123,8 +123,10 @@ class TrainConfig:
 
     def _check_optimizer(self):
         """AdamW's and the loss's numbers, before anything loads (torch would fail after the model has loaded)."""
-        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise TuneQDMError(f"--learning_rate must be a positive finite number, got {self.learning_rate}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise TuneQDMError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.learning_rate is not None and not math.isfinite(self.learning_rate):
+            raise TuneQDMError(f"--learning_rate must be finite, got {self.learning_rate}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise TuneQDMError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -203,6 +205,8 @@ class TrainConfig:
                 out[name] = None
         else:
             out["class_data_dir"] = None  # its images' names and count are what matter, not where they are
+        first = ("method", "lr_scheduler", "with_prior_preservation")  # named first when they differ: they gate others
+        out = {**{k: out[k] for k in first}, **{k: v for k, v in out.items() if k not in first}}
         schedule = self.lr_scheduler
         if schedule == "constant":
             out["lr_warmup_steps"] = None

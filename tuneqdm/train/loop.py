@@ -167,8 +167,8 @@ class Trainer:
     def setup(self):
         cfg = self.cfg
         pin_mmap_threshold()
-        self._check_output_dir()
         self._remove_stale_temporaries()
+        self._check_output_dir()
         if cfg.report_to == "tensorboard":
             from importlib.util import find_spec
 
