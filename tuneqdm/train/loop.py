@@ -500,8 +500,8 @@ class Trainer:
                 bar.close()
                 if log is not None:
                     log.close()
-                if cfg.report_to == "tensorboard":
-                    acc.end_training()
+                for tracker in acc.trackers:  # flushed even when the run stops early
+                    tracker.finish()
             with signals.held(deliver=False):
                 self._save_result()
         acc.end_training()
@@ -740,7 +740,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-cut")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
 
