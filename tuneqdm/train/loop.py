@@ -164,19 +164,9 @@ class Trainer:
             subjects.append(subject)
         return subjects
 
-    def setup(self):
+    def _check_inputs(self, subjects: list[Subject]):
+        """Everything that needs no model: prompts, placeholders, prior preservation, the tracker's package."""
         cfg = self.cfg
-        pin_mmap_threshold()
-        self._remove_stale_temporaries()
-        self._check_output_dir()
-        if cfg.report_to == "tensorboard":
-            from importlib.util import find_spec
-
-            if find_spec("tensorboard") is None and find_spec("tensorboardX") is None:
-                raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
-                                   "pip install tensorboard")
-        self.resume_path = ckpt.resolve(self.out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
-        subjects = self._subjects()
         self.validation_prompt = cfg.validation_prompt
         if self.validation_prompt and CLASS_PLACEHOLDER in self.validation_prompt:
             nouns = {s.noun for s in subjects}
@@ -190,15 +180,23 @@ class Trainer:
                 warn(problem)
             if cfg.with_prior_preservation and not s.class_prompt:
                 raise TuneQDMError("--with_prior_preservation needs --class_prompt (e.g. \"a dog\")")
+        if cfg.report_to == "tensorboard":
+            from importlib.util import find_spec
 
+            if find_spec("tensorboard") is None and find_spec("tensorboardX") is None:
+                raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
+                                   "pip install tensorboard")
+
+    def _accelerator(self):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+        cfg = self.cfg
         AcceleratorState._reset_state()  # a new run in the same process may change mixed precision
         tracking = cfg.report_to == "tensorboard"
         try:
-            self.acc = Accelerator(
+            return Accelerator(
                 cpu=not torch.cuda.is_available(),  # several CPU processes: gloo (accelerate's MULTI_CPU)
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
                 log_with="tensorboard" if tracking else None,
@@ -207,7 +205,16 @@ class Trainer:
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
         except (ValueError, RuntimeError) as e:
             raise TuneQDMError(f"cannot set up training ({str(e).splitlines()[0]})") from None
-        acc = self.acc
+
+    def setup(self):
+        cfg = self.cfg
+        pin_mmap_threshold()
+        self._remove_stale_temporaries()
+        self._check_output_dir()
+        self.resume_path = ckpt.resolve(self.out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        subjects = self._subjects()
+        self._check_inputs(subjects)
+        self.acc = acc = self._accelerator()
         self.main = acc.is_main_process
         if not self.main or cfg.quiet:
             _quiet_libraries()
@@ -218,6 +225,8 @@ class Trainer:
         self.finished = self._check_before_loading()
         if self.finished:
             return self
+        from accelerate.utils import set_seed
+
         set_seed(cfg.seed)
         device = acc.device
 
