@@ -323,6 +323,40 @@ def test_a_full_disk_while_checkpointing_or_validating_is_one_line(base, photos,
     assert not (tmp_path / "b" / "validation").exists() or not any((tmp_path / "b" / "validation").iterdir())
 
 
+def test_a_full_disk_while_logging_keeps_the_state_of_that_step(base, photos, reference, tmp_path, monkeypatch):
+    from tuneqdm.train import loop
+
+    class FullAfterTwoRows:
+        def __init__(self, path, mode):
+            self.f, self.rows = open(path, mode), 0
+
+        def write(self, text):
+            self.rows += 1
+            if self.rows == 3:
+                raise OSError(28, "No space left on device")
+            return self.f.write(text)
+
+        def flush(self):
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(loop, "open", FullAfterTwoRows, raising=False)
+    with pytest.raises(TuneQDMError) as e:
+        train(TrainConfig(**settings(base, photos, out, checkpointing_steps=100)))
+    kept = out / "checkpoints" / "checkpoint-3"
+    assert str(e.value) == (f"cannot write {out / 'train_log.jsonl'} (No space left on device); nothing partial was "
+                            f"left, the last good checkpoint is {kept}: make room and continue with "
+                            "--resume_from_checkpoint latest")
+    monkeypatch.undo()
+    train(TrainConfig(**settings(base, photos, out, checkpointing_steps=100, resume_from_checkpoint="latest")))
+    assert (out / "adapter.safetensors").read_bytes() == (reference / "adapter.safetensors").read_bytes()
+    rows = [json.loads(r)["step"] for r in (out / "train_log.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 4]  # step 3's row went with the full disk; its state did not
+
+
 # ---- --force replaces the run as one unit -------------------------------------------------------------------------
 def test_force_over_a_run_never_leaves_new_weights_beside_the_old_config(base, photos, reference, tmp_path,
                                                                         monkeypatch):
