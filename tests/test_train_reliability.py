@@ -184,6 +184,17 @@ def test_bad_optimizer_schedule_seed_and_method_settings_are_one_line_errors(tmp
     assert capsys.readouterr().err == f"tuneqdm: error: {message}\n"
 
 
+def test_s1_intervals_beyond_the_base_timesteps_are_refused_before_the_model_loads(base, photos, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from tuneqdm.train import Trainer
+
+    monkeypatch.setattr(Trainer, "_accelerator", lambda self: pytest.fail("got past the checks that need no model"))
+    argv = argv_of(settings(base, photos, tmp_path / "out", method="s1", s1_intervals="0-250,900-1200"))
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("tuneqdm: error: --s1_intervals '0-250,900-1200': this base has 1000 "
+                                       "timesteps, so an interval must end at 1000 or below\n")
+
+
 def test_a_missing_resume_checkpoint_is_reported_before_the_model_loads(tmp_path, photos, capsys):
     no_model = tmp_path / "no-model"  # loading it would fail: the resume error must come first
     argv = argv_of(settings(no_model, photos, tmp_path / "out")) + ["--resume_from_checkpoint", str(tmp_path / "c")]

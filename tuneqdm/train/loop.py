@@ -180,12 +180,31 @@ class Trainer:
                 warn(problem)
             if cfg.with_prior_preservation and not s.class_prompt:
                 raise TuneQDMError("--with_prior_preservation needs --class_prompt (e.g. \"a dog\")")
+        self._check_intervals()
         if cfg.report_to == "tensorboard":
             from importlib.util import find_spec
 
             if find_spec("tensorboard") is None and find_spec("tensorboardX") is None:
                 raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
                                    "pip install tensorboard")
+
+    def _check_intervals(self):
+        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
+        if not self.cfg.intervals:
+            return
+        from diffusers import DDPMScheduler
+
+        from ..sampling import base_source
+
+        source, extra = base_source(self.cfg.pretrained_model_name_or_path)
+        try:
+            T = DDPMScheduler.load_config(source, subfolder="scheduler", **extra)["num_train_timesteps"]
+        except (OSError, ValueError, KeyError):
+            return  # the base itself fails to load later, with its own one-line error
+        for a, b in self.cfg.intervals:
+            if not b <= T:
+                raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
+                                   f"interval must end at {T} or below")
 
     def _accelerator(self):
         from accelerate import Accelerator
