@@ -283,8 +283,22 @@ def test_non_finite_weights_at_the_end_write_no_adapter(base, photos, tmp_path):
         train(TrainConfig(**settings(base, photos, tmp_path)), callbacks=[blow_up])
     good = tmp_path / "checkpoints" / "checkpoint-2"
     assert str(e.value) == (f"the trained weights became NaN or infinite at step 4; stopped, the last good checkpoint "
-                            f"is {good}: resume from it with a lower --learning_rate")
+                            f"is {good} (a resume repeats this run's settings): lower --learning_rate and start over "
+                            "with --force")
     assert not (tmp_path / "adapter.safetensors").exists() and not (tmp_path / "adapter_config.json").exists()
+
+
+def test_a_huge_learning_rate_writes_no_adapter_even_when_the_weights_stay_finite(base, photos, tmp_path, capsys):
+    # --learning_rate 1e6 for 3 steps: the scales stay finite (about 1e6 x their RMS), but sampling would overflow
+    out = tmp_path / "out"
+    argv = argv_of(settings(base, photos, out, max_train_steps=3, learning_rate=1e6))
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "tuneqdm: error: the trained model's output became NaN or infinite at step 3 (its weights are finite but far "
+        f"too large); stopped, the last good checkpoint is {out / 'checkpoints' / 'checkpoint-2'} (a resume repeats "
+        "this run's settings): lower --learning_rate and start over with --force\n")
+    assert not (out / "adapter.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]  # the final state was not kept as a checkpoint
 
 
 def _full_disk(*args, **kwargs):

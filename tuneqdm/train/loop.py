@@ -582,6 +582,9 @@ class Trainer:
         acc.wait_for_everyone()
         if not self._finite():  # e.g. a huge learning rate in the last steps: never store such an adapter
             self._diverged(f"the trained weights became NaN or infinite at step {self.step}")
+        if not self._outputs_finite():  # finite scales can still be so large that sampling overflows
+            self._diverged(f"the trained model's output became NaN or infinite at step {self.step} (its weights are "
+                           "finite but far too large)", keep_current=False)
         if self.main:
             try:
                 save_result(self.model, self.out, cfg.method, self.pipeline_class, self.info())
@@ -641,15 +644,37 @@ class Trainer:
     def _finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params)
 
-    def _diverged(self, what: str):
-        """Stop: keep (or write, when the current state is still finite) the last good checkpoint and say which."""
+    @torch.no_grad()
+    def _outputs_finite(self) -> bool:
+        """One denoiser forward per quarter of the timesteps (every expert), on fixed noise and the first prompt:
+        the probe of what sampling will do. Its own generator: the run's random draws are untouched."""
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, stream=99))
+        device = self.acc.device
+        noise = torch.randn((1, *self._latent_shape()), generator=gen).to(device)
+        cond = self.tensors.conditioning([self.examples.instance_prompt_ids[0]])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for quarter in range(4):
+                t = torch.tensor([(2 * quarter + 1) * self.T // 8], device=device)
+                out = self.model(noise, t, **cond, return_dict=False)[0]
+                if not bool(torch.isfinite(out).all()):
+                    return False
+        finally:
+            self.model.train(was_training)
+        return True
+
+    def _diverged(self, what: str, keep_current: bool = True):
+        """Stop: keep (or write, when the current state is still finite and ``keep_current``) the last good
+        checkpoint and say which."""
         where = None
-        if self._finite() and self.step > 0:
+        if keep_current and self._finite() and self.step > 0:
             where = self.save_checkpoint()
         elif self.main:
             found = ckpt.list_checkpoints(self.out)
             where = found[-1][1] if found else None
-        kept = (f"the last good checkpoint is {where}: resume from it with a lower --learning_rate" if where
+        kept = (f"the last good checkpoint is {where} (a resume repeats this run's settings): lower "
+                "--learning_rate and start over with --force" if where
                 else "no good checkpoint exists: lower --learning_rate and start again")
         raise TuneQDMError(f"{what}; stopped, {kept}")
 
