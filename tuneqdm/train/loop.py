@@ -394,7 +394,8 @@ class Trainer:
             done = read_training_json(self.out)
             same = isinstance(done.get("identity"), dict) and all(
                 done["identity"].get(k, object()) == v for k, v in self.identity.items())
-            if done and same and done.get("steps", 0) >= cfg.max_train_steps:
+            steps = done.get("steps")
+            if same and isinstance(steps, int) and steps >= cfg.max_train_steps:
                 if self.main and not cfg.quiet:
                     print(f"{self.out} already holds this finished run ({done['steps']} steps): nothing to train",
                           file=sys.stderr)
