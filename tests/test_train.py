@@ -183,8 +183,8 @@ def test_nan_stops_and_names_the_last_good_checkpoint(base, photos, tmp_path, mo
     with pytest.raises(TuneQDMError) as e:
         train(cfg(base, photos, tmp_path / "a"), callbacks=[_poison_at(3)])
     good = tmp_path / "a" / "checkpoints" / "checkpoint-2"
-    assert str(e.value) == (f"loss became NaN at step 4; stopped, the last good checkpoint is {good}: resume from it "
-                            "with a lower --learning_rate")
+    assert str(e.value) == (f"loss became NaN at step 4; stopped, the last good checkpoint is {good} (a resume "
+                            "repeats this run's settings): lower --learning_rate and start over with --force")
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "a")] == [2]
     assert not (tmp_path / "a" / "adapter.safetensors").exists()
     tensors, _ = ckpt.load(good)
@@ -203,8 +203,8 @@ def test_nan_stops_and_names_the_last_good_checkpoint(base, photos, tmp_path, mo
     with pytest.raises(TuneQDMError) as e:
         train(cfg(base, photos, tmp_path / "c", checkpointing_steps=100))
     kept = tmp_path / "c" / "checkpoints" / "checkpoint-2"
-    assert str(e.value) == (f"loss became NaN at step 3; stopped, the last good checkpoint is {kept}: resume from it "
-                            "with a lower --learning_rate")
+    assert str(e.value) == (f"loss became NaN at step 3; stopped, the last good checkpoint is {kept} (a resume "
+                            "repeats this run's settings): lower --learning_rate and start over with --force")
 
 
 def test_full_disk_while_checkpointing_leaves_nothing_partial(base, photos, tmp_path, monkeypatch):

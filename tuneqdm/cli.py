@@ -310,11 +310,12 @@ def _report(args) -> None:
 
 
 def _train(args) -> None:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, Trainer, train
 
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.field_names()})
-    out = train(cfg)
-    if not cfg.quiet and os.environ.get("RANK", "0") == "0":  # once, when several processes train
+    trainer = Trainer(cfg)
+    out = train(cfg, trainer=trainer)
+    if not cfg.quiet and os.environ.get("RANK", "0") == "0" and not trainer.finished:  # once, when several train
         print(f"trained {cfg.method} for {cfg.max_train_steps} steps: {out}")
 
 
@@ -370,7 +371,7 @@ def _add_train_parser(sub) -> None:
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--gradient_checkpointing", action="store_true")
     a("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="0 to 2**32 - 1 (numpy's range); the run is a function of it")
     a("--output_dir", default="tuneqdm-model")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
@@ -381,6 +382,9 @@ def _add_train_parser(sub) -> None:
     a("--validation_inference_steps", type=int, default=25)
     a("--quiet", action="store_true", help="no progress bar or messages")
     a("--force", action="store_true", help="start over in an --output_dir that holds a run")
+    a("--report_to", choices=("tensorboard",), default=None,
+      help="also log loss and lr to TensorBoard (OUTPUT/logs; needs `pip install tensorboard`); "
+           "train_log.jsonl is always written")
     tr.set_defaults(func=_train)
 
 
@@ -666,9 +670,11 @@ def main(argv: list[str] | None = None) -> int:
     except TuneQDMError as e:
         print(f"tuneqdm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        print(f"tuneqdm: interrupted{' ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # exit status 128 + signal: 130 for Ctrl-C, 143 for SIGTERM (training)
+        status = getattr(e, "exit_status", 130)
+        word = "terminated" if status == 143 else "interrupted"
+        print(f"tuneqdm: {word}{' ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return status
     return 0
 
 

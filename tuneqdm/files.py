@@ -1,8 +1,8 @@
 """Files on disk, one home: atomic output folders, checked JSON and safetensors reads, format versions.
 
-Every writer in tuneqdm builds its output under a temporary name beside the target and renames it into place, so a
-crash or a full disk never leaves a half-written folder; every reader turns a missing, unreadable or foreign file
-into one ``TuneQDMError`` line that says what to do.
+Every writer in tuneqdm builds its whole output folder under a temporary name beside the target and swaps it into
+place, so a crash or a full disk never leaves a half-written folder, nor new files beside old ones; every reader
+turns a missing, unreadable or foreign file into one ``TuneQDMError`` line that says what to do.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,23 +23,136 @@ from safetensors.torch import load_file
 from .errors import TuneQDMError
 
 FORMAT_VERSION = 1  # every tuneqdm file format (quantized base, adapter, checkpoint, activations, metrics)
+# what a failed write raises: safetensors reports a full disk as SafetensorError, not OSError
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_error_reason(e: BaseException) -> str:
+    """The one-line reason of a failed write (``No space left on device``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+
+
+def _temporary_name(target: Path, kind: str) -> str:
+    """``.NAME.tmp-PID-xxxx``: the writer's pid tells a later run whether the writer is still alive."""
+    return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and safetensors 0600 files: give them the modes the umask asks for."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o777 & ~mask)
+        for f in files:
+            os.chmod(Path(root) / f, 0o666 & ~mask)
+
+
+def _link_or_copy(src, dst) -> None:
+    """A hard link (no bytes copied; the old folder's removal then drops only a name), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry(old: Path, new: Path, keep) -> None:
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or not keep(entry.name) or _TEMPORARY.match(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` at ``target`` as one unit: rename the old one away, rename the new one in,
+    then remove the old one. A death between the renames leaves ``target`` missing, never half old and half new;
+    :func:`remove_stale_temporaries` then puts the old one back."""
+    if not target.exists() and not target.is_symlink():
+        os.replace(new, target)
+        return
+    old = target.parent / f"{_temporary_name(target, 'old')}{secrets.token_hex(4)}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)  # the new one could not go in: the old one comes back
+        raise
+    _remove(old)
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike):
-    """Yield a temporary folder; on success its files move into ``target`` (each by an atomic rename)."""
+def atomic_dir(target: str | os.PathLike, carry=None):
+    """Yield an empty temporary folder beside ``target``; on success it REPLACES ``target`` as one unit.
+
+    ``carry(name) -> bool``: entries of the old ``target`` the writer did not make that the new folder keeps (hard
+    links, so nothing is copied), e.g. a training run's checkpoints beside its new adapter. Files and folders get
+    the modes the umask asks for (mkdtemp alone would make them private). On an exception ``target`` is untouched.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent))
     try:
         yield tmp
-        if not target.exists():
-            os.replace(tmp, target)
-        else:
-            for f in tmp.iterdir():
-                os.replace(f, target / f.name)
+        _honour_umask(tmp)
+        if carry is not None and target.is_dir():
+            _carry(target, tmp, carry)
+        replace_folder(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary folders that writers which died left in ``folder`` (only those of ``name`` when given);
+    an old folder renamed away whose replacement never arrived is put back. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        m = _TEMPORARY.match(entry.name)
+        if not m or (name is not None and m["name"] != name):
+            continue
+        if m["pid"] is not None and _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            os.replace(entry, target)
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
 
 
 def check_output_folder(out: str | os.PathLike, force: bool) -> Path:

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
+from ..files import (FORMAT_VERSION, WRITE_ERRORS, atomic_dir, check_version, load_tensors, read_json,
+                     write_error_reason)
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -120,10 +121,10 @@ def save(output_dir, step: int, trainable: dict, optimizer, lr_scheduler, info: 
         with atomic_dir(target) as tmp:
             save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1))
-    except OSError as e:
+    except WRITE_ERRORS as e:  # a full disk: OSError, or SafetensorError from safetensors
         good = list_checkpoints(output_dir)
         last = f"the last good checkpoint is {good[-1][1]}" if good else "no earlier checkpoint exists"
-        raise TuneQDMError(f"cannot write checkpoint {target} ({e.strerror or e}); nothing partial was left, "
+        raise TuneQDMError(f"cannot write checkpoint {target} ({write_error_reason(e)}); nothing partial was left, "
                            f"{last}") from None
     if total_limit is not None:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:

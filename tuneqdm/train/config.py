@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
+from ..tuning.config import METHODS
 
 QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")
 METHOD_CHOICES = ("fp", "lora") + QUANTIZED_METHODS
@@ -24,6 +26,14 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_LR = {"fp": 5e-6, "lora": 1e-4, **{m: 2e-3 for m in QUANTIZED_METHODS}}
 DEFAULT_WEIGHT_DECAY = {"fp": 1e-2, "lora": 1e-2, **{m: 0.0 for m in QUANTIZED_METHODS}}  # decay would shrink W
 DEFAULT_STEPS = 400
+MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate seeds numpy, Python and torch with the same number)
+REPORT_TO = ("tensorboard",)
+POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler: the polynomial schedule decays to this
+# settings whose change never changes the trained result (a resume may change them)
+HARMLESS = ("output_dir", "resume_from_checkpoint", "force", "quiet", "report_to", "checkpointing_steps",
+            "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
+            "validation_inference_steps", "gradient_checkpointing", "sample_batch_size", "quantized_base",
+            "instance_data_dir", "subjects", "pretrained_model_name_or_path")
 
 
 @dataclass
@@ -81,6 +91,7 @@ class TrainConfig:
     validation_inference_steps: int = 25
     quiet: bool = False
     force: bool = False
+    report_to: str | None = None  # "tensorboard": accelerate's tracker beside train_log.jsonl
 
     def __post_init__(self):
         if self.method not in METHOD_CHOICES:
@@ -100,24 +111,114 @@ class TrainConfig:
             raise TuneQDMError("--num_class_images and --lr_warmup_steps cannot be negative")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise TuneQDMError(f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise TuneQDMError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TuneQDMError(f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed}")
+        if self.report_to not in (None, "none", *REPORT_TO):
+            raise TuneQDMError(f"--report_to {self.report_to!r}: choose {', '.join(REPORT_TO)} (train_log.jsonl "
+                               "is always written)")
+        self._check_optimizer()
+        self._check_schedule()
+        self._check_inputs()
+        self._check_method()
+
+    def _check_optimizer(self):
+        """AdamW's and the loss's numbers, before anything loads (torch would fail after the model has loaded)."""
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise TuneQDMError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.learning_rate is not None and not math.isfinite(self.learning_rate):
+            raise TuneQDMError(f"--learning_rate must be finite, got {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TuneQDMError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (self.adam_epsilon > 0 and math.isfinite(self.adam_epsilon)):
+            raise TuneQDMError(f"--adam_epsilon must be a positive finite number, got {self.adam_epsilon}")
+        for name in ("adam_weight_decay", "max_grad_norm", "prior_loss_weight"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise TuneQDMError(f"--{name} must be a finite number >= 0, got {value}")
+
+    def _check_schedule(self):
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise TuneQDMError(f"unknown --lr_scheduler {self.lr_scheduler!r}: "
                                f"choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise TuneQDMError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise TuneQDMError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.lr_scheduler != "polynomial":
+            return
+        if not (self.lr_power > 0 and math.isfinite(self.lr_power)):
+            raise TuneQDMError(f"--lr_power must be a positive finite number for --lr_scheduler polynomial, "
+                               f"got {self.lr_power}")
+        if self.lr_warmup_steps >= self.max_train_steps:
+            raise TuneQDMError(f"--lr_warmup_steps ({self.lr_warmup_steps}) must be below --max_train_steps "
+                               f"({self.max_train_steps}) for --lr_scheduler polynomial")
+        if self.lr <= POLYNOMIAL_LR_END:
+            raise TuneQDMError(f"--lr_scheduler polynomial decays to {POLYNOMIAL_LR_END}: --learning_rate must be "
+                               f"above it, got {self.lr}")
+
+    def _check_inputs(self):
         if self.subjects and (self.instance_data_dir or self.instance_prompt):
             raise TuneQDMError("give either --subjects or --instance_data_dir/--instance_prompt, not both")
         if not self.subjects and not self.instance_data_dir:
             raise TuneQDMError("--instance_data_dir is required (or --subjects FILE for several subjects)")
+
+    def _check_method(self):
         if self.method not in QUANTIZED_METHODS and self.quantized_base:
             raise TuneQDMError(f"--quantized_base applies to the quantized methods, not --method {self.method}")
         if self.method == "s1" and not self.s1_intervals:
             raise TuneQDMError("--method s1 needs --s1_intervals, e.g. --s1_intervals 0-250")
         if self.method != "s1" and self.s1_intervals:
             raise TuneQDMError(f"--s1_intervals applies to --method s1 only, not {self.method}")
-        self.intervals  # parse now: a bad value is reported before anything loads
+        for a, b in self.intervals:  # parse now: a bad value is reported before anything loads
+            if not a < b:
+                raise TuneQDMError(f"--s1_intervals {self.s1_intervals!r}: each interval A-B needs A < B")
+        if self.experts is None:
+            return
+        if not self.quantized:
+            raise TuneQDMError(f"--experts applies to the scale methods, not --method {self.method}")
+        spec = METHODS[self.method]
+        if self.experts < 1 or (spec.experts == "one" and self.experts != 1):
+            raise TuneQDMError(f"--method {self.method} uses one scale set: --experts must be 1, got {self.experts}"
+                               if spec.experts == "one" else f"--experts must be at least 1, got {self.experts}")
+        if spec.experts == "many" and self.experts < 2:
+            raise TuneQDMError(f"--method {self.method} needs --experts 2 or more, got {self.experts}")
+
+    @property
+    def resolved_experts(self) -> int | None:
+        """K as trained: the method's default when not given (None for fp and lora)."""
+        if not self.quantized:
+            return None
+        return self.experts if self.experts is not None else METHODS[self.method].default_experts
+
+    def resolved_settings(self) -> dict:
+        """Every setting that shapes the trained result, with defaults filled in: what a resume must not change.
+        (The subjects, the base's fingerprint and the resolution are resolved by the trainer.)"""
+        out = {k: v for k, v in self.to_dict().items() if k not in HARMLESS}
+        out.update(learning_rate=self.lr, adam_weight_decay=self.weight_decay, memory_savers=self.savers,
+                   experts=self.resolved_experts, s1_intervals=[list(i) for i in self.intervals])
+        for name in ("instance_prompt", "class_prompt", "resolution"):  # resolved by the trainer
+            out.pop(name)
+        if not self.quantized:
+            for name in ("bits", "quant_init"):
+                out[name] = None
+        if self.method != "lora":
+            out["rank"] = None
+        if not self.with_prior_preservation:
+            for name in ("class_data_dir", "num_class_images", "prior_loss_weight", "prior_inference_steps"):
+                out[name] = None
+        else:
+            out["class_data_dir"] = None  # its images' names and count are what matter, not where they are
+        first = ("method", "lr_scheduler", "with_prior_preservation")  # named first when they differ: they gate others
+        out = {**{k: out[k] for k in first}, **{k: v for k, v in out.items() if k not in first}}
+        schedule = self.lr_scheduler
+        if schedule == "constant":
+            out["lr_warmup_steps"] = None
+        if schedule in ("constant", "constant_with_warmup"):
+            out["max_train_steps"] = None  # a longer run repeats the shorter one's steps: extending is a resume
+        if schedule != "cosine_with_restarts":
+            out["lr_num_cycles"] = None
+        if schedule != "polynomial":
+            out["lr_power"] = None
+        return out
 
     @property
     def quantized(self) -> bool:

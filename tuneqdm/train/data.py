@@ -91,10 +91,20 @@ def read_photo(path: Path) -> Image.Image | None:
     """The photo at ``path`` as upright RGB, or None (after a warning) when it is not a readable image."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                image = to_rgb(image)
+        for w in caught:  # PIL's two-line warning (file, line, source) as one line; other warnings pass through
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                warn(f"{path} is very large ({image.size[0]}x{image.size[1]} px): reading it takes time and memory")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return image
+    except Image.DecompressionBombError as e:
+        warn(f"skipping {path}: too large to read safely ({str(e).split(',')[0]})")
     except UnidentifiedImageError:
         warn(f"skipping {path}: not an image")
     except (OSError, SyntaxError, ValueError) as e:

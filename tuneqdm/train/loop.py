@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -25,23 +27,38 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
-from ..files import atomic_dir
+from ..files import WRITE_ERRORS, atomic_dir, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import TrainConfig
-from .data import Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
+from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
-from .outputs import PRODUCTS, save_result
+from .outputs import PRODUCTS, read_training_json, save_result
 from .prior import ensure_class_images
 
 LOG = "train_log.jsonl"
+TRACKER_LOGS = "logs"  # --report_to tensorboard: accelerate's tracker files
 CLASS_PLACEHOLDER = "<class>"  # replaced by the class of a toy subject folder's subject.json
 _MIX = 0x9E3779B97F4A7C15
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after the state was saved (the message says where)."""
+    """Ctrl-C (SIGINT) or SIGTERM during training, after the state was saved (the message says where); the exit
+    status is 128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (``signum``): the loop saves a checkpoint and stops."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
 
 
 def step_seed(seed: int, micro_step: int, stream: int = 0) -> int:
@@ -100,17 +117,25 @@ class Trainer:
         self.callbacks = list(callbacks)  # called as cb(trainer, step) after each optimizer step (tests, tools)
         self.out = Path(cfg.output_dir)
         self.step = 0
+        self.finished = False  # --resume_from_checkpoint latest on a run that is done: nothing trains
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _check_output_dir(self):
         cfg = self.cfg
         if self.out.exists() and not self.out.is_dir():
             raise TuneQDMError(f"--output_dir {self.out} exists and is not a folder")
-        used = self.out.is_dir() and any((self.out / p).exists() for p in (*PRODUCTS, "checkpoints", LOG))
+        used = self.out.is_dir() and any((self.out / p).exists() for p in (*PRODUCTS, "checkpoints", LOG,
+                                                                             TRACKER_LOGS))
         if used and not cfg.resume_from_checkpoint and not cfg.force:
             raise TuneQDMError(f"--output_dir {self.out} already holds a training run: pass "
                                "--resume_from_checkpoint latest to continue it, --force to start over, "
                                "or choose another --output_dir")
+
+    def _remove_stale_temporaries(self):
+        """Temporary folders of writers that died (a kill -9 while a checkpoint or the result was written)."""
+        remove_stale_temporaries(self.out.parent, self.out.name)
+        for folder in (self.out, self.out / "checkpoints", self.out / "validation"):
+            remove_stale_temporaries(folder)
 
     def _subjects(self) -> list[Subject]:
         cfg = self.cfg
@@ -139,11 +164,9 @@ class Trainer:
             subjects.append(subject)
         return subjects
 
-    def setup(self):
+    def _check_inputs(self, subjects: list[Subject]):
+        """Everything that needs no model: prompts, placeholders, prior preservation, the tracker's package."""
         cfg = self.cfg
-        pin_mmap_threshold()
-        self._check_output_dir()
-        subjects = self._subjects()
         self.validation_prompt = cfg.validation_prompt
         if self.validation_prompt and CLASS_PLACEHOLDER in self.validation_prompt:
             nouns = {s.noun for s in subjects}
@@ -157,30 +180,76 @@ class Trainer:
                 warn(problem)
             if cfg.with_prior_preservation and not s.class_prompt:
                 raise TuneQDMError("--with_prior_preservation needs --class_prompt (e.g. \"a dog\")")
+        self._check_intervals()
+        if cfg.report_to == "tensorboard":
+            from importlib.util import find_spec
 
+            if find_spec("tensorboard") is None and find_spec("tensorboardX") is None:
+                raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
+                                   "pip install tensorboard")
+
+    def _check_intervals(self):
+        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
+        if not self.cfg.intervals:
+            return
+        from diffusers import DDPMScheduler
+
+        from ..sampling import base_source
+
+        source, extra = base_source(self.cfg.pretrained_model_name_or_path, self.cfg.revision, self.cfg.variant)
+        try:
+            T = DDPMScheduler.load_config(source, subfolder="scheduler", **extra)["num_train_timesteps"]
+        except (OSError, ValueError, KeyError):
+            return  # the base itself fails to load later, with its own one-line error
+        for a, b in self.cfg.intervals:
+            if not b <= T:
+                raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
+                                   f"interval must end at {T} or below")
+
+    def _accelerator(self):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+        cfg = self.cfg
         AcceleratorState._reset_state()  # a new run in the same process may change mixed precision
+        tracking = cfg.report_to == "tensorboard"
         try:
-            self.acc = Accelerator(
+            return Accelerator(
                 cpu=not torch.cuda.is_available(),  # several CPU processes: gloo (accelerate's MULTI_CPU)
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+                log_with="tensorboard" if tracking else None,
+                project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                    logging_dir=str(self.out / TRACKER_LOGS)) if tracking else None,
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
         except (ValueError, RuntimeError) as e:
             raise TuneQDMError(f"cannot set up training ({str(e).splitlines()[0]})") from None
-        acc = self.acc
+
+    def setup(self):
+        cfg = self.cfg
+        pin_mmap_threshold()
+        self._remove_stale_temporaries()
+        self._check_output_dir()
+        self.resume_path = ckpt.resolve(self.out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        subjects = self._subjects()
+        self._check_inputs(subjects)
+        self.acc = acc = self._accelerator()
         self.main = acc.is_main_process
         if not self.main or cfg.quiet:
             _quiet_libraries()
+        from ..sampling import base_id, base_source, pipeline_from
+
+        self.base_id = base_id(cfg.pretrained_model_name_or_path)
+        self.identity = self._settings_identity(subjects)
+        self.finished = self._check_before_loading()
+        if self.finished:
+            return self
+        from accelerate.utils import set_seed
+
         set_seed(cfg.seed)
         device = acc.device
 
         # the base pipeline (its UNet replaced by a saved quantized base when one is given)
-        from ..sampling import base_id, base_source, pipeline_from
-
-        self.base_id = base_id(cfg.pretrained_model_name_or_path)
         self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of a hub id or folder
         self.base_source = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         if cfg.quantized_base:
@@ -301,40 +370,58 @@ class Trainer:
         self.subjects = subjects
         return Examples(torch.stack(pixels), pids, groups, class_pixels, members, class_pids, prompts)
 
-    def _resume(self):
+    def _settings_identity(self, subjects: list[Subject]) -> dict:
+        """The resolved settings that shape the result, the subjects included (their photos by content): what a
+        resumed run must share with its checkpoint. The base's fingerprint and the resolution come after loading."""
+        c = self.cfg
+        return {**c.resolved_settings(), "train_batch_size": None,
+                "global_batch_size": c.train_batch_size * self.acc.num_processes,  # the draws depend on this only
+                "base_id": self.base_id, "instance_prompts": [s.instance_prompt for s in subjects],
+                "class_prompts": [s.class_prompt for s in subjects] if c.with_prior_preservation else None,
+                "instance_photos": _photos_digest(subjects)}
+
+    def _model_identity(self) -> dict:
+        return {"base_fingerprint": self.fingerprint, "resolution": self.resolution}
+
+    def _identity(self) -> dict:
+        """What must agree between a checkpoint and the run resuming it (recorded in checkpoints and training.json)."""
+        return {**self.identity, **self._model_identity()}
+
+    def _check_before_loading(self) -> bool:
+        """Before the model loads: is the run already finished (``--resume_from_checkpoint latest``)? Does the
+        checkpoint to resume come from the same settings? A changed setting is refused with one line naming it."""
         cfg = self.cfg
-        self.resumed_from = None
-        if not cfg.resume_from_checkpoint:
-            return
-        path = ckpt.resolve(self.out, cfg.resume_from_checkpoint)
-        if path is None:
-            if self.main:
+        if cfg.resume_from_checkpoint == "latest":
+            done = read_training_json(self.out)
+            same = isinstance(done.get("identity"), dict) and all(
+                done["identity"].get(k, object()) == v for k, v in self.identity.items())
+            steps = done.get("steps")
+            if same and isinstance(steps, int) and steps >= cfg.max_train_steps:
+                if self.main and not cfg.quiet:
+                    print(f"{self.out} already holds this finished run ({done['steps']} steps): nothing to train",
+                          file=sys.stderr)
+                return True
+            if done and not same and self.resume_path is None:
+                _refuse_changes(done.get("identity"), self.identity, f"--output_dir {self.out} holds a finished run")
+            if self.resume_path is None and self.main:
                 warn(f"no checkpoint in {self.out / 'checkpoints'}: starting from step 0")
+        if self.resume_path is not None:
+            meta = read_json(self.resume_path / ckpt.STATE_JSON, "checkpoint")
+            _refuse_changes(meta.get("identity") if isinstance(meta, dict) else None, self.identity,
+                            f"checkpoint {self.resume_path}")
+        return False
+
+    def _resume(self):
+        self.resumed_from = None
+        path = self.resume_path
+        if path is None:
             return
         tensors, meta = ckpt.load(path)
-        mine, theirs = self._identity(), meta.get("identity", {})
-        if mine != theirs:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            k = diff[0]
-            raise TuneQDMError(f"checkpoint {path} was made by another run ({k}: {theirs.get(k)!r}, this run: "
-                               f"{mine.get(k)!r})")
+        _refuse_changes(meta.get("identity"), self._model_identity(), f"checkpoint {path}")
         load_trainable_state(self.model, ckpt.model_tensors(tensors), path)
         ckpt.restore(tensors, meta, self.optimizer, self.lr_scheduler)
         self.step = int(meta["step"])
         self.resumed_from = path
-        if self.main:
-            _truncate_log(self.out / LOG, self.step)
-
-    def _identity(self) -> dict:
-        """What must agree between a checkpoint and the run resuming it."""
-        c = self.cfg
-        return {"method": c.method, "bits": c.bits if c.quantized else None, "experts": c.experts,
-                "s1_intervals": c.s1_intervals, "quant_init": c.quant_init if c.quantized else None,
-                "rank": c.rank if c.method == "lora" else None, "base_fingerprint": self.fingerprint,
-                "base_id": self.base_id, "seed": c.seed,
-                "global_batch_size": c.train_batch_size * self.acc.num_processes,  # the draws depend on this only
-                "gradient_accumulation_steps": c.gradient_accumulation_steps,
-                "with_prior_preservation": c.with_prior_preservation, "resolution": self.resolution}
 
     # ---- one step --------------------------------------------------------------------------------------------
     def batch(self, micro_step: int) -> dict:
@@ -403,6 +490,8 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg, acc = self.cfg, self.acc
+        if self.finished:
+            return self.out
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step",
@@ -410,72 +499,102 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main and cfg.force and not self.resumed_from:
             _start_over(self.out)
-        log = open(self.out / LOG, "a") if self.main else None
-        device = acc.device
-        reset_peak_memory(device)  # the log's peak is the training loop's, not quantization's or loading's
-        try:
-            while self.step < cfg.max_train_steps:
-                t0 = time.perf_counter()
-                losses = []
-                with contextlib.ExitStack() as update:  # a Ctrl-C during the update waits for its end
-                    for micro in range(cfg.gradient_accumulation_steps):
-                        m = self.step * cfg.gradient_accumulation_steps + micro
-                        with acc.accumulate(self.unet):
-                            b = self.batch(m)
-                            loss = self.loss(b)
-                            mean_loss = acc.gather(loss.detach()[None]).mean()
-                            if not torch.isfinite(mean_loss):
-                                self._diverged(f"loss became NaN at step {self.step + 1}")
-                            acc.backward(loss)
-                            if acc.sync_gradients:
-                                update.enter_context(deferred_interrupt())
-                                if cfg.max_grad_norm > 0:
-                                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                        losses.append(float(mean_loss))
-                    group = self.optimizer.param_groups[0]
-                    lr = group["lr"] / group["lr_scale"]  # this step's (relative) learning rate
-                    self.lr_scheduler.step()
-                    self.step += 1
-                    dt = time.perf_counter() - t0
-                    loss_value = sum(losses) / len(losses)
-                    if self.main:
-                        mem, kind = peak_memory(device)
-                        row = {"step": self.step, "loss": round(loss_value, 6), "lr": lr, "s_per_step": round(dt, 4),
-                               "peak_mem_mib": round(mem, 1), "peak_mem": kind}
-                        try:
-                            log.write(json.dumps(row) + "\n")
-                            log.flush()
-                        except OSError as e:
-                            raise TuneQDMError(f"cannot write {self.out / LOG} ({e.strerror or e})") from None
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                for cb in self.callbacks:
-                    cb(self, self.step)
-                if self.step % cfg.checkpointing_steps == 0 and self.step < cfg.max_train_steps:
-                    self.save_checkpoint()
-                if cfg.validation_prompt and self.step % cfg.validation_steps == 0:
-                    self.validate()
-        except KeyboardInterrupt:
-            bar.close()
-            where = self.save_checkpoint()
-            if where is None:
-                raise TrainingInterrupted(f"at step {self.step}") from None
-            raise TrainingInterrupted(f"at step {self.step}; checkpoint {where}: continue with "
-                                      "--resume_from_checkpoint latest") from None
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-        acc.wait_for_everyone()
         if self.main:
-            save_result(self.model, self.out, cfg.method, self.pipeline_class, self.info())
+            _truncate_log(self.out / LOG, self.step)  # rows after the resumed step are about to be written again
+        if cfg.report_to == "tensorboard":
+            acc.init_trackers("tuneqdm", config={k: v for k, v in cfg.to_dict().items()
+                                                 if isinstance(v, (bool, int, float, str))})
+        log = open(self.out / LOG, "a") if self.main else None
+        reset_peak_memory(acc.device)  # the log's peak is the training loop's, not quantization's or loading's
+        with _Signals() as signals:
+            try:
+                while self.step < cfg.max_train_steps:
+                    loss_value, lr = self._step(signals, log)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.update(1)
+                    for cb in self.callbacks:
+                        cb(self, self.step)
+                    if self.step % cfg.checkpointing_steps == 0 and self.step < cfg.max_train_steps:
+                        with signals.held():
+                            self.save_checkpoint()
+                    if cfg.validation_prompt and self.step % cfg.validation_steps == 0:
+                        self.validate()
+            except KeyboardInterrupt as e:
+                bar.close()
+                signum = getattr(e, "signum", signal.SIGINT)
+                with signals.held(deliver=False):  # a second Ctrl-C or SIGTERM does not abort the save
+                    where = self.save_checkpoint()
+                tail = f"; checkpoint {where}: continue with --resume_from_checkpoint latest" if where else ""
+                raise TrainingInterrupted(f"at step {self.step}{tail}", signum) from None
+            finally:
+                bar.close()
+                if log is not None:
+                    log.close()
+                for tracker in acc.trackers:  # flushed even when the run stops early
+                    tracker.finish()
+            with signals.held(deliver=False):
+                self._save_result()
+        acc.end_training()
+        return self.out
+
+    def _step(self, signals, log) -> tuple[float, float]:
+        """One optimizer step (all its micro-steps); a signal during the update waits for its end."""
+        cfg, acc = self.cfg, self.acc
+        t0 = time.perf_counter()
+        losses = []
+        with contextlib.ExitStack() as update:  # a Ctrl-C during the update waits for its end
+            for micro in range(cfg.gradient_accumulation_steps):
+                m = self.step * cfg.gradient_accumulation_steps + micro
+                with acc.accumulate(self.unet):
+                    b = self.batch(m)
+                    loss = self.loss(b)
+                    mean_loss = acc.gather(loss.detach()[None]).mean()
+                    if not torch.isfinite(mean_loss):
+                        self._diverged(f"loss became NaN at step {self.step + 1}")
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        update.enter_context(signals.held())
+                        if cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                losses.append(float(mean_loss))
+            group = self.optimizer.param_groups[0]
+            lr = group["lr"] / group["lr_scale"]  # this step's (relative) learning rate
+            self.lr_scheduler.step()
+            self.step += 1
+            dt = time.perf_counter() - t0
+            loss_value = sum(losses) / len(losses)
+            if self.main:
+                mem, kind = peak_memory(acc.device)
+                row = {"step": self.step, "loss": round(loss_value, 6), "lr": lr, "s_per_step": round(dt, 4),
+                       "peak_mem_mib": round(mem, 1), "peak_mem": kind}
+                try:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                except WRITE_ERRORS as e:
+                    raise self._write_failed(e, self.out / LOG) from None
+            if cfg.report_to == "tensorboard":
+                acc.log({"loss": loss_value, "lr": lr, "s_per_step": dt}, step=self.step)
+        return loss_value, lr
+
+    def _save_result(self):
+        """The trained result, unless the weights are not finite (then the last good checkpoint is named)."""
+        cfg, acc = self.cfg, self.acc
+        acc.wait_for_everyone()
+        if not self._finite():  # e.g. a huge learning rate in the last steps: never store such an adapter
+            self._diverged(f"the trained weights became NaN or infinite at step {self.step}")
+        if not self._outputs_finite():  # finite scales can still be so large that sampling overflows
+            self._diverged(f"the trained model's output became NaN or infinite at step {self.step} (its weights are "
+                           "finite but far too large)", keep_current=False)
+        if self.main:
+            try:
+                save_result(self.model, self.out, cfg.method, self.pipeline_class, self.info())
+            except WRITE_ERRORS as e:
+                raise self._write_failed(e, f"the result into {self.out}") from None
             if cfg.validation_prompt and self.step % cfg.validation_steps != 0:
                 self.validate()
         acc.wait_for_everyone()
-        acc.end_training()
-        return self.out
 
     def info(self) -> dict:
         cfg = self.cfg
@@ -487,7 +606,8 @@ class Trainer:
                 "instance_data_dirs": [str(s.instance_data_dir) for s in self.subjects],
                 "validation_prompt": self.validation_prompt, "resolution": self.resolution,
                 "quantized_base": str(Path(cfg.quantized_base).resolve()) if cfg.quantized_base else None,
-                "learning_rate": cfg.lr, "lr_is_relative": cfg.quantized, "settings": cfg.to_dict()}
+                "learning_rate": cfg.lr, "lr_is_relative": cfg.quantized, "settings": cfg.to_dict(),
+                "identity": self._identity()}
 
     def save_checkpoint(self) -> Path | None:
         """Write the state after ``self.step`` completed steps (main process); others wait."""
@@ -496,27 +616,67 @@ class Trainer:
             self._diverged(f"the trained weights became NaN or infinite at step {self.step}")
         acc.wait_for_everyone()
         if self.main:
-            path = ckpt.checkpoint_dir(self.out, self.step)
-            if not (path / ckpt.STATE_JSON).is_file():
-                path = ckpt.save(self.out, self.step, trainable_state(self.model), self.optimizer, self.lr_scheduler,
-                                 {"identity": self._identity(), "data_order": {"seed": self.cfg.seed,
-                                  "micro_steps_done": self.step * self.cfg.gradient_accumulation_steps},
-                                  "settings": self.cfg.to_dict()}, self.cfg.checkpoints_total_limit)
+            path = self._write_checkpoint()
         acc.wait_for_everyone()
         return path
+
+    def _write_checkpoint(self) -> Path:
+        path = ckpt.checkpoint_dir(self.out, self.step)
+        if not (path / ckpt.STATE_JSON).is_file():
+            path = ckpt.save(self.out, self.step, trainable_state(self.model), self.optimizer, self.lr_scheduler,
+                             {"identity": self._identity(), "data_order": {"seed": self.cfg.seed,
+                              "micro_steps_done": self.step * self.cfg.gradient_accumulation_steps},
+                              "settings": self.cfg.to_dict()}, self.cfg.checkpoints_total_limit)
+        return path
+
+    def _write_failed(self, e: BaseException, what) -> TuneQDMError:
+        """The one-line error of a failed write (main process) after keeping the current state as a checkpoint
+        when it is finite and the disk takes it, else naming the newest good one."""
+        where = None
+        if self.step > 0 and self._finite():
+            with contextlib.suppress(TuneQDMError):
+                where = self._write_checkpoint()
+        if where is None:
+            found = ckpt.list_checkpoints(self.out)
+            where = found[-1][1] if found else None
+        kept = (f"the last good checkpoint is {where}: make room and continue with --resume_from_checkpoint latest"
+                if where else "no checkpoint could be kept")
+        return TuneQDMError(f"cannot write {what} ({write_error_reason(e)}); nothing partial was left, {kept}")
 
     def _finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.params)
 
-    def _diverged(self, what: str):
-        """Stop: keep (or write, when the current state is still finite) the last good checkpoint and say which."""
+    @torch.no_grad()
+    def _outputs_finite(self) -> bool:
+        """One denoiser forward per quarter of the timesteps (every expert), on fixed noise and the first prompt:
+        the probe of what sampling will do. Its own generator: the run's random draws are untouched."""
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, stream=99))
+        device = self.acc.device
+        noise = torch.randn((1, *self._latent_shape()), generator=gen).to(device)
+        cond = self.tensors.conditioning([self.examples.instance_prompt_ids[0]])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for quarter in range(4):
+                t = torch.tensor([(2 * quarter + 1) * self.T // 8], device=device)
+                out = self.model(noise, t, **cond, return_dict=False)[0]
+                if not bool(torch.isfinite(out).all()):
+                    return False
+        finally:
+            self.model.train(was_training)
+        return True
+
+    def _diverged(self, what: str, keep_current: bool = True):
+        """Stop: keep (or write, when the current state is still finite and ``keep_current``) the last good
+        checkpoint and say which."""
         where = None
-        if self._finite() and self.step > 0:
+        if keep_current and self._finite() and self.step > 0:
             where = self.save_checkpoint()
         elif self.main:
             found = ckpt.list_checkpoints(self.out)
             where = found[-1][1] if found else None
-        kept = (f"the last good checkpoint is {where}: resume from it with a lower --learning_rate" if where
+        kept = (f"the last good checkpoint is {where} (a resume repeats this run's settings): lower "
+                "--learning_rate and start over with --force" if where
                 else "no good checkpoint exists: lower --learning_rate and start again")
         raise TuneQDMError(f"{what}; stopped, {kept}")
 
@@ -535,10 +695,14 @@ class Trainer:
                 pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version, unet=model)
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)
-            with atomic_dir(self.out / "validation" / f"step-{self.step:06d}") as tmp:
-                for i, image in enumerate(images):
-                    image.save(tmp / f"{i:03d}.png")
-                (tmp / "prompt.txt").write_text(self.validation_prompt + "\n")
+            folder = self.out / "validation" / f"step-{self.step:06d}"
+            try:
+                with atomic_dir(folder) as tmp:
+                    for i, image in enumerate(images):
+                        image.save(tmp / f"{i:03d}.png")
+                    (tmp / "prompt.txt").write_text(self.validation_prompt + "\n")
+            except WRITE_ERRORS as e:
+                raise self._write_failed(e, folder) from None
         finally:
             if getattr(self, "_pipe", None) is None:
                 pipe = None
@@ -546,21 +710,72 @@ class Trainer:
             model.train()
 
 
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Hold back Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: the parameters, optimizer moments,
-    lr schedule and step counter are then consistent, so the checkpoint the interrupt writes is exact."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+class _Signals:
+    """SIGINT and SIGTERM during the loop stop it with a checkpoint, as Ctrl-C always did. While ``held`` (an
+    optimizer update, a checkpoint being written) a signal waits for the block's end: the parameters, optimizer
+    moments, lr schedule and step counter are then consistent, and a second signal cannot abort the save."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.depth = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        if self.depth == 0:
+            raise _Signalled(signum)
+
+    @contextlib.contextmanager
+    def held(self, deliver: bool = True):
+        """Signals wait until the block ends; then (``deliver``) the first one stops the loop."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if deliver and self.depth == 0 and self.received:
+            raise _Signalled(self.received[0])
+
+
+def _refuse_changes(theirs, mine: dict, what: str) -> None:
+    """One line naming the first setting of ``mine`` that ``theirs`` (a recorded identity) does not share."""
+    if not isinstance(theirs, dict):
+        theirs = {}
+    for key, value in mine.items():
+        if key not in theirs:
+            raise TuneQDMError(f"{what} was made by an older tuneqdm that did not record its {key}: start over with "
+                               "--force or choose another --output_dir")
+        if theirs[key] == value:
+            continue
+        if key == "instance_photos":
+            raise TuneQDMError(f"{what} was trained on other photos (the --instance_data_dir files differ): "
+                               "resume with the same photos, or start over with --force")
+        raise TuneQDMError(f"{what} was made with another {key} ({theirs[key]!r}; this run: {value!r}): resume "
+                           "with the same settings, or start over with --force")
+
+
+def _photos_digest(subjects: list[Subject]) -> str:
+    """SHA-256 of every subject's image files (names and bytes, in the order they are read): the photos by content,
+    wherever the folder now is."""
+    h = hashlib.sha256()
+    for s in subjects:
+        folder = Path(s.instance_data_dir)
+        files = sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+        for path in files:
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                h.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        h.update(b"\1")
+    return h.hexdigest()[:16]
 
 
 def _slug(text: str) -> str:
@@ -570,6 +785,7 @@ def _slug(text: str) -> str:
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log's rows up to ``step`` (a resumed run writes the later ones again); replaced by a rename."""
     if not path.is_file():
         return
     keep = []
@@ -577,14 +793,17 @@ def _truncate_log(path: Path, step: int) -> None:
         try:
             if json.loads(line)["step"] <= step:
                 keep.append(line)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             continue
-    path.write_text("".join(line + "\n" for line in keep))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-cut")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _start_over(out: Path) -> None:
+    """--force: the old run's log, checkpoints and images go; its result stays until the new one replaces it."""
     (out / LOG).unlink(missing_ok=True)
-    for name in ("checkpoints", "validation"):
+    for name in ("checkpoints", "validation", TRACKER_LOGS):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
@@ -598,8 +817,9 @@ def _quiet_libraries():
     transformers.utils.logging.set_verbosity_error()
 
 
-def train(cfg: TrainConfig | None = None, callbacks=(), **kwargs) -> Path:
-    """Run one training; returns the output folder. ``train(TrainConfig(...))`` or ``train(instance_data_dir=...)``."""
+def train(cfg: TrainConfig | None = None, callbacks=(), trainer: Trainer | None = None, **kwargs) -> Path:
+    """Run one training; returns the output folder. ``train(TrainConfig(...))`` or ``train(instance_data_dir=...)``;
+    ``trainer``: a ``Trainer`` of ``cfg`` to run (to read ``trainer.finished`` after)."""
     if cfg is None:
         cfg = TrainConfig(**kwargs)
     elif kwargs:
@@ -610,4 +830,4 @@ def train(cfg: TrainConfig | None = None, callbacks=(), **kwargs) -> Path:
         from .data import TrainWarning
 
         warnings.simplefilter("always", TrainWarning)
-        return Trainer(cfg, callbacks).setup().run()
+        return (trainer or Trainer(cfg, callbacks)).setup().run()

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..errors import TuneQDMError
-from ..files import atomic_dir
+from ..files import atomic_dir, write_error_reason
 from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 
 TRAINING_JSON = "training.json"
@@ -25,26 +25,28 @@ PRODUCTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, FP_UNET, TRAINING_JSO
 
 
 def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Path:
-    """Write the trained weights and ``training.json`` into ``output_dir`` (each file by an atomic rename)."""
+    """Write the trained weights and ``training.json``: the whole ``output_dir`` is rebuilt beside itself (the run's
+    checkpoints, log and images carried over as hard links) and swapped in as one unit, so no death can leave new
+    weights beside an old config. A failed write raises ``OSError`` or ``SafetensorError`` and changes nothing."""
     output_dir = Path(output_dir)
-    try:
+    with atomic_dir(output_dir, carry=lambda name: name not in PRODUCTS) as tmp:
         if method == "lora":
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            with atomic_dir(output_dir) as tmp:
-                pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+            pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
         elif method == "fp":
-            with atomic_dir(output_dir / FP_UNET) as tmp:
-                unet.save_pretrained(tmp, safe_serialization=True)
+            unet.save_pretrained(tmp / FP_UNET, safe_serialization=True)
         else:
-            save_adapter(unet, output_dir, extra=info)
-        with atomic_dir(output_dir) as tmp:
-            (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=1))
-    except OSError as e:
-        raise TuneQDMError(f"cannot write the result into {output_dir} ({e.strerror or e})") from None
+            save_adapter(unet, tmp, extra=info)
+        (tmp / TRAINING_JSON).write_text(json.dumps(info, indent=1))
     return output_dir
+
+
+def write_failure(e: BaseException, what: Path, kept: str) -> TuneQDMError:
+    """The one-line error of a failed write of ``what`` (``kept``: where the last good state is)."""
+    return TuneQDMError(f"cannot write {what} ({write_error_reason(e)}); nothing partial was left, {kept}")
 
 
 def read_training_json(directory) -> dict:
