@@ -39,13 +39,14 @@ def float_fingerprint(model) -> str:
 
 def _read_base_id(quantized_base) -> str | None:
     try:
-        return json.loads((Path(quantized_base) / "quantization.json").read_text()).get("base_id")
+        recorded = json.loads((Path(quantized_base) / "quantization.json").read_text()).get("base_id")
     except (OSError, ValueError, AttributeError):
         return None
+    return recorded if isinstance(recorded, str) else None  # load_quantized reports a malformed file
 
 
 def _base_from_id(base_id_: str | None) -> str | None:
-    return None if base_id_ in (None, DEFAULT_BASE_ID) else base_id_
+    return None if not isinstance(base_id_, str) or base_id_ == DEFAULT_BASE_ID else base_id_
 
 
 def base_source(base: str | Path | None) -> tuple[str, dict]:
@@ -113,7 +114,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
     with both fingerprints named), LoRA (loaded into the float UNet) or a full fine-tuned UNet.
     """
-    from .serialization import load_adapter, load_quantized, read_adapter_config
+    from .serialization import check_timesteps, load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
     if adapter is not None:
@@ -121,7 +122,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
 
         kind = adapter_kind(adapter)
         info = read_training_json(adapter)
-        cfg = read_adapter_config(adapter) if kind == "scales" else {}
+        cfg = read_adapter_config(adapter) if kind == "scales" else {}  # checked with its tensors, before any loading
         if base is None:
             base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
         if quantized_base is None and kind == "scales" and cfg.get("quantized_base"):
@@ -154,13 +155,15 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                                f"but this model's fingerprint is {actual}")
         pipe.load_lora_weights(str(adapter))
     elif kind == "scales":
+        timesteps = pipe.scheduler.config.get("num_train_timesteps")  # what the adapter's routing must agree with
+        check_timesteps(cfg, timesteps, adapter)
         if quantized_base is None:
             from .tuning import QuantConfig, quantize_
 
             quantize_(pipe.unet, QuantConfig(
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
-        load_adapter(pipe.unet, adapter)
+        load_adapter(pipe.unet, adapter, num_train_timesteps=timesteps)
     pipe.unet.eval()
     return pipe
 
