@@ -158,7 +158,8 @@ def check_digests(recorded, tensors: dict[str, torch.Tensor], path: Path, fix: s
         raise TuneQDMError(f"{path}: tensor {odd!r} is missing from {where}: {fix}")
     for name in sorted(tensors):
         if recorded["tensors"][name] != tensor_digest(tensors[name]):
-            raise TuneQDMError(f"{path}: tensor {name!r} does not match its SHA-256 digest (the file is damaged): {fix}")
+            raise TuneQDMError(f"{path}: tensor {name!r} does not match its SHA-256 digest (the file is damaged): "
+                               f"{fix}")
     for part, value in (parts or {}).items():
         if part not in recorded:
             raise TuneQDMError(damaged)

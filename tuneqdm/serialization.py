@@ -30,16 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import TuneQDMError
-from .files import (
-    FORMAT_VERSION,
-    atomic_dir,
-    check_digests,
-    check_fields,
-    check_version,
-    digests,
-    load_tensors,
-    read_json,
-)
+from .files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, load_tensors,
+                    read_json)
 from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import METHODS, QuantConfig
@@ -378,7 +370,7 @@ def load_adapter(model: nn.Module, directory, num_train_timesteps: int | None = 
             f"(base {cfg.get('base_id')!r}), but this model's fingerprint is {fingerprint(model)}"
         )
     layers = quantized_layers(model)
-    expected = set(layers) | {f"{n}.bias" for n, l in layers.items() if l.bias is not None and cfg["train_bias"]}
+    expected = set(layers) | {f"{n}.bias" for n, q in layers.items() if q.bias is not None and cfg["train_bias"]}
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
         raise TuneQDMError(f"adapter {directory} does not match this model's layers (e.g. {odd[:3]})")

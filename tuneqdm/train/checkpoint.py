@@ -19,16 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from ..files import (
-    FORMAT_VERSION,
-    atomic_dir,
-    check_digests,
-    check_fields,
-    check_version,
-    digests,
-    load_tensors,
-    read_json,
-)
+from ..files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, load_tensors,
+                     read_json)
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -88,7 +80,8 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
-        raise TuneQDMError(f"the checkpoint's optimizer state does not fit this run ({e})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise TuneQDMError(f"the checkpoint's optimizer state does not fit this run ({reason})") from None
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -177,7 +170,7 @@ def restore(tensors: dict, meta: dict, optimizer, lr_scheduler) -> None:
                         ("RNG", lambda: set_rng_state(tensors, meta["rng"]))):
         try:
             apply()
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as e:
             if isinstance(e, TuneQDMError):
                 raise
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
