@@ -85,6 +85,11 @@ def check_version(cfg: dict, path: Path, message: str | None = None) -> None:
         ))
 
 
+def first_line(error: BaseException, limit: int = 100) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 # ---- schemas: the JSON fields a loader reads, checked before any of them is used ----------------------------------
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
           dict: "an object", type(None): "null"}

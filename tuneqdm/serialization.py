@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import TuneQDMError
-from .files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, load_tensors,
-                    read_json)
+from .files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, first_line,
+                    load_tensors, read_json)
 from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import METHODS, QuantConfig
@@ -126,7 +126,7 @@ def _build_skeleton(cls: type, model_config: dict, directory: Path) -> nn.Module
         with init_empty_weights():
             return cls.from_config(model_config)
     except Exception as e:  # noqa: BLE001 -- a foreign config.json can fail inside the model's constructor in any way
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        reason = first_line(e)
         raise TuneQDMError(f"{directory / MODEL_CONFIG} does not describe a {cls.__name__} ({reason}): "
                            f"{_SAVE_BASE}") from None
 
@@ -140,7 +140,10 @@ def _read_base_meta(directory: Path) -> tuple[dict, QuantConfig]:
     try:
         config = QuantConfig.from_dict(meta["quant_config"])
     except (TuneQDMError, TypeError, ValueError) as e:
-        raise TuneQDMError(f"{path}: invalid quant_config ({str(e).splitlines()[0][:100]}): {_SAVE_BASE}") from None
+        raise TuneQDMError(f"{path}: invalid quant_config ({first_line(e)}): {_SAVE_BASE}") from None
+    if config.experts > config.num_train_timesteps:  # each expert needs a timestep; also bounds what attach allocates
+        raise TuneQDMError(f"{path}: quant_config has {config.experts} experts for {config.num_train_timesteps} "
+                           f"timesteps: {_SAVE_BASE}")
     for name, info in meta["layers"].items():
         check_fields(info, _LAYER_FIELDS, f"{path} (layer {name!r})", _SAVE_BASE)
         if info["bits"] != config.bits:

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from ..files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, load_tensors,
-                     read_json)
+from ..files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, first_line,
+                     load_tensors, read_json)
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -80,7 +80,7 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        reason = first_line(e)
         raise TuneQDMError(f"the checkpoint's optimizer state does not fit this run ({reason})") from None
 
 
@@ -152,8 +152,8 @@ def load(path: Path) -> tuple[dict, dict]:
     if meta["step"] < 0 or len(meta["rng"]["numpy"]) != 5 or len(meta["rng"]["python"]) != 3:
         raise TuneQDMError(f"{json_path}: step or rng states are malformed: {_REDO}")
     tensors = load_tensors(path / STATE_TENSORS, "checkpoint")
-    check_digests(meta.get("digests"), tensors, path, _REDO, {STATE_JSON: {k: v for k, v in meta.items()
-                                                                            if k != "digests"}})
+    written = {k: v for k, v in meta.items() if k != "digests"}  # what save() digested
+    check_digests(meta.get("digests"), tensors, path, _REDO, {STATE_JSON: written})
     if "rng.torch" not in tensors:
         raise TuneQDMError(f"{path / STATE_TENSORS} lacks the torch RNG state: {_REDO}")
     for name, t in tensors.items():
@@ -173,7 +173,7 @@ def restore(tensors: dict, meta: dict, optimizer, lr_scheduler) -> None:
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as e:
             if isinstance(e, TuneQDMError):
                 raise
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            reason = first_line(e)
             raise TuneQDMError(f"the checkpoint's {part} state does not fit this run ({reason}): {_REDO}") from None
 
 
