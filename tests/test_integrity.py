@@ -15,6 +15,7 @@ from tuneqdm import QuantConfig, TuneQDMError
 from tuneqdm.files import digests
 from tuneqdm.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, QUANT_MAP, QUANT_WEIGHTS, read_adapter_config
 from tuneqdm.train import checkpoint as ckpt
+from tuneqdm.tuning.model import quant_state
 
 from tiny_models import perturb_scales, tiny_unet
 
@@ -161,18 +162,42 @@ def test_num_train_timesteps_must_be_what_the_adapter_was_trained_with(files, tm
         _load(base, adapter, num_train_timesteps=1000)
 
 
-def test_load_pipeline_checks_the_adapters_timesteps_against_the_base_scheduler(tmp_path):
+@pytest.fixture(scope="module")
+def sd_adapter(tmp_path_factory):
+    """A tiny SD pipeline folder and a scale adapter of its UNet (T = 1000, as its scheduler), named by its path."""
     from diffusers import UNet2DConditionModel
 
     from tiny_pipelines import tiny_sd_pipeline
 
-    sd = tiny_sd_pipeline(tmp_path / "sd")
+    root = tmp_path_factory.mktemp("sd")
+    sd = tiny_sd_pipeline(root / "sd")
     unet = tuneqdm.quantize_(UNet2DConditionModel.from_pretrained(sd / "unet"),
-                             QuantConfig(bits=4, method="tas", experts=2, init="minmax", num_train_timesteps=7))
-    tuneqdm.save_adapter(unet, tmp_path / "adapter")
+                             QuantConfig(bits=4, method="tas", experts=2, init="minmax"))
+    quant_state(unet).base_id = str(sd)
+    tuneqdm.save_adapter(unet, root / "adapter")
+    return sd, root / "adapter"
+
+
+def test_load_pipeline_checks_the_adapters_timesteps_against_the_base_scheduler(sd_adapter, tmp_path):
+    sd, adapter = sd_adapter
+    shutil.copytree(adapter, tmp_path / "adapter")
+    _edit_json(tmp_path / "adapter" / ADAPTER_CONFIG, lambda c: c.update(num_train_timesteps=7))
     with pytest.raises(TuneQDMError, match="trained with num_train_timesteps 7, but this scheduler uses 1000") as e:
         tuneqdm.load_pipeline(sd, adapter=tmp_path / "adapter")
     _one_line(e)
+
+
+def test_generate_with_a_damaged_adapter_fails_in_one_line_and_writes_nothing(sd_adapter, tmp_path, capsys):
+    from tuneqdm.cli import main
+
+    _, adapter = sd_adapter
+    shutil.copytree(adapter, tmp_path / "adapter")
+    _flip_bit(tmp_path / "adapter" / ADAPTER_WEIGHTS, "conv_out")
+    assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "a box", "--num_images", "1",
+                 "--num_inference_steps", "1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tensor 'conv_out' does not match its SHA-256 digest" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_experts_are_checked_against_the_tensors_before_anything_is_allocated(files):
