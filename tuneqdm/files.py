@@ -103,7 +103,7 @@ def _is_kind(value, kind) -> bool:
     return isinstance(value, kind)
 
 
-def check_fields(obj, fields: dict, path: Path, fix: str) -> dict:
+def check_fields(obj, fields: dict, path: Path | str, fix: str) -> dict:
     """``obj`` if it is a JSON object with ``fields`` (``{key: type or tuple of types}``, a key ending in ``?`` is
     optional); else one line naming the key and ending in ``fix`` (what to do). ``int`` excludes booleans, ``float``
     takes finite numbers."""

@@ -16,7 +16,8 @@ Adapter folder::
 Both JSON files hold ``"digests"``: the SHA-256 of every tensor and of the JSON settings the loader builds the model
 from (``tuneqdm.files.digests``). Loading checks the schema, the digests, every tensor's dtype and shape against the
 settings, and that every scale is finite and positive, before anything is allocated: a damaged file ends in one
-``TuneQDMError`` line, never in a traceback or a silently different model.
+``TuneQDMError`` line, never in a traceback or a silently different model. Files written before digests existed
+load without that check (``tuneqdm.files.check_digests`` says why); docs/benchmarks/fuzz_files.md has the counts.
 """
 
 from __future__ import annotations
