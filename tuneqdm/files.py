@@ -2,7 +2,8 @@
 
 Every writer in tuneqdm builds its output under a temporary name beside the target and renames it into place, so a
 crash or a full disk never leaves a half-written folder; every reader turns a missing, unreadable or foreign file
-into one ``TuneQDMError`` line that says what to do.
+into one ``TuneQDMError`` line that says what to do. Writers record SHA-256 digests of their tensors and settings
+(``digests``) and readers check them and the JSON schema (``check_digests``, ``check_fields``) before using a value.
 """
 
 from __future__ import annotations
