@@ -15,7 +15,7 @@ Adapter folder::
 
 Both JSON files hold ``"digests"``: the SHA-256 of every tensor and of the JSON settings the loader builds the model
 from (``tuneqdm.files.digests``). Loading checks the schema, the digests, every tensor's dtype and shape against the
-settings, and that every scale is finite and positive, before anything is allocated: a damaged file ends in one
+settings, and that every scale is finite and non-zero, before anything is allocated: a damaged file ends in one
 ``TuneQDMError`` line, never in a traceback or a silently different model. Files written before digests existed
 load without that check (``tuneqdm.files.check_digests`` says why); docs/benchmarks/fuzz_files.md has the counts.
 """
@@ -267,7 +267,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory, extra: dict | None = None) -> Path:
     """Write only the trained scales + a JSON config naming the base by id and fingerprint; scales that are not
-    finite and positive are refused (the loader would refuse them)."""
+    finite or are zero are refused (the loader would refuse them)."""
     state = quant_state(model)
     c = state.config
     config = {
@@ -288,13 +288,18 @@ def save_adapter(model: nn.Module, directory, extra: dict | None = None) -> Path
 
 
 def _check_scales(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
-    """Scales finite and positive, trained biases finite; one line naming the first layer that is not."""
+    """Scales finite and non-zero, trained biases finite; one line naming the first layer that is not.
+
+    A negative trained scale is accepted: training moves a small scale across zero legitimately (``tuneqdm demo``'s
+    absolute learning rate does it within 4 steps) and it only flips the sign of that channel. Zero is refused: the
+    layer's backward divides by its scales, so such an adapter could be neither trained further nor resumed.
+    """
     for name, t in tensors.items():
         bias = name.endswith(".bias") and name[: -len(".bias")] in tensors
         if not bool(torch.isfinite(t).all()):
             raise TuneQDMError(f"{where}: layer {name!r} has NaN or infinite {'biases' if bias else 'scales'}: {fix}")
-        if not bias and not bool((t > 0).all()):
-            raise TuneQDMError(f"{where}: layer {name!r} has scales <= 0 (e.g. {float(t.min()):.3g}): {fix}")
+        if not bias and bool((t == 0).any()):
+            raise TuneQDMError(f"{where}: layer {name!r} has scales equal to 0: {fix}")
 
 
 def _adapter_settings(cfg: dict, path: Path) -> None:
@@ -318,7 +323,7 @@ def _adapter_settings(cfg: dict, path: Path) -> None:
 
 def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     """An adapter's config and tensors, checked against each other before any model is touched: the schema, the
-    digests, every tensor float32 with one row per expert, every scale finite and positive."""
+    digests, every tensor float32 with one row per expert, every scale finite and non-zero."""
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
     cfg = read_json(path, "adapter")
