@@ -197,6 +197,11 @@ def test_mismatched_quantized_base_is_one_line_through_the_cli(base, prompts, tm
            "--num_images", "1", "--num_inference_steps", "1", "--out", str(tmp_path / "g")]
     bad = dict(meta, fingerprint="0" * 16)
     (q / QUANT_MAP).write_text(json.dumps(bad))
+    assert _err(capsys, gen) == (f"tuneqdm: error: {q}: quantization.json was changed after saving (it does not match "
+                                 "its SHA-256 digest): save the quantized base again\n")
+    del meta["digests"]  # as written before digests existed: the structural checks below still hold
+    bad = dict(meta, fingerprint="0" * 16)
+    (q / QUANT_MAP).write_text(json.dumps(bad))
     assert _err(capsys, gen) == (f"tuneqdm: error: {q}: weights have fingerprint {meta['fingerprint']} but "
                                  "quantization.json says 0000000000000000: the files do not belong together, "
                                  "save the quantized base again\n")

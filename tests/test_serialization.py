@@ -94,6 +94,10 @@ def test_missing_and_mismatched_files(qunet, tmp_path):
     meta = json.loads((tmp_path / "base" / QUANT_MAP).read_text())
     meta["fingerprint"] = "0" * 16
     (tmp_path / "base" / QUANT_MAP).write_text(json.dumps(meta))
+    with pytest.raises(TuneQDMError, match="quantization.json was changed after saving"):  # caught by the digest
+        tuneqdm.load_quantized(tmp_path / "base")
+    del meta["digests"]  # a file from before digests: the fingerprint still catches it
+    (tmp_path / "base" / QUANT_MAP).write_text(json.dumps(meta))
     with pytest.raises(TuneQDMError, match="weights have fingerprint .* but quantization.json says 0000000000000000"):
         tuneqdm.load_quantized(tmp_path / "base")
     meta["format_version"] = 0
@@ -108,7 +112,11 @@ def test_adapter_shapes_must_match_its_config(qunet, tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["experts"] = 2
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(TuneQDMError, match=r"has scales \(4, \d+\), its config implies \(2, \d+\)"):
+    with pytest.raises(TuneQDMError, match=r"adapter_config.json was changed after saving"):  # caught by the digest
+        tuneqdm.load_adapter(qunet, tmp_path / "adapter")
+    del cfg["digests"]  # a file from before digests: the tensors' shapes still catch it
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(TuneQDMError, match=r"has shape \(4, \d+\), its config implies one row per expert \(2\)"):
         tuneqdm.load_adapter(qunet, tmp_path / "adapter")
 
 

@@ -2,13 +2,17 @@
 
 Every writer in tuneqdm builds its whole output folder under a temporary name beside the target and swaps it into
 place, so a crash or a full disk never leaves a half-written folder, nor new files beside old ones; every reader
-turns a missing, unreadable or foreign file into one ``TuneQDMError`` line that says what to do.
+turns a missing, unreadable or foreign file into one ``TuneQDMError`` line that says what to do. Writers record
+SHA-256 digests of their tensors and settings (``digests``) and readers check them and the JSON schema
+(``check_digests``, ``check_fields``) before using a value.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -205,9 +209,15 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise TuneQDMError(f"no {what} at {path.parent}: {path.name} is missing")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TuneQDMError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): save the {what} again")
+        obj = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, too deep
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0][:80] or type(e).__name__
+        raise TuneQDMError(f"{path} is not valid JSON ({reason}): save the {what} again") from None
+    except OSError as e:
+        raise TuneQDMError(f"cannot read {path} ({e.strerror or e}): check its permissions") from None
+    if not isinstance(obj, dict):
+        raise TuneQDMError(f"{path} is not a JSON object: save the {what} again")
+    return obj
 
 
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -227,3 +237,90 @@ def check_version(cfg: dict, path: Path, message: str | None = None) -> None:
         raise TuneQDMError(message or (
             f"{path} has format version {cfg.get('format_version')!r}; this tuneqdm reads version {FORMAT_VERSION}"
         ))
+
+
+def first_line(error: BaseException, limit: int = 100) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+# ---- schemas: the JSON fields a loader reads, checked before any of them is used ----------------------------------
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+          dict: "an object", type(None): "null"}
+
+
+def _is_kind(value, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_fields(obj, fields: dict, path: Path | str, fix: str) -> dict:
+    """``obj`` if it is a JSON object with ``fields`` (``{key: type or tuple of types}``, a key ending in ``?`` is
+    optional); else one line naming the key and ending in ``fix`` (what to do). ``int`` excludes booleans, ``float``
+    takes finite numbers."""
+    if not isinstance(obj, dict):
+        raise TuneQDMError(f"{path} is not a JSON object: {fix}")
+    for key, kinds in fields.items():
+        optional, key = key.endswith("?"), key.rstrip("?")
+        if key not in obj:
+            if optional:
+                continue
+            raise TuneQDMError(f"{path} lacks the key {key!r}: {fix}")
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if not any(_is_kind(obj[key], k) for k in kinds):
+            want = " or ".join(_KINDS[k] for k in kinds)
+            raise TuneQDMError(f"{path}: {key!r} must be {want}, not {json.dumps(obj[key])[:40]}: {fix}")
+    return obj
+
+
+# ---- digests: every tensor and the JSON settings that shape the model, checked on load ----------------------------
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (a bit flip, a changed dtype or shape all change it)."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)};".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def json_digest(obj) -> str:
+    """SHA-256 of a JSON value in canonical form (as it reads back from a file: sorted keys, no spaces)."""
+    canonical = json.loads(json.dumps(obj))  # tuples -> lists, int keys -> str: the form a reader sees
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def digests(tensors: dict[str, torch.Tensor], parts: dict | None = None) -> dict:
+    """What a writer stores under ``"digests"``: ``{"tensors": {name: sha256}, part: sha256 of each JSON part}``
+    (``parts``: ``{name: JSON value}``, e.g. the settings a loader builds the model from)."""
+    return {"tensors": {k: tensor_digest(v) for k, v in sorted(tensors.items())},
+            **{k: json_digest(v) for k, v in (parts or {}).items()}}
+
+
+def check_digests(recorded, tensors: dict[str, torch.Tensor], path: Path, fix: str, parts: dict | None = None):
+    """Verify what ``digests`` recorded; one line naming the first tensor or JSON part that differs and ending in
+    ``fix`` (what to do).
+
+    ``recorded`` None (a file written before tuneqdm stored digests) is accepted: refusing would make users redo
+    every earlier adapter and quantized base, and the loaders' structural checks (schema, dtypes, shapes, finite
+    scales) still apply to it. Digests guard against damage, not against a deliberate forger.
+    """
+    if recorded is None:
+        return
+    damaged = f"{path}: its SHA-256 digests are damaged: {fix}"
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("tensors"), dict):
+        raise TuneQDMError(damaged)
+    names = set(recorded["tensors"])
+    if names != set(tensors):
+        odd = min(names ^ set(tensors))
+        where = "its file" if odd in names else "its digests"
+        raise TuneQDMError(f"{path}: tensor {odd!r} is missing from {where}: {fix}")
+    for name in sorted(tensors):
+        if recorded["tensors"][name] != tensor_digest(tensors[name]):
+            raise TuneQDMError(f"{path}: tensor {name!r} does not match its SHA-256 digest (the file is damaged): "
+                               f"{fix}")
+    for part, value in (parts or {}).items():
+        if part not in recorded:
+            raise TuneQDMError(damaged)
+        if recorded[part] != json_digest(value):
+            raise TuneQDMError(f"{path}: {part} was changed after saving (it does not match its SHA-256 digest): {fix}")

@@ -41,13 +41,14 @@ def float_fingerprint(model) -> str:
 
 def _read_base_id(quantized_base) -> str | None:
     try:
-        return json.loads((Path(quantized_base) / "quantization.json").read_text()).get("base_id")
+        recorded = json.loads((Path(quantized_base) / "quantization.json").read_text()).get("base_id")
     except (OSError, ValueError, AttributeError):
         return None
+    return recorded if isinstance(recorded, str) else None  # load_quantized reports a malformed file
 
 
 def _base_from_id(base_id_: str | None) -> str | None:
-    return None if base_id_ in (None, DEFAULT_BASE_ID) else base_id_
+    return None if not isinstance(base_id_, str) or base_id_ == DEFAULT_BASE_ID else base_id_
 
 
 def base_source(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> tuple[str, dict]:
@@ -149,7 +150,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
     with both fingerprints named), LoRA (loaded into the float UNet) or a full fine-tuned UNet.
     """
-    from .serialization import load_adapter, load_quantized, read_adapter_config
+    from .serialization import check_timesteps, load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
@@ -158,7 +159,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
 
         kind = adapter_kind(adapter)
         info = read_training_json(adapter)
-        cfg = read_adapter_config(adapter) if kind == "scales" else {}
+        cfg = read_adapter_config(adapter) if kind == "scales" else {}  # checked with its tensors, before any loading
         if base is None:
             base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
             trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
@@ -197,6 +198,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                                f"{_base_fix(info.get('base_id'), chosen_base)}")
         pipe.load_lora_weights(str(adapter))
     elif kind == "scales":
+        timesteps = pipe.scheduler.config.get("num_train_timesteps")  # what the adapter's routing must agree with
+        check_timesteps(cfg, timesteps, adapter)
         if quantized_base is None:
             from .tuning import QuantConfig, quantize_
 
@@ -204,7 +207,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
         _check_adapter_base(pipe.unet, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
-        load_adapter(pipe.unet, adapter)
+        load_adapter(pipe.unet, adapter, num_train_timesteps=timesteps)
     pipe.unet.eval()
     return pipe
 

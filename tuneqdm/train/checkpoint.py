@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
-from ..files import (FORMAT_VERSION, WRITE_ERRORS, atomic_dir, check_version, load_tensors, read_json,
-                     write_error_reason)
+from ..files import (FORMAT_VERSION, WRITE_ERRORS, atomic_dir, check_digests, check_fields, check_version, digests,
+                     first_line, load_tensors, read_json, write_error_reason)
 
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -80,7 +80,8 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
-        raise TuneQDMError(f"the checkpoint's optimizer state does not fit this run ({e})") from None
+        reason = first_line(e)
+        raise TuneQDMError(f"the checkpoint's optimizer state does not fit this run ({reason})") from None
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -117,6 +118,7 @@ def save(output_dir, step: int, trainable: dict, optimizer, lr_scheduler, info: 
     tensors.update(rng_tensors)
     meta = {"format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta,
             "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_meta, **info}
+    meta["digests"] = digests(tensors, {STATE_JSON: meta})  # every tensor and the whole JSON, checked by load()
     try:
         with atomic_dir(target) as tmp:
             save_file(tensors, tmp / STATE_TENSORS, metadata={"format": "pt"})
@@ -132,19 +134,47 @@ def save(output_dir, step: int, trainable: dict, optimizer, lr_scheduler, info: 
     return target
 
 
+_FIELDS = {"format_version": int, "step": int, "optimizer": dict, "lr_scheduler": dict, "rng": dict, "digests?": dict}
+_REDO = "resume from another checkpoint or start again"
+
+
 def load(path: Path) -> tuple[dict, dict]:
-    """(tensors, meta) of a checkpoint folder."""
+    """(tensors, meta) of a checkpoint folder, checked: the schema of state.json, the digests of the tensors and of
+    the JSON, and the dtypes of the tensors (a damaged checkpoint ends in one line, never in a changed resume).
+    Checkpoints written before digests existed are accepted (see ``tuneqdm.files.check_digests``)."""
     path = Path(path)
-    meta = read_json(path / STATE_JSON, "checkpoint")
-    check_version(meta, path / STATE_JSON)
-    return load_tensors(path / STATE_TENSORS, "checkpoint"), meta
+    json_path = path / STATE_JSON
+    meta = read_json(json_path, "checkpoint")
+    check_version(meta, json_path)
+    check_fields(meta, _FIELDS, json_path, _REDO)
+    check_fields(meta["optimizer"], {"param_groups": list, "scalars": dict}, f"{json_path} (optimizer)", _REDO)
+    check_fields(meta["rng"], {"numpy": list, "python": list}, f"{json_path} (rng)", _REDO)
+    if meta["step"] < 0 or len(meta["rng"]["numpy"]) != 5 or len(meta["rng"]["python"]) != 3:
+        raise TuneQDMError(f"{json_path}: step or rng states are malformed: {_REDO}")
+    tensors = load_tensors(path / STATE_TENSORS, "checkpoint")
+    written = {k: v for k, v in meta.items() if k != "digests"}  # what save() digested
+    check_digests(meta.get("digests"), tensors, path, _REDO, {STATE_JSON: written})
+    if "rng.torch" not in tensors:
+        raise TuneQDMError(f"{path / STATE_TENSORS} lacks the torch RNG state: {_REDO}")
+    for name, t in tensors.items():
+        if t.dtype != torch.uint8 if name.startswith("rng.") else not t.dtype.is_floating_point:
+            raise TuneQDMError(f"{path / STATE_TENSORS}: tensor {name!r} has dtype {t.dtype}: {_REDO}")
+    return tensors, meta
 
 
 def restore(tensors: dict, meta: dict, optimizer, lr_scheduler) -> None:
-    """Optimizer, lr scheduler and RNG states (the caller restores the trainable tensors and the step)."""
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
-    lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    set_rng_state(tensors, meta["rng"])
+    """Optimizer, lr scheduler and RNG states (the caller restores the trainable tensors and the step); a state that
+    does not fit ends in one line naming it."""
+    for part, apply in (("optimizer", lambda: _restore_optimizer(optimizer, tensors, meta["optimizer"])),
+                        ("lr scheduler", lambda: lr_scheduler.load_state_dict(meta["lr_scheduler"])),
+                        ("RNG", lambda: set_rng_state(tensors, meta["rng"]))):
+        try:
+            apply()
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as e:
+            if isinstance(e, TuneQDMError):
+                raise
+            reason = first_line(e)
+            raise TuneQDMError(f"the checkpoint's {part} state does not fit this run ({reason}): {_REDO}") from None
 
 
 def model_tensors(tensors: dict) -> dict:
