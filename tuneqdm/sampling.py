@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import TuneQDMError
+from .progress import pipeline_progress, progress, stage
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -76,11 +77,12 @@ def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", d
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
+        with stage(f"loading {'the embedded toy pipeline' if base is None else base}"):
+            pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first}") from None
-    pipe.set_progress_bar_config(disable=True)
+    pipeline_progress(pipe)
     return pipe.to(device)
 
 
@@ -189,7 +191,8 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     from .quant import cached_weights
 
     images = []
-    with cached_weights(pipe.unet, weight_cache_bytes):
+    bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
+    with cached_weights(pipe.unet, weight_cache_bytes), bar:
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]
@@ -197,4 +200,5 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
                        negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
                        generator=gens, output_type="pil", height=height, width=width)
             images += out.images
+            bar.update(n)
     return images

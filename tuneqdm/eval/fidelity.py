@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..progress import is_quiet
 
 FLOOR = "floor"
 TABLE_VERSION = 2
@@ -110,7 +111,8 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     else:
         run = cell / "run"
         cfg = TrainConfig(pretrained_model_name_or_path=base, method=method, bits=bits or 4,
-                          instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run), quiet=True,
+                          instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run),
+                          quiet=is_quiet(),
                           force=True, checkpointing_steps=10**9, learning_rate=settings["learning_rate"],
                           s1_intervals=settings.get("s1_intervals"))
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import shutil
 import signal
 import sys
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from ..errors import TuneQDMError
 from ..files import atomic_dir
 from ..memory import pin_mmap_threshold
+from ..progress import pipeline_progress, progress, quiet_while
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import TrainConfig
@@ -402,10 +404,7 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------------------
     def run(self) -> Path:
         cfg, acc = self.cfg, self.acc
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step",
-                   disable=cfg.quiet or not self.main, file=sys.stderr, dynamic_ncols=True)
+        bar = progress(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step", disable=not self.main)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main and cfg.force and not self.resumed_from:
             _start_over(self.out)
@@ -532,6 +531,7 @@ class Trainer:
             pipe = getattr(self, "_pipe", None)
             if pipe is None:
                 pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, unet=model)
+            pipeline_progress(pipe, f"validation at step {self.step}")
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)
             with atomic_dir(self.out / "validation" / f"step-{self.step:06d}") as tmp:
@@ -605,7 +605,7 @@ def train(cfg: TrainConfig | None = None, callbacks=(), **kwargs) -> Path:
         from dataclasses import replace
 
         cfg = replace(cfg, **kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_while(cfg.quiet or os.environ.get("RANK", "0") != "0"):  # bars: main only
         from .data import TrainWarning
 
         warnings.simplefilter("always", TrainWarning)
