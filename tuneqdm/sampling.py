@@ -159,9 +159,11 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         if quantized_base is None:
             from .tuning import QuantConfig, quantize_
 
-            quantize_(pipe.unet, QuantConfig(
-                bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
-                intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
+            with stage(f"quantizing the UNet to {cfg['bits']} bits"):
+                quantize_(pipe.unet, QuantConfig(
+                    bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
+                    intervals=tuple(tuple(i) for i in cfg["intervals"]),
+                    num_train_timesteps=cfg["num_train_timesteps"]))
         load_adapter(pipe.unet, adapter)
     pipe.unet.eval()
     return pipe

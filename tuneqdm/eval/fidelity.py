@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import TuneQDMError
-from ..progress import is_quiet
+from ..progress import is_quiet, stage
 
 FLOOR = "floor"
 TABLE_VERSION = 2
@@ -105,7 +105,8 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     info = {"method": method, "bits": bits, "subject": subject_dir.name, "settings": settings}
     if method == FLOOR:
         pipe = pipeline_from(base)
-        quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
+        with stage(f"quantizing the UNet to {bits} bits"):
+            quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
         pipe.unet.eval()
         info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
     else:

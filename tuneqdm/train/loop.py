@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import TuneQDMError
 from ..files import atomic_dir
 from ..memory import pin_mmap_threshold
-from ..progress import pipeline_progress, progress, quiet_while
+from ..progress import pipeline_progress, progress, quiet_while, stage
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import TrainConfig
@@ -209,8 +209,10 @@ class Trainer:
         ex = self._examples(pipe, subjects)
         self.examples = ex
         # memory savers: encode everything once, then release the VAE and the text encoders
-        self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution, device,
-                                       memory_savers=cfg.savers)
+        images = len(ex.instance_pixels) + (0 if ex.class_pixels is None else len(ex.class_pixels))
+        with stage(f"encoding {images} images and {len(ex.prompts)} prompts"):
+            self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution,
+                                           device, memory_savers=cfg.savers)
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -229,7 +231,8 @@ class Trainer:
             from ..sampling import float_fingerprint
 
             self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
-        unet, groups = prepare(unet, cfg, self.T, self.base_id)
+        with stage(f"quantizing the UNet to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
+            unet, groups = prepare(unet, cfg, self.T, self.base_id)
         for g in groups:
             g["lr"] = cfg.lr * g["lr_scale"]
         if cfg.gradient_checkpointing:
