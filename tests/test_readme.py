@@ -18,7 +18,7 @@ CHEAPER = {"train": ["--max_train_steps", "2"], "generate": ["--num_images", "1"
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.MULTILINE | re.DOTALL)
 
 
 def tuneqdm_commands(block: str) -> list[list[str]]:
