@@ -58,7 +58,8 @@ def test_evaluate_fid_on_the_toy_model(tmp_path, capsys):
     assert m["metric"] == "fid" and m["num_images"] == 4 and m["world_seed"] == 50_000_000
     assert m["fd"] > 0 and -1 <= m["text_score"] <= 1 and m["encoder"] == "toy-clip"
     assert (out / "grid.png").is_file()
-    assert main(["evaluate", "--metric", "fid", "--fid_images", "1", "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", "--metric", "fid", "--fid_images", "1", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert capsys.readouterr().err == ("tuneqdm: error: --fid_images must be at least 2 (a covariance needs two "
                                        "images), got 1\n")
     assert main(["evaluate", "--out", str(tmp_path / "y")]) == 2

@@ -21,7 +21,7 @@ def _args(base, tmp_path, methods, *extra):
     prompts.write_text("a {0} {1} on the beach\n")
     return ["benchmark", "fidelity", "--pretrained_model_name_or_path", str(base), "--subjects", "0,1",
             "--methods", methods, "--max_train_steps", "2", "--images_per_prompt", "1", "--num_inference_steps", "2",
-            "--prompts", str(prompts), "--out", str(tmp_path / "fid"), *extra]
+            "--prompts", str(prompts), "--out", str(tmp_path / "fid"), "--quiet", *extra]  # stderr: errors only
 
 
 def test_table_resume_and_trainable_counts(base, tmp_path, capsys):

@@ -92,7 +92,7 @@ def test_quantized_base_gives_the_same_images_as_requantizing(base, photos, scal
 def test_adapter_for_another_base_is_refused_in_one_line(base, scales, tmp_path, capsys):
     other = tiny_sd_pipeline(tmp_path / "other", seed=1)
     assert main(["generate", "--adapter", str(scales), "--pretrained_model_name_or_path", str(other),
-                 "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
+                 "--prompt", "x", "--out", str(tmp_path / "g"), "--quiet"]) == 2  # no loading line before the error
     err = capsys.readouterr().err
     assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
     assert f"(base '{base.resolve()}'), but this model's fingerprint is " in err

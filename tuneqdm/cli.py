@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import TuneQDMError
+from .progress import is_quiet, progress, set_quiet
 
 
 def _demo(args) -> None:
@@ -53,7 +54,7 @@ def _generate(args) -> None:
         activations_for(pipe, args.activation_bits, args.groups, args.attention_quant, args.activations,
                         args.quantized_base, args.calib_prompts, args.calib_samples,
                         args.pretrained_model_name_or_path, args.num_inference_steps, args.guidance_scale,
-                        log=lambda m: print(m, file=sys.stderr)).install(pipe.unet)
+                        log=lambda m: is_quiet() or print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width)
     with atomic_dir(out) as tmp:
@@ -277,7 +278,7 @@ def _benchmark_fidelity(args) -> None:
     kw = {"prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
           "num_inference_steps": args.num_inference_steps, "seed": args.seed}
     todo = cells(methods, args.bits, subjects)[shard::shards]
-    for i, (m, b, s) in enumerate(todo):
+    for i, (m, b, s) in enumerate(progress(todo, desc="benchmark fidelity: cells", unit="cell")):
         cell = out / "cells" / cell_name(m, b) / s
         r = run_cell(args.pretrained_model_name_or_path, out / "subjects" / s, m, b, args.max_train_steps, cell, kw,
                      encoders, lrs.get(m), args.s1_intervals)
@@ -445,7 +446,7 @@ def _add_quantize_parser(sub) -> None:
     a("--device", default="cpu")
     a("--out", required=True, help="output folder (written only when calibration has finished)")
     a("--force", action="store_true", help="write into a non-empty output folder")
-    a("--quiet", action="store_true")
+    a("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     q.set_defaults(func=_quantize)
 
 
@@ -513,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     demo.set_defaults(func=_demo)
 
     _add_train_parser(sub)
@@ -541,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     _add_activation_flags(gen, calibrate_only=False)
+    gen.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     gen.set_defaults(func=_generate)
 
     qa = sub.add_parser("quantize-activations", help="calibrate DGQ activation quantization (written next to a "
@@ -556,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--device", default="cpu")
     qa.add_argument("--out", default=None, help="output folder (default: QUANTIZED_BASE/activations-aB-kK)")
     qa.add_argument("--force", action="store_true", help="replace the parameters in a non-empty --out")
+    qa.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     qa.set_defaults(func=_quantize_activations)
 
     ev = sub.add_parser("evaluate", help="DreamBooth metrics (DINO, CLIP-I, CLIP-T) of a model on a subject, or "
@@ -590,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default="evaluation")
     ev.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     ev.set_defaults(func=_evaluate)
 
     bench = sub.add_parser("benchmark", help="benchmarks over subjects, methods and bit widths")
@@ -613,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--clip_id", default="openai/clip-vit-base-patch32")
     fid.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (one per process)")
     fid.add_argument("--out", default="fidelity")
+    fid.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     fid.set_defaults(func=_benchmark_fidelity)
 
     rep = sub.add_parser("report", help="one self-contained HTML page of an evaluation or a fidelity benchmark")
@@ -623,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--screenshot", default=None, metavar="PNG",
                      help="also open the page in headless Chromium (needs playwright + chromium), fail on console "
                           "errors or broken images, and save a screenshot of its top")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     rep.set_defaults(func=_report)
 
     toy = sub.add_parser("toy", help="the procedural toy world: personal subjects and captioned scenes")
@@ -632,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     subject.add_argument("--out", required=True, help="output folder (must be empty or absent)")
     subject.add_argument("--photos", type=int, default=None, help="number of photos (default: 4-6, from the seed)")
     subject.add_argument("--force", action="store_true", help="replace an existing subject folder")
+    subject.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     subject.set_defaults(func=_toy_subject)
     scenes = toy_sub.add_parser("scenes", help="write a grid of random scenes; prints their captions, row by row")
     scenes.add_argument("--seed", type=int, default=0)
@@ -639,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     scenes.add_argument("--out", required=True, help="output .png file")
     scenes.add_argument("--cols", type=int, default=None, help="columns (default: about the square root of --num)")
     scenes.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid (default: 2)")
+    scenes.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     scenes.set_defaults(func=_toy_scenes)
     return parser
 
@@ -665,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     _one_line_warnings()
+    quiet_before = is_quiet()
+    set_quiet(quiet_before or getattr(args, "quiet", False))
     try:
         args.func(args)
     except TuneQDMError as e:
@@ -675,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         word = "terminated" if status == 143 else "interrupted"
         print(f"tuneqdm: {word}{' ' + str(e) if str(e) else ''}", file=sys.stderr)
         return status
+    finally:
+        set_quiet(quiet_before)
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import QuantConfig, load_adapter, load_quantized, quantize_, save_adapter, save_quantized, scale_parameters
+from .progress import pipeline_progress, progress
 from .tuning.model import weight_bytes
 
 
@@ -55,7 +56,7 @@ def run_demo(out: Path, steps: int = 40, bits: int = 4, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     losses = []
     unet.train()
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="demo: train the scales", unit="step"):
         noise = torch.randn(4, *latents.shape[1:], generator=g)
         t = torch.randint(0, 1000, (4,), generator=g)  # each sample routed to its own expert
         noisy = scheduler.add_noise(latents.expand(4, -1, -1, -1), noise, t)
@@ -70,7 +71,7 @@ def run_demo(out: Path, steps: int = 40, bits: int = 4, seed: int = 0) -> dict:
     unet = load_adapter(load_quantized(out / "quantized-base"), out / "adapter").eval()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipeline_progress(pipe, "demo: sample")
     img = pipe(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), num_inference_steps=20,
                guidance_scale=5.0, height=32, width=32, generator=torch.Generator().manual_seed(seed)).images[0]
     img.resize((128, 128)).save(out / "sample.png")

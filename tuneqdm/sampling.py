@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import TuneQDMError
+from .progress import pipeline_progress, progress, stage
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -91,13 +92,14 @@ def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", d
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
     try:
-        with _without_logged_errors("diffusers"):
+        with _without_logged_errors("diffusers"), \
+                stage(f"loading {'the embedded toy pipeline' if base is None else base}"):
             pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
-    pipe.set_progress_bar_config(disable=True)
+    pipeline_progress(pipe)
     return pipe.to(device)
 
 
@@ -203,9 +205,11 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         if quantized_base is None:
             from .tuning import QuantConfig, quantize_
 
-            quantize_(pipe.unet, QuantConfig(
-                bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
-                intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
+            with stage(f"quantizing the UNet to {cfg['bits']} bits"):
+                quantize_(pipe.unet, QuantConfig(
+                    bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
+                    intervals=tuple(tuple(i) for i in cfg["intervals"]),
+                    num_train_timesteps=cfg["num_train_timesteps"]))
         _check_adapter_base(pipe.unet, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
         load_adapter(pipe.unet, adapter, num_train_timesteps=timesteps)
     pipe.unet.eval()
@@ -263,7 +267,8 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     from .quant import cached_weights
 
     images = []
-    with cached_weights(pipe.unet, weight_cache_bytes):
+    bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
+    with cached_weights(pipe.unet, weight_cache_bytes), bar:
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]
@@ -271,4 +276,5 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
                        negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
                        generator=gens, output_type="pil", height=height, width=width)
             images += out.images
+            bar.update(n)
     return images

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir
+from ..progress import progress
 from .encoders import ImageEncoder, ImageTextEncoder, clip_i_score, clip_t_score, dino_score
 
 METRICS = "metrics.json"
@@ -60,7 +61,7 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
     if images_per_prompt < 1 or not prompts:
         raise TuneQDMError("need at least one prompt and --images_per_prompt >= 1")
     per_prompt, rows = [], []
-    for p, prompt in enumerate(prompts):
+    for p, prompt in enumerate(progress(prompts, desc="evaluate: prompts", unit="prompt")):
         s = seed + 1000 * p  # prompt p, image i: seed + 1000 p + i
         images = generate(pipe, prompt, images_per_prompt, num_inference_steps, guidance_scale, seed=s)
         text = prompt if keep_token else without_token(prompt, token)

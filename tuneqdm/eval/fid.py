@@ -19,6 +19,7 @@ import torch
 
 from ..errors import TuneQDMError
 from ..files import atomic_dir
+from ..progress import progress, stage
 from .encoders import ImageTextEncoder
 
 EVALUATION_SEED = 50_000_000
@@ -71,11 +72,14 @@ def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25
     from ..sampling import generator
 
     images = []
+    bar = progress(desc="sampling captions", total=len(captions), unit="image")
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])
         out = pipe(batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    generator=[generator(seed + start + i) for i in range(len(batch))], output_type="pil")
         images += out.images
+        bar.update(len(batch))
+    bar.close()
     return images
 
 
@@ -95,8 +99,9 @@ def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, w
     t0 = time.perf_counter()
     generated = sample_captions(pipe, captions, num_inference_steps, guidance_scale, seed)
     sample_s = time.perf_counter() - t0
-    gen_f, ref_f = encoder.encode_images(generated), encoder.encode_images(reference)
-    text_f = encoder.encode_texts(captions)
+    with stage(f"encoding {len(generated)} images, {len(reference)} renders and their captions"):
+        gen_f, ref_f = encoder.encode_images(generated), encoder.encode_images(reference)
+        text_f = encoder.encode_texts(captions)
     metrics = {
         "format_version": 1, "metric": "fid", "fd": feature_distance(gen_f, ref_f),
         "text_score": float(cosine_matrix(gen_f, text_f).diagonal().mean()),

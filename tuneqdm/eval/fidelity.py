@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..progress import is_quiet, stage
 
 FLOOR = "floor"
 TABLE_VERSION = 2
@@ -104,13 +105,15 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     info = {"method": method, "bits": bits, "subject": subject_dir.name, "settings": settings}
     if method == FLOOR:
         pipe = pipeline_from(base)
-        quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
+        with stage(f"quantizing the UNet to {bits} bits"):
+            quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
         pipe.unet.eval()
         info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
     else:
         run = cell / "run"
         cfg = TrainConfig(pretrained_model_name_or_path=base, method=method, bits=bits or 4,
-                          instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run), quiet=True,
+                          instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run),
+                          quiet=is_quiet(),
                           force=True, checkpointing_steps=10**9, learning_rate=settings["learning_rate"],
                           s1_intervals=settings.get("s1_intervals"))
         t0 = time.perf_counter()

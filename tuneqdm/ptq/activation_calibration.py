@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
+from ..progress import progress, stage
 from .activations import (ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig, ActivationObserver,
                           ActivationQuantizer, LayerParams)
 from .calibration import CALIBRATION_SEED, toy_calibration_prompts
@@ -71,7 +72,7 @@ def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25,
 
     observer = ActivationObserver(pipe.unet, exclude)
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in progress(range(0, len(prompts), batch_size), desc="observing activations", unit="batch"):
             chunk = prompts[i:i + batch_size]
             pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                  generator=[generator(seed + i + j) for j in range(len(chunk))], output_type="latent",
@@ -96,7 +97,8 @@ def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, nu
                                    width, config.exclude)
     meta = {"prompts": len(prompts), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
             "seed": seed, "scheduler": type(pipe.scheduler).__name__, **(info or {})}
-    quantizer = observer.fit(config, meta)
+    with stage(f"fitting A{config.bits} K={config.groups} activation groups"):
+        quantizer = observer.fit(config, meta)
     quantizer.info["calibration_seconds"] = round(time.perf_counter() - start, 2)
     quantizer.info["fingerprint"] = model_fingerprint(pipe.unet)
     return quantizer

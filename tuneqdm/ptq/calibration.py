@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import TuneQDMError
+from ..progress import progress
 from ..tuning.routing import _find_argument
 
 CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration prompts ([50M, 60M): PTQ evaluation)
@@ -132,7 +133,7 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
 
     handle = unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        for start in range(0, samples_per_step, batch_size):
+        for start in progress(range(0, samples_per_step, batch_size), desc="calibration inputs", unit="batch"):
             n = min(batch_size, samples_per_step - start)
             batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
             state["step"] = 0

@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import TuneQDMError
+from ..progress import progress as progress_bar  # `progress` is calibrate_weights' callback
 from ..quant.layers import QUANTIZED_CLASSES
 from ..quant.packing import check_bits, qrange
 from ..quant.quantizer import QuantizedWeight, quantize_weight
@@ -374,7 +375,8 @@ def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: Wei
         raise TuneQDMError(f"--calibrate {config.calibrate} with shortcut splitting needs calibration data")
     splits, order = trace_unet(unet, calib) if calib is not None else ({}, [])
     splits = {k: v for k, v in splits.items() if k in names} if config.split_shortcuts else {}
-    grids = {n: _LayerGrid(unet.get_submodule(n), config.bits, config.grid_init, splits.get(n)) for n in names}
+    grids = {n: _LayerGrid(unet.get_submodule(n), config.bits, config.grid_init, splits.get(n))
+             for n in progress_bar(names, desc=f"{config.grid_init} grids", unit="layer")}
     report = {"splits": splits, "blocks": []}
     if config.calibrate == "adaround":
         if len(calib) < 1:
@@ -382,7 +384,7 @@ def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: Wei
         fp = copy.deepcopy(unet).eval().requires_grad_(False)
         unet.eval().requires_grad_(False)
         blocks = reconstruction_blocks(order, names)
-        for i, (block, layers) in enumerate(blocks):
+        for i, (block, layers) in enumerate(progress_bar(blocks, desc="adaround: blocks", unit="block")):
             tb = time.perf_counter()
             inputs, _ = capture_block(unet, block, calib, config.batch_size, output=False)
             _, target = capture_block(fp, block, calib, config.batch_size, output=True)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
+from ..progress import pipeline_progress, progress, quiet_while, stage
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import TrainConfig
@@ -277,8 +278,10 @@ class Trainer:
         ex = self._examples(pipe, subjects)
         self.examples = ex
         # memory savers: encode everything once, then release the VAE and the text encoders
-        self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution, device,
-                                       memory_savers=cfg.savers)
+        images = len(ex.instance_pixels) + (0 if ex.class_pixels is None else len(ex.class_pixels))
+        with stage(f"encoding {images} images and {len(ex.prompts)} prompts"):
+            self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution,
+                                           device, memory_savers=cfg.savers)
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -297,7 +300,8 @@ class Trainer:
             from ..sampling import float_fingerprint
 
             self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
-        unet, groups = prepare(unet, cfg, self.T, self.base_id)
+        with stage(f"quantizing the UNet to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
+            unet, groups = prepare(unet, cfg, self.T, self.base_id)
         for g in groups:
             g["lr"] = cfg.lr * g["lr_scale"]
         if cfg.gradient_checkpointing:
@@ -492,10 +496,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         if self.finished:
             return self.out
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step",
-                   disable=cfg.quiet or not self.main, file=sys.stderr, dynamic_ncols=True)
+        bar = progress(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step", disable=not self.main)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main and cfg.force and not self.resumed_from:
             _start_over(self.out)
@@ -693,6 +694,7 @@ class Trainer:
             pipe = getattr(self, "_pipe", None)
             if pipe is None:
                 pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version, unet=model)
+            pipeline_progress(pipe, f"validation at step {self.step}")
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)
             folder = self.out / "validation" / f"step-{self.step:06d}"
@@ -826,7 +828,7 @@ def train(cfg: TrainConfig | None = None, callbacks=(), trainer: Trainer | None 
         from dataclasses import replace
 
         cfg = replace(cfg, **kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_while(cfg.quiet or os.environ.get("RANK", "0") != "0"):  # bars: main only
         from .data import TrainWarning
 
         warnings.simplefilter("always", TrainWarning)

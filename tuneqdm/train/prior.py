@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneQDMError
+from ..progress import progress
 from ..sampling import generator
 from .data import IMAGE_SUFFIXES
 
@@ -34,7 +35,7 @@ def _name(prompt: str, i: int) -> str:
 
 @torch.no_grad()
 def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: int, seed: int = 0,
-                        num_inference_steps: int = PRIOR_STEPS, batch_size: int = 4, progress=None) -> int:
+                        num_inference_steps: int = PRIOR_STEPS, batch_size: int = 4) -> int:
     """Generate class images until ``folder`` holds ``num_images``; returns how many were generated."""
     folder = Path(folder)
     try:
@@ -51,6 +52,7 @@ def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: 
     was_training = unet.training
     unet.eval()
     done = 0
+    bar = progress(desc=f"class images of '{prompt}'", total=len(todo), unit="image")
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -67,8 +69,8 @@ def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: 
                     tmp.unlink(missing_ok=True)
                     raise TuneQDMError(f"cannot write class image {final}: {e.strerror or e}") from None
                 done += 1
-            if progress is not None:
-                progress(done, len(todo))
+                bar.update(1)
     finally:
+        bar.close()
         unet.train(was_training)
     return done
