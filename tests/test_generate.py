@@ -109,7 +109,7 @@ def test_adapter_for_another_base_is_refused_in_one_line(base, scales, tmp_path,
         next(iter(tuneqdm.quantized_layers(unet).values())).zero_point.add_(1)  # other integers, same settings
     qdir = tuneqdm.save_quantized(unet, tmp_path / "w4", base_id=str(base))
     assert main(["generate", "--adapter", str(scales), "--quantized_base", str(qdir), "--prompt", "x",
-                 "--out", str(tmp_path / "g")]) == 2
+                 "--out", str(tmp_path / "g"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tuneqdm: error: adapter {scales} belongs to base fingerprint ") and err.count("\n") == 1
     assert err.endswith(": drop --quantized_base (the adapter's own base is then quantized as in training), or train "
@@ -254,7 +254,7 @@ def test_variant_reaches_every_command_that_loads_a_pipeline(base, photos, scale
     capsys.readouterr()
 
     def err(*argv):
-        assert main([*gen, *argv, "--out", str(tmp_path / "x")]) == 2
+        assert main([*gen, *argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
         return capsys.readouterr().err
 
     no_variant = err(*var)  # one line: diffusers' logged copy of the error is dropped
