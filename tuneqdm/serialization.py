@@ -37,6 +37,7 @@ from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import METHODS, QuantConfig
 from .tuning.model import _set_submodule, attach, configure_, quant_state, quantized_layers
+from .tuning.streaming import diffusers_model_class
 
 QUANT_MAP, QUANT_WEIGHTS = "quantization.json", "quantized.safetensors"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
@@ -103,19 +104,10 @@ def save_quantized(model: nn.Module, directory, base_id: str | None = None, extr
 
 
 def _model_class(name: str, directory: Path) -> type:
-    """The diffusers model class ``name`` names, looked up by exact name among the classes the ``diffusers`` package
-    exports (never by importing the module the file names: a crafted file could name any local module)."""
-    import diffusers
-    from diffusers import ModelMixin
-
+    """The diffusers model class ``name`` (``diffusers.<...>.Class``) names, by exact name among diffusers' exports."""
     module, _, cls_name = name.rpartition(".")
-    cls = None
-    if module == "diffusers" or module.startswith("diffusers."):
-        try:
-            cls = getattr(diffusers, cls_name, None)
-        except (ImportError, RuntimeError):  # an export whose optional dependency is missing
-            cls = None
-    if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+    cls = diffusers_model_class(cls_name) if module == "diffusers" or module.startswith("diffusers.") else None
+    if cls is None:
         raise TuneQDMError(f"{directory} holds a {name}: pass an empty instance with load_quantized(dir, model=...)")
     return cls
 

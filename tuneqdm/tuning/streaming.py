@@ -31,15 +31,18 @@ _READABLE_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 BLOCK_ELEMENTS = 1 << 22  # rows quantized together: float temporaries stay ~16 MB whatever the layer's size
 
 
-def diffusers_model_class(name: str) -> type[nn.Module]:
-    """The diffusers model class called exactly ``name`` (never an import of an arbitrary module)."""
+def diffusers_model_class(name) -> type[nn.Module] | None:
+    """The model class the ``diffusers`` package exports under exactly ``name`` (None when there is none): files
+    name their class, and a crafted file must never get an arbitrary module imported."""
     import diffusers
 
-    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-        raise TuneQDMError(f"{name!r} is not a diffusers model class: pass a diffusers model folder "
-                           "(its config.json names the class in _class_name)")
-    return cls
+    if not (isinstance(name, str) and name.isidentifier()):
+        return None
+    try:
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):  # an export whose optional dependency is missing
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
 
 
 def weight_files(folder: Path, variant: str | None = None) -> dict[str, list[str]]:
@@ -108,7 +111,11 @@ def _skeleton(folder: Path) -> nn.Module:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TuneQDMError(f"{config_file} is not valid JSON ({e}): download the model again") from None
-    cls = diffusers_model_class(config.get("_class_name") if isinstance(config, dict) else None)
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = diffusers_model_class(name)
+    if cls is None:
+        raise TuneQDMError(f"{name!r} is not a diffusers model class: pass a diffusers model folder "
+                           "(its config.json names the class in _class_name)")
     with init_empty_weights():
         return cls.from_config(cls.load_config(folder))
 
