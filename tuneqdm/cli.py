@@ -291,18 +291,20 @@ def _add_train_parser(sub) -> None:
 
     tr = sub.add_parser("train", help="personalize a model on a few photos (DreamBooth; diffusers' flag names)",
                         description="DreamBooth on a quantized model: only the quantization scales train "
-                                    "(--method tuneqdm, peqa, mcsu, tas, s1), or the fp/lora baselines.")
+                                    "(--method tuneqdm, peqa, mcsu, tas, s1), LoRA on the same quantized UNet (qlora), or the fp/lora baselines.")
     a = tr.add_argument
     a("--pretrained_model_name_or_path", default=None,
       help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
     a("--method", choices=METHOD_CHOICES, default="tuneqdm",
-      help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA or the full UNet (fp)")
+      help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the float UNet (lora) or on "
+           "the frozen quantized UNet (qlora), or the full UNet (fp)")
     a("--bits", type=int, choices=(2, 4, 8), default=4, help="weight bits of the quantized UNet (default 4)")
     a("--experts", type=int, default=None, help="timestep experts K (default: 4 for tuneqdm and tas, else 1)")
     a("--s1_intervals", default=None, help="method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
     a("--quant_init", choices=("minmax", "mse"), default="mse", help="quantizer initialisation (default mse)")
     a("--quantized_base", default=None, help="a folder of tuneqdm.save_quantized to start from (skips quantizing)")
-    a("--rank", type=int, default=4, help="LoRA rank (method lora, default 4)")
+    a("--rank", type=int, default=4, help="LoRA rank (methods lora and qlora, default 4)")
+    a("--lora_targets", default=None, help="LoRA target modules, comma-separated (default: to_k,to_q,to_v,to_out.0)")
     a("--instance_data_dir", default=None, help="folder of 3-6 photos of the subject")
     a("--instance_prompt", default=None,
       help="prompt with a rare identifier, e.g. 'a sks dog' (default: the folder's subject.json)")

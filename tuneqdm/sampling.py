@@ -111,9 +111,10 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its UNet is used instead of the base's.
     ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
-    with both fingerprints named), LoRA (loaded into the float UNet) or a full fine-tuned UNet.
+    with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
+    or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
     """
-    from .serialization import load_adapter, load_quantized, read_adapter_config
+    from .serialization import fingerprint, load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
     if adapter is not None:
@@ -131,8 +132,11 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         recorded = _read_base_id(quantized_base)
         if recorded is not None and Path(recorded).is_dir():
             base = recorded
-    if quantized_base is not None and kind in ("lora", "fp"):
-        raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result")
+    qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
+    if qlora and quantized_base is None and info.get("quantized_base") and Path(info["quantized_base"]).is_dir():
+        quantized_base = info["quantized_base"]
+    if quantized_base is not None and kind in ("lora", "fp") and not qlora:
+        raise TuneQDMError(f"--quantized_base applies to scale and qlora adapters; {adapter} is a {kind} result")
 
     if quantized_base is not None:
         pipe = pipeline_from(base, device, dtype, unet=load_quantized(quantized_base, device=device))
@@ -148,7 +152,10 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
             import peft  # noqa: F401
         except ImportError:
             raise TuneQDMError("a LoRA adapter needs PEFT: pip install peft") from None
-        expected, actual = info.get("base_fingerprint"), float_fingerprint(pipe.unet)
+        if qlora and quantized_base is None:
+            _quantize_as_trained(pipe.unet, info.get("settings") or {})
+        expected = info.get("base_fingerprint")
+        actual = fingerprint(pipe.unet) if qlora else float_fingerprint(pipe.unet)
         if expected and expected != actual:
             raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
                                f"but this model's fingerprint is {actual}")
@@ -163,6 +170,13 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         load_adapter(pipe.unet, adapter)
     pipe.unet.eval()
     return pipe
+
+
+def _quantize_as_trained(unet, settings: dict) -> None:
+    """qlora's base: the UNet quantized as ``tuneqdm train --method qlora`` did (its original scales, frozen)."""
+    from .tuning import QuantConfig, quantize_
+
+    quantize_(unet, QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa"))
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
 
-QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")
-METHOD_CHOICES = ("fp", "lora") + QUANTIZED_METHODS
+QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")  # the scale methods
+LORA_METHODS = ("lora", "qlora")  # PEFT LoRA on the float UNet / on tuneqdm's frozen quantized UNet
+METHOD_CHOICES = ("fp", "lora", "qlora") + QUANTIZED_METHODS
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -21,9 +22,12 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # test pipeline (200 steps, batch 2, held-out eps-MSE from 1.140): 3e-4 -> 1.095, 1e-3 -> 1.005, 2e-3 -> 0.906,
 # 5e-3 -> 0.702, 1e-2 -> 0.499, 3e-2 -> 0.315 (no divergence). 2e-3 is the default: a clear fit within 400 steps
 # while a scale can drift at most ~0.2x per expert (100 steps of 4 experts), keeping the prior.
-DEFAULT_LR = {"fp": 5e-6, "lora": 1e-4, **{m: 2e-3 for m in QUANTIZED_METHODS}}
-DEFAULT_WEIGHT_DECAY = {"fp": 1e-2, "lora": 1e-2, **{m: 0.0 for m in QUANTIZED_METHODS}}  # decay would shrink W
+# LoRA: diffusers' DreamBooth-LoRA defaults (lr 1e-4, AdamW decay 1e-2), on the float or the quantized base alike.
+DEFAULT_LR = {"fp": 5e-6, "lora": 1e-4, "qlora": 1e-4, **{m: 2e-3 for m in QUANTIZED_METHODS}}
+DEFAULT_WEIGHT_DECAY = {"fp": 1e-2, "lora": 1e-2, "qlora": 1e-2,
+                        **{m: 0.0 for m in QUANTIZED_METHODS}}  # decay would shrink W
 DEFAULT_STEPS = 400
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA script
 
 
 @dataclass
@@ -37,6 +41,7 @@ class TrainConfig:
     quant_init: str = "mse"
     quantized_base: str | None = None
     rank: int = 4  # LoRA rank
+    lora_targets: str | None = None  # comma-separated module names (PEFT target_modules); None: diffusers' four
     # data
     instance_data_dir: str | None = None
     instance_prompt: str | None = None
@@ -109,7 +114,11 @@ class TrainConfig:
             raise TuneQDMError("give either --subjects or --instance_data_dir/--instance_prompt, not both")
         if not self.subjects and not self.instance_data_dir:
             raise TuneQDMError("--instance_data_dir is required (or --subjects FILE for several subjects)")
-        if self.method not in QUANTIZED_METHODS and self.quantized_base:
+        if self.lora_targets is not None and self.method not in LORA_METHODS:
+            raise TuneQDMError(f"--lora_targets applies to --method lora or qlora, not {self.method}")
+        if self.lora_targets is not None and not self.targets:
+            raise TuneQDMError(f"--lora_targets {self.lora_targets!r} names no module: give e.g. to_q,to_v")
+        if not self.quantized and self.quantized_base:
             raise TuneQDMError(f"--quantized_base applies to the quantized methods, not --method {self.method}")
         if self.method == "s1" and not self.s1_intervals:
             raise TuneQDMError("--method s1 needs --s1_intervals, e.g. --s1_intervals 0-250")
@@ -119,7 +128,19 @@ class TrainConfig:
 
     @property
     def quantized(self) -> bool:
+        """The UNet is tuneqdm-quantized (the scale methods and qlora)."""
+        return self.method in QUANTIZED_METHODS or self.method == "qlora"
+
+    @property
+    def trains_scales(self) -> bool:
         return self.method in QUANTIZED_METHODS
+
+    @property
+    def targets(self) -> list[str]:
+        """The LoRA target modules (PEFT suffix names): ``--lora_targets`` or diffusers' DreamBooth-LoRA four."""
+        if self.lora_targets is None:
+            return list(LORA_TARGETS)
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property
     def lr(self) -> float:

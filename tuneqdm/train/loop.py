@@ -29,7 +29,7 @@ from ..files import atomic_dir
 from ..memory import pin_mmap_threshold
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
-from .config import TrainConfig
+from .config import LORA_METHODS, TrainConfig
 from .data import Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
 from .outputs import PRODUCTS, save_result
@@ -329,7 +329,7 @@ class Trainer:
         c = self.cfg
         return {"method": c.method, "bits": c.bits if c.quantized else None, "experts": c.experts,
                 "s1_intervals": c.s1_intervals, "quant_init": c.quant_init if c.quantized else None,
-                "rank": c.rank if c.method == "lora" else None, "base_fingerprint": self.fingerprint,
+                "rank": c.rank if c.method in LORA_METHODS else None, "base_fingerprint": self.fingerprint,
                 "base_id": self.base_id, "seed": c.seed,
                 "global_batch_size": c.train_batch_size * self.acc.num_processes,  # the draws depend on this only
                 "gradient_accumulation_steps": c.gradient_accumulation_steps,
@@ -479,14 +479,14 @@ class Trainer:
     def info(self) -> dict:
         cfg = self.cfg
         return {"tuneqdm_method": cfg.method, "base_id": self.base_id, "steps": self.step,
-                **({"base_fingerprint": self.fingerprint} if cfg.method == "lora" else {}),
+                **({"base_fingerprint": self.fingerprint} if cfg.method in LORA_METHODS else {}),
                 "instance_prompts": [s.instance_prompt for s in self.subjects],
                 "class_prompts": sorted({s.class_prompt for s in self.subjects if s.class_prompt}),
                 "classes": [s.noun for s in self.subjects],
                 "instance_data_dirs": [str(s.instance_data_dir) for s in self.subjects],
                 "validation_prompt": self.validation_prompt, "resolution": self.resolution,
                 "quantized_base": str(Path(cfg.quantized_base).resolve()) if cfg.quantized_base else None,
-                "learning_rate": cfg.lr, "lr_is_relative": cfg.quantized, "settings": cfg.to_dict()}
+                "learning_rate": cfg.lr, "lr_is_relative": cfg.trains_scales, "settings": cfg.to_dict()}
 
     def save_checkpoint(self) -> Path | None:
         """Write the state after ``self.step`` completed steps (main process); others wait."""
