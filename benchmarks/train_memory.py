@@ -105,6 +105,7 @@ def naive_forward(layer, x):
 def add_lora(unet) -> list:
     """Freeze ``unet`` and add PEFT LoRA as diffusers' DreamBooth-LoRA script does; the LoRA parameters."""
     from peft import LoraConfig
+
     from tuneqdm.train.methods import LORA_TARGETS
 
     unet.requires_grad_(False)

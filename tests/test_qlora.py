@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import tiny_unet
+from tiny_pipelines import tiny_sd_pipeline
 
 import tuneqdm
 from tuneqdm.errors import TuneQDMError
 from tuneqdm.quant.layers import QLinear
 from tuneqdm.train import TrainConfig, train
 from tuneqdm.train.methods import LORA_TARGETS, add_lora, check_lora_targets
-
-from tiny_models import tiny_unet
-from tiny_pipelines import tiny_sd_pipeline
 
 pytest.importorskip("peft")
 
@@ -116,7 +115,7 @@ def test_qlora_step_holds_about_what_tuneqdm_holds():
     add_lora(qlora, rank=4, targets=list(LORA_TARGETS))
     tq = tiny_unet()
     tuneqdm.quantize_(tq, tuneqdm.QuantConfig(bits=4, method="tuneqdm", experts=4, init="minmax"))
-    held = {name: sum(saved_numels(lambda *a: m(a[0], a[1], encoder_hidden_states=a[2]).sample, x, t, e))
+    held = {name: sum(saved_numels(lambda *a, m=m: m(a[0], a[1], encoder_hidden_states=a[2]).sample, x, t, e))
             for name, m in (("qlora", qlora), ("tuneqdm", tq))}
     assert held["qlora"] <= 1.1 * held["tuneqdm"], held
 

@@ -20,6 +20,7 @@ from ..tuning import QuantConfig, configure_, quantize_
 from ..tuning.model import quant_state, scale_param_groups
 from .config import LORA_TARGETS, TrainConfig
 
+
 def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.Module:
     """A saved quantized base, checked against the pipeline's UNet config when one is given."""
     directory = Path(directory)
