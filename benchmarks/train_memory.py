@@ -188,7 +188,7 @@ def train_steps(unet, params, steps: int, checkpointing: bool, device: str, inpu
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_peak_reset()
-    times = []
+    times, first = [], None
     for step in range(steps + 1):  # step 0 is the warm-up
         t0 = time.perf_counter()
         noise = torch.randn(latents.shape, generator=g).to(device)
@@ -205,8 +205,11 @@ def train_steps(unet, params, steps: int, checkpointing: bool, device: str, inpu
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - t0)
+        else:
+            first = time.perf_counter() - t0
     out = {"device": device, "threads": torch.get_num_threads(), "peak_rss_gib": rss_peak_bytes() / 2**30,
-           "s_per_step": sum(times) / len(times), "steps_timed": len(times)}
+           "s_per_step": sum(times) / len(times) if times else None, "steps_timed": len(times),
+           "s_first_step": first}
     if device == "cuda":
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -348,9 +351,11 @@ def peer_markdown(rows: list[dict], steps: int, contended: str) -> str:
         "optimum-quanto 0.2.7, bitsandbytes 0.50.2, torchao 0.18). One warm-up step, then the timed steps, each mode "
         f"in its own process. {contended} Raw numbers: `train_memory_peers.json`.",
         "",
-        "| mode | base | checkpointing | peak RSS (GiB) | x best peer | s/step | trainable params |",
+        "| mode | base | checkpointing | peak RSS (GiB) | x best peer | s/step (contended) | trainable params |",
         "|---|---|---|---|---|---|---|",
     ]
+    order = {m: i for i, m in enumerate(PEER_ROWS)}
+    rows = sorted(rows, key=lambda r: (r["checkpointing"], order.get(r["mode"], len(order))))
     best = {}
     for r in rows:
         if "error" not in r and r["mode"] in PEERS and r["mode"] != "qlora_w4":
@@ -363,26 +368,36 @@ def peer_markdown(rows: list[dict], steps: int, contended: str) -> str:
             lines.append(f"| {r['mode']} | {base} | {ck} | cannot run here: {r['error']} | - | - | - |")
             continue
         ratio = f"{r['peak_rss_gib'] / best[r['checkpointing']]:.2f}" if r["checkpointing"] in best else "-"
-        lines.append(f"| {r['mode']} | {base} | {ck} | {r['peak_rss_gib']:.2f} | {ratio} | {r['s_per_step']:.1f} | "
+        timed = r.get("s_per_step")
+        step = f"{timed:.0f}" if timed is not None else f"({r['s_first_step']:.0f}, first step)"
+        source = f" ({r['source']})" if r.get("source") else ""
+        lines.append(f"| {r['mode']}{source} | {base} | {ck} | {r['peak_rss_gib']:.2f} | {ratio} | {step} | "
                      f"{r['trainable_params']:,} |")
     return "\n".join(lines) + "\n" + PEER_NOTES
 
 
-def run_all(modes: list[str], steps: int) -> list[dict]:
-    rows = []
+def run_all(modes: list[str], steps: int, resume: Path | None = None) -> list[dict]:
+    """Each (mode, checkpointing) in its own process; with ``resume``, rows already in that JSON are kept and
+    every new row is written to it as soon as it is measured (an interrupted run continues where it stopped)."""
+    rows = json.loads(resume.read_text()) if resume is not None and resume.is_file() else []
+    done = {(r["mode"], r["checkpointing"]) for r in rows}
     for ckpt in (False, True):
         for mode in modes:
+            if (mode, ckpt) in done:
+                continue
             bits = {4} if mode == "qlora_w4" else ({MODES[mode][1]} - {None} if mode in MODES else set())
             for b in bits:
                 quantized_base(b)  # build outside the measured process
             cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(steps)] + (["--checkpointing"] if ckpt else [])
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                rows.append({"mode": mode, "checkpointing": ckpt, "error": f"exit {done.returncode}: {last}"[:300]})
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"mode": mode, "checkpointing": ckpt, "error": f"exit {proc.returncode}: {last}"[:300]})
             else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
+            if resume is not None:
+                resume.write_text(json.dumps(rows, indent=2))
     return rows
 
 
@@ -390,7 +405,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=list(MODES) + list(PEERS))
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="with --all: a subset")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (0: memory only)")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--all", action="store_true", help="every mode, each in its own process, with and without checkpointing")
     ap.add_argument("--peers", action="store_true", help="PEFT LoRA on the peers' quantized bases, our qlora and TuneQDM W4")
@@ -400,8 +415,7 @@ def main():
     args = ap.parse_args()
     if args.peers:
         out = str(ROOT / "docs" / "benchmarks" / "train_memory_peers") if args.out == ap.get_default("out") else args.out
-        rows = run_all(PEER_ROWS, args.steps)
-        Path(out + ".json").write_text(json.dumps(rows, indent=2))
+        rows = run_all(PEER_ROWS, args.steps, resume=Path(out + ".json"))
         Path(out + ".md").write_text(peer_markdown(rows, args.steps, args.contended))
         return
     if not args.all:

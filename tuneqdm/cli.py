@@ -26,6 +26,9 @@ def _generate(args) -> None:
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
+    if args.lora is not None and args.activation_bits is not None:
+        raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
+                           "for the layers without LoRA")
     if args.activation_bits is not None:
         from .ptq.activations import ActivationConfig
 
@@ -40,7 +43,8 @@ def _generate(args) -> None:
                                "names the class: write the class word instead")
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, lora=args.lora,
+                         lora_scale=args.lora_scale)
     set_scheduler(pipe, args.scheduler)
     if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
@@ -57,7 +61,7 @@ def _generate(args) -> None:
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
                                               "adapter", "quantized_base", "activation_bits", "groups",
-                                              "attention_quant", "activations")}
+                                              "attention_quant", "activations", "lora", "lora_scale")}
         meta["prompt"] = prompt
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
@@ -477,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
     gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
     gen.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
+    gen.add_argument("--lora", default=None, help="a diffusers/PEFT LoRA .safetensors (or folder) to add on top of "
+                     "the model and any --adapter; works on the quantized UNet")
+    gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora (default 1)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -104,7 +105,8 @@ def _has_component(source: str, name: str) -> bool:
 
 
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
-                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32):
+                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
+                  lora: str | Path | None = None, lora_scale: float = 1.0):
     """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default).
@@ -113,7 +115,10 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
     with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
     or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
+    ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
     """
+    if lora is not None:
+        check_lora_scale(lora_scale)
     from .serialization import fingerprint, load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
@@ -168,8 +173,42 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
         load_adapter(pipe.unet, adapter)
+    if lora is not None:
+        add_lora_file(pipe, lora, lora_scale)
     pipe.unet.eval()
     return pipe
+
+
+def check_lora_scale(scale) -> float:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TuneQDMError(f"--lora_scale must be a finite number, got {scale}")
+    return float(scale)
+
+
+def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
+    """Load a diffusers/PEFT LoRA (a ``.safetensors`` file or a folder holding one) into the pipeline, on a float or a
+    tuneqdm-quantized UNet (PEFT wraps the quantized Linear layers; its LoRA runs beside their integer weights), and
+    weight it by ``scale`` next to any LoRA the pipeline already has (those keep weight 1)."""
+    import diffusers.utils.logging as dlog
+
+    scale, path = check_lora_scale(scale), Path(path)
+    if not path.exists():
+        raise TuneQDMError(f"--lora {path} does not exist")
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise TuneQDMError(f"--lora {path} does not fit this model's UNet ({first[:200]}): "
+                           "was it made for another architecture?") from None
+    finally:
+        dlog.set_verbosity(level)
+    names = pipe.get_list_adapters().get("unet", [])
+    if name not in names:
+        raise TuneQDMError(f"--lora {path} has no LoRA weights for this model's UNet: "
+                           "was it made for another architecture?")
+    pipe.set_adapters(names, adapter_weights=[scale if n == name else 1.0 for n in names])
 
 
 def _quantize_as_trained(unet, settings: dict) -> None:
