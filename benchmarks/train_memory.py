@@ -347,7 +347,8 @@ def peer_markdown(rows: list[dict], steps: int, contended: str) -> str:
     lines = [
         "# Training memory against the peers: PEFT LoRA on quantized SD-1.5-size UNets, batch 1, 64x64 latents, fp32",
         "",
-        f"Produced by `python benchmarks/train_memory.py --peers --steps {steps}` (needs `pip install -e \".[bench]\"`: "
+        f"Produced by `python benchmarks/train_memory.py --peers --steps {steps}` "
+        "(needs `pip install -e \".[bench]\"`: "
         "optimum-quanto 0.2.7, bitsandbytes 0.50.2, torchao 0.18). One warm-up step, then the timed steps, each mode "
         f"in its own process. {contended} Raw numbers: `train_memory_peers.json`.",
         "",
@@ -388,7 +389,8 @@ def run_all(modes: list[str], steps: int, resume: Path | None = None) -> list[di
             bits = {4} if mode == "qlora_w4" else ({MODES[mode][1]} - {None} if mode in MODES else set())
             for b in bits:
                 quantized_base(b)  # build outside the measured process
-            cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(steps)] + (["--checkpointing"] if ckpt else [])
+            cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(steps)]
+            cmd += ["--checkpointing"] if ckpt else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -408,13 +410,15 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (0: memory only)")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--all", action="store_true", help="every mode, each in its own process, with and without checkpointing")
-    ap.add_argument("--peers", action="store_true", help="PEFT LoRA on the peers' quantized bases, our qlora and TuneQDM W4")
+    ap.add_argument("--peers", action="store_true",
+                    help="PEFT LoRA on the peers' quantized bases, our qlora and TuneQDM W4")
     ap.add_argument("--contended", default="Step times were measured while other jobs shared the CPU: compare "
                     "memory, not times.", help="one sentence on how the CPU was shared during the run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "train_memory"))
     args = ap.parse_args()
     if args.peers:
-        out = str(ROOT / "docs" / "benchmarks" / "train_memory_peers") if args.out == ap.get_default("out") else args.out
+        default = args.out == ap.get_default("out")
+        out = str(ROOT / "docs" / "benchmarks" / "train_memory_peers") if default else args.out
         rows = run_all(PEER_ROWS, args.steps, resume=Path(out + ".json"))
         Path(out + ".md").write_text(peer_markdown(rows, args.steps, args.contended))
         return

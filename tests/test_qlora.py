@@ -245,8 +245,8 @@ def images(pipe, n=2):
 
 
 def test_a_float_lora_on_the_w8_model_gives_the_float_model_with_it(base, float_lora):
-    """PSNR of W8 + LoRA against fp32 + LoRA >= 40 dB (51.5 measured: the W8 rounding only), and 10 dB above W8 without the LoRA
-    (so the LoRA is really applied through the quantized layers)."""
+    """PSNR of W8 + LoRA against fp32 + LoRA >= 40 dB (51.5 measured: the W8 rounding only), and 10 dB above W8
+    without the LoRA (so the LoRA is really applied through the quantized layers)."""
     fp = tuneqdm.load_pipeline(base=str(base), lora=float_lora)
     w8 = tuneqdm.load_pipeline(base=str(base))
     tuneqdm.quantize_(w8.unet, tuneqdm.QuantConfig(bits=8, method="peqa", init="minmax"))
@@ -308,3 +308,20 @@ def test_bad_loras_fail_in_one_line(base, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"tuneqdm: error: --lora_scale must be a finite number, got {float(bad)}"]
         assert not (tmp_path / bad).exists()
+
+
+def test_fidelity_benchmark_runs_qlora_at_both_bit_widths(base, tmp_path):
+    from tuneqdm.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    out = tmp_path / "fid"
+    assert main(["benchmark", "fidelity", "--pretrained_model_name_or_path", str(base), "--subjects", "0",
+                 "--methods", "qlora", "--bits", "4", "8", "--max_train_steps", "1", "--images_per_prompt", "1",
+                 "--num_inference_steps", "2", "--prompts", str(prompts), "--out", str(out)]) == 0
+    rows = {(r["method"], r["bits"]): r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
+    assert set(rows) == {("qlora", 4), ("qlora", 8)}
+    unet = tuneqdm.load_pipeline(base=str(base)).unet
+    lora = add_lora(unet, rank=4, targets=list(LORA_TARGETS))
+    assert all(r["trainable_params"] == sum(p.numel() for p in lora) for r in rows.values())
+    assert all(r["learning_rate"] == 1e-4 for r in rows.values())  # diffusers' LoRA default, not a relative rate

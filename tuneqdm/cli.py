@@ -295,7 +295,8 @@ def _add_train_parser(sub) -> None:
 
     tr = sub.add_parser("train", help="personalize a model on a few photos (DreamBooth; diffusers' flag names)",
                         description="DreamBooth on a quantized model: only the quantization scales train "
-                                    "(--method tuneqdm, peqa, mcsu, tas, s1), LoRA on the same quantized UNet (qlora), or the fp/lora baselines.")
+                                    "(--method tuneqdm, peqa, mcsu, tas, s1), LoRA on the same quantized UNet "
+                                    "(qlora), or the fp/lora baselines.")
     a = tr.add_argument
     a("--pretrained_model_name_or_path", default=None,
       help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
@@ -541,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid = bench_sub.add_parser("fidelity", help="train and evaluate every (method, bits, subject); resumable")
     fid.add_argument("--subjects", default="0-9", help="toy subject seeds, e.g. 0-9 or 0,3,5 (default 0-9)")
     fid.add_argument("--methods", default="fp,peqa,tuneqdm,floor",
-                     help="comma-separated: fp, lora, peqa, tuneqdm, mcsu, tas, s1, floor (the untuned quantized model)")
+                     help="comma-separated: fp, lora, qlora, peqa, tuneqdm, mcsu, tas, s1, floor "
+                          "(the untuned quantized model)")
     fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=(2, 4, 8))
     fid.add_argument("--s1_intervals", default=None, help="the timesteps S1 trains on, e.g. 0-250 (method s1 only)")
     fid.add_argument("--max_train_steps", type=int, default=400)
