@@ -406,7 +406,8 @@ def run_all(modes: list[str], steps: int, resume: Path | None = None) -> list[di
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=list(MODES) + list(PEERS))
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), help="with --all: a subset")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES) + list(PEERS),
+                    help="with --all or --peers: a subset, run in this order")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (0: memory only)")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--all", action="store_true", help="every mode, each in its own process, with and without checkpointing")
@@ -419,7 +420,7 @@ def main():
     if args.peers:
         default = args.out == ap.get_default("out")
         out = str(ROOT / "docs" / "benchmarks" / "train_memory_peers") if default else args.out
-        rows = run_all(PEER_ROWS, args.steps, resume=Path(out + ".json"))
+        rows = run_all(args.modes or PEER_ROWS, args.steps, resume=Path(out + ".json"))
         Path(out + ".md").write_text(peer_markdown(rows, args.steps, args.contended))
         return
     if not args.all:
