@@ -141,7 +141,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     if qlora and quantized_base is None and info.get("quantized_base") and Path(info["quantized_base"]).is_dir():
         quantized_base = info["quantized_base"]
     if quantized_base is not None and kind in ("lora", "fp") and not qlora:
-        raise TuneQDMError(f"--quantized_base applies to scale and qlora adapters; {adapter} is a {kind} result")
+        raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result")
 
     if quantized_base is not None:
         pipe = pipeline_from(base, device, dtype, unet=load_quantized(quantized_base, device=device))
