@@ -356,10 +356,13 @@ def peer_markdown(rows: list[dict], steps: int, contended: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     order = {m: i for i, m in enumerate(PEER_ROWS)}
+    have = {(r["mode"], r["checkpointing"]) for r in rows}
+    rows = rows + [{"mode": m, "checkpointing": c, "missing": True} for c in (False, True) for m in PEER_ROWS
+                   if (m, c) not in have]
     rows = sorted(rows, key=lambda r: (r["checkpointing"], order.get(r["mode"], len(order))))
     best = {}
     for r in rows:
-        if "error" not in r and r["mode"] in PEERS and r["mode"] != "qlora_w4":
+        if "peak_rss_gib" in r and r["mode"] in PEERS and r["mode"] != "qlora_w4":
             k = r["checkpointing"]
             best[k] = min(best.get(k, float("inf")), r["peak_rss_gib"])
     for r in rows:
@@ -367,6 +370,9 @@ def peer_markdown(rows: list[dict], steps: int, contended: str) -> str:
         base = PEERS.get(r["mode"], "tuneqdm W4 quantized base, TuneQDM scales (K=4), no LoRA")
         if "error" in r:
             lines.append(f"| {r['mode']} | {base} | {ck} | cannot run here: {r['error']} | - | - | - |")
+            continue
+        if r.get("missing"):
+            lines.append(f"| {r['mode']} | {base} | {ck} | not measured yet (the command resumes) | - | - | - |")
             continue
         ratio = f"{r['peak_rss_gib'] / best[r['checkpointing']]:.2f}" if r["checkpointing"] in best else "-"
         timed = r.get("s_per_step")
@@ -413,6 +419,7 @@ def main():
     ap.add_argument("--all", action="store_true", help="every mode, each in its own process, with and without checkpointing")
     ap.add_argument("--peers", action="store_true",
                     help="PEFT LoRA on the peers' quantized bases, our qlora and TuneQDM W4")
+    ap.add_argument("--report_only", action="store_true", help="with --peers: write the markdown from the JSON")
     ap.add_argument("--contended", default="Step times were measured while other jobs shared the CPU: compare "
                     "memory, not times.", help="one sentence on how the CPU was shared during the run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "train_memory"))
@@ -420,7 +427,10 @@ def main():
     if args.peers:
         default = args.out == ap.get_default("out")
         out = str(ROOT / "docs" / "benchmarks" / "train_memory_peers") if default else args.out
-        rows = run_all(args.modes or PEER_ROWS, args.steps, resume=Path(out + ".json"))
+        if args.report_only:
+            rows = json.loads(Path(out + ".json").read_text())
+        else:
+            rows = run_all(args.modes or PEER_ROWS, args.steps, resume=Path(out + ".json"))
         Path(out + ".md").write_text(peer_markdown(rows, args.steps, args.contended))
         return
     if not args.all:
