@@ -2,7 +2,7 @@
 
 The benchmark's subjects are toy seeds 0-9; this sweep uses other seeds (default 100, 101) so that the comparison
 is not tuned on its own subjects. Every method gets a 3-point grid around its default (fp: diffusers' SD lr 5e-6,
-x10, x100; scale methods: 2e-3, x3, x10). Rule: the lr with the highest DINO-like score among those whose CLIP-T-like
+x10, x100; lora and qlora: diffusers' LoRA lr 1e-4, x10, x100; scale methods: 2e-3, x3, x10). Rule: the lr with the highest DINO-like score among those whose CLIP-T-like
 score is at most 0.01 below the untuned W4 floor's (subject fidelity without losing the prompt).
 
     python benchmarks/fidelity_lr_sweep.py --out runs/sweep      # resumable; ~25 min on 2 cores
@@ -16,7 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
-GRID = {"fp": [5e-6, 5e-5, 5e-4], "peqa": [2e-3, 6e-3, 2e-2], "tuneqdm": [2e-3, 6e-3, 2e-2]}
+GRID = {"fp": [5e-6, 5e-5, 5e-4], "lora": [1e-4, 1e-3, 1e-2], "qlora": [1e-4, 1e-3, 1e-2],
+        "peqa": [2e-3, 6e-3, 2e-2], "tuneqdm": [2e-3, 6e-3, 2e-2]}
 CLIP_T_SLACK = 0.01
 
 

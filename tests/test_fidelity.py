@@ -75,8 +75,8 @@ def test_per_method_learning_rate_reaches_training(base, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--methods", "dreambooth"], "unknown method 'dreambooth' in --methods: choose from fp, lora, peqa, tuneqdm, "
-                                  "mcsu, tas, s1, floor"),
+    (["--methods", "dreambooth"], "unknown method 'dreambooth' in --methods: choose from fp, lora, qlora, peqa, "
+                                  "tuneqdm, mcsu, tas, s1, floor"),
     (["--subjects", "a-b"], "--subjects 'a-b': write toy subject seeds like 0-9 or 0,3,5"),
     (["--shard", "2/2"], "--shard '2/2': write i/n with 0 <= i < n, e.g. 0/2"),
     (["--learning_rate", "fp=1e-4"], "--learning_rate 'fp=1e-4': 'fp' is not a trained method of --methods"),

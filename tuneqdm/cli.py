@@ -32,6 +32,9 @@ def _generate(args) -> None:
         if size is not None and (size < 8 or size % 8):
             raise TuneQDMError(f"--{flag} {size}: give a positive multiple of 8 (the VAE's latent grid), or leave it "
                                "out for the model's native size")
+    if args.lora is not None and args.activation_bits is not None:
+        raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
+                           "for the layers without LoRA")
     if args.activation_bits is not None:
         from .ptq.activations import ActivationConfig
 
@@ -46,7 +49,8 @@ def _generate(args) -> None:
                                "names the class: write the class word instead")
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device, **_version(args))
+                         quantized_base=args.quantized_base, device=args.device, lora=args.lora,
+                         lora_scale=args.lora_scale, **_version(args))
     set_scheduler(pipe, args.scheduler)
     if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
@@ -63,7 +67,7 @@ def _generate(args) -> None:
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
                                               "revision", "variant", "adapter", "quantized_base", "activation_bits",
-                                              "groups", "attention_quant", "activations")}
+                                              "groups", "attention_quant", "activations", "lora", "lora_scale")}
         meta["prompt"] = prompt
         meta["height"], meta["width"] = images[0].height, images[0].width
         meta["seeds"] = [args.seed + i for i in range(len(images))]
@@ -325,19 +329,22 @@ def _add_train_parser(sub) -> None:
 
     tr = sub.add_parser("train", help="personalize a model on a few photos (DreamBooth; diffusers' flag names)",
                         description="DreamBooth on a quantized model: only the quantization scales train "
-                                    "(--method tuneqdm, peqa, mcsu, tas, s1), or the fp/lora baselines.")
+                                    "(--method tuneqdm, peqa, mcsu, tas, s1), LoRA on the same quantized UNet "
+                                    "(qlora), or the fp/lora baselines.")
     a = tr.add_argument
     a("--pretrained_model_name_or_path", default=None,
       help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
     _add_version_flags(tr)
     a("--method", choices=METHOD_CHOICES, default="tuneqdm",
-      help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA or the full UNet (fp)")
+      help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the float UNet (lora) or on "
+           "the frozen quantized UNet (qlora), or the full UNet (fp)")
     a("--bits", type=int, choices=(2, 4, 8), default=4, help="weight bits of the quantized UNet (default 4)")
     a("--experts", type=int, default=None, help="timestep experts K (default: 4 for tuneqdm and tas, else 1)")
     a("--s1_intervals", default=None, help="method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
     a("--quant_init", choices=("minmax", "mse"), default="mse", help="quantizer initialisation (default mse)")
     a("--quantized_base", default=None, help="a folder of tuneqdm.save_quantized to start from (skips quantizing)")
-    a("--rank", type=int, default=4, help="LoRA rank (method lora, default 4)")
+    a("--rank", type=int, default=4, help="LoRA rank (methods lora and qlora, default 4)")
+    a("--lora_targets", default=None, help="LoRA target modules, comma-separated (default: to_k,to_q,to_v,to_out.0)")
     a("--instance_data_dir", default=None, help="folder of 3-6 photos of the subject")
     a("--instance_prompt", default=None,
       help="prompt with a rare identifier, e.g. 'a sks dog' (default: the folder's subject.json)")
@@ -538,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantized_base", default=None,
                      help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
                           "on, if its folder still exists, else none)")
+    gen.add_argument("--lora", default=None, help="a diffusers/PEFT LoRA .safetensors (or folder) to add on top of "
+                     "the model and any --adapter; works on the quantized UNet")
+    gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora (default 1)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
@@ -602,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid = bench_sub.add_parser("fidelity", help="train and evaluate every (method, bits, subject); resumable")
     fid.add_argument("--subjects", default="0-9", help="toy subject seeds, e.g. 0-9 or 0,3,5 (default 0-9)")
     fid.add_argument("--methods", default="fp,peqa,tuneqdm,floor",
-                     help="comma-separated: fp, lora, peqa, tuneqdm, mcsu, tas, s1, floor (the untuned quantized model)")
+                     help="comma-separated: fp, lora, qlora, peqa, tuneqdm, mcsu, tas, s1, floor "
+                          "(the untuned quantized model)")
     fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=(2, 4, 8))
     fid.add_argument("--s1_intervals", default=None, help="the timesteps S1 trains on, e.g. 0-250 (method s1 only)")
     fid.add_argument("--max_train_steps", type=int, default=400)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -142,7 +143,8 @@ def _has_component(source: str, name: str) -> bool:
 
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
                   quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
-                  revision: str | None = None, variant: str | None = None):
+                  revision: str | None = None, variant: str | None = None, lora: str | Path | None = None,
+                  lora_scale: float = 1.0):
     """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
@@ -150,9 +152,13 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its UNet is used instead of the base's.
     ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
-    with both fingerprints named), LoRA (loaded into the float UNet) or a full fine-tuned UNet.
+    with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
+    or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
+    ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
     """
-    from .serialization import check_timesteps, load_adapter, load_quantized, read_adapter_config
+    if lora is not None:
+        check_lora_scale(lora_scale)
+    from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
 
     kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
@@ -174,7 +180,10 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         recorded = _read_base_id(quantized_base)
         if recorded is not None and Path(recorded).is_dir():
             base = recorded
-    if quantized_base is not None and kind in ("lora", "fp"):
+    qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
+    if qlora and quantized_base is None and info.get("quantized_base") and Path(info["quantized_base"]).is_dir():
+        quantized_base = info["quantized_base"]
+    if quantized_base is not None and kind in ("lora", "fp") and not qlora:
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
 
@@ -193,7 +202,10 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
             import peft  # noqa: F401
         except ImportError:
             raise TuneQDMError("a LoRA adapter needs PEFT: pip install peft") from None
-        expected, actual = info.get("base_fingerprint"), float_fingerprint(pipe.unet)
+        if qlora and quantized_base is None:
+            _quantize_as_trained(pipe.unet, info.get("settings") or {})
+        expected = info.get("base_fingerprint")
+        actual = fingerprint(pipe.unet) if qlora else float_fingerprint(pipe.unet)
         if expected and expected != actual:
             raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
                                f"but this model's fingerprint is {actual}: "
@@ -212,6 +224,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                     num_train_timesteps=cfg["num_train_timesteps"]))
         _check_adapter_base(pipe.unet, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
         load_adapter(pipe.unet, adapter, num_train_timesteps=timesteps)
+    if lora is not None:
+        add_lora_file(pipe, lora, lora_scale)
     pipe.unet.eval()
     return pipe
 
@@ -241,6 +255,45 @@ def _base_fix(recorded: str | None, chosen_base: bool) -> str:
     if recorded in (None, DEFAULT_BASE_ID):
         return "drop --pretrained_model_name_or_path (it was trained on the embedded pipeline), or train again"
     return f"pass --pretrained_model_name_or_path {recorded} (the base it was trained on), or train again on this one"
+
+
+def check_lora_scale(scale) -> float:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TuneQDMError(f"--lora_scale must be a finite number, got {scale}")
+    return float(scale)
+
+
+def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
+    """Load a diffusers/PEFT LoRA (a ``.safetensors`` file or a folder holding one) into the pipeline, on a float or a
+    tuneqdm-quantized UNet (PEFT wraps the quantized Linear layers; its LoRA runs beside their integer weights), and
+    weight it by ``scale`` next to any LoRA the pipeline already has (those keep weight 1)."""
+    import diffusers.utils.logging as dlog
+
+    scale, path = check_lora_scale(scale), Path(path)
+    if not path.exists():
+        raise TuneQDMError(f"--lora {path} does not exist")
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise TuneQDMError(f"--lora {path} does not fit this model's UNet ({first[:200]}): "
+                           "was it made for another architecture?") from None
+    finally:
+        dlog.set_verbosity(level)
+    names = pipe.get_list_adapters().get("unet", [])
+    if name not in names:
+        raise TuneQDMError(f"--lora {path} has no LoRA weights for this model's UNet: "
+                           "was it made for another architecture?")
+    pipe.set_adapters(names, adapter_weights=[scale if n == name else 1.0 for n in names])
+
+
+def _quantize_as_trained(unet, settings: dict) -> None:
+    """qlora's base: the UNet quantized as ``tuneqdm train --method qlora`` did (its original scales, frozen)."""
+    from .tuning import QuantConfig, quantize_
+
+    quantize_(unet, QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa"))
 
 
 def set_scheduler(pipe, name: str) -> None:

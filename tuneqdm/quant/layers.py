@@ -133,7 +133,7 @@ class QuantizedLayer(nn.Module):
     channel_dim: int  # the channel dimension of activations (-1 for Linear, 1 for Conv2d)
 
     def __init__(self, weight_shape, in_scale_features: int, bits: int, bias: bool, device=None):
-        super().__init__()
+        nn.Module.__init__(self)  # not the float class's __init__ (QLinear is an nn.Linear): it would build a weight
         self.bits = check_bits(bits)
         self.weight_shape = torch.Size(weight_shape)
         self.in_scale_features = in_scale_features
@@ -305,8 +305,14 @@ class QuantizedLayer(nn.Module):
 
 
 @register_qmodule(nn.Linear)
-class QLinear(QuantizedLayer):
+class QLinear(QuantizedLayer, nn.Linear):
+    """Quantized Linear. It is an ``nn.Linear`` without a ``weight`` (as optimum-quanto's layers are the float class
+    plus a mixin), so that PEFT's stock LoRA ``Linear`` wraps it — ``add_adapter``, ``pipe.load_lora_weights`` —
+    calling this layer's forward and backward, which never hold a float weight. Merging a LoRA into it is not
+    possible (there is no float weight to merge into)."""
+
     channel_dim = -1
+    weight = None  # no float weight, by design: code that asks (PEFT does) gets None rather than an AttributeError
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None):
         super().__init__((out_features, in_features), in_features, bits, bias, device)
@@ -330,6 +336,9 @@ class QLinear(QuantizedLayer):
         if self.bias is not None:
             out.bias.data.copy_(self.bias.detach())
         return out
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the weight is data (packed integers), not parameters."""
 
     def _op(self, x, w, bias):
         return F.linear(x, w, bias)

@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import TuneQDMError
 from ..tuning.config import METHODS
 
-QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")
-METHOD_CHOICES = ("fp", "lora") + QUANTIZED_METHODS
+QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")  # the scale methods
+LORA_METHODS = ("lora", "qlora")  # PEFT LoRA on the float UNet / on tuneqdm's frozen quantized UNet
+METHOD_CHOICES = ("fp", "lora", "qlora") + QUANTIZED_METHODS
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -23,8 +24,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # test pipeline (200 steps, batch 2, held-out eps-MSE from 1.140): 3e-4 -> 1.095, 1e-3 -> 1.005, 2e-3 -> 0.906,
 # 5e-3 -> 0.702, 1e-2 -> 0.499, 3e-2 -> 0.315 (no divergence). 2e-3 is the default: a clear fit within 400 steps
 # while a scale can drift at most ~0.2x per expert (100 steps of 4 experts), keeping the prior.
-DEFAULT_LR = {"fp": 5e-6, "lora": 1e-4, **{m: 2e-3 for m in QUANTIZED_METHODS}}
-DEFAULT_WEIGHT_DECAY = {"fp": 1e-2, "lora": 1e-2, **{m: 0.0 for m in QUANTIZED_METHODS}}  # decay would shrink W
+# LoRA: diffusers' DreamBooth-LoRA defaults (lr 1e-4, AdamW decay 1e-2), on the float or the quantized base alike.
+DEFAULT_LR = {"fp": 5e-6, "lora": 1e-4, "qlora": 1e-4, **{m: 2e-3 for m in QUANTIZED_METHODS}}
+DEFAULT_WEIGHT_DECAY = {"fp": 1e-2, "lora": 1e-2, "qlora": 1e-2,
+                        **{m: 0.0 for m in QUANTIZED_METHODS}}  # decay would shrink W
 DEFAULT_STEPS = 400
 MAX_SEED = 2**32 - 1  # numpy's seed range (accelerate seeds numpy, Python and torch with the same number)
 REPORT_TO = ("tensorboard",)
@@ -34,6 +37,7 @@ HARMLESS = ("output_dir", "resume_from_checkpoint", "force", "quiet", "report_to
             "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
             "validation_inference_steps", "gradient_checkpointing", "sample_batch_size", "quantized_base",
             "instance_data_dir", "subjects", "pretrained_model_name_or_path")
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA script
 
 
 @dataclass
@@ -49,6 +53,7 @@ class TrainConfig:
     quant_init: str = "mse"
     quantized_base: str | None = None
     rank: int = 4  # LoRA rank
+    lora_targets: str | None = None  # comma-separated module names (PEFT target_modules); None: diffusers' four
     # data
     instance_data_dir: str | None = None
     instance_prompt: str | None = None
@@ -162,7 +167,11 @@ class TrainConfig:
             raise TuneQDMError("--instance_data_dir is required (or --subjects FILE for several subjects)")
 
     def _check_method(self):
-        if self.method not in QUANTIZED_METHODS and self.quantized_base:
+        if self.lora_targets is not None and self.method not in LORA_METHODS:
+            raise TuneQDMError(f"--lora_targets applies to --method lora or qlora, not {self.method}")
+        if self.lora_targets is not None and not self.targets:
+            raise TuneQDMError(f"--lora_targets {self.lora_targets!r} names no module: give e.g. to_q,to_v")
+        if not self.quantized and self.quantized_base:
             raise TuneQDMError(f"--quantized_base applies to the quantized methods, not --method {self.method}")
         if self.method == "s1" and not self.s1_intervals:
             raise TuneQDMError("--method s1 needs --s1_intervals, e.g. --s1_intervals 0-250")
@@ -173,7 +182,7 @@ class TrainConfig:
                 raise TuneQDMError(f"--s1_intervals {self.s1_intervals!r}: each interval A-B needs A < B")
         if self.experts is None:
             return
-        if not self.quantized:
+        if not self.trains_scales:
             raise TuneQDMError(f"--experts applies to the scale methods, not --method {self.method}")
         spec = METHODS[self.method]
         if self.experts < 1 or (spec.experts == "one" and self.experts != 1):
@@ -184,8 +193,8 @@ class TrainConfig:
 
     @property
     def resolved_experts(self) -> int | None:
-        """K as trained: the method's default when not given (None for fp and lora)."""
-        if not self.quantized:
+        """K as trained: the method's default when not given (None for fp, lora and qlora)."""
+        if not self.trains_scales:
             return None
         return self.experts if self.experts is not None else METHODS[self.method].default_experts
 
@@ -200,7 +209,8 @@ class TrainConfig:
         if not self.quantized:
             for name in ("bits", "quant_init"):
                 out[name] = None
-        if self.method != "lora":
+        out["lora_targets"] = sorted(self.targets) if self.method in LORA_METHODS else None  # resolved
+        if self.method not in LORA_METHODS:
             out["rank"] = None
         if not self.with_prior_preservation:
             for name in ("class_data_dir", "num_class_images", "prior_loss_weight", "prior_inference_steps"):
@@ -222,7 +232,19 @@ class TrainConfig:
 
     @property
     def quantized(self) -> bool:
+        """The UNet is tuneqdm-quantized (the scale methods and qlora)."""
+        return self.method in QUANTIZED_METHODS or self.method == "qlora"
+
+    @property
+    def trains_scales(self) -> bool:
         return self.method in QUANTIZED_METHODS
+
+    @property
+    def targets(self) -> list[str]:
+        """The LoRA target modules (PEFT suffix names): ``--lora_targets`` or diffusers' DreamBooth-LoRA four."""
+        if self.lora_targets is None:
+            return list(LORA_TARGETS)
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property
     def lr(self) -> float:

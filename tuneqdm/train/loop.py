@@ -32,7 +32,7 @@ from ..memory import pin_mmap_threshold
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
-from .config import TrainConfig
+from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
 from .outputs import PRODUCTS, read_training_json, save_result
@@ -600,14 +600,14 @@ class Trainer:
     def info(self) -> dict:
         cfg = self.cfg
         return {"tuneqdm_method": cfg.method, "base_id": self.base_id, "steps": self.step,
-                **({"base_fingerprint": self.fingerprint} if cfg.method == "lora" else {}),
+                **({"base_fingerprint": self.fingerprint} if cfg.method in LORA_METHODS else {}),
                 "instance_prompts": [s.instance_prompt for s in self.subjects],
                 "class_prompts": sorted({s.class_prompt for s in self.subjects if s.class_prompt}),
                 "classes": [s.noun for s in self.subjects],
                 "instance_data_dirs": [str(s.instance_data_dir) for s in self.subjects],
                 "validation_prompt": self.validation_prompt, "resolution": self.resolution,
                 "quantized_base": str(Path(cfg.quantized_base).resolve()) if cfg.quantized_base else None,
-                "learning_rate": cfg.lr, "lr_is_relative": cfg.quantized, "settings": cfg.to_dict(),
+                "learning_rate": cfg.lr, "lr_is_relative": cfg.trains_scales, "settings": cfg.to_dict(),
                 "identity": self._identity()}
 
     def save_checkpoint(self) -> Path | None:

@@ -1,4 +1,5 @@
-"""What trains: the quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the float UNet, or the whole UNet.
+"""What trains: the quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the float UNet (lora) or on
+tuneqdm's frozen quantized UNet (qlora), or the whole UNet.
 
 ``prepare`` turns the pipeline's float UNet (or a saved quantized base) into the model to train and returns the
 optimizer's parameter groups. For the scale methods each layer's ``s_out`` is its own group whose learning rate is
@@ -14,12 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import TuneQDMError
-from ..serialization import load_quantized
+from ..serialization import fingerprint, load_quantized
 from ..tuning import QuantConfig, configure_, quantize_
 from ..tuning.model import quant_state, scale_param_groups
-from .config import TrainConfig
-
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+from .config import LORA_TARGETS, TrainConfig
 
 
 def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.Module:
@@ -39,38 +38,77 @@ def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.
 
 
 def quant_config(cfg: TrainConfig, num_train_timesteps: int) -> QuantConfig:
-    return QuantConfig(bits=cfg.bits, method=cfg.method, experts=cfg.experts, init=cfg.quant_init,
+    """The quantization of the run; qlora's base keeps its original scales (one set, frozen: ``peqa``'s layout)."""
+    method = "peqa" if cfg.method == "qlora" else cfg.method
+    experts = None if cfg.method == "qlora" else cfg.experts
+    return QuantConfig(bits=cfg.bits, method=method, experts=experts, init=cfg.quant_init,
                        intervals=cfg.intervals, num_train_timesteps=num_train_timesteps)
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a ``target_modules`` string: the whole name or its dotted suffix."""
+    return name == target or name.endswith("." + target)
+
+
+def check_lora_targets(unet: nn.Module, targets: list[str], quantized: bool) -> None:
+    """One-line errors for targets that match no module, or (qlora) a module PEFT cannot wrap without a weight."""
+    from ..quant.layers import QConv2d
+
+    modules = dict(unet.named_modules())
+    for t in targets:
+        hits = [n for n in modules if _matches(n, t)]
+        if not hits:
+            raise TuneQDMError(f"--lora_targets {t!r} matches no module of the UNet: give names such as "
+                               f"{', '.join(LORA_TARGETS)}")
+        if quantized and any(isinstance(modules[n], QConv2d) for n in hits):
+            raise TuneQDMError(f"--lora_targets {t!r} matches a quantized Conv2d ({hits[0]}): qlora wraps Linear "
+                               "layers only")
+
+
+def add_lora(unet: nn.Module, rank: int, targets: list[str]) -> list[nn.Parameter]:
+    """Freeze ``unet`` and add PEFT LoRA (diffusers' DreamBooth-LoRA init: gaussian A, zero B, alpha = rank); the
+    LoRA parameters, in float32 whatever the base dtype."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise TuneQDMError("LoRA needs PEFT: pip install peft") from None
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def _quantize_for(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> None:
+    qc = quant_config(cfg, num_train_timesteps)
+    if getattr(unet, "_tuneqdm", None) is not None:  # a loaded --quantized_base
+        base = quant_state(unet).config
+        if (base.bits, base.init) != (cfg.bits, cfg.quant_init):
+            raise TuneQDMError(f"--quantized_base is W{base.bits} {base.init}, but this run asks for "
+                               f"--bits {cfg.bits} --quant_init {cfg.quant_init}: make them agree")
+        configure_(unet, qc)
+    else:
+        quantize_(unet, qc)
+    if base_id is not None:
+        quant_state(unet).base_id = base_id
 
 
 def prepare(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> tuple[nn.Module, list]:
     """The model to train (in place where possible) and its optimizer parameter groups (each with ``lr_scale``)."""
+    if cfg.method == "qlora":
+        check_lora_targets(unet, cfg.targets, quantized=getattr(unet, "_tuneqdm", None) is not None)
+        _quantize_for(unet, cfg, num_train_timesteps, base_id)
+        check_lora_targets(unet, cfg.targets, quantized=True)
+        fingerprint(unet)  # of the quantized base, cached before PEFT renames its layers (to_q -> to_q.base_layer)
+        return unet, [{"params": add_lora(unet, cfg.rank, cfg.targets), "lr_scale": 1.0}]
     if cfg.quantized:
-        qc = quant_config(cfg, num_train_timesteps)
-        if getattr(unet, "_tuneqdm", None) is not None:  # a loaded --quantized_base
-            base = quant_state(unet).config
-            if (base.bits, base.init) != (cfg.bits, cfg.quant_init):
-                raise TuneQDMError(f"--quantized_base is W{base.bits} {base.init}, but this run asks for "
-                                   f"--bits {cfg.bits} --quant_init {cfg.quant_init}: make them agree")
-            configure_(unet, qc)
-        else:
-            quantize_(unet, qc)
-        if base_id is not None:
-            quant_state(unet).base_id = base_id
+        _quantize_for(unet, cfg, num_train_timesteps, base_id)
         groups = [{"params": g["params"], "lr_scale": g["lr"]} for g in scale_param_groups(unet, lr=1.0)]
         return unet, groups
     if cfg.method == "lora":
-        try:
-            from peft import LoraConfig
-        except ImportError:
-            raise TuneQDMError("--method lora needs PEFT: pip install peft") from None
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS))
-        params = [p for p in unet.parameters() if p.requires_grad]
-        for p in params:  # keep the trainable weights in float32 whatever the base dtype
-            p.data = p.data.float()
-        return unet, [{"params": params, "lr_scale": 1.0}]
+        check_lora_targets(unet, cfg.targets, quantized=False)
+        return unet, [{"params": add_lora(unet, cfg.rank, cfg.targets), "lr_scale": 1.0}]
     unet.requires_grad_(True)  # fp: full DreamBooth on the UNet
     return unet, [{"params": [p for p in unet.parameters()], "lr_scale": 1.0}]
 

@@ -2,8 +2,8 @@
 
 - scale methods: ``adapter.safetensors`` + ``adapter_config.json`` (``tuneqdm.save_adapter``: scales only, method,
   bits, experts, base id and fingerprint) with the prompts and the run's settings added to the config;
-- ``lora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet, loadable by
-  ``pipe.load_lora_weights``);
+- ``lora`` and ``qlora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet, loadable by
+  ``pipe.load_lora_weights`` on the float or the quantized UNet; qlora's base fingerprint is in ``training.json``);
 - ``fp``: the whole fine-tuned UNet, ``unet/`` (diffusers folder, safetensors).
 
 Every method also writes ``training.json``: method, base id and the prompts, for loading without guessing.
@@ -30,7 +30,7 @@ def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Pa
     weights beside an old config. A failed write raises ``OSError`` or ``SafetensorError`` and changes nothing."""
     output_dir = Path(output_dir)
     with atomic_dir(output_dir, carry=lambda name: name not in PRODUCTS) as tmp:
-        if method == "lora":
+        if method in ("lora", "qlora"):
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
