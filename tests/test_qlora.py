@@ -207,7 +207,7 @@ def test_qlora_cli_rejects_a_target_that_matches_nothing(base, photos, tmp_path,
 
     argv = ["train", "--method", "qlora", "--pretrained_model_name_or_path", str(base), "--instance_data_dir",
             str(photos), "--instance_prompt", "a sks box", "--resolution", "32", "--max_train_steps", "1",
-            "--quant_init", "minmax", "--output_dir", str(tmp_path / "o"), "--lora_targets", "to_q,nope"]
+            "--quant_init", "minmax", "--output_dir", str(tmp_path / "o"), "--lora_targets", "to_q,nope", "--quiet"]
     assert main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("tuneqdm: error: --lora_targets 'nope' matches no module of the UNet") and len(err) == 1
@@ -301,6 +301,7 @@ def test_bad_loras_fail_in_one_line(base, tmp_path, capsys):
         add_lora_file(w8, tmp_path / "junk.safetensors")
     with pytest.raises(TuneQDMError, match=r"^--lora .*missing.safetensors does not exist$"):
         add_lora_file(w8, tmp_path / "missing.safetensors")
+    capsys.readouterr()  # the loading lines of the pipelines built above
     for bad in ("nan", "inf"):
         argv = ["generate", "--pretrained_model_name_or_path", str(base), "--prompt", "a box", "--lora",
                 str(other), "--lora_scale", bad, "--out", str(tmp_path / bad)]
