@@ -66,7 +66,8 @@ def _dgq(model, x, dim, groups=4, seed=0):
     channels = x.shape[1] if conv else x.shape[-1]
     positions = x.shape[2:].numel() if conv else x.shape[1:-1].numel()
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, groups, (channels if dim == CHANNEL else positions,), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, groups - 1, (channels if dim == CHANNEL else positions,), generator=g, dtype=torch.uint8)
+    labels[1] = groups - 1  # a group of one vector (DGQ isolates outliers): an integer matmul of depth 1
     lo, hi = -torch.rand(1, groups, generator=g) * 6 - 0.5, torch.rand(1, groups, generator=g) * 6 + 0.5
     params = LayerParams(conv, torch.tensor([dim], dtype=torch.int8),
                          labels[None] if dim == CHANNEL else torch.zeros(1, channels, dtype=torch.uint8),

@@ -26,6 +26,8 @@ def _generate(args) -> None:
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
+    if args.activation_quant == "dynamic" and args.activation_bits not in (None, 8):
+        raise TuneQDMError(f"--activation_quant dynamic is 8-bit: drop --activation_bits {args.activation_bits}")
     if args.activation_bits is not None:
         from .ptq.activations import ActivationConfig
 
@@ -40,9 +42,13 @@ def _generate(args) -> None:
                                "names the class: write the class word instead")
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device)
+                         quantized_base=args.quantized_base, device=args.device, kernels=args.kernels)
     set_scheduler(pipe, args.scheduler)
-    if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
+    if args.activation_quant == "dynamic":
+        from .ptq.activations import DynamicActivations
+
+        DynamicActivations(args.activation_bits or 8).install(pipe.unet)
+    elif args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
 
         activations_for(pipe, args.activation_bits, args.groups, args.attention_quant, args.activations,
@@ -51,17 +57,27 @@ def _generate(args) -> None:
                         log=lambda m: print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt)
+    _report_kernels(pipe.unet, args.kernels)
     with atomic_dir(out) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
                                               "adapter", "quantized_base", "activation_bits", "groups",
-                                              "attention_quant", "activations")}
+                                              "attention_quant", "activations", "activation_quant",
+                                              "kernels")}
         meta["prompt"] = prompt
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     print(f"{len(images)} images of '{prompt}' in {out}")
+
+
+def _report_kernels(unet, mode: str) -> None:
+    from .quant.kernels import kernel_report
+
+    counts = kernel_report(unet)
+    if any(counts.values()):
+        print(f"kernels {mode}: " + ", ".join(f"{n} layers {path}" for path, n in counts.items()), file=sys.stderr)
 
 
 def _evaluate(args) -> None:
@@ -477,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantized_base", default=None, help="a quantized base folder (tuneqdm.save_quantized)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--kernels", choices=("auto", "reference"), default="auto",
+                     help="quantized sampling: auto (integer matmuls for quantized activations, int8 weight grids "
+                          "held for the call) or reference (float rebuild, simulated activations); default auto")
+    gen.add_argument("--activation_quant", choices=("dgq", "dynamic"), default="dgq",
+                     help="with quantized activations: dgq (calibrated groups, --activation_bits) or dynamic "
+                          "(int8 per token of every quantized layer, no calibration); default dgq")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     _add_activation_flags(gen, calibrate_only=False)

@@ -104,7 +104,8 @@ def _has_component(source: str, name: str) -> bool:
 
 
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
-                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32):
+                  quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
+                  kernels: str = "auto"):
     """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default).
@@ -112,8 +113,13 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
     with both fingerprints named), LoRA (loaded into the float UNet) or a full fine-tuned UNet.
+    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls and held int8 grids where they apply, see
+    ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
+    from .quant.kernels import check_kernels, set_kernels
     from .serialization import load_adapter, load_quantized, read_adapter_config
+
+    check_kernels(kernels)
 
     kind, cfg, info = None, {}, {}
     if adapter is not None:
@@ -161,6 +167,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
         load_adapter(pipe.unet, adapter)
+    set_kernels(pipe.unet, kernels)
     pipe.unet.eval()
     return pipe
 
@@ -181,15 +188,20 @@ def generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float = 7.5,
              seed: int = 0, batch_size: int = 4, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None, weight_cache_bytes: int = 256 * 2**20):
+             width: int | None = None, weight_cache_bytes: int | None = None):
     """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``.
 
-    A quantized UNet keeps up to ``weight_cache_bytes`` of rebuilt float weights for the call (see
-    ``tuneqdm.quant.cached_weights``; 0 rebuilds every weight at every step, the lowest memory)."""
+    A quantized UNet in ``auto`` kernels holds its integers as int8 for the call (``tuneqdm.quant.kernels``); in
+    ``reference`` kernels it keeps up to ``weight_cache_bytes`` (default 256 MiB; 0 rebuilds every weight at every
+    step) of rebuilt float weights (``tuneqdm.quant.cached_weights``), which ``auto`` uses only when asked."""
     from .quant import cached_weights
+    from .quant.kernels import sampling_kernels
 
+    if weight_cache_bytes is None:
+        reference = any(getattr(m, "kernels", None) == "reference" for m in pipe.unet.modules())
+        weight_cache_bytes = 256 * 2**20 if reference else 0
     images = []
-    with cached_weights(pipe.unet, weight_cache_bytes):
+    with cached_weights(pipe.unet, weight_cache_bytes), sampling_kernels(pipe.unet):
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]

@@ -33,6 +33,9 @@ KERNEL_MODES = ("auto", "reference")
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
 DEFAULT_GRID_BYTES = 2**31  # int8 grids held during a sampling call (SD 1.5's UNet needs 0.86 GB)
 
+# torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1 (seen with M = 512, N = 32); short
+# reductions (a channel group of a few channels) are computed exactly in float instead.
+_MIN_INT_MM_K = 8
 _unavailable: set[str] = set()  # device types whose integer matmul failed (told once)
 
 
@@ -135,6 +138,8 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
 
 def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """``a @ wᵀ`` in int32, or None (with one line, once per device type) where this build has no such kernel."""
+    if a.shape[1] < _MIN_INT_MM_K:  # exact in float32 at this depth (|sum| < 2^24)
+        return (a.float() @ w.float().t()).to(torch.int32)
     try:
         return torch._int_mm(a, w.t())
     except (RuntimeError, NotImplementedError) as e:
