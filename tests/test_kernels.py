@@ -4,15 +4,20 @@ weight-only sampling bit-identical, and the fallbacks."""
 
 import pytest
 import torch
+from tiny_models import perturb_scales
 from torch import nn
 
 import tuneqdm
-from tuneqdm.ptq.activations import (CHANNEL, POSITION, ActivationConfig, ActivationQuantizer, DynamicActivations,
-                                     LayerParams)
+from tuneqdm.ptq.activations import (
+    CHANNEL,
+    POSITION,
+    ActivationConfig,
+    ActivationQuantizer,
+    DynamicActivations,
+    LayerParams,
+)
 from tuneqdm.quant import kernels
 from tuneqdm.quant.kernels import GRID, INT8, REFERENCE, kernel_report, sampling_kernels, set_kernels
-
-from tiny_models import perturb_scales
 
 # The integer path computes the same quantized function as the reference; only the float summation order differs
 # (the reference sums fake-quantized floats, the integer path sums integers exactly, then scales once).
@@ -164,8 +169,8 @@ def test_unavailable_integer_matmul_falls_back_with_one_line(monkeypatch, capsys
 def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path, capsys):
     import numpy as np
     from PIL import Image
-
     from tiny_pipelines import tiny_sd_pipeline
+
     from tuneqdm.cli import main
     from tuneqdm.quant import QConv2d, QuantizedLayer
     from tuneqdm.sampling import pipeline_from
