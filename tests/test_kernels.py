@@ -28,6 +28,8 @@ LAYERS = {  # name -> (float layer, input shape)
     "conv1x1": (lambda: nn.Conv2d(24, 40, 1), (2, 24, 5, 4)),
     "conv3x3": (lambda: nn.Conv2d(24, 40, 3, padding=1), (2, 24, 5, 4)),
     "grouped": (lambda: nn.Conv2d(24, 40, 3, padding=1, groups=4), (2, 24, 5, 4)),
+    "conv3x3s2": (lambda: nn.Conv2d(24, 40, 3, stride=2, padding=1), (2, 24, 5, 4)),
+    "conv3x2dil": (lambda: nn.Conv2d(24, 40, (3, 2), padding=(2, 1), dilation=2), (2, 24, 5, 4)),
 }
 
 
@@ -82,8 +84,9 @@ def _dgq(model, x, dim, groups=4, seed=0):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
-@pytest.mark.parametrize("dim", [CHANNEL, POSITION])
+@pytest.mark.parametrize(("kind", "dim"), [("linear", CHANNEL), ("linear", POSITION), ("conv1x1", CHANNEL),
+                                           ("conv1x1", POSITION), ("conv3x3", POSITION), ("conv3x3s2", POSITION),
+                                           ("conv3x2dil", POSITION)])
 def test_dgq_groups_take_the_integer_path_and_match_the_reference(kind, bits, dim):
     model, x = _model(kind, bits)
     _dgq(model, x, dim)
@@ -95,7 +98,7 @@ def test_dgq_groups_take_the_integer_path_and_match_the_reference(kind, bits, di
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "conv3x3s2"])
 def test_dynamic_quantization_per_expert_with_s_in(kind, bits):
     """TuneQDM scales: two experts with different ``s_out`` and ``s_in``; samples at different timesteps."""
     model, x = _model(kind, bits, method="tuneqdm")
@@ -111,10 +114,10 @@ def test_dynamic_quantization_per_expert_with_s_in(kind, bits):
         assert not torch.allclose(model(x, torch.tensor((999, 10))), y, rtol=1e-3)  # activations are quantized
 
 
-@pytest.mark.parametrize("kind", ["conv3x3", "grouped"])
-def test_kxk_and_grouped_convs_fall_back_to_the_reference_for_that_layer_only(kind):
+@pytest.mark.parametrize(("kind", "dim"), [("grouped", POSITION), ("conv3x3", CHANNEL)])
+def test_grouped_convs_and_kxk_channel_groups_take_the_reference_for_that_layer_only(kind, dim):
     model, x = _model(kind, 4)
-    DynamicActivations().install(model)
+    _dgq(model, x, dim)
     ref, _ = _run(model, x, "reference")
     y, path = _run(model, x, "auto")
     assert path == GRID  # weight-only grid, activations simulated
@@ -179,7 +182,7 @@ def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path,
     tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=4, method="peqa"))
     base = tuneqdm.save_quantized(pipe.unet, tmp_path / "base-w4", base_id=str(tmp_path / "sd"))
     layers = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, QuantizedLayer)}
-    integer = sum(not (isinstance(m, QConv2d) and not m.is_pointwise()) and n not in ("conv_in", "conv_out")
+    integer = sum(not (isinstance(m, QConv2d) and m.groups > 1) and n not in ("conv_in", "conv_out")
                   for n, m in layers.items())
     args = ["generate", "--prompt", "a red box", "--num_images", "1", "--num_inference_steps", "3",
             "--quantized_base", str(base)]

@@ -130,7 +130,10 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     if act.kind != "dynamic" and s_in is not None:
         return "s_in inside a calibrated quantizer"
     if layer.channel_dim == 1 and not layer.is_pointwise():
-        return "k x k, strided or grouped conv"
+        if layer.groups != 1 or layer._explicit_pad:
+            return "grouped conv or explicit padding"
+        if act.kind == "channel":
+            return "channel groups in a k x k conv"
     if x.device.type in _unavailable:
         return "integer matmul unavailable"
     return None
@@ -183,6 +186,9 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     a, row_scale, row_zero, chan_zero = _quantize(layer, _rows(layer, x), act, s_in, positions)
     wq = signed_grid(layer)
     z = layer.zero_point.float()
+    if layer.channel_dim == 1 and not layer.is_pointwise():
+        y = _conv_taps(layer, x.shape, a, row_scale, row_zero, wq, z)
+        return None if y is None else _finish(layer, y, s_out)
     if act.kind == "channel":
         y = _grouped_matmul(a, wq, z, act, chan_zero)
     else:
@@ -197,13 +203,50 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
         return None
     if row_scale is not None:
         y.mul_(row_scale[:, None])
+    if layer.channel_dim == -1:
+        return _finish(layer, y, s_out).view(*x.shape[:-1], y.shape[1])
+    return _finish(layer, y.view(x.shape[0], *x.shape[2:], -1), s_out)
+
+
+def _finish(layer, y: torch.Tensor, s_out) -> torch.Tensor:
+    """``s_out ⊙ y + b``; a conv's (B, H, W, N) result goes back to (B, N, H, W)."""
     y.mul_(s_out.float())
     if layer.bias is not None:
         y.add_(layer.bias.float())
-    if layer.channel_dim == -1:
-        return y.view(*x.shape[:-1], y.shape[1])
-    b, _, h, w = x.shape
-    return y.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    return y if layer.channel_dim == -1 else y.permute(0, 3, 1, 2).contiguous()
+
+
+def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | None:
+    """A k x k conv as one integer matmul per kernel tap: tap (i, j) multiplies the input pixels it reads (each with
+    its own row scale, so per-pixel scales stay exact) by the weight's (out, in) slice at (i, j). Zero padding
+    gets a zero scale. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
+    b, c, h, w = shape
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer._op_padding
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+    a_pad[:, ph:ph + h, pw:pw + w] = a.view(b, h, w, c)
+    s_pad = row_scale.new_zeros(b, h + 2 * ph, w + 2 * pw)
+    s_pad[:, ph:ph + h, pw:pw + w] = row_scale.view(b, h, w)
+    z_pad = None
+    if row_zero is not None:
+        z_pad = row_zero.new_zeros(b, h + 2 * ph, w + 2 * pw)
+        z_pad[:, ph:ph + h, pw:pw + w] = row_zero.view(b, h, w)
+    wq = wq.view(-1, c, kh, kw)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            rows = (slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
+            at, wt = a_pad[rows].reshape(-1, c), wq[:, :, i, j].contiguous()
+            y = _int_mm(at, wt)
+            if y is None:
+                return None
+            y = y.float()
+            y.addr_(at.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+            if z_pad is not None:
+                y.addr_(z_pad[rows].reshape(-1), wt.sum(dim=1, dtype=torch.int32).float() - c * z, alpha=-1)
+            y.mul_(s_pad[rows].reshape(-1, 1))
+            out = y if out is None else out.add_(y)
+    return out.view(b, ho, wo, -1)
 
 
 def _grouped_matmul(a, wq, z, act: ActInput, chan_zero) -> torch.Tensor | None:
