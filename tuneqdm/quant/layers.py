@@ -310,6 +310,9 @@ class QuantizedLayer(nn.Module):
             y = self._cached_forward(x, s_in, s_out, k)
             if y is not None:
                 return y
+        if not torch.is_grad_enabled():  # sampling: the same forward without the autograd Function's overhead
+            dtype = _compute_dtype(x)
+            return self._blockwise_op(x, self.bias, dtype, lambda i, r: self._scaled_weight(s_out, s_in, dtype, rows=r))[1]
         return _ScaledOp.apply(x, s_in, s_out, self.bias, self)
 
     def _cached_forward(self, x, s_in, s_out, k):
@@ -324,11 +327,16 @@ class QuantizedLayer(nn.Module):
     def _blockwise_op(self, x, bias, dtype, weight):
         """``(x in dtype, op(x, W) + b)`` computed per block of output channels, ``weight(i, rows)`` giving block i's
         weight (rebuilt into scratch, or cached)."""
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            ys = [self._op(x, weight(i, r), None if b is None else b[r]) for i, r in enumerate(self.row_blocks())]
-            return x, (ys[0] if len(ys) == 1 else torch.cat(ys, dim=self.channel_dim))
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._blockwise_op(x, bias, dtype, weight)
+        x = x.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        blocks = self.row_blocks()
+        if len(blocks) == 1:
+            return x, self._op(x, weight(0, blocks[0]), b)
+        ys = [self._op(x, weight(i, r), None if b is None else b[r]) for i, r in enumerate(blocks)]
+        return x, torch.cat(ys, dim=self.channel_dim)
 
     def _input_view(self, s_in: torch.Tensor) -> torch.Tensor:
         """``s_in`` shaped to multiply this layer's input (repeated over the groups of a grouped conv)."""
