@@ -31,7 +31,9 @@ from ..errors import TuneQDMError
 
 KERNEL_MODES = ("auto", "reference")
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
-DEFAULT_GRID_BYTES = 2**31  # int8 grids held during a sampling call (SD 1.5's UNet needs 0.86 GB)
+# int8 grids held during a sampling call: the old float cache's 256 MiB now holds 4x the parameters (all of a small
+# model; SD 1.5's UNet would need 0.86 GB, which measured 1.93 GiB peak RSS for a W4 step against 1.12 without)
+DEFAULT_GRID_BYTES = 256 * 2**20
 
 # torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1 (seen with M = 512, N = 32); short
 # reductions (a channel group of a few channels) are computed exactly in float instead.
