@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--kernels", choices=("auto", "reference"), default="auto",
-                     help="quantized sampling: auto (integer matmuls for quantized activations, int8 weight grids "
-                          "held for the call) or reference (float rebuild, simulated activations); default auto")
+                     help="quantized sampling: auto (integer matmuls where activations are quantized) or reference "
+                          "(float rebuild, simulated activation quantization); default auto")
     gen.add_argument("--activation_quant", choices=("dgq", "dynamic"), default="dgq",
                      help="with quantized activations: dgq (calibrated groups, --activation_bits) or dynamic "
                           "(int8 per token of every quantized layer, no calibration); default dgq")

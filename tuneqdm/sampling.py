@@ -113,7 +113,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
     quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
     with both fingerprints named), LoRA (loaded into the float UNet) or a full fine-tuned UNet.
-    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls and held int8 grids where they apply, see
+    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, see
     ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
     from .quant.kernels import check_kernels, set_kernels
@@ -191,9 +191,9 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
              width: int | None = None, weight_cache_bytes: int | None = None):
     """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``.
 
-    A quantized UNet in ``auto`` kernels holds its integers as int8 for the call (``tuneqdm.quant.kernels``); in
-    ``reference`` kernels it keeps up to ``weight_cache_bytes`` (default 256 MiB; 0 rebuilds every weight at every
-    step) of rebuilt float weights (``tuneqdm.quant.cached_weights``), which ``auto`` uses only when asked."""
+    A quantized UNet in ``reference`` kernels keeps up to ``weight_cache_bytes`` (default 256 MiB; 0 rebuilds every
+    weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto`` kernels it keeps
+    none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
     from .quant import cached_weights
     from .quant.kernels import sampling_kernels
 

@@ -13,9 +13,10 @@ out by rows; per-channel groups split the reduction into one integer matmul per 
 a calibrated quantizer (it scales ``x̂``'s channels inside the sum), so such a layer takes the reference path; the
 dynamic quantizer quantizes ``x ⊙ s_in`` instead.
 
-Weight-only path: inside :func:`sampling_kernels` each layer keeps its signed integers unpacked as int8 (1 B/param,
-4-bit ones unpacked once instead of every step), and the float weight is rebuilt from them with the reference's own
-operations, so images are bit-identical to the reference path.
+Weight-only path: inside :func:`sampling_kernels` with a ``grid_bytes`` budget, each layer keeps its signed integers
+unpacked as int8 (1 B/param, 4-bit ones unpacked once instead of every step), and the float weight is rebuilt from
+them with the reference's own operations, so images are bit-identical to the reference path. Not the default: it
+measured slower and larger than rebuilding from the packed codes (see ``DEFAULT_GRID_BYTES``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from ..errors import TuneQDMError
 
 KERNEL_MODES = ("auto", "reference")
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
-# int8 grids held during a sampling call: the old float cache's 256 MiB now holds 4x the parameters (all of a small
-# model; SD 1.5's UNet would need 0.86 GB, which measured 1.93 GiB peak RSS for a W4 step against 1.12 without)
-DEFAULT_GRID_BYTES = 256 * 2**20
+# int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
+# 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
+# codes; SD-size step 1.55x vs 1.36x) and cost memory (SD-size W4 step 1.38 GiB peak with 256 MiB held, 1.93 GiB with
+# all 0.86 GB, 1.12 GiB without). Pass grid_bytes to sampling_kernels() to hold them anyway.
+DEFAULT_GRID_BYTES = 0
 
 # torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1 (seen with M = 512, N = 32); short
 # reductions (a channel group of a few channels) are computed exactly in float instead.
