@@ -148,8 +148,11 @@ def test_grid_budget_leaves_layers_past_it_on_the_reference_path():
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16))
     tuneqdm.quantize_(model, tuneqdm.QuantConfig(bits=4, method="peqa"))
     with torch.no_grad(), sampling_kernels(model, grid_bytes=8 * 16):
-        model(torch.randn(3, 8))
+        with sampling_kernels(model):  # nested (as generate inside a caller's session): the outer budget serves
+            model(torch.randn(3, 8))
         assert kernel_report(model) == {INT8: 0, GRID: 1, REFERENCE: 1}
+        assert model[0].grid is not None
+    assert model[0].grid is None
 
 
 def test_unavailable_integer_matmul_falls_back_with_one_line(monkeypatch, capsys):

@@ -91,10 +91,13 @@ def kernel_report(model: nn.Module) -> dict[str, int]:
 @contextmanager
 def sampling_kernels(model: nn.Module, grid_bytes: int = DEFAULT_GRID_BYTES):
     """Hold the layers' integers unpacked as int8 (up to ``grid_bytes``) while no gradient is recorded; freed on
-    exit. Layers in ``reference`` mode hold nothing."""
+    exit. Layers in ``reference`` mode hold nothing; an inner call inside an outer one keeps the outer budget."""
     from .layers import QuantizedLayer
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m.kernels == "auto"]
+    if any(layer.grid_budget is not None for layer in layers):
+        yield
+        return
     budget = [grid_bytes]
     for layer in layers:
         layer.grid_budget = budget
