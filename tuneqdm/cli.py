@@ -35,6 +35,8 @@ def _generate(args) -> None:
     if args.lora is not None and args.activation_bits is not None:
         raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
                            "for the layers without LoRA")
+    if args.activation_quant == "dynamic" and args.activation_bits not in (None, 8):
+        raise TuneQDMError(f"--activation_quant dynamic is 8-bit: drop --activation_bits {args.activation_bits}")
     if args.activation_bits is not None:
         from .ptq.activations import ActivationConfig
 
@@ -50,9 +52,13 @@ def _generate(args) -> None:
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
-                         lora_scale=args.lora_scale, **_version(args))
+                         lora_scale=args.lora_scale, kernels=args.kernels, **_version(args))
     set_scheduler(pipe, args.scheduler)
-    if args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
+    if args.activation_quant == "dynamic":
+        from .ptq.activations import DynamicActivations
+
+        DynamicActivations(args.activation_bits or 8).install(pipe.unet)
+    elif args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
 
         activations_for(pipe, args.activation_bits, args.groups, args.attention_quant, args.activations,
@@ -61,18 +67,28 @@ def _generate(args) -> None:
                         log=lambda m: is_quiet() or print(m, file=sys.stderr)).install(pipe.unet)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width)
+    _report_kernels(pipe.unet, args.kernels)
     with atomic_dir(out) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
                                               "revision", "variant", "adapter", "quantized_base", "activation_bits",
-                                              "groups", "attention_quant", "activations", "lora", "lora_scale")}
+                                              "groups", "attention_quant", "activations", "activation_quant", "kernels",
+                                              "lora", "lora_scale")}
         meta["prompt"] = prompt
         meta["height"], meta["width"] = images[0].height, images[0].width
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     print(f"{len(images)} images of '{prompt}' in {out}")
+
+
+def _report_kernels(unet, mode: str) -> None:
+    from .quant.kernels import kernel_report
+
+    counts = kernel_report(unet)
+    if any(counts.values()):
+        print(f"kernels {mode}: " + ", ".join(f"{n} layers {path}" for path, n in counts.items()), file=sys.stderr)
 
 
 def _evaluate(args) -> None:
@@ -550,6 +566,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora (default 1)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--kernels", choices=("auto", "reference"), default="auto",
+                     help="quantized sampling: auto (integer matmuls where activations are quantized) or reference "
+                          "(float rebuild, simulated activation quantization); default auto")
+    gen.add_argument("--activation_quant", choices=("dgq", "dynamic"), default="dgq",
+                     help="with quantized activations: dgq (calibrated groups, --activation_bits) or dynamic "
+                          "(int8 per token of every quantized layer, no calibration); default dgq")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     _add_activation_flags(gen, calibrate_only=False)

@@ -144,7 +144,7 @@ def _has_component(source: str, name: str) -> bool:
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
                   quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
                   revision: str | None = None, variant: str | None = None, lora: str | Path | None = None,
-                  lora_scale: float = 1.0):
+                  lora_scale: float = 1.0, kernels: str = "auto"):
     """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
@@ -155,10 +155,16 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
     or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
+    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, see
+    ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
+    from .quant.kernels import check_kernels, set_kernels
+    from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
+
     if lora is not None:
         check_lora_scale(lora_scale)
-    from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
+
+    check_kernels(kernels)
 
     kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
@@ -226,6 +232,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         load_adapter(pipe.unet, adapter, num_train_timesteps=timesteps)
     if lora is not None:
         add_lora_file(pipe, lora, lora_scale)
+    set_kernels(pipe.unet, kernels)
     pipe.unet.eval()
     return pipe
 
@@ -312,16 +319,21 @@ def generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float = 7.5,
              seed: int = 0, batch_size: int = 4, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None, weight_cache_bytes: int = 256 * 2**20):
+             width: int | None = None, weight_cache_bytes: int | None = None):
     """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``.
 
-    A quantized UNet keeps up to ``weight_cache_bytes`` of rebuilt float weights for the call (see
-    ``tuneqdm.quant.cached_weights``; 0 rebuilds every weight at every step, the lowest memory)."""
+    A quantized UNet in ``reference`` kernels keeps up to ``weight_cache_bytes`` (default 256 MiB; 0 rebuilds every
+    weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto`` kernels it keeps
+    none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
     from .quant import cached_weights
+    from .quant.kernels import sampling_kernels
 
+    if weight_cache_bytes is None:
+        reference = any(getattr(m, "kernels", None) == "reference" for m in pipe.unet.modules())
+        weight_cache_bytes = 256 * 2**20 if reference else 0
     images = []
     bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
-    with cached_weights(pipe.unet, weight_cache_bytes), bar:
+    with cached_weights(pipe.unet, weight_cache_bytes), sampling_kernels(pipe.unet), bar:
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]

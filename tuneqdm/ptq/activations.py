@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..quant.kernels import ActInput
 from ..tuning.routing import _find_argument
 
 ACTIVATION_BITS = (6, 8)
@@ -204,6 +205,18 @@ class LayerParams:
         return cls(conv, torch.tensor([g.dim for g in groupings], dtype=torch.int8), c_labels, p_labels,
                    torch.stack([g.lo for g in groupings]), torch.stack([g.hi for g in groupings]))
 
+    def act_input(self, step: int, x: torch.Tensor, bits: int, name: str) -> ActInput:
+        """The integer path's description of ``step``'s quantizer (channel groups carry their labels)."""
+        scale, zero = self.vectors(step, x, bits, name)
+        if int(self.dims[step]) == POSITION:
+            return ActInput("position", bits, scale.reshape(-1), zero.reshape(-1))
+        key = ("groups", step, bits, x.device)
+        if key not in self._cache:
+            g_scale, g_zero = uniform_params(self.lo[step], self.hi[step], bits)
+            self._cache[key] = (self.channel_labels[step].long().to(x.device), g_scale, g_zero)
+        labels, g_scale, g_zero = self._cache[key]
+        return ActInput("channel", bits, scale.reshape(-1), zero.reshape(-1), labels, g_scale, g_zero)
+
     def vectors(self, step: int, x: torch.Tensor, bits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-vector (scale, zero_point) of ``step``, shaped to broadcast against ``x`` (cached)."""
         dim = int(self.dims[step])
@@ -274,6 +287,7 @@ class ActivationQuantizer:
         self.enabled = True
         self.steps: list[int] | None = None
         self._handles: list = []
+        self._inputs: list[nn.Module] = []  # quantized layers given an input quantizer
         self._model: nn.Module | None = None
         self._processors = None
 
@@ -289,6 +303,8 @@ class ActivationQuantizer:
 
     # -- hooks
     def install(self, model: nn.Module) -> ActivationQuantizer:
+        from ..quant.layers import QuantizedLayer
+
         if self._model is not None:
             raise TuneQDMError("these activation parameters are already installed on a model: remove() them first")
         found = select_layers(model, self.config.exclude)
@@ -299,7 +315,11 @@ class ActivationQuantizer:
         handle = on_timestep(model, self.route)
         self._handles += [handle] if handle is not None else []
         for name, module in found.items():
-            self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
+            if isinstance(module, QuantizedLayer):  # the layer quantizes its input itself (integer path or fake)
+                module.input_quantizer = _LayerInput(self, name, self.layers[name])
+                self._inputs.append(module)
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
         if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
             from .attention import QuantizedAttnProcessor
 
@@ -311,43 +331,97 @@ class ActivationQuantizer:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles = []
+        for module in self._inputs:
+            module.input_quantizer = None
+        self._handles, self._inputs = [], []
         if self._processors is not None and self._model is not None:
             self._model.set_attn_processor(self._processors)
         self._processors, self._model, self.steps = None, None, None
 
     def _layer_hook(self, name: str, params: LayerParams):
-        bits = self.config.bits
-
         def hook(module, args):
             if not self.enabled or not args or not torch.is_tensor(args[0]):
                 return None
-            if self.steps is None:
-                raise TuneQDMError(f"layer {name!r} ran before any timestep was seen: call the model with its "
-                                   "timestep argument or set_step() first")
-            x = args[0]
-            steps = self.steps
-            if len(set(steps)) == 1:
-                scale, zero = params.vectors(steps[0], x, bits, name)
-                return (fake_quantize(x, scale, zero, bits), *args[1:])
-            if len(steps) != x.shape[0]:
-                raise TuneQDMError(f"layer {name!r} got a batch of {x.shape[0]} for {len(steps)} timesteps")
-            out = torch.empty_like(x)
-            index = torch.tensor(steps, device=x.device)
-            for s in sorted(set(steps)):
-                rows = torch.nonzero(index == s).flatten()
-                part = x.index_select(0, rows)
-                scale, zero = params.vectors(s, part, bits, name)
-                out[rows] = fake_quantize(part, scale, zero, bits)
-            return (out, *args[1:])
+            return (self.fake_quantize(name, params, args[0]), *args[1:])
 
         return hook
+
+    def current_steps(self, name: str) -> list[int]:
+        if self.steps is None:
+            raise TuneQDMError(f"layer {name!r} ran before any timestep was seen: call the model with its "
+                               "timestep argument or set_step() first")
+        return self.steps
+
+    def fake_quantize(self, name: str, params: LayerParams, x: torch.Tensor) -> torch.Tensor:
+        """``x`` quantized and dequantized in float with the parameters of each sample's step."""
+        bits, steps = self.config.bits, self.current_steps(name)
+        if len(set(steps)) == 1:
+            scale, zero = params.vectors(steps[0], x, bits, name)
+            return fake_quantize(x, scale, zero, bits)
+        if len(steps) != x.shape[0]:
+            raise TuneQDMError(f"layer {name!r} got a batch of {x.shape[0]} for {len(steps)} timesteps")
+        out = torch.empty_like(x)
+        index = torch.tensor(steps, device=x.device)
+        for s in sorted(set(steps)):
+            rows = torch.nonzero(index == s).flatten()
+            part = x.index_select(0, rows)
+            scale, zero = params.vectors(s, part, bits, name)
+            out[rows] = fake_quantize(part, scale, zero, bits)
+        return out
 
     # -- summary
     def dim_counts(self) -> dict[str, int]:
         """How many (layer, step) pairs group channels and how many group positions."""
         dims = torch.cat([p.dims.reshape(-1) for p in self.layers.values()]) if self.layers else torch.empty(0)
         return {DIM_NAMES[d]: int((dims == d).sum()) for d in (CHANNEL, POSITION)}
+
+
+class _LayerInput:
+    """A quantized layer's view of its calibrated quantizer (``QuantizedLayer.input_quantizer``): the parameters of
+    this call for the integer path, or the simulated quantization of the reference path."""
+
+    def __init__(self, owner: ActivationQuantizer, name: str, params: LayerParams):
+        self.owner, self.name, self.params_ = owner, name, params
+
+    def params(self, x: torch.Tensor) -> ActInput | None:
+        if not self.owner.enabled:
+            return None
+        steps, bits = self.owner.current_steps(self.name), self.owner.config.bits
+        if len(set(steps)) != 1:
+            return ActInput("channel", bits, mixed=True)
+        return self.params_.act_input(steps[0], x, bits, self.name)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner.fake_quantize(self.name, self.params_, x)
+
+
+class DynamicActivations:
+    """Dynamic activation quantization: every quantized layer's ``x ⊙ s_in`` to symmetric int8, one scale per
+    token (Linear) or pixel (conv), computed at each call; no calibration. Attention is left in full precision."""
+
+    def __init__(self, bits: int = 8, exclude=DEFAULT_EXCLUDE):
+        if bits != 8:
+            raise TuneQDMError(f"dynamic activation quantization is 8-bit; got --activation_bits {bits}")
+        self.bits, self.exclude, self.enabled = bits, tuple(exclude), True
+        self._layers: list[nn.Module] = []
+
+    def params(self, x: torch.Tensor) -> ActInput | None:
+        return ActInput("dynamic", self.bits) if self.enabled else None
+
+    def install(self, model: nn.Module) -> DynamicActivations:
+        from ..quant.layers import QuantizedLayer
+
+        self._layers = [m for m in select_layers(model, self.exclude).values() if isinstance(m, QuantizedLayer)]
+        if not self._layers:
+            raise TuneQDMError("dynamic activation quantization needs a tuneqdm-quantized model: quantize it first")
+        for m in self._layers:
+            m.input_quantizer = self
+        return self
+
+    def remove(self) -> None:
+        for m in self._layers:
+            m.input_quantizer = None
+        self._layers = []
 
 
 class ActivationObserver:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TuneQDMError
+from .kernels import GRID, INT8, REFERENCE, dynamic_fake_quantize, int_forward, int_path_reason, signed_grid
 from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
 from .workspace import scratch
@@ -150,6 +151,11 @@ class QuantizedLayer(nn.Module):
         self.s_in = nn.ParameterList()
         self.router = None  # a tuning.routing.Router shared by the model's layers, set by quantize_
         self.weight_cache = None  # a quant.weight_cache.WeightCache while sampling inside cached_weights()
+        self.kernels = "auto"  # sampling path: "auto" (quant.kernels where they apply) or "reference"
+        self.input_quantizer = None  # set by an activation quantizer (tuneqdm.ptq): params(x), fake_quantize(x)
+        self.grid = None  # the signed integers as int8, held inside quant.kernels.sampling_kernels()
+        self.grid_budget = None  # [bytes left] shared by the layers of a sampling_kernels() session
+        self.last_path = None  # the path the last call took (quant.kernels.kernel_report)
 
     # ---- storage -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -191,10 +197,15 @@ class QuantizedLayer(nn.Module):
         device = packed.device
         stored = packed.numel() * per
         full = torch.empty(stored, dtype=dtype, device=device) if into is None else scratch(into, stored, dtype, device)
-        tmp = None if self.bits == 8 else scratch("bytes", packed.numel(), torch.uint8, device)
-        unpack_codes_into(packed, self.bits, full, tmp)
+        if self._holds_grid():  # the same integers, unpacked once per sampling call (quant.kernels)
+            full[:numel].view(n_rows, -1).copy_(signed_grid(self)[rows])
+            offset = 0
+        else:
+            tmp = None if self.bits == 8 else scratch("bytes", packed.numel(), torch.uint8, device)
+            unpack_codes_into(packed, self.bits, full, tmp)
+            offset = code_offset(self.bits)
         w = full[:numel].view(n_rows, self.in_scale_features, -1)
-        w.sub_((self.zero_point[rows].to(dtype) + code_offset(self.bits))[:, None, None])
+        w.sub_((self.zero_point[rows].to(dtype) + offset)[:, None, None])
         s_out = s_out.to(dtype).expand(self.weight_shape[0])[rows]
         if s_in is None:
             w.mul_(s_out[:, None, None])
@@ -204,6 +215,11 @@ class QuantizedLayer(nn.Module):
             w.mul_(s_out[:, None, None]).mul_(s_in.to(dtype)[None, :, None])
         w = w.view(n_rows, *self.weight_shape[1:])
         return w.clone() if into is None and stored != numel else w
+
+    def _holds_grid(self) -> bool:
+        if self.bits == 8 or self.kernels != "auto" or torch.is_grad_enabled():
+            return False
+        return self.grid is not None or (self.grid_budget is not None and self.grid_budget[0] >= self.weight_shape.numel())
 
     @property
     def weight_bytes(self) -> int:
@@ -257,25 +273,46 @@ class QuantizedLayer(nn.Module):
             return self._scaled_weight(s_out, s_in, torch.float32, into=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = None if self.input_quantizer is None else self.input_quantizer.params(x)
+        if act is not None and act.kind != "dynamic" and not self._int_path_possible(act, x):
+            x, act = self.input_quantizer.fake_quantize(x), None  # simulated, as DGQ's code does
         x = self._prepare_input(x)
         experts = self.route_experts()
         if len(experts) == 1:
-            return self._expert_forward(x, experts[0])
+            return self._expert_forward(x, experts[0], act)
         route = self.router.route
         if len(route.experts) != x.shape[0]:
             raise TuneQDMError(
                 f"a quantized layer got a batch of {x.shape[0]} but the timestep routing has {len(route.experts)} samples"
             )
         members, inverse = route.members(x.device)
-        ys = [self._expert_forward(x.index_select(0, idx), k) for k, idx in zip(experts, members)]
+        ys = [self._expert_forward(x.index_select(0, idx), k, act) for k, idx in zip(experts, members)]
         return torch.cat(ys).index_select(0, inverse)
 
-    def _expert_forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def _int_path_possible(self, act, x) -> bool:
+        """Whether every expert of this call can take the integer path (a calibrated quantizer is applied before
+        the experts split the batch, so it is all or none)."""
+        return all(int_path_reason(self, act, x, self._expert_scales(k)[1]) is None for k in self.route_experts())
+
+    def _expert_forward(self, x: torch.Tensor, k: int, act=None) -> torch.Tensor:
         s_out, s_in = self._expert_scales(k)
+        if act is not None:
+            if int_path_reason(self, act, x, s_in) is None:
+                y = int_forward(self, x, s_in, s_out, act)
+                if y is not None:
+                    self.last_path = INT8
+                    return y
+            if act.kind == "dynamic":  # the dynamic quantizer's reference: x ⊙ s_in quantized per row, in float
+                x = dynamic_fake_quantize(x if s_in is None else x * self._input_view(s_in), self.channel_dim)
+                s_in = None
+        self.last_path = GRID if self._holds_grid() else REFERENCE
         if self.weight_cache is not None and not torch.is_grad_enabled():
             y = self._cached_forward(x, s_in, s_out, k)
             if y is not None:
                 return y
+        if not torch.is_grad_enabled():  # sampling: the same forward without the autograd Function's overhead
+            dtype = _compute_dtype(x)
+            return self._blockwise_op(x, self.bias, dtype, lambda i, r: self._scaled_weight(s_out, s_in, dtype, rows=r))[1]
         return _ScaledOp.apply(x, s_in, s_out, self.bias, self)
 
     def _cached_forward(self, x, s_in, s_out, k):
@@ -290,11 +327,22 @@ class QuantizedLayer(nn.Module):
     def _blockwise_op(self, x, bias, dtype, weight):
         """``(x in dtype, op(x, W) + b)`` computed per block of output channels, ``weight(i, rows)`` giving block i's
         weight (rebuilt into scratch, or cached)."""
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            ys = [self._op(x, weight(i, r), None if b is None else b[r]) for i, r in enumerate(self.row_blocks())]
-            return x, (ys[0] if len(ys) == 1 else torch.cat(ys, dim=self.channel_dim))
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._blockwise_op(x, bias, dtype, weight)
+        x = x.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        blocks = self.row_blocks()
+        if len(blocks) == 1:
+            return x, self._op(x, weight(0, blocks[0]), b)
+        ys = [self._op(x, weight(i, r), None if b is None else b[r]) for i, r in enumerate(blocks)]
+        return x, torch.cat(ys, dim=self.channel_dim)
+
+    def _input_view(self, s_in: torch.Tensor) -> torch.Tensor:
+        """``s_in`` shaped to multiply this layer's input (repeated over the groups of a grouped conv)."""
+        if self.channel_dim == -1:
+            return s_in
+        return s_in.repeat(self.in_channels // s_in.numel())[:, None, None]
 
     # ---- per-op hooks (shapes and the op itself) -------------------------------------------------------------
     def _prepare_input(self, x):
@@ -390,6 +438,11 @@ class QConv2d(QuantizedLayer):
         if self.bias is not None:
             out.bias.data.copy_(self.bias.detach())
         return out
+
+    def is_pointwise(self) -> bool:
+        """A 1x1 conv that is a matmul over channels (the integer path takes it)."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self._explicit_pad
+                and self._op_padding == (0, 0))
 
     def row_blocks(self) -> list[slice]:
         if self.groups > 1:  # a block must hold whole groups; grouped convs are small, keep them whole

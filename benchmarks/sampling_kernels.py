@@ -1,0 +1,170 @@
+"""Quantized sampling speed and memory: the fast paths of ``tuneqdm.quant.kernels`` against float and the reference.
+
+SD-1.5-size UNet (859.5 M params, random weights), one classifier-free-guidance denoising step (batch 2, 64x64
+latents, 77 text tokens), fp32 CPU; each mode in its own process (peak RSS from the kernel's counter, reset after the
+model is loaded; step time = mean of the timed steps after one warm-up step, which also builds any int8 grids)::
+
+    python benchmarks/sampling_kernels.py                         # every mode, then --toy; writes docs/benchmarks/
+    python benchmarks/sampling_kernels.py --modes float,w4a8_int  # a subset
+    python benchmarks/sampling_kernels.py --toy                    # only the 25-step images on the embedded pipeline
+
+Activation-quantized modes use the dynamic per-token int8 quantizer (``--activation_quant dynamic``): DGQ's
+calibration of an SD-size UNet takes longer than this benchmark. The W4A8 reference is the same quantizer simulated in
+float (quantize-dequantize, then the float op with the rebuilt weight), as DGQ's code and ``--kernels reference`` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_memory import float_unet, quantized_base, rss_peak_bytes, rss_peak_reset
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks" / "sampling_kernels"
+# mode -> (weight bits or None, activations quantized, kernels)
+MODES = {
+    "float": (None, False, None),
+    "w4_ref": (4, False, "reference"),
+    "w4_fast": (4, False, "auto"),
+    "w8a8_int": (8, True, "auto"),
+    "w4a8_int": (4, True, "auto"),
+    "w4a8_ref": (4, True, "reference"),
+}
+TOY_MODES = ("float", "w4_ref", "w4_fast", "w4a8_int", "w4a8_ref")
+GRID_BYTES = 256 * 2**20  # int8 grids held by w4_fast (not the library default, which holds none: measured slower)
+
+
+def _grid_bytes(mode: str) -> int:
+    from tuneqdm.quant.kernels import DEFAULT_GRID_BYTES
+
+    return GRID_BYTES if mode == "w4_fast" else DEFAULT_GRID_BYTES
+
+
+def _configure(model, mode) -> None:
+    """The kernels and the activation quantizer of ``mode`` on a quantized model."""
+    from tuneqdm.ptq.activations import DynamicActivations
+    from tuneqdm.quant.kernels import set_kernels
+
+    bits, activations, kernels = MODES[mode]
+    if bits is not None:
+        set_kernels(model, kernels)
+    if activations:
+        DynamicActivations().install(model)
+
+
+def run_unet_step(mode: str, steps: int) -> dict:
+    import tuneqdm
+    from tuneqdm.memory import pin_mmap_threshold
+    from tuneqdm.quant.kernels import kernel_report, sampling_kernels
+
+    pin_mmap_threshold()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    bits = MODES[mode][0]
+    unet = float_unet() if bits is None else tuneqdm.load_quantized(quantized_base(bits))
+    unet.eval()
+    _configure(unet, mode)
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+    rss_peak_reset()
+    times, cpu = [], []
+    with torch.no_grad(), sampling_kernels(unet, _grid_bytes(mode)):
+        for step in range(steps + 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            unet(latents, torch.tensor([500, 500]), encoder_hidden_states=text)
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return {"mode": mode, "threads": torch.get_num_threads(), "first_step_s": times[0],
+            "s_per_step": sum(times[1:]) / steps, "cpu_s_per_step": sum(cpu[1:]) / steps,
+            "steps_timed": steps, "peak_rss_gib": rss_peak_bytes() / 2**30,
+            "paths": kernel_report(unet) if bits is not None else None}
+
+
+def run_toy(mode: str, images: int) -> dict:
+    import tuneqdm
+    from tuneqdm.quant.kernels import kernel_report, sampling_kernels
+    from tuneqdm.sampling import generate, load_pipeline
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    pipe = load_pipeline()
+    bits = MODES[mode][0]
+    if bits is not None:
+        tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=bits, method="peqa"))
+    _configure(pipe.unet, mode)
+    rss_peak_reset()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with sampling_kernels(pipe.unet, _grid_bytes(mode)):  # generate's own session nests inside this one
+        generate(pipe, "a red box on a table", images, 25, seed=0, batch_size=4, weight_cache_bytes=0)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return {"mode": mode, "images": images, "steps": 25, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_rss_gib": rss_peak_bytes() / 2**30,
+            "paths": kernel_report(pipe.unet) if bits is not None else None}
+
+
+def in_subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{args} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows, key, cpu_key, unit) -> list[str]:
+    """Wall time and process CPU time (1 thread: the CPU time is what the shared machine cannot inflate much)."""
+    base = next((r for r in rows if r["mode"] == "float"), None)
+    lines = [f"| mode | wall {unit} | CPU {unit} | CPU x float | peak RSS GiB | layers: int8 / int8-grid / reference |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r[cpu_key] / base[cpu_key]:.2f}" if base else "-"
+        paths = "-" if not r["paths"] else " / ".join(str(v) for v in r["paths"].values())
+        lines.append(f"| {r['mode']} | {r[key]:.2f} | {r[cpu_key]:.2f} | {ratio} | {r['peak_rss_gib']:.2f} | {paths} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    ap.add_argument("--steps", type=int, default=2, help="timed UNet steps per mode after the warm-up (default 2)")
+    ap.add_argument("--toy", action="store_true", help="only the embedded toy pipeline's 25-step images")
+    ap.add_argument("--toy_images", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=OUT, help="prefix of the .json/.md written (default docs/benchmarks/)")
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one mode, in this process: "unet:MODE"/"toy:MODE"
+    args = ap.parse_args()
+    if args.run:
+        kind, mode = args.run.split(":")
+        result = run_unet_step(mode, args.steps) if kind == "unet" else run_toy(mode, args.toy_images)
+        print(json.dumps(result))
+        return
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}: choose from {', '.join(MODES)}")
+    unet_rows = [] if args.toy else [in_subprocess(["--run", f"unet:{m}", "--steps", str(args.steps)]) for m in modes]
+    toy_rows = [in_subprocess(["--run", f"toy:{m}", "--toy_images", str(args.toy_images)])
+                for m in TOY_MODES if m in modes or args.toy]
+    for rows in (unet_rows, toy_rows):
+        for r in rows:
+            print(json.dumps(r), file=sys.stderr)
+    result = {"command": " ".join(["python", "benchmarks/sampling_kernels.py", *sys.argv[1:]]),
+              "torch": torch.__version__, "unet_step": unet_rows, "toy_images": toy_rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    md = [f"Command: `{result['command']}`", ""]
+    if unet_rows:
+        md += ["SD-1.5-size UNet, one CFG step (batch 2, 64x64):", "", *table(unet_rows, "s_per_step", "cpu_s_per_step", "s/step"), ""]
+    if toy_rows:
+        md += [f"Embedded toy pipeline, {args.toy_images} images x 25 steps:", "",
+               *table(toy_rows, "seconds", "cpu_seconds", "s"), ""]
+    args.out.with_suffix(".table.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Fast sampling paths of the quantized layers: integer matmuls for quantized activations, held integer grids for
+weight-only sampling. Measured first (docs/benchmarks/kernel_shapes.md): on this CPU ``torch._int_mm`` beats the fp32
+matmul at diffusion shapes, and rebuilding a float weight from 4-bit codes costs more than the matmul for layers with
+few rows (cross-attention, low resolutions).
+
+Integer path (Linear and 1x1 conv, no gradient). With the activation ``x̂ = (q − z_x) s_x`` (``q`` uint8) and the
+weight ``Ŵ = diag(s_out) (W_q − z) diag(s_in)``, rows ``r`` = tokens/pixels, ``a = q − 128`` (int8)::
+
+    y = s_out ⊙ s_x ⊙ (a @ W_qᵀ − Σ_k a ⊗ z − (z_x − 128) ⊗ Σ_k (W_q − z)) + b
+
+exactly when ``s_x`` is constant along the reduction: per-position groups (DGQ) and dynamic per-token scales factor
+out by rows; per-channel groups split the reduction into one integer matmul per group. ``s_in`` cannot factor out of
+a calibrated quantizer (it scales ``x̂``'s channels inside the sum), so such a layer takes the reference path; the
+dynamic quantizer quantizes ``x ⊙ s_in`` instead.
+
+Weight-only path: inside :func:`sampling_kernels` with a ``grid_bytes`` budget, each layer keeps its signed integers
+unpacked as int8 (1 B/param, 4-bit ones unpacked once instead of every step), and the float weight is rebuilt from
+them with the reference's own operations, so images are bit-identical to the reference path. Not the default: it
+measured slower and larger than rebuilding from the packed codes (see ``DEFAULT_GRID_BYTES``).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import TuneQDMError
+
+KERNEL_MODES = ("auto", "reference")
+INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
+# int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
+# 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
+# codes; SD-size step 1.55x vs 1.36x) and cost memory (SD-size W4 step 1.38 GiB peak with 256 MiB held, 1.93 GiB with
+# all 0.86 GB, 1.12 GiB without). Pass grid_bytes to sampling_kernels() to hold them anyway.
+DEFAULT_GRID_BYTES = 0
+
+# torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1 (seen with M = 512, N = 32); short
+# reductions (a channel group of a few channels) are computed exactly in float instead.
+_MIN_INT_MM_K = 8
+_unavailable: set[str] = set()  # device types whose integer matmul failed (told once)
+
+
+def check_kernels(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise TuneQDMError(f"unknown kernels {mode!r}: choose auto or reference")
+    return mode
+
+
+@dataclass
+class ActInput:
+    """How one call's input is quantized: ``dynamic`` (symmetric int8 per row of ``x ⊙ s_in``), or calibrated
+    asymmetric uint8 with per-``position`` or per-``channel`` (scale, zero) vectors; ``labels``/``group_scale``/
+    ``group_zero`` describe channel groups. ``mixed``: samples at different steps (reference path only)."""
+
+    kind: str  # "dynamic", "position" or "channel"
+    bits: int = 8
+    scale: torch.Tensor | None = None  # (positions,) or (channels,)
+    zero: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # (channels,) group of each channel
+    group_scale: torch.Tensor | None = None  # (groups,)
+    group_zero: torch.Tensor | None = None
+    mixed: bool = False
+
+
+def set_kernels(model: nn.Module, mode: str) -> None:
+    """Choose the sampling path of every quantized layer of ``model``: ``auto`` (fast where it applies) or
+    ``reference`` (rebuild the float weight at every call; simulated activation quantization)."""
+    from .layers import QuantizedLayer
+
+    check_kernels(mode)
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            m.kernels = mode
+
+
+def kernel_report(model: nn.Module) -> dict[str, int]:
+    """How many quantized layers took each path in their last call (layers not called yet are left out)."""
+    from .layers import QuantizedLayer
+
+    counts = {INT8: 0, GRID: 0, REFERENCE: 0}
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer) and m.last_path is not None:
+            counts[m.last_path] += 1
+    return counts
+
+
+@contextmanager
+def sampling_kernels(model: nn.Module, grid_bytes: int = DEFAULT_GRID_BYTES):
+    """Hold the layers' integers unpacked as int8 (up to ``grid_bytes``) while no gradient is recorded; freed on
+    exit. Layers in ``reference`` mode hold nothing; an inner call inside an outer one keeps the outer budget."""
+    from .layers import QuantizedLayer
+
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m.kernels == "auto"]
+    if any(layer.grid_budget is not None for layer in layers):
+        yield
+        return
+    budget = [grid_bytes]
+    for layer in layers:
+        layer.grid_budget = budget
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.grid_budget, layer.grid = None, None
+
+
+def signed_grid(layer) -> torch.Tensor:
+    """The layer's signed integers ``W_q`` as int8, shape (out, rest): the held grid, the int8 storage itself for
+    8 bits, or a fresh unpack (kept if a sampling session's budget allows)."""
+    from .packing import unpack
+
+    if layer.grid is not None:
+        return layer.grid
+    rows = layer.weight_shape[0]
+    if layer.bits == 8:
+        return layer.qweight.view(rows, -1)
+    grid = unpack(layer.qweight, layer.bits, layer.weight_shape.numel()).view(rows, -1)
+    budget = layer.grid_budget
+    if budget is not None and budget[0] >= grid.numel() and not torch.is_grad_enabled():
+        budget[0] -= grid.numel()
+        layer.grid = grid
+    return grid
+
+
+# ---- the integer path ---------------------------------------------------------------------------------------------
+def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
+    """Why ``layer`` cannot take the integer path for this call (None: it can)."""
+    if layer.kernels != "auto" or torch.is_grad_enabled():
+        return "reference requested"
+    if act.mixed or act.bits != 8:
+        return "mixed steps or not 8-bit"
+    if x.dtype != torch.float32:
+        return "not float32"
+    if act.kind != "dynamic" and s_in is not None:
+        return "s_in inside a calibrated quantizer"
+    if layer.channel_dim == 1 and not layer.is_pointwise():
+        if layer.groups != 1 or layer._explicit_pad:
+            return "grouped conv or explicit padding"
+        if act.kind == "channel":
+            return "channel groups in a k x k conv"
+    if x.device.type in _unavailable:
+        return "integer matmul unavailable"
+    return None
+
+
+def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """``a @ wᵀ`` in int32, or None (with one line, once per device type) where this build has no such kernel."""
+    if a.shape[1] < _MIN_INT_MM_K:  # exact in float32 at this depth (|sum| < 2^24)
+        return (a.float() @ w.float().t()).to(torch.int32)
+    try:
+        return torch._int_mm(a, w.t())
+    except (RuntimeError, NotImplementedError) as e:
+        kind = a.device.type
+        if kind not in _unavailable:
+            _unavailable.add(kind)
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            print(f"tuneqdm: no integer matmul on {kind} ({first}); using the reference path", file=sys.stderr)
+        return None
+
+
+def _rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """The input as (rows, channels): tokens of a Linear, pixels of a 1x1 conv (a view where the layout allows)."""
+    if layer.channel_dim == -1:
+        return x.reshape(-1, x.shape[-1])
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _quantize(layer, x2d: torch.Tensor, act: ActInput, s_in, positions: int):
+    """(a int8, row scale or None, row zero − 128 or None, channel zero − 128 or None) of the input rows."""
+    if act.kind == "dynamic":
+        xs = x2d * s_in if s_in is not None else x2d
+        scale = xs.abs().amax(dim=1).clamp_min(1e-8) / 127
+        a = torch.div(xs, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        return a, scale, None, None
+    shape = (-1, 1) if act.kind == "position" else (1, -1)
+    scale, zero = act.scale.view(shape), act.zero.view(shape)
+    if act.kind == "position":  # the calibrated vector covers one sample; rows run over samples
+        repeats = x2d.shape[0] // positions
+        scale, zero = scale.repeat(repeats, 1), zero.repeat(repeats, 1)
+    q = torch.div(x2d, scale).round_().add_(zero).clamp_(0, 2**act.bits - 1).sub_(128).to(torch.int8)
+    if act.kind == "position":
+        return q, scale.view(-1), zero.view(-1) - 128, None
+    return q, None, None, act.zero - 128
+
+
+def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Tensor | None:
+    """``layer``'s output for the quantized input by integer matmuls (see the module docstring); None if the
+    integer matmul is unavailable here."""
+    positions = x.shape[1:-1].numel() if layer.channel_dim == -1 else x.shape[2:].numel()
+    a, row_scale, row_zero, chan_zero = _quantize(layer, _rows(layer, x), act, s_in, positions)
+    wq = signed_grid(layer)
+    z = layer.zero_point.float()
+    if layer.channel_dim == 1 and not layer.is_pointwise():
+        y = _conv_taps(layer, x.shape, a, row_scale, row_zero, wq, z)
+        return None if y is None else _finish(layer, y, s_out)
+    if act.kind == "channel":
+        y = _grouped_matmul(a, wq, z, act, chan_zero)
+    else:
+        y = _int_mm(a, wq)
+        if y is None:
+            return None
+        y = y.float()
+        y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+        if row_zero is not None:
+            y.addr_(row_zero, wq.sum(dim=1, dtype=torch.int32).float() - wq.shape[1] * z, alpha=-1)
+    if y is None:
+        return None
+    if row_scale is not None:
+        y.mul_(row_scale[:, None])
+    if layer.channel_dim == -1:
+        return _finish(layer, y, s_out).view(*x.shape[:-1], y.shape[1])
+    return _finish(layer, y.view(x.shape[0], *x.shape[2:], -1), s_out)
+
+
+def _finish(layer, y: torch.Tensor, s_out) -> torch.Tensor:
+    """``s_out ⊙ y + b``; a conv's (B, H, W, N) result goes back to (B, N, H, W)."""
+    y.mul_(s_out.float())
+    if layer.bias is not None:
+        y.add_(layer.bias.float())
+    return y if layer.channel_dim == -1 else y.permute(0, 3, 1, 2).contiguous()
+
+
+def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | None:
+    """A k x k conv as one integer matmul per kernel tap: tap (i, j) multiplies the input pixels it reads (each with
+    its own row scale, so per-pixel scales stay exact) by the weight's (out, in) slice at (i, j). Zero padding
+    gets a zero scale. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
+    b, c, h, w = shape
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer._op_padding
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+    a_pad[:, ph:ph + h, pw:pw + w] = a.view(b, h, w, c)
+    s_pad = row_scale.new_zeros(b, h + 2 * ph, w + 2 * pw)
+    s_pad[:, ph:ph + h, pw:pw + w] = row_scale.view(b, h, w)
+    z_pad = None
+    if row_zero is not None:
+        z_pad = row_zero.new_zeros(b, h + 2 * ph, w + 2 * pw)
+        z_pad[:, ph:ph + h, pw:pw + w] = row_zero.view(b, h, w)
+    wq = wq.view(-1, c, kh, kw)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            rows = (slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
+            at, wt = a_pad[rows].reshape(-1, c), wq[:, :, i, j].contiguous()
+            y = _int_mm(at, wt)
+            if y is None:
+                return None
+            y = y.float()
+            y.addr_(at.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+            if z_pad is not None:
+                y.addr_(z_pad[rows].reshape(-1), wt.sum(dim=1, dtype=torch.int32).float() - c * z, alpha=-1)
+            y.mul_(s_pad[rows].reshape(-1, 1))
+            out = y if out is None else out.add_(y)
+    return out.view(b, ho, wo, -1)
+
+
+def _grouped_matmul(a, wq, z, act: ActInput, chan_zero) -> torch.Tensor | None:
+    """``Σ_g s_g (a_g − z_g)(W_q,g − z)ᵀ`` over channel groups: one integer matmul per group."""
+    y = None
+    for g in range(act.group_scale.numel()):
+        cols = torch.nonzero(act.labels == g).flatten()
+        if cols.numel() == 0:
+            continue
+        ag, wg = a.index_select(1, cols), wq.index_select(1, cols)
+        part = _int_mm(ag, wg)
+        if part is None:
+            return None
+        part = part.float()
+        part.addr_(ag.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+        zg = float(act.group_zero[g]) - 128
+        if zg:
+            part.sub_(zg * (wg.sum(dim=1, dtype=torch.int32).float() - cols.numel() * z))
+        part.mul_(float(act.group_scale[g]))
+        y = part if y is None else y.add_(part)
+    return y
+
+
+def dynamic_fake_quantize(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Reference of the dynamic quantizer: symmetric int8 per token (Linear) or per pixel (conv), in float."""
+    scale = x.abs().amax(dim=channel_dim, keepdim=True).clamp_min(1e-8) / 127
+    return torch.div(x, scale).round_().clamp_(-127, 127).mul_(scale)
