@@ -87,7 +87,7 @@ def _report_kernels(unet, mode: str) -> None:
     from .quant.kernels import kernel_report
 
     counts = kernel_report(unet)
-    if any(counts.values()):
+    if any(counts.values()) and not is_quiet():
         print(f"kernels {mode}: " + ", ".join(f"{n} layers {path}" for path, n in counts.items()), file=sys.stderr)
 
 
@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on, if its folder still exists, else none)")
     gen.add_argument("--lora", default=None, help="a diffusers/PEFT LoRA .safetensors (or folder) to add on top of "
                      "the model and any --adapter; works on the quantized UNet")
-    gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora (default 1)")
+    gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--kernels", choices=("auto", "reference"), default="auto",
