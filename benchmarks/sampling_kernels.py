@@ -35,8 +35,8 @@ MODES = {
     "float": (None, False, None),
     "w4_ref": (4, False, "reference"),
     "w4_fast": (4, False, "auto"),
-    "w8a8_int": (8, True, "auto"),
-    "w4a8_int": (4, True, "auto"),
+    "w8a8_int": (8, True, "int8"),
+    "w4a8_int": (4, True, "int8"),
     "w4a8_ref": (4, True, "reference"),
 }
 TOY_MODES = ("float", "w4_ref", "w4_fast", "w4a8_int", "w4a8_ref")

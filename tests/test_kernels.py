@@ -92,9 +92,17 @@ def test_dgq_groups_take_the_integer_path_and_match_the_reference(kind, bits, di
     _dgq(model, x, dim)
     ref, path = _run(model, x, "reference")
     assert path == REFERENCE
-    y, path = _run(model, x, "auto")
+    y, path = _run(model, x, "int8")
     assert path == INT8
     _close(y, ref)
+
+
+def test_auto_takes_the_float_path_on_cpu_where_it_measured_faster():
+    model, x = _model("linear", 4)
+    _dgq(model, x, CHANNEL)
+    ref, _ = _run(model, x, "reference")
+    y, path = _run(model, x, "auto")
+    assert path != INT8 and torch.equal(y, ref)  # float math (from the held int8 grid here): the same numbers
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -105,7 +113,7 @@ def test_dynamic_quantization_per_expert_with_s_in(kind, bits):
     DynamicActivations().install(model)
     for t in [(900, 900), (999, 10)]:
         ref, _ = _run(model, x, "reference", t)
-        y, path = _run(model, x, "auto", t)
+        y, path = _run(model, x, "int8", t)
         assert path == INT8
         _close(y, ref)
     plain = model.layer
@@ -119,7 +127,7 @@ def test_grouped_convs_and_kxk_channel_groups_take_the_reference_for_that_layer_
     model, x = _model(kind, 4)
     _dgq(model, x, dim)
     ref, _ = _run(model, x, "reference")
-    y, path = _run(model, x, "auto")
+    y, path = _run(model, x, "int8")
     assert path == GRID  # weight-only grid, activations simulated
     assert torch.equal(y, ref)
 
@@ -128,7 +136,7 @@ def test_calibrated_quantizer_with_s_in_takes_the_reference_path():
     model, x = _model("linear", 4, method="tuneqdm")
     _dgq(model, x, POSITION)
     ref, _ = _run(model, x, "reference")
-    y, path = _run(model, x, "auto")
+    y, path = _run(model, x, "int8")
     assert path == GRID and torch.equal(y, ref)
 
 
@@ -139,7 +147,7 @@ def test_weight_only_grid_is_bit_identical(kind, bits):
     for t in [(900, 900), (999, 10)]:
         ref, path = _run(model, x, "reference", t)
         assert path == REFERENCE
-        y, path = _run(model, x, "auto", t)
+        y, path = _run(model, x, "int8", t)
         assert path == GRID and torch.equal(y, ref)
     assert model.layer.grid is None  # released after the sampling call
 
@@ -165,8 +173,8 @@ def test_unavailable_integer_matmul_falls_back_with_one_line(monkeypatch, capsys
     DynamicActivations().install(model)
     ref, _ = _run(model, x, "reference")
     for _ in range(2):
-        y, path = _run(model, x, "auto")
-        assert path == REFERENCE and torch.equal(y, ref)
+        y, path = _run(model, x, "int8")
+        assert path != INT8 and torch.equal(y, ref)  # float math (from the held int8 grid here): the same numbers
     err = capsys.readouterr().err
     assert err == ("tuneqdm: no integer matmul on cpu (_int_mm: no kernel for this device); "
                    "using the reference path\n")
@@ -204,8 +212,10 @@ def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path,
     # Images of the integer and the simulated path are not compared: on this tiny random UNet, dynamic quantization
     # is chaotic (a 1e-6 relative change of the input moves the reference output by about 3%, through rounding
     # flips), so the equivalence is asserted layer by layer above.
-    a8, err = image("a8", "--activation_quant", "dynamic")
-    assert f"kernels auto: {integer} layers int8, 0 layers int8-grid, {len(layers) - integer} layers reference" in err
+    a8, err = image("a8", "--activation_quant", "dynamic", "--kernels", "int8")
+    assert f"kernels int8: {integer} layers int8, 0 layers int8-grid, {len(layers) - integer} layers reference" in err
+    _, err = image("a8-auto", "--activation_quant", "dynamic")  # on CPU the simulated path measured faster
+    assert f"kernels auto: 0 layers int8, 0 layers int8-grid, {len(layers)} layers reference" in err
     assert 0 < integer < len(layers)
     assert np.abs(a8 - ref).mean() > 0.1  # the activations are quantized
     assert main([*args, "--out", str(tmp_path / "bad"), "--activation_quant", "dynamic", "--activation_bits", "6"]) == 2

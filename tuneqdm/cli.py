@@ -566,9 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--kernels", choices=("auto", "reference"), default="auto",
-                     help="quantized sampling: auto (integer matmuls where activations are quantized) or reference "
-                          "(float rebuild, simulated activation quantization); default auto")
+    gen.add_argument("--kernels", choices=("auto", "int8", "reference"), default="auto",
+                     help="quantized sampling: auto (integer matmuls where activations are quantized, on GPUs: on "
+                          "CPU they measured slower), int8 (integer matmuls wherever they apply) or reference (float "
+                          "rebuild, simulated activation quantization)")
     gen.add_argument("--activation_quant", choices=("dgq", "dynamic"), default="dgq",
                      help="with quantized activations: dgq (calibrated groups, --activation_bits) or dynamic "
                           "(int8 per token of every quantized layer, no calibration); default dgq")

@@ -155,8 +155,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
     or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
-    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, see
-    ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
+    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
+    devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
     from .quant.kernels import check_kernels, set_kernels
     from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config

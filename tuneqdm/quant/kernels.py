@@ -30,7 +30,12 @@ from torch import nn
 
 from ..errors import TuneQDMError
 
-KERNEL_MODES = ("auto", "reference")
+KERNEL_MODES = ("auto", "int8", "reference")
+# "auto" takes the integer path on accelerators only. On this project's CPU (torch 2.13, 2 idle cores) it measured
+# slower than quantize-dequantize + the float op: SD-1.5-size W4A8 step 14.7 s vs 13.6 s (float 10.4 s), toy
+# 25-step images 5.2 s vs 4.4 s (docs/benchmarks/sampling_kernels.md): the int32 -> float passes over the output
+# cost more than _int_mm saves. "int8" forces it (for measuring, or a CPU where it pays).
+INT8_AUTO_DEVICES = ("cuda",)
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
 # int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
 # 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
@@ -46,7 +51,7 @@ _unavailable: set[str] = set()  # device types whose integer matmul failed (told
 
 def check_kernels(mode: str) -> str:
     if mode not in KERNEL_MODES:
-        raise TuneQDMError(f"unknown kernels {mode!r}: choose auto or reference")
+        raise TuneQDMError(f"unknown kernels {mode!r}: choose auto, int8 or reference")
     return mode
 
 
@@ -67,8 +72,10 @@ class ActInput:
 
 
 def set_kernels(model: nn.Module, mode: str) -> None:
-    """Choose the sampling path of every quantized layer of ``model``: ``auto`` (fast where it applies) or
-    ``reference`` (rebuild the float weight at every call; simulated activation quantization)."""
+    """Choose the sampling path of every quantized layer of ``model``: ``auto`` (the integer path where activations
+    are quantized, on the devices where it was measured faster: ``INT8_AUTO_DEVICES``), ``int8`` (the integer path
+    wherever it applies) or ``reference`` (rebuild the float weight at every call; simulated activation
+    quantization)."""
     from .layers import QuantizedLayer
 
     check_kernels(mode)
@@ -94,7 +101,7 @@ def sampling_kernels(model: nn.Module, grid_bytes: int = DEFAULT_GRID_BYTES):
     exit. Layers in ``reference`` mode hold nothing; an inner call inside an outer one keeps the outer budget."""
     from .layers import QuantizedLayer
 
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m.kernels == "auto"]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m.kernels != "reference"]
     if any(layer.grid_budget is not None for layer in layers):
         yield
         return
@@ -129,8 +136,10 @@ def signed_grid(layer) -> torch.Tensor:
 # ---- the integer path ---------------------------------------------------------------------------------------------
 def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     """Why ``layer`` cannot take the integer path for this call (None: it can)."""
-    if layer.kernels != "auto" or torch.is_grad_enabled():
+    if layer.kernels == "reference" or torch.is_grad_enabled():
         return "reference requested"
+    if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES:
+        return "auto: the float path measured faster on this device"
     if act.mixed or act.bits != 8:
         return "mixed steps or not 8-bit"
     if x.dtype != torch.float32:

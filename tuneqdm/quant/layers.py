@@ -217,7 +217,7 @@ class QuantizedLayer(nn.Module):
         return w.clone() if into is None and stored != numel else w
 
     def _holds_grid(self) -> bool:
-        if self.bits == 8 or self.kernels != "auto" or torch.is_grad_enabled():
+        if self.bits == 8 or self.kernels == "reference" or torch.is_grad_enabled():
             return False
         return self.grid is not None or (self.grid_budget is not None and self.grid_budget[0] >= self.weight_shape.numel())
 
