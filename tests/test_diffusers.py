@@ -6,7 +6,7 @@ import torch
 import tuneqdm
 from tuneqdm import QuantConfig
 
-from tiny_models import perturb_scales, sdxl_kwargs, tiny_dit, tiny_sd3_transformer, tiny_sdxl_unet, tiny_unet
+from tiny_models import perturb_scales, tiny_dit, tiny_sd3_transformer, tiny_sdxl_unet, tiny_unet
 
 
 def _unet_call(model, batch, t):

@@ -17,21 +17,6 @@ from tuneqdm.train import TrainConfig, train
 from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(3):
-        a = np.full((32, 32, 3), (40, 200, 60), np.uint8)
-        a[4 + 3 * i:20 + 3 * i, 6:22] = (220, 30, 200)
-        Image.fromarray(a).save(folder / f"{i}.png")
-    return folder
-
-
 def _train(base, photos, out, **kw):
     settings = dict(pretrained_model_name_or_path=str(base), instance_data_dir=str(photos),
                     instance_prompt="a sks box", output_dir=str(out), resolution=32, max_train_steps=2, quiet=True,

@@ -3,29 +3,11 @@
 Each command runs twice on tiny models (or the embedded one where the command only takes it): once with its bars'
 names expected on stderr, once with ``--quiet`` and an empty stderr."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tuneqdm.cli import main
 from tuneqdm.progress import is_quiet, progress, quiet_while, set_quiet, stage
 
-from tiny_pipelines import tiny_sd_pipeline
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("progress") / "base")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(3):
-        a = np.full((32, 32, 3), (40, 200, 60), np.uint8)
-        a[4 + 3 * i:20 + 3 * i, 6:22] = (220, 30, 200)
-        Image.fromarray(a).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

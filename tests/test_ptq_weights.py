@@ -11,7 +11,6 @@ from PIL import Image
 
 import tuneqdm
 from tuneqdm.cli import main
-from tuneqdm.errors import TuneQDMError
 from tuneqdm.ptq.calibration import collect_calibration_set, recorded_steps
 from tuneqdm.ptq.weights import (AdaRoundConfig, WeightCalibrationConfig, _LayerGrid, calibrate_weights,
                                  reconstruct_block)
@@ -21,12 +20,6 @@ from tuneqdm.quant.split import SplitConv2d
 from tuneqdm.sampling import pipeline_from
 from tuneqdm.serialization import QUANT_MAP
 
-from tiny_pipelines import tiny_sd_pipeline
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import tiny_unet
-from tiny_pipelines import tiny_sd_pipeline
 
 import tuneqdm
 from tuneqdm.errors import TuneQDMError
@@ -121,11 +120,6 @@ def test_qlora_step_holds_about_what_tuneqdm_holds():
 
 
 # ---- training and loading ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")

@@ -20,12 +20,6 @@ from tuneqdm.train import TrainConfig, Trainer, train
 from tuneqdm.train import checkpoint as ckpt
 from tuneqdm.tuning import expert_for_timestep
 
-from tiny_pipelines import tiny_sd_pipeline
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,6 @@ from tuneqdm.train import TrainConfig, TrainWarning, train
 from tuneqdm.train import checkpoint as ckpt
 from tuneqdm.train.data import load_folder
 
-from tiny_pipelines import tiny_sd_pipeline
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd"))
 
 
 @pytest.fixture(scope="module")
