@@ -212,10 +212,7 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
         y = _int_mm(a, wq)
         if y is None:
             return None
-        y = y.float()
-        y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
-        if row_zero is not None:
-            y.addr_(row_zero, wq.sum(dim=1, dtype=torch.int32).float() - wq.shape[1] * z, alpha=-1)
+        y = _zero_point_corrected(y, a, wq, z, row_zero)
     if y is None:
         return None
     if row_scale is not None:
@@ -223,6 +220,16 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     if layer.channel_dim == -1:
         return _finish(layer, y, s_out).view(*x.shape[:-1], y.shape[1])
     return _finish(layer, y.view(x.shape[0], *x.shape[2:], -1), s_out)
+
+
+def _zero_point_corrected(y: torch.Tensor, a: torch.Tensor, wq: torch.Tensor, z: torch.Tensor, row_zero):
+    """``(a − row_zero)(W_q − z)ᵀ`` in float from the int32 product ``a W_qᵀ``: the zero-point terms factor out as
+    one rank-1 update each (``row_zero``: the input's zero-point per row, None for symmetric inputs)."""
+    y = y.float()
+    y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+    if row_zero is not None:
+        y.addr_(row_zero, wq.sum(dim=1, dtype=torch.int32).float() - wq.shape[1] * z, alpha=-1)
+    return y
 
 
 def _finish(layer, y: torch.Tensor, s_out) -> torch.Tensor:
@@ -257,10 +264,7 @@ def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | No
             y = _int_mm(at, wt)
             if y is None:
                 return None
-            y = y.float()
-            y.addr_(at.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
-            if z_pad is not None:
-                y.addr_(z_pad[rows].reshape(-1), wt.sum(dim=1, dtype=torch.int32).float() - c * z, alpha=-1)
+            y = _zero_point_corrected(y, at, wt, z, None if z_pad is None else z_pad[rows].reshape(-1))
             y.mul_(s_pad[rows].reshape(-1, 1))
             out = y if out is None else out.add_(y)
     return out.view(b, ho, wo, -1)
