@@ -33,10 +33,7 @@ WRITE_ERRORS = (OSError, SafetensorError)
 
 def write_error_reason(e: BaseException) -> str:
     """The one-line reason of a failed write (``No space left on device``)."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, None)
 
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[^/]*$")
@@ -211,7 +208,7 @@ def read_json(path: Path, what: str) -> dict:
     try:
         obj = json.loads(path.read_text())
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, too deep
-        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0][:80] or type(e).__name__
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else first_line(e, 80)
         raise TuneQDMError(f"{path} is not valid JSON ({reason}): save the {what} again") from None
     except OSError as e:
         raise TuneQDMError(f"cannot read {path} ({e.strerror or e}): check its permissions") from None
@@ -227,8 +224,7 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TuneQDMError(f"{path} is corrupt or truncated ({reason}): save the {what} again") from None
+        raise TuneQDMError(f"{path} is corrupt or truncated ({first_line(e, None)}): save the {what} again") from None
 
 
 def check_version(cfg: dict, path: Path, message: str | None = None) -> None:
@@ -239,8 +235,9 @@ def check_version(cfg: dict, path: Path, message: str | None = None) -> None:
         ))
 
 
-def first_line(error: BaseException, limit: int = 100) -> str:
-    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+def first_line(error: BaseException, limit: int | None = 100) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors (cut at
+    ``limit`` characters; None: whole)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import TuneQDMError
+from .files import first_line
 from .progress import pipeline_progress, progress, stage
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
@@ -97,8 +98,8 @@ def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", d
                 stage(f"loading {'the embedded toy pipeline' if base is None else base}"):
             pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(dtype), **extra, **components)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: {first} (check "
+        raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: "
+                           f"{first_line(e, None)} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
     pipeline_progress(pipe)
     return pipe.to(device)

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..files import first_line
 
 # Chromium in a sandbox without network: no background fetches, no GPU, no first-run UI
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -50,7 +51,6 @@ def open_in_chromium(page: Path, screenshot: Path | None = None, width: int = 14
             finally:
                 browser.close()
     except Error as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TuneQDMError(f"Chromium could not open {page}: {first} (set TUNEQDM_CHROMIUM to a Chromium binary)") \
+        raise TuneQDMError(f"Chromium could not open {page}: {first_line(e, None)} (set TUNEQDM_CHROMIUM to a Chromium binary)") \
             from None
     return problems

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..files import first_line
 
 KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path on accelerators only. On this project's CPU (torch 2.13, 2 idle cores) it measured
@@ -166,8 +167,7 @@ def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         kind = a.device.type
         if kind not in _unavailable:
             _unavailable.add(kind)
-            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            print(f"tuneqdm: no integer matmul on {kind} ({first}); using the reference path", file=sys.stderr)
+            print(f"tuneqdm: no integer matmul on {kind} ({first_line(e, 120)}); using the reference path", file=sys.stderr)
         return None
 
 

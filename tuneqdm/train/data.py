@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..errors import TuneQDMError
+from ..files import first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KNOWN_SIDECARS = {"subject.json"}  # metadata written next to photos by `tuneqdm toy subject`: not warned about
@@ -108,8 +109,7 @@ def read_photo(path: Path) -> Image.Image | None:
     except UnidentifiedImageError:
         warn(f"skipping {path}: not an image")
     except (OSError, SyntaxError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warn(f"skipping {path}: unreadable or truncated image ({reason})")
+        warn(f"skipping {path}: unreadable or truncated image ({first_line(e, None)})")
     return None
 
 

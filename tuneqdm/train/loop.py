@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
-from ..files import WRITE_ERRORS, atomic_dir, read_json, remove_stale_temporaries, write_error_reason
+from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from . import checkpoint as ckpt
@@ -224,7 +224,7 @@ class Trainer:
                                                     logging_dir=str(self.out / TRACKER_LOGS)) if tracking else None,
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)])
         except (ValueError, RuntimeError) as e:
-            raise TuneQDMError(f"cannot set up training ({str(e).splitlines()[0]})") from None
+            raise TuneQDMError(f"cannot set up training ({first_line(e, None)})") from None
 
     def setup(self):
         cfg = self.cfg
@@ -260,7 +260,7 @@ class Trainer:
             try:
                 float_config = UNet2DConditionModel.load_config(source, subfolder="unet", **extra)
             except (OSError, ValueError) as e:
-                raise TuneQDMError(f"cannot read the UNet config of {source}: {str(e).splitlines()[0]}") from None
+                raise TuneQDMError(f"cannot read the UNet config of {source}: {first_line(e, None)}") from None
             unet = load_quantized_base(cfg.quantized_base, float_config)
             pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version, unet=unet)
         else:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..files import first_line
 from ..memory import pin_mmap_threshold
 from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
 from ..quant.packing import pack, values_per_byte
@@ -84,7 +85,7 @@ def _header_keys(path: Path) -> list[str]:
         with safe_open(path, framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise TuneQDMError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+        raise TuneQDMError(f"{path} is not a readable safetensors file ({first_line(e)}): "
                            "download the model again") from None
 
 
@@ -94,7 +95,7 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor:
         with safe_open(path, framework="pt") as f:
             t = f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError, TypeError) as e:
-        raise TuneQDMError(f"{path}: tensor {key!r} cannot be read ({str(e).splitlines()[0]}): "
+        raise TuneQDMError(f"{path}: tensor {key!r} cannot be read ({first_line(e)}): "
                            "download the model again") from None
     if t.dtype not in _READABLE_DTYPES:
         raise TuneQDMError(f"{path}: tensor {key!r} is {t.dtype}, not a float weight: download the model again")
