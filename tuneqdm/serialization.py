@@ -37,7 +37,7 @@ from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import METHODS, QuantConfig
 from .tuning.model import _set_submodule, attach, configure_, quant_state, quantized_layers
-from .tuning.streaming import diffusers_model_class
+from .tuning.streaming import diffusers_model_class, empty_model
 
 QUANT_MAP, QUANT_WEIGHTS = "quantization.json", "quantized.safetensors"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
@@ -110,18 +110,6 @@ def _model_class(name: str, directory: Path) -> type:
     if cls is None:
         raise TuneQDMError(f"{directory} holds a {name}: pass an empty instance with load_quantized(dir, model=...)")
     return cls
-
-
-def _build_skeleton(cls: type, model_config: dict, directory: Path) -> nn.Module:
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            return cls.from_config(model_config)
-    except Exception as e:  # noqa: BLE001 -- a foreign config.json can fail inside the model's constructor in any way
-        reason = first_line(e)
-        raise TuneQDMError(f"{directory / MODEL_CONFIG} does not describe a {cls.__name__} ({reason}): "
-                           f"{_SAVE_BASE}") from None
 
 
 def _read_base_meta(directory: Path) -> tuple[dict, QuantConfig]:
@@ -216,7 +204,7 @@ def load_quantized(directory, model: nn.Module | None = None, device: str | torc
         model_config = parts[MODEL_CONFIG] = read_json(directory / MODEL_CONFIG, "quantized base")
     check_digests(recorded, tensors, directory, _SAVE_BASE, parts)
     if model is None:
-        model = _build_skeleton(cls, model_config, directory)
+        model = empty_model(cls, model_config, directory / MODEL_CONFIG, _SAVE_BASE)
     _quantize_skeleton(model, meta, directory)
     _check_base_tensors(model, tensors, directory)
     model.load_state_dict(tensors, strict=False, assign=True)

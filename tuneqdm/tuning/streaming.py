@@ -102,9 +102,19 @@ def _read_tensor(path: Path, key: str) -> torch.Tensor:
     return t
 
 
-def _skeleton(folder: Path) -> nn.Module:
+def empty_model(cls: type[nn.Module], config: dict, config_file: Path, fix: str) -> nn.Module:
+    """``cls`` built from ``config`` on the meta device (no weight allocated); a config its constructor rejects is
+    one line naming ``config_file`` and ending in ``fix`` (what to do)."""
     from accelerate import init_empty_weights
 
+    try:
+        with init_empty_weights():
+            return cls.from_config(config)
+    except Exception as e:  # noqa: BLE001 -- a foreign config.json can fail inside the model's constructor in any way
+        raise TuneQDMError(f"{config_file} does not describe a {cls.__name__} ({first_line(e)}): {fix}") from None
+
+
+def _skeleton(folder: Path) -> nn.Module:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise TuneQDMError(f"{folder} has no config.json: pass a diffusers model folder (e.g. MODEL/transformer)")
@@ -117,8 +127,7 @@ def _skeleton(folder: Path) -> nn.Module:
     if cls is None:
         raise TuneQDMError(f"{name!r} is not a diffusers model class: pass a diffusers model folder "
                            "(its config.json names the class in _class_name)")
-    with init_empty_weights():
-        return cls.from_config(cls.load_config(folder))
+    return empty_model(cls, config, config_file, "download the model again")
 
 
 @torch.no_grad()
