@@ -94,3 +94,80 @@ def tiny_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
         scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(folder)
     return folder
+
+
+def _t5(vocab_size, d_model=32, seed=0):
+    """A tiny ``T5EncoderModel`` (any tokenizer's vocabulary; relative positions, so any prompt length)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+                   decoder_start_token_id=0)
+    return T5EncoderModel(cfg)
+
+
+def _flow_vae(seed=0, latent_channels=4):
+    """The VAE of a flow-matching pipeline: Flux and SD3 read ``shift_factor`` as well as ``scaling_factor``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, norm_num_groups=8,
+                         sample_size=32, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_flux_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``FluxPipeline`` (FLUX.1-dev's layout: CLIP + T5, guidance embedding, 1 double + 1 single block; 32 px images
+    -> 16x16x4 latents -> 64 packed tokens of 16 channels). The CLIP tokenizer also serves as the T5 tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed),
+                        text_encoder=_text_encoder(len(tok), 32, seed=seed), tokenizer=tok,
+                        text_encoder_2=_t5(len(tok), 32, seed=seed + 1), tokenizer_2=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``StableDiffusion3Pipeline``: two CLIP encoders (hidden 16 + 16, pooled 16 + 16) and a T5 (32), an
+    ``SD3Transformer2DModel`` of 2 joint blocks over 16x16x4 latents (patch 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed),
+        text_encoder=_text_encoder(len(tok), 16, projection=16, seed=seed), tokenizer=tok,
+        text_encoder_2=_text_encoder(len(tok), 16, projection=16, seed=seed + 1), tokenizer_2=tok,
+        text_encoder_3=_t5(len(tok), 32, seed=seed + 2), tokenizer_3=tok)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_pixart_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``PixArtSigmaPipeline``: T5 (32) and a ``PixArtTransformer2DModel`` of 2 blocks with learned variance
+    (8 output channels for 4 latent ones), DDIM sampling over DDPM training timesteps."""
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2, caption_channels=32,
+        in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=_t5(len(tok), 32, seed=seed), vae=_vae(seed),
+                               transformer=transformer, scheduler=_scheduler())
+    pipe.save_pretrained(folder)
+    return folder
