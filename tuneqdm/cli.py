@@ -43,7 +43,7 @@ def _generate(args) -> None:
         ActivationConfig(bits=args.activation_bits, groups=args.groups, attention=args.attention_quant)
     prompt = args.prompt
     if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
-        from .train.outputs import read_training_json
+        from .results import read_training_json
 
         classes = {c for c in read_training_json(args.adapter).get("classes") or [] if c} if args.adapter else set()
         if len(classes) != 1:
@@ -95,9 +95,9 @@ def _evaluate(args) -> None:
     from .eval.evaluate import METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
     from .files import check_writable
+    from .results import read_training_json
     from .sampling import load_pipeline
     from .train.data import subject_metadata, words
-    from .train.outputs import read_training_json
 
     if args.images_per_prompt < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--images_per_prompt and --num_inference_steps must be at least 1")

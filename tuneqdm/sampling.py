@@ -170,7 +170,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
     if adapter is not None:
-        from .train.outputs import adapter_kind, read_training_json
+        from .results import adapter_kind, read_training_json
 
         kind = adapter_kind(adapter)
         info = read_training_json(adapter)

@@ -30,12 +30,13 @@ from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
 from ..progress import pipeline_progress, progress, quiet_while, stage
+from ..results import PRODUCTS, read_training_json
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
-from .outputs import PRODUCTS, read_training_json, save_result
+from .outputs import save_result
 from .prior import ensure_class_images
 
 LOG = "train_log.jsonl"

@@ -1,13 +1,4 @@
-"""The trained result in ``--output_dir``: what ``tuneqdm generate --adapter`` and ``tuneqdm.load_pipeline`` read.
-
-- scale methods: ``adapter.safetensors`` + ``adapter_config.json`` (``tuneqdm.save_adapter``: scales only, method,
-  bits, experts, base id and fingerprint) with the prompts and the run's settings added to the config;
-- ``lora`` and ``qlora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet, loadable by
-  ``pipe.load_lora_weights`` on the float or the quantized UNet; qlora's base fingerprint is in ``training.json``);
-- ``fp``: the whole fine-tuned UNet, ``unet/`` (diffusers folder, safetensors).
-
-Every method also writes ``training.json``: method, base id and the prompts, for loading without guessing.
-"""
+"""Writing the trained result in ``--output_dir`` (its format and readers: ``tuneqdm.results``)."""
 
 from __future__ import annotations
 
@@ -16,12 +7,8 @@ from pathlib import Path
 
 from ..errors import TuneQDMError
 from ..files import atomic_dir, write_error_reason
-from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
-
-TRAINING_JSON = "training.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-FP_UNET = "unet"
-PRODUCTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_WEIGHTS, FP_UNET, TRAINING_JSON)
+from ..results import FP_UNET, PRODUCTS, TRAINING_JSON
+from ..serialization import save_adapter
 
 
 def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Path:
@@ -47,28 +34,3 @@ def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Pa
 def write_failure(e: BaseException, what: Path, kept: str) -> TuneQDMError:
     """The one-line error of a failed write of ``what`` (``kept``: where the last good state is)."""
     return TuneQDMError(f"cannot write {what} ({write_error_reason(e)}); nothing partial was left, {kept}")
-
-
-def read_training_json(directory) -> dict:
-    path = Path(directory) / TRAINING_JSON
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise TuneQDMError(f"{path} is not valid JSON: train the adapter again") from None
-
-
-def adapter_kind(directory) -> str:
-    """``scales``, ``lora`` or ``fp`` for a training output folder (one-line error when it is none of them)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise TuneQDMError(f"--adapter {d} is not a folder")
-    if (d / ADAPTER_CONFIG).is_file():
-        return "scales"
-    if (d / LORA_WEIGHTS).is_file():
-        return "lora"
-    if (d / FP_UNET / "config.json").is_file():
-        return "fp"
-    raise TuneQDMError(f"--adapter {d} holds no adapter ({ADAPTER_CONFIG}, {LORA_WEIGHTS} or {FP_UNET}/): "
-                       "point it at a `tuneqdm train` --output_dir")
