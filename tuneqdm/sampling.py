@@ -12,6 +12,7 @@ import torch
 
 from .errors import TuneQDMError
 from .files import first_line
+from .loading import dtype_kwarg, quiet_loading
 from .progress import pipeline_progress, progress, stage
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
@@ -74,22 +75,13 @@ def base_source(base: str | Path | None, revision: str | None = None, variant: s
     return str(base), {**extra, **({"variant": variant} if variant is not None else {})}
 
 
-def dtype_kwarg(dtype) -> dict:
-    """``dtype=`` for diffusers that renamed ``torch_dtype`` (0.36+), ``torch_dtype=`` for older ones."""
-    try:
-        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
-
-
 def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32, *,
                   revision: str | None = None, variant: str | None = None, **components):
     """The base pipeline (at ``revision``, in ``variant``: see ``base_source``) with some components given instead of
     loaded (e.g. ``unet=...``): the one place a pipeline is loaded by name."""
     from diffusers import DiffusionPipeline
 
-    _quiet_loading()
+    quiet_loading()
     source, extra = base_source(base, revision, variant)
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
@@ -121,15 +113,6 @@ def _without_logged_errors(library: str):
     finally:
         for handler in handlers:
             handler.removeFilter(below_error)
-
-
-def _quiet_loading() -> None:
-    """No per-component loading bars (they are noise next to tuneqdm's own progress)."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _has_component(source: str, name: str) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneQDMError
+from ..loading import dtype_kwarg, quiet_loading
 
 DEFAULT_PIPELINE_DIR = Path(__file__).resolve().parent / "default_pipeline"
 MANIFEST = "tuneqdm_pretrain.json"
@@ -50,11 +51,9 @@ def default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = to
     """The embedded ``StableDiffusionPipeline`` (float32 on CPU by default), loaded offline."""
     from diffusers import StableDiffusionPipeline
 
-    from ..sampling import _quiet_loading, dtype_kwarg
-
     folder = Path(path) if path is not None else DEFAULT_PIPELINE_DIR
     check_pipeline_folder(folder)
-    _quiet_loading()
+    quiet_loading()
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, **dtype_kwarg(dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
