@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from ..progress import progress, stage
-from .activations import (ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig, ActivationObserver,
-                          ActivationQuantizer, LayerParams)
+from .activations import ActivationObserver, ActivationQuantizer, LayerParams
 from .calibration import CALIBRATION_SEED, toy_calibration_prompts
+from .config import ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig
 
 CONFIG_FILE, TENSORS_FILE = "activations.json", "activations.safetensors"
 

@@ -35,46 +35,13 @@ from torch import nn
 
 from ..errors import TuneQDMError
 from ..quant.kernels import ActInput
+from ..quant.layers import QuantizedLayer
 from ..tuning.routing import _find_argument
+from .attention import QuantizedAttnProcessor
+from .config import DEFAULT_EXCLUDE, ActivationConfig
 
-ACTIVATION_BITS = (6, 8)
-GROUP_CHOICES = (1, 2, 8, 16)
-ATTENTION_MODES = ("log", "log2", "uniform", "none")
 CHANNEL, POSITION = 0, 1
 DIM_NAMES = ("channel", "position")
-DEFAULT_EXCLUDE = ("conv_in", "conv_out")
-
-
-def check_activation_bits(bits) -> int:
-    if isinstance(bits, bool) or bits not in ACTIVATION_BITS:
-        raise TuneQDMError(f"activation bits {bits!r} are not supported: choose 6 or 8")
-    return int(bits)
-
-
-def check_groups(groups) -> int:
-    if isinstance(groups, bool) or groups not in GROUP_CHOICES:
-        raise TuneQDMError(f"--groups {groups!r} is not supported: choose 1, 2, 8 or 16")
-    return int(groups)
-
-
-@dataclass
-class ActivationConfig:
-    """How activations are quantized. ``groups=1, attention="uniform"`` is the layer-wise min-max baseline."""
-
-    bits: int = 8
-    groups: int = 16
-    # attention probabilities: "log" (DGQ, 16 octaves), "log2" (DGQ as published, one level per octave),
-    # "uniform" (baseline) or "none" (full precision); see tuneqdm.ptq.attention
-    attention: str = "log"
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # fnmatch patterns of layers kept in full precision
-
-    def __post_init__(self):
-        self.bits = check_activation_bits(self.bits)
-        self.groups = check_groups(self.groups)
-        if self.attention not in ATTENTION_MODES:
-            raise TuneQDMError(f"attention quantization {self.attention!r} is unknown: "
-                               "choose log, log2, uniform or none")
-        self.exclude = tuple(self.exclude)
 
 
 # ---- the uniform quantizer ----------------------------------------------------------------------------------------
@@ -261,8 +228,6 @@ def nearest_steps(t, timesteps: torch.Tensor) -> list[int]:
 
 def select_layers(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> dict[str, nn.Module]:
     """The Linear/Conv2d layers (float or tuneqdm-quantized) whose inputs are quantized, by name."""
-    from ..quant.layers import QuantizedLayer
-
     return {
         name: m for name, m in model.named_modules()
         if name and isinstance(m, (nn.Linear, nn.Conv2d, QuantizedLayer))
@@ -303,8 +268,6 @@ class ActivationQuantizer:
 
     # -- hooks
     def install(self, model: nn.Module) -> ActivationQuantizer:
-        from ..quant.layers import QuantizedLayer
-
         if self._model is not None:
             raise TuneQDMError("these activation parameters are already installed on a model: remove() them first")
         found = select_layers(model, self.config.exclude)
@@ -321,8 +284,6 @@ class ActivationQuantizer:
             else:
                 self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
         if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
-            from .attention import QuantizedAttnProcessor
-
             self._processors = dict(model.attn_processors)
             model.set_attn_processor(QuantizedAttnProcessor(self.config.bits, self.config.attention, owner=self))
         self._model = model
@@ -409,8 +370,6 @@ class DynamicActivations:
         return ActInput("dynamic", self.bits) if self.enabled else None
 
     def install(self, model: nn.Module) -> DynamicActivations:
-        from ..quant.layers import QuantizedLayer
-
         self._layers = [m for m in select_layers(model, self.exclude).values() if isinstance(m, QuantizedLayer)]
         if not self._layers:
             raise TuneQDMError("dynamic activation quantization needs a tuneqdm-quantized model: quantize it first")

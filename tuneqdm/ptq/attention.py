@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import check_activation_bits
+from .config import check_activation_bits
 
 MODES = ("log", "log2", "uniform")
 LOG_OCTAVES = 16  # octaves below the prompt's scale covered by mode="log"
