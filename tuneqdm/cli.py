@@ -690,7 +690,7 @@ def _one_line_warnings() -> None:
     """tuneqdm's data warnings as one line each: ``tuneqdm: warning: ...``."""
     import warnings
 
-    from .train.data import TrainWarning
+    from .photos import TrainWarning
 
     default = warnings.showwarning
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir
+from ..photos import IMAGE_SUFFIXES, read_photo
 from ..progress import progress
 from .encoders import ImageEncoder, ImageTextEncoder, clip_i_score, clip_t_score, dino_score
 
@@ -24,8 +25,6 @@ METRICS = "metrics.json"
 
 def read_photos(folder) -> list[Image.Image]:
     """The subject's photos (every readable image of ``folder``, sorted by name)."""
-    from ..train.data import IMAGE_SUFFIXES, read_photo
-
     folder = Path(folder)
     if not folder.is_dir():
         raise TuneQDMError(f"--instance_data_dir {folder} is not a folder: pass the folder of the subject's photos")

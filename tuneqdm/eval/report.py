@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..errors import TuneQDMError
 from ..files import check_version, check_writable_file, read_json
+from ..photos import IMAGE_SUFFIXES
 from .evaluate import METRICS
 from .fidelity import TABLE_VERSION, cell_name
 
@@ -54,8 +55,6 @@ def _metrics(folder: Path) -> dict:
 
 
 def _photos(folder: Path) -> list[Path]:
-    from ..train.data import IMAGE_SUFFIXES
-
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 

@@ -5,8 +5,8 @@ savers), ``methods`` (what trains), ``checkpoint`` (resumable state), ``loop`` (
 (the adapter folder).
 """
 
+from ..photos import TrainWarning
 from .config import METHOD_CHOICES, QUANTIZED_METHODS, TrainConfig
-from .data import TrainWarning
 from .loop import Trainer, TrainingInterrupted, train
 
 __all__ = ["METHOD_CHOICES", "QUANTIZED_METHODS", "TrainConfig", "TrainWarning", "Trainer", "TrainingInterrupted",

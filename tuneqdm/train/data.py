@@ -11,28 +11,18 @@ from __future__ import annotations
 import json
 import random
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import TuneQDMError
-from ..files import first_line
+from ..photos import IMAGE_SUFFIXES, read_photo, warn
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KNOWN_SIDECARS = {"subject.json"}  # metadata written next to photos by `tuneqdm toy subject`: not warned about
 TINY_FRACTION = 0.5  # photos whose short side is below this share of --resolution get a warning (then upscaled)
-
-
-class TrainWarning(UserWarning):
-    """A problem with the training data that tuneqdm worked around (printed as one line)."""
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, TrainWarning, stacklevel=2)
 
 
 @dataclass
@@ -52,23 +42,6 @@ class Subject:
     noun: str | None = None  # the class word, when the folder's subject.json names it
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16/32-bit integer and float greys rescaled, transparency composited on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if image.mode == "F" and a.max() <= 1.0:
-            hi = 1.0
-        image = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
-
-
 def square(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
     """Resize the short side to ``resolution`` (bicubic; box-filtered when shrinking a lot), then crop a square."""
     w, h = image.size
@@ -86,31 +59,6 @@ def square(image: Image.Image, resolution: int, center_crop: bool, rng: random.R
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1).div_(127.5).sub_(1.0)
-
-
-def read_photo(path: Path) -> Image.Image | None:
-    """The photo at ``path`` as upright RGB, or None (after a warning) when it is not a readable image."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                image = to_rgb(image)
-        for w in caught:  # PIL's two-line warning (file, line, source) as one line; other warnings pass through
-            if issubclass(w.category, Image.DecompressionBombWarning):
-                warn(f"{path} is very large ({image.size[0]}x{image.size[1]} px): reading it takes time and memory")
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return image
-    except Image.DecompressionBombError as e:
-        warn(f"skipping {path}: too large to read safely ({str(e).split(',')[0]})")
-    except UnidentifiedImageError:
-        warn(f"skipping {path}: not an image")
-    except (OSError, SyntaxError, ValueError) as e:
-        warn(f"skipping {path}: unreadable or truncated image ({first_line(e, None)})")
-    return None
 
 
 def load_folder(folder, resolution: int, center_crop: bool = True, seed: int = 0, what: str = "--instance_data_dir",

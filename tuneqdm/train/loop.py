@@ -830,7 +830,7 @@ def train(cfg: TrainConfig | None = None, callbacks=(), trainer: Trainer | None 
 
         cfg = replace(cfg, **kwargs)
     with warnings.catch_warnings(), quiet_while(cfg.quiet or os.environ.get("RANK", "0") != "0"):  # bars: main only
-        from .data import TrainWarning
+        from ..photos import TrainWarning
 
         warnings.simplefilter("always", TrainWarning)
         return (trainer or Trainer(cfg, callbacks)).setup().run()
