@@ -257,7 +257,8 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 
 
 def _benchmark_fidelity(args) -> None:
-    from .eval.fidelity import FLOOR, cells, cell_name, run_cell, table
+    from .benchmarks.fidelity import run_cell
+    from .eval.fidelity import FLOOR, cell_name, cells, table
     from .files import check_writable
     from .sampling import pipeline_from
     from .toy.subjects import write_subject

@@ -1,0 +1,1 @@
+"""Benchmarks the CLI runs that train models (above train/ and eval/, so that eval/ never imports train/)."""
