@@ -52,7 +52,7 @@ def _grid_bytes(mode: str) -> int:
 def _configure(model, mode) -> None:
     """The kernels and the activation quantizer of ``mode`` on a quantized model."""
     from tuneqdm.ptq.activations import DynamicActivations
-    from tuneqdm.quant.kernels import set_kernels
+    from tuneqdm.quant.paths import set_kernels
 
     bits, activations, kernels = MODES[mode]
     if bits is not None:
@@ -64,7 +64,7 @@ def _configure(model, mode) -> None:
 def run_unet_step(mode: str, steps: int) -> dict:
     import tuneqdm
     from tuneqdm.memory import pin_mmap_threshold
-    from tuneqdm.quant.kernels import kernel_report, sampling_kernels
+    from tuneqdm.quant.paths import kernel_report, sampling_kernels
 
     pin_mmap_threshold()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -90,7 +90,7 @@ def run_unet_step(mode: str, steps: int) -> dict:
 
 def run_toy(mode: str, images: int) -> dict:
     import tuneqdm
-    from tuneqdm.quant.kernels import kernel_report, sampling_kernels
+    from tuneqdm.quant.paths import kernel_report, sampling_kernels
     from tuneqdm.sampling import generate, load_pipeline
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))

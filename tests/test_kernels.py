@@ -17,7 +17,8 @@ from tuneqdm.ptq.activations import (
     LayerParams,
 )
 from tuneqdm.quant import kernels
-from tuneqdm.quant.kernels import GRID, INT8, REFERENCE, kernel_report, sampling_kernels, set_kernels
+from tuneqdm.quant.kernels import GRID, INT8, REFERENCE
+from tuneqdm.quant.paths import kernel_report, sampling_kernels, set_kernels
 
 # The integer path computes the same quantized function as the reference; only the float summation order differs
 # (the reference sums fake-quantized floats, the integer path sums integers exactly, then scales once).

@@ -84,7 +84,7 @@ def _generate(args) -> None:
 
 
 def _report_kernels(unet, mode: str) -> None:
-    from .quant.kernels import kernel_report
+    from .quant.paths import kernel_report
 
     counts = kernel_report(unet)
     if any(counts.values()) and not is_quiet():

@@ -142,7 +142,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
     devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
-    from .quant.kernels import check_kernels, set_kernels
+    from .quant.kernels import check_kernels
+    from .quant.paths import set_kernels
     from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
 
     if lora is not None:
@@ -310,7 +311,7 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto`` kernels it keeps
     none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
     from .quant import cached_weights
-    from .quant.kernels import sampling_kernels
+    from .quant.paths import sampling_kernels
 
     if weight_cache_bytes is None:
         reference = any(getattr(m, "kernels", None) == "reference" for m in pipe.unet.modules())

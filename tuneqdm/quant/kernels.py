@@ -22,14 +22,13 @@ measured slower and larger than rebuilding from the packed codes (see ``DEFAULT_
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import TuneQDMError
 from ..files import first_line
+from .packing import unpack
 
 KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path on accelerators only. On this project's CPU (torch 2.13, 2 idle cores) it measured
@@ -72,55 +71,9 @@ class ActInput:
     mixed: bool = False
 
 
-def set_kernels(model: nn.Module, mode: str) -> None:
-    """Choose the sampling path of every quantized layer of ``model``: ``auto`` (the integer path where activations
-    are quantized, on the devices where it was measured faster: ``INT8_AUTO_DEVICES``), ``int8`` (the integer path
-    wherever it applies) or ``reference`` (rebuild the float weight at every call; simulated activation
-    quantization)."""
-    from .layers import QuantizedLayer
-
-    check_kernels(mode)
-    for m in model.modules():
-        if isinstance(m, QuantizedLayer):
-            m.kernels = mode
-
-
-def kernel_report(model: nn.Module) -> dict[str, int]:
-    """How many quantized layers took each path in their last call (layers not called yet are left out)."""
-    from .layers import QuantizedLayer
-
-    counts = {INT8: 0, GRID: 0, REFERENCE: 0}
-    for m in model.modules():
-        if isinstance(m, QuantizedLayer) and m.last_path is not None:
-            counts[m.last_path] += 1
-    return counts
-
-
-@contextmanager
-def sampling_kernels(model: nn.Module, grid_bytes: int = DEFAULT_GRID_BYTES):
-    """Hold the layers' integers unpacked as int8 (up to ``grid_bytes``) while no gradient is recorded; freed on
-    exit. Layers in ``reference`` mode hold nothing; an inner call inside an outer one keeps the outer budget."""
-    from .layers import QuantizedLayer
-
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLayer) and m.kernels != "reference"]
-    if any(layer.grid_budget is not None for layer in layers):
-        yield
-        return
-    budget = [grid_bytes]
-    for layer in layers:
-        layer.grid_budget = budget
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.grid_budget, layer.grid = None, None
-
-
 def signed_grid(layer) -> torch.Tensor:
     """The layer's signed integers ``W_q`` as int8, shape (out, rest): the held grid, the int8 storage itself for
     8 bits, or a fresh unpack (kept if a sampling session's budget allows)."""
-    from .packing import unpack
-
     if layer.grid is not None:
         return layer.grid
     rows = layer.weight_shape[0]

@@ -153,9 +153,9 @@ class QuantizedLayer(nn.Module):
         self.weight_cache = None  # a quant.weight_cache.WeightCache while sampling inside cached_weights()
         self.kernels = "auto"  # sampling path: "auto" (quant.kernels where they apply) or "reference"
         self.input_quantizer = None  # set by an activation quantizer (tuneqdm.ptq): params(x), fake_quantize(x)
-        self.grid = None  # the signed integers as int8, held inside quant.kernels.sampling_kernels()
+        self.grid = None  # the signed integers as int8, held inside quant.paths.sampling_kernels()
         self.grid_budget = None  # [bytes left] shared by the layers of a sampling_kernels() session
-        self.last_path = None  # the path the last call took (quant.kernels.kernel_report)
+        self.last_path = None  # the path the last call took (quant.paths.kernel_report)
 
     # ---- storage -------------------------------------------------------------------------------------------
     @torch.no_grad()

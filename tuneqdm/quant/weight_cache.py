@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .layers import QuantizedLayer
+
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
@@ -40,8 +42,6 @@ class WeightCache:
 def cached_weights(model: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES):
     """Cache the quantized layers' rebuilt weights while no gradient is recorded (freed on exit; an inner call
     inside an outer one uses the outer cache)."""
-    from .layers import QuantizedLayer
-
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     outer = next((layer.weight_cache for layer in layers if layer.weight_cache is not None), None)
     if outer is not None:  # nested: the outermost cache (and its budget) serves
