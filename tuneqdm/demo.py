@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import QuantConfig, load_adapter, load_quantized, quantize_, save_adapter, save_quantized, scale_parameters
 from .progress import pipeline_progress, progress
+from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
+from .tuning import QuantConfig, quantize_, scale_parameters
 from .tuning.model import weight_bytes
 
 
