@@ -1,0 +1,165 @@
+"""The package's import graph, read from the source: no cycle, and every import respects the layer order written in
+the README's layout paragraph (the one line of the form `errors` < `files` < ... < `__init__`).
+
+The graph counts every ``import`` and ``from ... import`` of a tuneqdm module, function-local ones included; only
+imports under ``if TYPE_CHECKING:`` are left out (they never run). A module belongs to the longest layer name that
+prefixes it (``eval/encoders`` before ``eval/``); it may import its own unit and any lower layer, never a higher layer
+and never another unit of its own layer (``ptq/``, ``train/`` and ``eval/`` stay independent of each other).
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tuneqdm"
+README = ROOT / "README.md"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def imported_names(name: str, path: Path) -> list[tuple[str, int]]:
+    """(absolute dotted name, line) of every import in the module that can run, function-local ones included."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found.extend((f"{module}.{alias.name}", node.lineno) for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """tuneqdm module -> the tuneqdm modules it imports (``from pkg import name`` resolved to ``pkg.name`` when that
+    is a module, else to ``pkg``)."""
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        targets = set()
+        for dotted, _ in imported_names(name, path):
+            while dotted and dotted not in mods:
+                dotted = dotted.rpartition(".")[0]
+            if dotted and dotted != name:
+                targets.add(dotted)
+        graph[name] = targets
+    return graph
+
+
+def readme_layers() -> list[list[str]]:
+    """The layer line of the README's layout paragraph, lowest first, as lists of dotted unit names."""
+    lines = [line for line in README.read_text().splitlines() if line.startswith("`errors` <")]
+    assert len(lines) == 1, "the README's layout paragraph must hold one line `errors` < ... < `__init__`"
+    layers = []
+    for layer in lines[0].split(" < "):
+        units = re.findall(r"`([^`]+)`", layer)
+        assert units, f"a layer of the README's layer line names no module: {layer!r}"
+        layers.append(["tuneqdm" if u == "__init__" else "tuneqdm." + u.rstrip("/").replace("/", ".") for u in units])
+    return layers
+
+
+def unit_of(module: str, units: list[str]) -> str | None:
+    matches = [u for u in units if module == u or module.startswith(u + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (its modules in order, the first repeated at the end), or None."""
+    state, stack = {}, []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def layering_violations(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
+    level = {unit: i for i, layer in enumerate(layers) for unit in layer}
+    units = list(level)
+    problems = []
+    for module, targets in sorted(graph.items()):
+        mine = unit_of(module, units)
+        for target in sorted(targets):
+            theirs = unit_of(target, units)
+            if theirs == mine:
+                continue
+            if level[theirs] > level[mine]:
+                problems.append(f"{module} -> {target}: {theirs} is above {mine}")
+            elif level[theirs] == level[mine]:
+                problems.append(f"{module} -> {target}: {theirs} and {mine} are siblings of one layer")
+    return problems
+
+
+def test_every_module_is_in_a_readme_layer():
+    units = [u for layer in readme_layers() for u in layer]
+    assert len(units) == len(set(units)), "a module is named twice in the README's layer line"
+    assert [m for m in modules() if unit_of(m, units) is None] == []
+    assert [u for u in units if not any(m == u or m.startswith(u + ".") for m in modules())] == []
+
+
+def test_import_graph_has_no_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_imports_respect_the_readme_layers():
+    assert layering_violations(import_graph(), readme_layers()) == []
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_or_sideways_import():
+    """The checks are not vacuous: planted edges are found."""
+    layers = [["tuneqdm.errors"], ["tuneqdm.quant"], ["tuneqdm.ptq", "tuneqdm.train"]]
+    graph = {"tuneqdm.quant.a": {"tuneqdm.quant.b"}, "tuneqdm.quant.b": {"tuneqdm.quant.a"},
+             "tuneqdm.errors": {"tuneqdm.ptq.x"}, "tuneqdm.ptq.x": {"tuneqdm.train.y", "tuneqdm.quant.a"}}
+    assert find_cycle(graph) == ["tuneqdm.quant.a", "tuneqdm.quant.b", "tuneqdm.quant.a"]
+    assert layering_violations(graph, layers) == [
+        "tuneqdm.errors -> tuneqdm.ptq.x: tuneqdm.ptq is above tuneqdm.errors",
+        "tuneqdm.ptq.x -> tuneqdm.train.y: tuneqdm.train and tuneqdm.ptq are siblings of one layer",
+    ]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from ..quant.layers import QuantizedLayer", ["tuneqdm.quant.layers.QuantizedLayer"]),
+    ("def f():\n    from . import checkpoint", ["tuneqdm.train.checkpoint"]),
+    ("import tuneqdm.errors", ["tuneqdm.errors"]),
+    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .data import Subject", ["typing.TYPE_CHECKING"]),
+])
+def test_imports_are_read_with_function_local_ones_and_without_type_checking_ones(tmp_path, source, expected):
+    path = tmp_path / "loop.py"
+    path.write_text(source)
+    assert [name for name, _ in imported_names("tuneqdm.train.loop", path)] == expected
