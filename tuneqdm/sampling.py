@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -14,6 +15,12 @@ from .errors import TuneQDMError
 from .files import first_line
 from .loading import dtype_kwarg, quiet_loading
 from .progress import pipeline_progress, progress, stage
+from .quant import cached_weights
+from .quant.kernels import check_kernels
+from .quant.paths import sampling_kernels, set_kernels
+from .results import adapter_kind, read_training_json
+from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
+from .tuning import QuantConfig, quantize_
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -34,8 +41,6 @@ def base_id(base: str | Path | None) -> str:
 def float_fingerprint(model) -> str:
     """SHA-256 (16 hex digits) of a float model's parameter names, shapes and first 4096 values of each: cheap even
     for SD-size UNets, and different for any two trained bases (used to match LoRA results to their base)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(p.shape)};".encode())
@@ -64,7 +69,7 @@ def base_source(base: str | Path | None, revision: str | None = None, variant: s
         if revision is not None or variant is not None:
             raise TuneQDMError("--revision and --variant apply to the model of --pretrained_model_name_or_path; the "
                                "embedded pipeline has one version: drop them or name the model")
-        from .toy.pipeline import DEFAULT_PIPELINE_DIR, check_pipeline_folder
+        from .toy.pipeline import DEFAULT_PIPELINE_DIR, check_pipeline_folder  # on use: toy/ loads PIL
 
         check_pipeline_folder(DEFAULT_PIPELINE_DIR)
         return str(DEFAULT_PIPELINE_DIR), {"local_files_only": True}
@@ -142,10 +147,6 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
     devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
-    from .quant.kernels import check_kernels
-    from .quant.paths import set_kernels
-    from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
-
     if lora is not None:
         check_lora_scale(lora_scale)
 
@@ -154,8 +155,6 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
     if adapter is not None:
-        from .results import adapter_kind, read_training_json
-
         kind = adapter_kind(adapter)
         info = read_training_json(adapter)
         cfg = read_adapter_config(adapter) if kind == "scales" else {}  # checked with its tensors, before any loading
@@ -206,8 +205,6 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         timesteps = pipe.scheduler.config.get("num_train_timesteps")  # what the adapter's routing must agree with
         check_timesteps(cfg, timesteps, adapter)
         if quantized_base is None:
-            from .tuning import QuantConfig, quantize_
-
             with stage(f"quantizing the UNet to {cfg['bits']} bits"):
                 quantize_(pipe.unet, QuantConfig(
                     bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
@@ -224,8 +221,6 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
 
 def _check_adapter_base(unet, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
     """Refuse a scale adapter on integers it was not trained on, in one line that names the fix."""
-    from .serialization import fingerprint
-
     expected, actual = cfg.get("base_fingerprint"), fingerprint(unet)
     if expected == actual:
         return
@@ -283,8 +278,6 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
 
 def _quantize_as_trained(unet, settings: dict) -> None:
     """qlora's base: the UNet quantized as ``tuneqdm train --method qlora`` did (its original scales, frozen)."""
-    from .tuning import QuantConfig, quantize_
-
     quantize_(unet, QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa"))
 
 
@@ -310,9 +303,6 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     A quantized UNet in ``reference`` kernels keeps up to ``weight_cache_bytes`` (default 256 MiB; 0 rebuilds every
     weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto`` kernels it keeps
     none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
-    from .quant import cached_weights
-    from .quant.paths import sampling_kernels
-
     if weight_cache_bytes is None:
         reference = any(getattr(m, "kernels", None) == "reference" for m in pipe.unet.modules())
         weight_cache_bytes = 256 * 2**20 if reference else 0

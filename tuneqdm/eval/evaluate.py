@@ -18,6 +18,7 @@ from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir
 from ..photos import IMAGE_SUFFIXES, read_photo
 from ..progress import progress
+from ..sampling import generate
 from .encoders import ImageEncoder, ImageTextEncoder, clip_i_score, clip_t_score, dino_score
 
 METRICS = "metrics.json"
@@ -55,8 +56,6 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
              info: dict | None = None, replace: bool = False) -> dict:
     """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``) atomically;
     ``replace``: an earlier evaluation in ``out`` is removed only then, so a failed or interrupted run keeps it."""
-    from ..sampling import generate
-
     if images_per_prompt < 1 or not prompts:
         raise TuneQDMError("need at least one prompt and --images_per_prompt >= 1")
     per_prompt, rows = [], []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,10 @@ import torch
 from ..errors import TuneQDMError
 from ..files import atomic_dir
 from ..progress import progress, stage
-from .encoders import ImageTextEncoder
+from ..sampling import generator
+from ..toy.world import make_dataset
+from .encoders import ImageTextEncoder, cosine_matrix
+from .evaluate import grid
 
 EVALUATION_SEED = 50_000_000
 METRICS = "metrics.json"
@@ -59,8 +63,6 @@ def feature_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def toy_reference(n: int, seed: int = EVALUATION_SEED):
     """``n`` toy-world renders (uint8 arrays) and their captions."""
-    from ..toy.world import make_dataset
-
     images, captions, _ = make_dataset(seed, n)
     return list(images), captions
 
@@ -69,8 +71,6 @@ def toy_reference(n: int, seed: int = EVALUATION_SEED):
 def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25, guidance_scale: float = 7.5,
                     seed: int = 0, batch_size: int = 16):
     """One image per caption; image ``i`` uses seed ``seed + i`` (so any subset reproduces)."""
-    from ..sampling import generator
-
     images = []
     bar = progress(desc="sampling captions", total=len(captions), unit="image")
     for start in range(0, len(captions), batch_size):
@@ -88,11 +88,6 @@ def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, w
                  info: dict | None = None, replace: bool = False) -> dict:
     """Generate one image per toy-world caption, score FD and text score against the renders, write ``out/``
     (``metrics.json``, ``grid.png`` of the first 64 images) atomically (``replace``: as in ``evaluate``)."""
-    import time
-
-    from .encoders import cosine_matrix
-    from .evaluate import grid
-
     if num_images < 2:
         raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {num_images}")
     reference, captions = toy_reference(num_images, world_seed)

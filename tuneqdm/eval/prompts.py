@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..toy.subjects import eval_prompts
 
 _PLACES = [
     "a {0} {1} in the jungle", "a {0} {1} in the snow", "a {0} {1} on the beach", "a {0} {1} on a cobblestone street",
@@ -42,8 +43,6 @@ def evaluation_prompts(spec: str, token: str, class_word: str) -> list[str]:
     elif spec == "dreambooth-live":
         templates = DREAMBOOTH_LIVE
     elif spec == "toy":
-        from ..toy.subjects import eval_prompts
-
         return eval_prompts(token, class_word)
     else:
         path = Path(spec)

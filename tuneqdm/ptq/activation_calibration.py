@@ -25,6 +25,9 @@ from safetensors.torch import save_file
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from ..progress import progress, stage
+from ..sampling import float_fingerprint, generator
+from ..serialization import fingerprint
+from ..tuning.model import STATE_ATTR
 from .activations import ActivationObserver, ActivationQuantizer, LayerParams
 from .calibration import CALIBRATION_SEED, toy_calibration_prompts
 from .config import ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig
@@ -50,13 +53,8 @@ def read_prompts(path) -> list[str]:
 
 def model_fingerprint(model) -> str:
     """The quantized base's fingerprint for a tuneqdm-quantized model, else the float fingerprint."""
-    from ..tuning.model import STATE_ATTR
-
     if getattr(model, STATE_ATTR, None) is not None:
-        from ..serialization import fingerprint
-
         return fingerprint(model)
-    from ..sampling import float_fingerprint
 
     return float_fingerprint(model)
 
@@ -68,8 +66,6 @@ def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25,
     """Run ``pipe`` on ``prompts`` (classifier-free guidance, latents only, prompt ``i`` with seed ``seed + i``) and
     record every layer's input ranges at every step. The returned observer's hooks are already removed; its
     statistics serve any number of :meth:`~ActivationObserver.fit` calls (bits, groups)."""
-    from ..sampling import generator
-
     observer = ActivationObserver(pipe.unet, exclude)
     try:
         for i in progress(range(0, len(prompts), batch_size), desc="observing activations", unit="batch"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import TuneQDMError
 from .config import check_activation_bits
 
 MODES = ("log", "log2", "uniform")
@@ -70,8 +71,6 @@ class QuantizedAttnProcessor:
 
     def __init__(self, bits: int | None = 8, mode: str = "log", owner=None):
         if mode not in MODES:
-            from ..errors import TuneQDMError
-
             raise TuneQDMError(f"attention quantization {mode!r} is unknown: choose log, log2 or uniform")
         self.bits = None if bits is None else check_activation_bits(bits)
         self.mode = mode

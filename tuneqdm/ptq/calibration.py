@@ -19,6 +19,8 @@ import torch
 
 from ..errors import TuneQDMError
 from ..progress import progress
+from ..sampling import generator
+from ..toy.world import make_dataset
 from ..tuning.routing import _find_argument
 
 CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration prompts ([50M, 60M): PTQ evaluation)
@@ -72,8 +74,6 @@ def read_prompts(path) -> list[str]:
 
 def toy_calibration_prompts(n: int, seed: int = CALIBRATION_SEED) -> list[str]:
     """Captions of ``n`` toy-world scenes from a seed in the PTQ calibration range [40M, 50M)."""
-    from ..toy.world import make_dataset
-
     if not 40_000_000 <= seed < 50_000_000:
         raise TuneQDMError(f"toy calibration prompts use world seeds in [40000000, 50000000), got {seed}")
     return make_dataset(seed, n)[1]
@@ -99,8 +99,6 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
     Rows per recorded call: the whole guidance batch (unconditional then conditional half), so the set holds
     ``samples_per_step x steps x 2`` rows with guidance (``x 1`` without).
     """
-    from ..sampling import generator
-
     if not prompts:
         raise TuneQDMError("no calibration prompts: pass at least one")
     if samples_per_step < 1:

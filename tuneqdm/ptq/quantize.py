@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..files import check_output_folder
+from ..sampling import base_id, pipeline_from
+from ..serialization import save_quantized
+from ..tuning.streaming import quantize_pretrained
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
 from .weights import AdaRoundConfig, WeightCalibrationConfig, calibrate_weights
 
@@ -48,10 +52,6 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
                       progress=None, revision: str | None = None, variant: str | None = None) -> dict:
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
     quantization.json (``"calibration"``)."""
-    from ..sampling import base_id, pipeline_from
-    from ..files import check_output_folder
-    from ..serialization import save_quantized
-
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
     out = check_output_folder(out, force)
@@ -60,8 +60,6 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     t0 = time.perf_counter()
     folder = streamable_denoiser(base, calibrate, split_shortcuts)
     if folder is not None:
-        from ..tuning.streaming import quantize_pretrained
-
         model = quantize_pretrained(folder, config.quant_config(), variant=variant)
         record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "rows": 0, "splits": {}, "blocks": [],
                   "seconds": time.perf_counter() - t0}

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
+from .pipeline import MANIFEST, file_digests
 from .subjects import make_instance
+from .tokenizer import write_clip_tokenizer
 from .world import caption, render, sample_scene, seed_entropy
 
 VAE_CONFIG = dict(
@@ -135,8 +137,6 @@ class Log:
 
 # ---- stages ---------------------------------------------------------------------------------------------------------
 def stage_tokenizer(work: Path) -> None:
-    from .tokenizer import write_clip_tokenizer
-
     if not (work / "tokenizer" / "vocab.json").exists():
         write_clip_tokenizer(work / "tokenizer")
 
@@ -337,7 +337,6 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
         "MIT License, Copyright (c) 2021 OpenAI), as distributed in the open-clip-torch wheel, rewritten by\n"
         "tuneqdm.toy.tokenizer.write_clip_tokenizer into vocab.json and merges.txt and saved by transformers'\n"
         "CLIPTokenizer in its own format.\n")
-    from .pipeline import MANIFEST, file_digests
 
     (tmp / MANIFEST).write_text(json.dumps({"unet_steps": meta["step"], "unet_wall_s": round(meta["wall"], 1),
                                             "recipe": json.loads((work / "recipe.json").read_text()),

@@ -46,8 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
+from ..eval.encoders import text_prototypes
 from .evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, _atomic_write, class_prompts, images_to_tensor,
-                         place_prompts, save_evaluator)
+                         load_toy_clip, place_prompts, save_evaluator)
 from .subjects import MARKINGS, PATTERNS, TOKEN, Instance, make_instance
 from .world import CLASSES, COLOURS, MARK_ANCHORS, MATERIALS, PLACES, Scene, caption, render, sample_pose, seed_entropy
 
@@ -335,8 +336,6 @@ def _val_scenes(n: int) -> tuple[np.ndarray, list[Scene]]:
 
 
 def _clip_val(model: ToyCLIP, images: np.ndarray, scenes: list[Scene]) -> dict:
-    from ..eval.encoders import text_prototypes
-
     out = {}
     cls = text_prototypes(model, class_prompts())
     plc = text_prototypes(model, place_prompts())
@@ -465,7 +464,6 @@ def train_dino(args, out: Path) -> dict:
 
     model = ToyDINO(image=dict(stem=16, widths=[32, 64, 128, 128], dim=128))
     if init is not None:  # start from a trained CLIP-like image tower
-        from .evaluators import load_toy_clip
 
         model.image.load_state_dict(load_toy_clip(init).image.state_dict())
     model.image.to(memory_format=torch.channels_last)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..quant.layers import QConv2d
 from ..serialization import fingerprint, load_quantized
 from ..tuning import QuantConfig, configure_, quantize_
 from ..tuning.model import quant_state, scale_param_groups
@@ -52,8 +53,6 @@ def _matches(name: str, target: str) -> bool:
 
 def check_lora_targets(unet: nn.Module, targets: list[str], quantized: bool) -> None:
     """One-line errors for targets that match no module, or (qlora) a module PEFT cannot wrap without a weight."""
-    from ..quant.layers import QConv2d
-
     modules = dict(unet.named_modules())
     for t in targets:
         hits = [n for n in modules if _matches(n, t)]
