@@ -9,21 +9,21 @@ import sys
 from pathlib import Path
 
 from .errors import TuneQDMError
+from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
 from .progress import is_quiet, progress, set_quiet
+from .quant.paths import kernel_report
+from .results import read_training_json
+from .sampling import generate, load_pipeline, pipeline_from, set_scheduler
 
 
 def _demo(args) -> None:
     from .demo import run_demo
-    from .files import check_output_folder
 
     out = check_output_folder(args.out, args.force)
     print(json.dumps(run_demo(out, steps=args.steps, bits=args.bits, seed=args.seed), indent=2))
 
 
 def _generate(args) -> None:
-    from .sampling import generate, load_pipeline, set_scheduler
-    from .files import atomic_dir, check_output_folder
-
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
@@ -43,7 +43,6 @@ def _generate(args) -> None:
         ActivationConfig(bits=args.activation_bits, groups=args.groups, attention=args.attention_quant)
     prompt = args.prompt
     if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
-        from .results import read_training_json
 
         classes = {c for c in read_training_json(args.adapter).get("classes") or [] if c} if args.adapter else set()
         if len(classes) != 1:
@@ -84,8 +83,6 @@ def _generate(args) -> None:
 
 
 def _report_kernels(unet, mode: str) -> None:
-    from .quant.paths import kernel_report
-
     counts = kernel_report(unet)
     if any(counts.values()) and not is_quiet():
         print(f"kernels {mode}: " + ", ".join(f"{n} layers {path}" for path, n in counts.items()), file=sys.stderr)
@@ -94,9 +91,6 @@ def _report_kernels(unet, mode: str) -> None:
 def _evaluate(args) -> None:
     from .eval.evaluate import METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
-    from .files import check_writable
-    from .results import read_training_json
-    from .sampling import load_pipeline
     from .train.data import subject_metadata, words
 
     if args.images_per_prompt < 1 or args.num_inference_steps < 1:
@@ -152,7 +146,6 @@ def _evaluate(args) -> None:
 
 def _evaluate_fid(args, out: Path) -> None:
     from .eval.fid import fid_evaluate
-    from .sampling import load_pipeline
 
     evaluator = args.evaluator or ("toy" if args.pretrained_model_name_or_path is None else "clip-dino")
     if evaluator == "toy":
@@ -177,8 +170,6 @@ def _evaluate_fid(args, out: Path) -> None:
 def _quantize_activations(args) -> None:
     from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
     from .ptq.activations import ActivationConfig
-    from .sampling import load_pipeline, set_scheduler
-    from .files import check_output_folder
 
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
     if args.out is None and args.quantized_base is None:
@@ -259,8 +250,6 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 def _benchmark_fidelity(args) -> None:
     from .benchmarks.fidelity import run_cell
     from .eval.fidelity import FLOOR, cell_name, cells, table
-    from .files import check_writable
-    from .sampling import pipeline_from
     from .toy.subjects import write_subject
     from .train.config import METHOD_CHOICES
 
@@ -317,8 +306,6 @@ def _report(args) -> None:
     if args.screenshot and not args.screenshot.lower().endswith(".png"):
         raise TuneQDMError(f"--screenshot {args.screenshot}: give a .png file name")
     if args.screenshot:
-        from .files import check_writable_file
-
         check_writable_file(args.screenshot, "--screenshot")
     write_report(args.results, out, args.image_format)
     print(f"report: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
