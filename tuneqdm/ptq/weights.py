@@ -40,7 +40,7 @@ from ..quant.packing import check_bits, qrange
 from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
-from ..tuning.model import _select, _set_submodule, attach
+from ..tuning.model import attach, layers_to_quantize
 from ..tuning.routing import _find_argument
 from .calibration import CalibrationSet
 
@@ -352,12 +352,12 @@ def _install(model: nn.Module, name: str, grid: _LayerGrid, bits: int) -> None:
         return layer
 
     if grid.split is None:
-        _set_submodule(model, name, quantized(module, grid.slices[0].quantized()))
+        model.set_submodule(name, quantized(module, grid.slices[0].quantized()))
         return
     split = SplitConv2d.from_conv(module, grid.split)
     split.hidden = quantized(split.hidden, grid.slices[0].quantized())
     split.skip = quantized(split.skip, grid.slices[1].quantized())
-    _set_submodule(model, name, split)
+    model.set_submodule(name, split)
 
 
 def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: WeightCalibrationConfig,
@@ -369,7 +369,7 @@ def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: Wei
     """
     check_bits(config.bits)
     qconfig = config.quant_config()
-    names = _select(unet, qconfig)
+    names = layers_to_quantize(unet, qconfig)
     t0 = time.perf_counter()
     if calib is None and (config.calibrate == "adaround" or config.split_shortcuts):
         raise TuneQDMError(f"--calibrate {config.calibrate} with shortcut splitting needs calibration data")

@@ -36,7 +36,9 @@ def quant_state(model: nn.Module) -> _QuantState:
     return state
 
 
-def _select(model: nn.Module, config: QuantConfig) -> list[str]:
+def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Names of the Linear/Conv2d modules ``config`` selects (include, then exclude; one-line error for a pattern
+    that matches nothing or an empty selection): what ``quantize_`` and the PTQ and streaming builds replace."""
     candidates = [name for name, m in model.named_modules() if type(m) in QUANTIZED_CLASSES and name]
     for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
         for p in patterns or ():
@@ -49,11 +51,6 @@ def _select(model: nn.Module, config: QuantConfig) -> list[str]:
     return selected
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
     """Quantize ``model`` in place; afterwards its only trainable parameters are the scales.
 
@@ -64,10 +61,10 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> 
     if getattr(model, STATE_ATTR, None) is not None:
         raise TuneQDMError("model is already quantized; use tuneqdm.configure_ to change its method or experts")
     config = replace(config, **kwargs) if config is not None else QuantConfig(**kwargs)
-    for name in _select(model, config):
+    for name in layers_to_quantize(model, config):
         float_module = model.get_submodule(name)
         qcls = QUANTIZED_CLASSES[type(float_module)]
-        _set_submodule(model, name, qcls.from_module(float_module, config.bits, config.init))
+        model.set_submodule(name, qcls.from_module(float_module, config.bits, config.init))
         del float_module
     attach(model, config)
     return model
@@ -142,7 +139,7 @@ def dequantize_(model: nn.Module, expert: int = 0) -> nn.Module:
     if not -1 <= expert < state.config.experts:
         raise TuneQDMError(f"expert {expert} does not exist: the model has experts 0..{state.config.experts - 1}")
     for name, layer in quantized_layers(model).items():
-        _set_submodule(model, name, layer.to_float(expert))
+        model.set_submodule(name, layer.to_float(expert))
     if state.hook is not None:
         state.hook.remove()
     delattr(model, STATE_ATTR)

@@ -24,7 +24,7 @@ from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
 from ..quant.packing import pack, values_per_byte
 from ..quant.quantizer import quantize_weight
 from .config import QuantConfig
-from .model import _select, _set_submodule, attach
+from .model import attach, layers_to_quantize
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -159,10 +159,10 @@ def quantize_pretrained(folder, config: QuantConfig | None = None, variant: str 
     shards = weight_files(folder, variant)
     model = _skeleton(folder)
     layers = {}
-    for name in _select(model, config):
+    for name in layers_to_quantize(model, config):
         float_module = model.get_submodule(name)
         layers[name] = QUANTIZED_CLASSES[type(float_module)].empty_like(float_module, config.bits, device="meta")
-        _set_submodule(model, name, layers[name])
+        model.set_submodule(name, layers[name])
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     rest: dict[str, torch.Tensor] = {}
     for shard, keys in shards.items():
