@@ -27,16 +27,15 @@ the model's ``state_dict``; ``remove()`` restores the model.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..hooks import given_timesteps, on_timestep
 from ..quant.kernels import ActInput
 from ..quant.layers import QuantizedLayer
-from ..tuning.routing import _find_argument
 from .attention import QuantizedAttnProcessor
 from .config import DEFAULT_EXCLUDE, ActivationConfig
 
@@ -202,24 +201,6 @@ class LayerParams:
 
 
 # ---- timestep -> step -------------------------------------------------------------------------------------------
-def on_timestep(model: nn.Module, callback):
-    """A forward pre-hook on ``model`` calling ``callback(timestep)`` whenever it is called with its ``timestep``
-    argument; its handle, or None if ``model.forward`` has no such argument."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        return None
-    if "timestep" not in signature.parameters:
-        return None
-
-    def hook(module, args, kwargs):
-        t = _find_argument(signature, ["timestep"], args, kwargs)
-        if t is not None:
-            callback(t)
-
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def nearest_steps(t, timesteps: torch.Tensor) -> list[int]:
     """Per-sample index of the calibrated timestep nearest to ``t`` (ties: the earlier step)."""
     t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
@@ -275,7 +256,7 @@ class ActivationQuantizer:
             odd = sorted(set(found) ^ set(self.layers))
             raise TuneQDMError(f"the activation parameters do not match this model's layers (e.g. {odd[:3]}): "
                                "calibrate them on this model")
-        handle = on_timestep(model, self.route)
+        handle = on_timestep(model, given_timesteps(self.route))
         self._handles += [handle] if handle is not None else []
         for name, module in found.items():
             if isinstance(module, QuantizedLayer):  # the layer quantizes its input itself (integer path or fake)
@@ -395,7 +376,7 @@ class ActivationObserver:
         self.stats: dict[float, dict[str, list[torch.Tensor]]] = {}
         self.t: float | None = None
         self._handles = []
-        handle = on_timestep(model, self._see_timestep)
+        handle = on_timestep(model, given_timesteps(self._see_timestep))
         self._handles += [handle] if handle is not None else []
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name, is_conv(module))))

@@ -10,7 +10,6 @@ tensors that weight and activation calibration both consume (``unet(**calib.unet
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,10 +17,10 @@ from typing import Sequence
 import torch
 
 from ..errors import TuneQDMError
+from ..hooks import CallArguments, on_timestep
 from ..progress import progress
 from ..sampling import generator
 from ..toy.world import make_dataset
-from ..tuning.routing import _find_argument
 
 CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration prompts ([50M, 60M): PTQ evaluation)
 
@@ -105,19 +104,18 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
         raise TuneQDMError(f"--calib_samples must be at least 1, got {samples_per_step}")
     keep = set(recorded_steps(num_inference_steps, steps or num_inference_steps))
     unet = pipe.unet
-    signature = inspect.signature(unet.forward)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
     added: dict[str, list[torch.Tensor]] = {}
     state = {"step": 0}
 
-    def record(module, args, kwargs):
+    def record(timestep, call: CallArguments) -> None:
         step = state["step"]
         state["step"] += 1
         if step not in keep:
-            return None
-        sample = _find_argument(signature, ["sample"], args, kwargs)
-        t = torch.as_tensor(_find_argument(signature, ["timestep"], args, kwargs)).reshape(-1).float()
-        emb = _find_argument(signature, ["encoder_hidden_states"], args, kwargs)
+            return
+        sample = call.get("sample")
+        t = torch.as_tensor(timestep).reshape(-1).float()
+        emb = call.get("encoder_hidden_states")
         n = sample.shape[0]
         rows["latents"].append(sample.detach().float().cpu())
         rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
@@ -125,11 +123,12 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
         rows["steps"].append(torch.full((n,), step, dtype=torch.long))
         half = n // 2 if getattr(pipe, "do_classifier_free_guidance", guidance_scale > 1) else 0
         rows["uncond"].append(torch.arange(n) < half)
-        for k, v in (_find_argument(signature, ["added_cond_kwargs"], args, kwargs) or {}).items():
+        for k, v in (call.get("added_cond_kwargs") or {}).items():
             added.setdefault(k, []).append(v.detach().float().cpu())
-        return None
 
-    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
+    handle = on_timestep(unet, record)
+    if handle is None:
+        raise TuneQDMError(f"{type(unet).__name__}.forward takes no timestep: calibration records one per step")
     try:
         for start in progress(range(0, samples_per_step, batch_size), desc="calibration inputs", unit="batch"):
             n = min(batch_size, samples_per_step - start)

@@ -25,7 +25,6 @@ two input-channel slices (:mod:`tuneqdm.quant.split`).
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import TuneQDMError
+from ..hooks import CallArguments, on_call
 from ..progress import progress as progress_bar  # `progress` is calibrate_weights' callback
 from ..quant.layers import QUANTIZED_CLASSES
 from ..quant.packing import check_bits, qrange
@@ -41,7 +41,6 @@ from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
 from ..tuning.model import attach, layers_to_quantize
-from ..tuning.routing import _find_argument
 from .calibration import CalibrationSet
 
 CALIBRATIONS = ("minmax", "mse", "adaround")
@@ -125,9 +124,9 @@ def trace_unet(unet: nn.Module, calib: CalibrationSet) -> tuple[dict[str, int], 
     resnets, and the names of the reconstruction blocks in execution order."""
     splits, order, handles = {}, [], []
 
-    def up_block_hook(name):
-        def hook(module, args, kwargs):
-            skips = _find_argument(inspect.signature(module.forward), ["res_hidden_states_tuple"], args, kwargs)
+    def up_block_hook(name, module):
+        def hook(call: CallArguments) -> None:
+            skips = call.get("res_hidden_states_tuple")
             if skips is None:
                 return
             for i, resnet in enumerate(module.resnets):
@@ -146,7 +145,7 @@ def trace_unet(unet: nn.Module, calib: CalibrationSet) -> tuple[dict[str, int], 
 
     for name, m in unet.named_modules():
         if name.startswith("up_blocks.") and name.count(".") == 1 and hasattr(m, "resnets"):
-            handles.append(m.register_forward_pre_hook(up_block_hook(name), with_kwargs=True))
+            handles.append(on_call(m, up_block_hook(name, m)))
         if type(m).__name__ in BLOCK_CLASSES or type(m) in QUANTIZED_CLASSES:
             handles.append(m.register_forward_pre_hook(order_hook(name)))
     try:

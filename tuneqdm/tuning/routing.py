@@ -8,12 +8,12 @@ plain ``unet(x, t, emb)`` routes every sample by its own ``t`` in training and i
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import TuneQDMError
+from ..hooks import CallArguments, on_timestep
 
 BASE = -1  # route index meaning "the original quantization scales" (S1 outside its intervals)
 
@@ -90,31 +90,16 @@ class Router:
         return self.route
 
 
-def _find_argument(signature: inspect.Signature, names, args, kwargs):
-    for name in names:
-        if name in kwargs:
-            return kwargs[name]
-        params = list(signature.parameters)
-        if name in params and params.index(name) < len(args):
-            return args[params.index(name)]
-    return None
-
-
 def install_timestep_hook(model: torch.nn.Module, router: Router):
     """Route by the ``timestep`` argument of ``model.forward``; returns the hook handle (None if it has none)."""
-    signature = inspect.signature(model.forward)
-    if "timestep" not in signature.parameters:
-        return None
 
-    def hook(module, args, kwargs):
-        t = _find_argument(signature, ["timestep"], args, kwargs)
-        sample = _find_argument(signature, ["sample", "hidden_states", "x"], args, kwargs)
-        if sample is None and args:
-            sample = args[0]
+    def route(t, call: CallArguments) -> None:
         if t is None:
             router.route = None
-            return None
+            return
+        sample = call.get("sample", "hidden_states", "x")
+        if sample is None and call.args:
+            sample = call.args[0]
         router.route_timesteps(t, sample.shape[0] if torch.is_tensor(sample) else None)
-        return None
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+    return on_timestep(model, route)
