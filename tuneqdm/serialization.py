@@ -36,7 +36,7 @@ from .files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, che
 from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import METHODS, QuantConfig
-from .tuning.model import attach, configure_, quant_state, quantized_layers
+from .tuning.model import attach, configure_, quant_state, quantized_layers, replace_module
 from .tuning.streaming import diffusers_model_class, empty_model
 
 QUANT_MAP, QUANT_WEIGHTS = "quantization.json", "quantized.safetensors"
@@ -145,7 +145,7 @@ def _quantize_skeleton(model: nn.Module, meta: dict, directory: Path) -> None:
             raise TuneQDMError(f"{directory}: split conv {name!r} of quantization.json is not in the model") from None
         if type(conv) is not nn.Conv2d:
             raise TuneQDMError(f"{directory}: split conv {name!r} of quantization.json is a {type(conv).__name__}")
-        model.set_submodule(name, SplitConv2d.from_conv(conv, split))
+        replace_module(model, name, SplitConv2d.from_conv(conv, split))
     for name, info in meta["layers"].items():
         try:
             float_module = model.get_submodule(name)
@@ -159,7 +159,7 @@ def _quantize_skeleton(model: nn.Module, meta: dict, directory: Path) -> None:
         if list(layer.weight_shape) != info["shape"]:
             raise TuneQDMError(f"{directory}: layer {name!r} has weight shape {list(layer.weight_shape)}, "
                                f"quantization.json says {info['shape']}: {_SAVE_BASE}")
-        model.set_submodule(name, layer)
+        replace_module(model, name, layer)
 
 
 def _check_base_tensors(model: nn.Module, tensors: dict, directory: Path) -> None:

@@ -40,7 +40,7 @@ from ..quant.packing import check_bits, qrange
 from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
-from ..tuning.model import attach, layers_to_quantize
+from ..tuning.model import attach, layers_to_quantize, replace_module
 from .calibration import CalibrationSet
 
 CALIBRATIONS = ("minmax", "mse", "adaround")
@@ -351,12 +351,12 @@ def _install(model: nn.Module, name: str, grid: _LayerGrid, bits: int) -> None:
         return layer
 
     if grid.split is None:
-        model.set_submodule(name, quantized(module, grid.slices[0].quantized()))
+        replace_module(model, name, quantized(module, grid.slices[0].quantized()))
         return
     split = SplitConv2d.from_conv(module, grid.split)
     split.hidden = quantized(split.hidden, grid.slices[0].quantized())
     split.skip = quantized(split.skip, grid.slices[1].quantized())
-    model.set_submodule(name, split)
+    replace_module(model, name, split)
 
 
 def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: WeightCalibrationConfig,

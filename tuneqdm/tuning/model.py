@@ -51,6 +51,12 @@ def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[str]:
     return selected
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (torch's own ``Module.set_submodule`` needs torch 2.5)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
     """Quantize ``model`` in place; afterwards its only trainable parameters are the scales.
 
@@ -64,7 +70,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> 
     for name in layers_to_quantize(model, config):
         float_module = model.get_submodule(name)
         qcls = QUANTIZED_CLASSES[type(float_module)]
-        model.set_submodule(name, qcls.from_module(float_module, config.bits, config.init))
+        replace_module(model, name, qcls.from_module(float_module, config.bits, config.init))
         del float_module
     attach(model, config)
     return model
@@ -139,7 +145,7 @@ def dequantize_(model: nn.Module, expert: int = 0) -> nn.Module:
     if not -1 <= expert < state.config.experts:
         raise TuneQDMError(f"expert {expert} does not exist: the model has experts 0..{state.config.experts - 1}")
     for name, layer in quantized_layers(model).items():
-        model.set_submodule(name, layer.to_float(expert))
+        replace_module(model, name, layer.to_float(expert))
     if state.hook is not None:
         state.hook.remove()
     delattr(model, STATE_ATTR)

@@ -24,7 +24,7 @@ from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
 from ..quant.packing import pack, values_per_byte
 from ..quant.quantizer import quantize_weight
 from .config import QuantConfig
-from .model import attach, layers_to_quantize
+from .model import attach, layers_to_quantize, replace_module
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -162,7 +162,7 @@ def quantize_pretrained(folder, config: QuantConfig | None = None, variant: str 
     for name in layers_to_quantize(model, config):
         float_module = model.get_submodule(name)
         layers[name] = QUANTIZED_CLASSES[type(float_module)].empty_like(float_module, config.bits, device="meta")
-        model.set_submodule(name, layers[name])
+        replace_module(model, name, layers[name])
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     rest: dict[str, torch.Tensor] = {}
     for shard, keys in shards.items():
