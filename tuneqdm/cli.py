@@ -8,10 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import TuneQDMError
+from .errors import TuneQDMError, either
 from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
 from .progress import is_quiet, progress, set_quiet
+from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, GROUP_CHOICES
+from .quant.packing import SUPPORTED_BITS
 from .quant.paths import kernel_report
+from .quant.quantizer import INITS
 from .results import read_training_json
 from .sampling import generate, load_pipeline, pipeline_from, set_scheduler
 
@@ -206,18 +209,19 @@ def _add_version_flags(parser, adapter: bool = False) -> None:
 def _add_activation_flags(parser, calibrate_only: bool) -> None:
     a = parser.add_argument
     if calibrate_only:
-        a("--activation_bits", type=int, default=8, help="activation bits: 6 or 8 (default 8)")
+        a("--activation_bits", type=int, default=8, help=f"activation bits: {either(ACTIVATION_BITS)} (default 8)")
     else:
         a("--activation_bits", type=int, default=None,
-          help="quantize activations to 6 or 8 bits (DGQ; default: full-precision activations)")
-        a("--attention_quant", choices=("log", "log2", "uniform", "none"), default="log",
+          help=f"quantize activations to {either(ACTIVATION_BITS)} bits (DGQ; default: full-precision activations)")
+        a("--attention_quant", choices=ATTENTION_MODES, default="log",
           help="attention probabilities: log (DGQ's dynamic prompt-specific scale, <start> kept, levels over 16 "
                "octaves), log2 (the same with one level per octave, as published), uniform (baseline) or none "
                "(default log)")
         a("--activations", default=None,
           help="a folder of `tuneqdm quantize-activations` (default: QUANTIZED_BASE/activations-aB-kK if it "
                "exists, else calibrated now)")
-    a("--groups", type=int, default=16, help="DGQ groups per layer: 1 (layer-wise min-max), 2, 8 or 16 (default 16)")
+    a("--groups", type=int, default=16,
+      help=f"DGQ groups per layer: {either(GROUP_CHOICES)}; 1 is the layer-wise min-max baseline (default 16)")
     a("--calib_prompts", default=None,
       help="calibration prompts, one per line (default for the embedded pipeline: toy-world captions, seed 40M)")
     a("--calib_samples", type=int, default=None, help="number of calibration prompts (default: the file, or 64)")
@@ -342,10 +346,10 @@ def _add_train_parser(sub) -> None:
     a("--method", choices=METHOD_CHOICES, default="tuneqdm",
       help="what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the float UNet (lora) or on "
            "the frozen quantized UNet (qlora), or the full UNet (fp)")
-    a("--bits", type=int, choices=(2, 4, 8), default=4, help="weight bits of the quantized UNet (default 4)")
+    a("--bits", type=int, choices=SUPPORTED_BITS, default=4, help="weight bits of the quantized UNet (default 4)")
     a("--experts", type=int, default=None, help="timestep experts K (default: 4 for tuneqdm and tas, else 1)")
     a("--s1_intervals", default=None, help="method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
-    a("--quant_init", choices=("minmax", "mse"), default="mse", help="quantizer initialisation (default mse)")
+    a("--quant_init", choices=INITS, default="mse", help="quantizer initialisation (default mse)")
     a("--quantized_base", default=None, help="a folder of tuneqdm.save_quantized to start from (skips quantizing)")
     a("--rank", type=int, default=4, help="LoRA rank (methods lora and qlora, default 4)")
     a("--lora_targets", default=None, help="LoRA target modules, comma-separated (default: to_k,to_q,to_v,to_out.0)")
@@ -432,7 +436,7 @@ def _add_quantize_parser(sub) -> None:
            "local transformer (or a UNet with --no-split_shortcuts) is quantized tensor by tensor from its "
            "safetensors, never loading the float model")
     _add_version_flags(q)
-    a("--bits", type=int, default=4, help="weight bits: 2, 4 or 8 (default 4)")
+    a("--bits", type=int, default=4, help=f"weight bits: {either(SUPPORTED_BITS)} (default 4)")
     a("--calibrate", choices=CALIBRATIONS, default="adaround",
       help="minmax / mse: round to nearest on the channel's range / on an MSE-searched clipping range; adaround: the "
            "mse grid with learned rounding, block by block against the fp model (default)")
@@ -522,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="quantize a tiny model, train its scales, save, reload and sample")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--steps", type=int, default=40)
-    demo.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
+    demo.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     demo.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
@@ -625,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--methods", default="fp,peqa,tuneqdm,floor",
                      help="comma-separated: fp, lora, qlora, peqa, tuneqdm, mcsu, tas, s1, floor "
                           "(the untuned quantized model)")
-    fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=(2, 4, 8))
+    fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=SUPPORTED_BITS)
     fid.add_argument("--s1_intervals", default=None, help="the timesteps S1 trains on, e.g. 0-250 (method s1 only)")
     fid.add_argument("--max_train_steps", type=int, default=400)
     fid.add_argument("--learning_rate", nargs="+", default=[], metavar="METHOD=LR",

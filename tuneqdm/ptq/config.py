@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import TuneQDMError
+from ..errors import TuneQDMError, either
 
 ACTIVATION_BITS = (6, 8)
 GROUP_CHOICES = (1, 2, 8, 16)
@@ -15,13 +15,13 @@ DEFAULT_EXCLUDE = ("conv_in", "conv_out")
 
 def check_activation_bits(bits) -> int:
     if isinstance(bits, bool) or bits not in ACTIVATION_BITS:
-        raise TuneQDMError(f"activation bits {bits!r} are not supported: choose 6 or 8")
+        raise TuneQDMError(f"activation bits {bits!r} are not supported: choose {either(ACTIVATION_BITS)}")
     return int(bits)
 
 
 def check_groups(groups) -> int:
     if isinstance(groups, bool) or groups not in GROUP_CHOICES:
-        raise TuneQDMError(f"--groups {groups!r} is not supported: choose 1, 2, 8 or 16")
+        raise TuneQDMError(f"--groups {groups!r} is not supported: choose {either(GROUP_CHOICES)}")
     return int(groups)
 
 
@@ -41,5 +41,5 @@ class ActivationConfig:
         self.groups = check_groups(self.groups)
         if self.attention not in ATTENTION_MODES:
             raise TuneQDMError(f"attention quantization {self.attention!r} is unknown: "
-                               "choose log, log2, uniform or none")
+                               f"choose {either(ATTENTION_MODES)}")
         self.exclude = tuple(self.exclude)

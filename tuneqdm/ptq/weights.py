@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import TuneQDMError
+from ..errors import TuneQDMError, either
 from ..hooks import CallArguments, on_call
 from ..progress import progress as progress_bar  # `progress` is calibrate_weights' callback
 from ..quant.layers import QUANTIZED_CLASSES
-from ..quant.packing import check_bits, qrange
+from ..quant.packing import SUPPORTED_BITS, check_bits, qrange
 from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
@@ -95,8 +95,8 @@ class WeightCalibrationConfig:
     batch_size: int = 64  # rows per forward when collecting block inputs and targets
 
     def __post_init__(self):
-        if self.bits not in (2, 4, 8):
-            raise TuneQDMError(f"unsupported --bits {self.bits!r}: choose 2, 4 or 8")
+        if self.bits not in SUPPORTED_BITS:
+            raise TuneQDMError(f"unsupported --bits {self.bits!r}: choose {either(SUPPORTED_BITS)}")
         if self.calibrate not in CALIBRATIONS:
             raise TuneQDMError(f"unknown --calibrate {self.calibrate!r}: choose one of {', '.join(CALIBRATIONS)}")
 

@@ -17,14 +17,14 @@ import math
 
 import torch
 
-from ..errors import TuneQDMError
+from ..errors import TuneQDMError, either
 
 SUPPORTED_BITS = (2, 4, 8)
 
 
 def check_bits(bits: int) -> int:
     if bits not in SUPPORTED_BITS:
-        raise TuneQDMError(f"unsupported bit width {bits!r}: choose one of 2, 4 or 8")
+        raise TuneQDMError(f"unsupported bit width {bits!r}: choose one of {either(SUPPORTED_BITS)}")
     return bits
 
 

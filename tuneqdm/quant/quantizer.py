@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import TuneQDMError
+from ..errors import TuneQDMError, either
 from .packing import check_bits, qrange
 
 INITS = ("minmax", "mse")
@@ -47,11 +47,16 @@ def _fake_quant(w2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 @torch.no_grad()
+def check_init(init: str) -> str:
+    if init not in INITS:
+        raise TuneQDMError(f"unknown quantizer init {init!r}: choose {either([repr(i) for i in INITS])}")
+    return init
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, init: str = "minmax") -> QuantizedWeight:
     """Quantize a weight (out, ...) per output channel."""
     check_bits(bits)
-    if init not in INITS:
-        raise TuneQDMError(f"unknown quantizer init {init!r}: choose 'minmax' or 'mse'")
+    check_init(init)
     w2d = weight.detach().reshape(weight.shape[0], -1).float()
     lo = w2d.amin(dim=1).clamp(max=0)
     hi = w2d.amax(dim=1).clamp(min=0)

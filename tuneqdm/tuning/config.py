@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import TuneQDMError
 from ..quant.packing import check_bits
-from ..quant.quantizer import INITS
+from ..quant.quantizer import check_init
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ class QuantConfig:
         check_bits(self.bits)
         if self.method not in METHODS:
             raise TuneQDMError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.init not in INITS:
-            raise TuneQDMError(f"unknown quantizer init {self.init!r}: choose 'minmax' or 'mse'")
+        check_init(self.init)
         spec = METHODS[self.method]
         if self.experts is None:
             self.experts = spec.default_experts
