@@ -322,10 +322,19 @@ def _report(args) -> None:
         print(f"screenshot: {args.screenshot} (Chromium loaded the page with no console errors)")
 
 
+PARSER_KEYS = ("command", "func")  # what argparse adds beside the flags
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    """The train flags as TrainConfig's keyword arguments: every flag is a field (TrainConfig refuses any other
+    key, so a flag without a field fails loudly instead of being dropped; tests/test_settings.py checks parity)."""
+    return {k: v for k, v in vars(args).items() if k not in PARSER_KEYS}
+
+
 def _train(args) -> None:
     from .train import TrainConfig, Trainer, train
 
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.field_names()})
+    cfg = TrainConfig(**train_settings(args))
     trainer = Trainer(cfg)
     out = train(cfg, trainer=trainer)
     if not cfg.quiet and os.environ.get("RANK", "0") == "0" and not trainer.finished:  # once, when several train

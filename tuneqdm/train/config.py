@@ -7,9 +7,9 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
-from ..tuning.config import METHODS
+from ..tuning.config import METHODS, QuantConfig
 
-QUANTIZED_METHODS = ("peqa", "tuneqdm", "mcsu", "tas", "s1")  # the scale methods
+QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
 LORA_METHODS = ("lora", "qlora")  # PEFT LoRA on the float UNet / on tuneqdm's frozen quantized UNet
 METHOD_CHOICES = ("fp", "lora", "qlora") + QUANTIZED_METHODS
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -101,10 +101,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHOD_CHOICES:
             raise TuneQDMError(f"unknown --method {self.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
-        if self.bits not in (2, 4, 8):
-            raise TuneQDMError(f"--bits must be 2, 4 or 8, got {self.bits}")
-        if self.quant_init not in ("minmax", "mse"):
-            raise TuneQDMError(f"--quant_init must be 'minmax' or 'mse', got {self.quant_init!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise TuneQDMError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
@@ -127,6 +123,9 @@ class TrainConfig:
         self._check_schedule()
         self._check_inputs()
         self._check_method()
+        # bits, quantizer init and the rest by QuantConfig's own checks (T is the scheduler's, known once it loads:
+        # the intervals are checked against it then)
+        self.quant_config(max([1000, *(b for _, b in self.intervals)]))
 
     def _check_optimizer(self):
         """AdamW's and the loss's numbers, before anything loads (torch would fail after the model has loaded)."""
@@ -190,6 +189,14 @@ class TrainConfig:
                                if spec.experts == "one" else f"--experts must be at least 1, got {self.experts}")
         if spec.experts == "many" and self.experts < 2:
             raise TuneQDMError(f"--method {self.method} needs --experts 2 or more, got {self.experts}")
+
+    def quant_config(self, num_train_timesteps: int) -> QuantConfig:
+        """The quantization of the run; qlora's base keeps its original scales (one set, frozen: ``peqa``'s layout),
+        and fp/lora have none (``peqa``'s layout validates their --bits and --quant_init all the same)."""
+        method = self.method if self.trains_scales else "peqa"
+        experts = self.experts if self.trains_scales else None
+        return QuantConfig(bits=self.bits, method=method, experts=experts, init=self.quant_init,
+                           intervals=self.intervals, num_train_timesteps=num_train_timesteps)
 
     @property
     def resolved_experts(self) -> int | None:

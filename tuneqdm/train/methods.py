@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import TuneQDMError
 from ..quant.layers import QConv2d
 from ..serialization import fingerprint, load_quantized
-from ..tuning import QuantConfig, configure_, quantize_
+from ..tuning import configure_, quantize_
 from ..tuning.model import quant_state, scale_param_groups
 from .config import LORA_TARGETS, TrainConfig
 
@@ -36,14 +36,6 @@ def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.
             raise TuneQDMError(f"--quantized_base {directory} was made from another UNet than the pipeline's "
                                f"(config differs in {', '.join(diff[:3])})")
     return unet
-
-
-def quant_config(cfg: TrainConfig, num_train_timesteps: int) -> QuantConfig:
-    """The quantization of the run; qlora's base keeps its original scales (one set, frozen: ``peqa``'s layout)."""
-    method = "peqa" if cfg.method == "qlora" else cfg.method
-    experts = None if cfg.method == "qlora" else cfg.experts
-    return QuantConfig(bits=cfg.bits, method=method, experts=experts, init=cfg.quant_init,
-                       intervals=cfg.intervals, num_train_timesteps=num_train_timesteps)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -80,7 +72,7 @@ def add_lora(unet: nn.Module, rank: int, targets: list[str]) -> list[nn.Paramete
 
 
 def _quantize_for(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> None:
-    qc = quant_config(cfg, num_train_timesteps)
+    qc = cfg.quant_config(num_train_timesteps)
     if getattr(unet, "_tuneqdm", None) is not None:  # a loaded --quantized_base
         base = quant_state(unet).config
         if (base.bits, base.init) != (cfg.bits, cfg.quant_init):
