@@ -6,19 +6,12 @@ from dataclasses import fields
 
 import pytest
 
+from test_cli import _subparsers
 from tuneqdm.cli import build_parser, train_settings
 from tuneqdm.errors import TuneQDMError, either
 from tuneqdm.ptq.config import ACTIVATION_BITS, ATTENTION_MODES, GROUP_CHOICES
 from tuneqdm.quant.packing import SUPPORTED_BITS
 from tuneqdm.train import TrainConfig
-
-
-def _commands(parser, prefix=()):
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield (*prefix, name), sub
-                yield from _commands(sub, (*prefix, name))
 
 
 def test_every_train_flag_is_a_trainconfig_field_with_the_same_default():
@@ -36,7 +29,7 @@ def test_a_flag_without_a_field_is_refused_not_dropped():
 
 def test_bits_flags_take_their_choices_from_the_one_constant():
     seen = 0
-    for words, parser in _commands(build_parser()):
+    for words, parser in _subparsers(build_parser()):
         for action in parser._actions:
             if action.dest == "bits" and action.choices is not None:
                 assert action.choices is SUPPORTED_BITS, words
