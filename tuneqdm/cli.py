@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import TuneQDMError, either
 from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
 from .progress import is_quiet, progress, set_quiet
-from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, GROUP_CHOICES
+from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
 from .quant.packing import SUPPORTED_BITS
 from .quant.paths import kernel_report
 from .quant.quantizer import INITS
@@ -38,11 +38,10 @@ def _generate(args) -> None:
     if args.lora is not None and args.activation_bits is not None:
         raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
                            "for the layers without LoRA")
-    if args.activation_quant == "dynamic" and args.activation_bits not in (None, 8):
-        raise TuneQDMError(f"--activation_quant dynamic is 8-bit: drop --activation_bits {args.activation_bits}")
+    if args.activation_quant == "dynamic" and args.activation_bits not in (None, DYNAMIC_BITS):
+        raise TuneQDMError(f"--activation_quant dynamic is {DYNAMIC_BITS}-bit: "
+                           f"drop --activation_bits {args.activation_bits}")
     if args.activation_bits is not None:
-        from .ptq.activations import ActivationConfig
-
         ActivationConfig(bits=args.activation_bits, groups=args.groups, attention=args.attention_quant)
     prompt = args.prompt
     if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
@@ -59,7 +58,7 @@ def _generate(args) -> None:
     if args.activation_quant == "dynamic":
         from .ptq.activations import DynamicActivations
 
-        DynamicActivations(args.activation_bits or 8).install(pipe.unet)
+        DynamicActivations(args.activation_bits or DYNAMIC_BITS).install(pipe.unet)
     elif args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
 
@@ -172,8 +171,6 @@ def _evaluate_fid(args, out: Path) -> None:
 
 def _quantize_activations(args) -> None:
     from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
-    from .ptq.activations import ActivationConfig
-
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
     if args.out is None and args.quantized_base is None:
         raise TuneQDMError("name the output folder with --out (or pass --quantized_base to write next to it)")

@@ -37,7 +37,7 @@ from ..hooks import given_timesteps, on_timestep
 from ..quant.kernels import ActInput
 from ..quant.layers import QuantizedLayer
 from .attention import QuantizedAttnProcessor
-from .config import DEFAULT_EXCLUDE, ActivationConfig
+from .config import DEFAULT_EXCLUDE, DYNAMIC_BITS, ActivationConfig
 
 CHANNEL, POSITION = 0, 1
 DIM_NAMES = ("channel", "position")
@@ -341,9 +341,9 @@ class DynamicActivations:
     """Dynamic activation quantization: every quantized layer's ``x ⊙ s_in`` to symmetric int8, one scale per
     token (Linear) or pixel (conv), computed at each call; no calibration. Attention is left in full precision."""
 
-    def __init__(self, bits: int = 8, exclude=DEFAULT_EXCLUDE):
-        if bits != 8:
-            raise TuneQDMError(f"dynamic activation quantization is 8-bit; got --activation_bits {bits}")
+    def __init__(self, bits: int = DYNAMIC_BITS, exclude=DEFAULT_EXCLUDE):
+        if bits != DYNAMIC_BITS:
+            raise TuneQDMError(f"dynamic activation quantization is {DYNAMIC_BITS}-bit; got --activation_bits {bits}")
         self.bits, self.exclude, self.enabled = bits, tuple(exclude), True
         self._layers: list[nn.Module] = []
 

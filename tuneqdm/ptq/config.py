@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import TuneQDMError, either
 
 ACTIVATION_BITS = (6, 8)
+DYNAMIC_BITS = 8  # the dynamic (uncalibrated, per-token) quantizer is int8 only
 GROUP_CHOICES = (1, 2, 8, 16)
 ATTENTION_MODES = ("log", "log2", "uniform", "none")
 DEFAULT_EXCLUDE = ("conv_in", "conv_out")
