@@ -244,6 +244,38 @@ def _autocast_dtype() -> torch.dtype | None:
         return None
 
 
+def _resume_unet(ckpt: Path, params: list, ema: list, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """(step, wall seconds) of the UNet stage's checkpoint, its parameters, EMA and optimizer state restored in
+    place; (0, 0.0) when there is none yet."""
+    tensors, meta = _load(ckpt)
+    if tensors is None:
+        return 0, 0.0
+    for i, p in enumerate(params):
+        p.data.copy_(tensors[f"param.{i}"])
+        ema[i].copy_(tensors[f"ema.{i}"])
+    _restore_optimizer(opt, tensors, "opt")
+    return meta["step"], meta["wall"]
+
+
+def _unet_state(params: list, ema: list, opt: torch.optim.Optimizer) -> dict:
+    """What the UNet stage's checkpoint holds: parameters, their EMA and the optimizer state."""
+    return ({f"param.{i}": p for i, p in enumerate(params)} | {f"ema.{i}": e for i, e in enumerate(ema)}
+            | _optimizer_tensors(opt, "opt"))
+
+
+def _noisy_batch(latents, ids, empty, sched, r: Recipe, gen: torch.Generator):
+    """One UNet batch drawn from ``gen``: (noisy latents, timesteps, the noise, token ids with a ``p_uncond`` share
+    of the captions dropped for classifier-free guidance)."""
+    idx = torch.randint(0, len(latents), (r.unet_batch,), generator=gen)
+    z0 = latents[idx].float()
+    tok = ids[idx].clone()
+    drop = torch.rand(r.unet_batch, generator=gen) < r.p_uncond
+    tok[drop] = empty
+    t = torch.randint(0, 1000, (r.unet_batch,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    return sched.add_noise(z0, noise, t), t, noise, tok
+
+
 def stage_unet(work: Path, r: Recipe, log: Log) -> None:
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
@@ -256,14 +288,7 @@ def stage_unet(work: Path, r: Recipe, log: Log) -> None:
     opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     ckpt = work / "unet_ckpt.safetensors"
-    tensors, meta = _load(ckpt)
-    step, wall = 0, 0.0
-    if tensors is not None:
-        for i, p in enumerate(params):
-            p.data.copy_(tensors[f"param.{i}"])
-            ema[i].copy_(tensors[f"ema.{i}"])
-        _restore_optimizer(opt, tensors, "opt")
-        step, wall = meta["step"], meta["wall"]
+    step, wall = _resume_unet(ckpt, params, ema, opt)
     latents = torch.from_numpy(np.load(work / "latents.npy"))
     ids = torch.from_numpy(np.load(work / "input_ids.npy")).long()
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
@@ -281,14 +306,7 @@ def stage_unet(work: Path, r: Recipe, log: Log) -> None:
         lr = r.unet_lr * min(1.0, (step + 1) / r.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(latents), (r.unet_batch,), generator=gen)
-        z0 = latents[idx].float()
-        tok = ids[idx].clone()
-        drop = torch.rand(r.unet_batch, generator=gen) < r.p_uncond
-        tok[drop] = empty
-        t = torch.randint(0, 1000, (r.unet_batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        zt = sched.add_noise(z0, noise, t)
+        zt, t, noise, tok = _noisy_batch(latents, ids, empty, sched, r, gen)
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             emb = text(tok).last_hidden_state
             pred = unet(zt, t, emb).sample.float()
@@ -305,9 +323,7 @@ def stage_unet(work: Path, r: Recipe, log: Log) -> None:
         if step % 100 == 0 or step == r.unet_steps:
             log(stage="unet", step=step, loss=round(smooth, 5), lr=lr, wall_s=round(time.perf_counter() - t0, 1))
         if time.perf_counter() - last_ckpt > r.checkpoint_minutes * 60 or step == r.unet_steps:
-            tensors = ({f"param.{i}": p for i, p in enumerate(params)} | {f"ema.{i}": e for i, e in enumerate(ema)}
-                       | _optimizer_tensors(opt, "opt"))
-            _save(ckpt, tensors, {"step": step, "wall": time.perf_counter() - t0})
+            _save(ckpt, _unet_state(params, ema, opt), {"step": step, "wall": time.perf_counter() - t0})
             last_ckpt = time.perf_counter()
     (work / "unet_done.json").write_text(json.dumps({"steps": step, "wall_s": time.perf_counter() - t0}))
 
