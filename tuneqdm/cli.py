@@ -45,7 +45,6 @@ def _generate(args) -> None:
         ActivationConfig(bits=args.activation_bits, groups=args.groups, attention=args.attention_quant)
     prompt = args.prompt
     if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
-
         classes = {c for c in read_training_json(args.adapter).get("classes") or [] if c} if args.adapter else set()
         if len(classes) != 1:
             raise TuneQDMError("the prompt has a <class> placeholder but no --adapter trained on one toy subject "

@@ -464,7 +464,6 @@ def train_dino(args, out: Path) -> dict:
 
     model = ToyDINO(image=dict(stem=16, widths=[32, 64, 128, 128], dim=128))
     if init is not None:  # start from a trained CLIP-like image tower
-
         model.image.load_state_dict(load_toy_clip(init).image.state_dict())
     model.image.to(memory_format=torch.channels_last)
     noun_head = nn.Linear(model.image.features, len(CLASSES))
