@@ -348,6 +348,18 @@ def _clip_val(model: ToyCLIP, images: np.ndarray, scenes: list[Scene]) -> dict:
     return out
 
 
+def _clip_batch(rng: np.random.Generator, attrs: np.ndarray, plain: np.ndarray, inst: np.ndarray, b: int):
+    """Pool indices of one CLIP-like batch of ``b``: a quarter instance photos, up to 3/8 hard negatives (plain
+    scenes of two nouns in three places), the rest plain scenes."""
+    n_inst, n_hard = b // 4, (3 * b) // 8
+    nouns = rng.choice(len(CLASSES), 2, replace=False)
+    places = rng.choice(len(PLACE_KEYS), 3, replace=False)
+    cand = plain[np.isin(attrs[plain, 0], nouns) & np.isin(attrs[plain, 3], places)]
+    hard = rng.choice(cand, min(n_hard, len(cand)), replace=False)
+    return np.concatenate([hard, rng.choice(plain, b - len(hard) - n_inst, replace=False),
+                           rng.choice(inst, n_inst, replace=False)])
+
+
 def train_clip(args, out: Path) -> dict:
     torch.manual_seed(args.seed)
     rng = _rng("clip-batches", args.seed)
@@ -373,14 +385,7 @@ def train_clip(args, out: Path) -> dict:
             break
         for group in opt.param_groups:
             group["lr"] = _lr(progress, args.clip_lr)
-        b = args.batch
-        n_inst, n_hard = b // 4, (3 * b) // 8
-        nouns = rng.choice(len(CLASSES), 2, replace=False)
-        places = rng.choice(len(PLACE_KEYS), 3, replace=False)
-        cand = plain[np.isin(attrs[plain, 0], nouns) & np.isin(attrs[plain, 3], places)]
-        hard = rng.choice(cand, min(n_hard, len(cand)), replace=False)
-        idx = np.concatenate([hard, rng.choice(plain, b - len(hard) - n_inst, replace=False),
-                              rng.choice(inst, n_inst, replace=False)])
+        idx = _clip_batch(rng, attrs, plain, inst, args.batch)
         a = attrs[idx]
         texts, tattrs = _caption_batch(a, rng)
         x = augment(_to_batch(pool["images"][idx]), g).contiguous(memory_format=torch.channels_last)
@@ -448,6 +453,20 @@ def _dino_init_path(args) -> Path | None:
     return path
 
 
+def _dino_batch(rng: np.random.Generator, hard: bool, by_noun: list, n_fam: int, family: int, views: int, nv: int,
+                n_pick: int) -> tuple[np.ndarray, np.ndarray]:
+    """(instances, pool indices) of one DINO-like batch: ``n_pick`` whole families (``hard``: of three nouns only,
+    so same-noun instances of other colours, patterns or markings are the negatives), ``nv`` views of each."""
+    if hard:
+        cand = np.concatenate([by_noun[k] for k in rng.choice(len(CLASSES), 3, replace=False)])
+        fams = rng.choice(cand, min(n_pick, len(cand)), replace=False)
+    else:
+        fams = rng.choice(n_fam, n_pick, replace=False)
+    inst = (fams[:, None] * family + np.arange(family)[None, :]).reshape(-1)
+    vsel = np.stack([rng.choice(views, nv, replace=False) for _ in inst])
+    return inst, (inst[:, None] * views + vsel).reshape(-1)
+
+
 def train_dino(args, out: Path) -> dict:
     init = _dino_init_path(args)
     torch.manual_seed(args.seed)
@@ -478,15 +497,7 @@ def train_dino(args, out: Path) -> dict:
         for group in opt.param_groups:
             group["lr"] = _lr(progress, args.dino_lr)
         nv = 4
-        n_pick = args.batch // (nv * family)
-        if step % 2:  # hard negatives: instances of three nouns only (same noun, other colours / pattern / marking)
-            cand = np.concatenate([by_noun[k] for k in rng.choice(len(CLASSES), 3, replace=False)])
-            fams = rng.choice(cand, min(n_pick, len(cand)), replace=False)
-        else:
-            fams = rng.choice(n_fam, n_pick, replace=False)
-        inst = (fams[:, None] * family + np.arange(family)[None, :]).reshape(-1)  # whole families: hard negatives
-        vsel = np.stack([rng.choice(views, nv, replace=False) for _ in inst])
-        idx = (inst[:, None] * views + vsel).reshape(-1)
+        inst, idx = _dino_batch(rng, step % 2 == 1, by_noun, n_fam, family, views, nv, args.batch // (nv * family))
         labels = torch.from_numpy(np.repeat(np.arange(len(inst)), nv))
         x = augment(_to_batch(pool["images"][idx]), g).contiguous(memory_format=torch.channels_last)
         h = model.image.pooled(x)
