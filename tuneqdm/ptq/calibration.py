@@ -20,7 +20,6 @@ from ..errors import TuneQDMError
 from ..hooks import CallArguments, on_timestep
 from ..progress import progress
 from ..sampling import generator
-from ..toy.world import make_dataset
 
 CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration prompts ([50M, 60M): PTQ evaluation)
 
@@ -75,6 +74,8 @@ def toy_calibration_prompts(n: int, seed: int = CALIBRATION_SEED) -> list[str]:
     """Captions of ``n`` toy-world scenes from a seed in the PTQ calibration range [40M, 50M)."""
     if not 40_000_000 <= seed < 50_000_000:
         raise TuneQDMError(f"toy calibration prompts use world seeds in [40000000, 50000000), got {seed}")
+    from ..toy.world import make_dataset  # on use: the CLI's parser imports this module, the toy world draws (PIL)
+
     return make_dataset(seed, n)[1]
 
 
