@@ -9,6 +9,8 @@ and never another unit of its own layer (``ptq/``, ``train/`` and ``eval/`` stay
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,16 @@ def test_the_checks_catch_a_cycle_and_an_upward_or_sideways_import():
         "tuneqdm.errors -> tuneqdm.ptq.x: tuneqdm.ptq is above tuneqdm.errors",
         "tuneqdm.ptq.x -> tuneqdm.train.y: tuneqdm.train and tuneqdm.ptq are siblings of one layer",
     ]
+
+
+def test_the_cli_parser_loads_no_heavy_library():
+    """The subcommands import diffusers, transformers, accelerate, peft and the toy world's drawing when they run, so
+    ``tuneqdm --help`` stays as fast as ``import torch`` allows."""
+    heavy = ("diffusers", "transformers", "accelerate", "peft", "PIL.ImageDraw")
+    code = ("import sys; from tuneqdm.cli import build_parser; build_parser(); "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
 
 
 @pytest.mark.parametrize("source, expected", [
