@@ -5,8 +5,8 @@ import argparse
 from dataclasses import fields
 
 import pytest
-
 from test_cli import _subparsers
+
 from tuneqdm.cli import build_parser, train_settings
 from tuneqdm.errors import TuneQDMError, either
 from tuneqdm.ptq.config import ACTIVATION_BITS, ATTENTION_MODES, GROUP_CHOICES

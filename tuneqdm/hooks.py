@@ -10,7 +10,7 @@ registry rewrites ``forward``) and cannot change the arguments.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
