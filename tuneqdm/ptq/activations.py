@@ -290,6 +290,7 @@ class ActivationQuantizer:
         self._inputs: list[nn.Module] = []  # quantized layers given an input quantizer
         self._model: nn.Module | None = None
         self._processors = None
+        self.skipped_attention: set[str] = set()  # wrapped processors that computed no quantizable attention
 
     # -- routing
     def set_step(self, step: int) -> None:
@@ -302,7 +303,9 @@ class ActivationQuantizer:
         return self.steps
 
     # -- hooks
-    def install(self, model: nn.Module) -> ActivationQuantizer:
+    def install(self, model: nn.Module, family=None) -> ActivationQuantizer:
+        """Attach to ``model``; ``family`` (``tuneqdm.denoisers.family(pipe)``; None: a UNet) says how its attention
+        is quantized."""
         from ..quant.layers import QuantizedLayer
 
         if self._model is not None:
@@ -321,12 +324,21 @@ class ActivationQuantizer:
             else:
                 self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
         if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
-            from .attention import QuantizedAttnProcessor
-
             self._processors = dict(model.attn_processors)
-            model.set_attn_processor(QuantizedAttnProcessor(self.config.bits, self.config.attention, owner=self))
+            model.set_attn_processor(self._attention_processors(family))
         self._model = model
         return self
+
+    def _attention_processors(self, family):
+        """A UNet's processors are replaced by the quantized ``AttnProcessor`` (its ``<start>`` is cross-attention's key
+        0); any other denoiser's are wrapped, keeping their own computation (see ``WrappedAttnProcessor``)."""
+        from .attention import QuantizedAttnProcessor, WrappedAttnProcessor
+
+        bits, mode = self.config.bits, self.config.attention
+        if family is None or family.attribute == "unet":
+            return QuantizedAttnProcessor(bits, mode, owner=self)
+        return {name: WrappedAttnProcessor(p, name, bits, mode, self, family.start_token, family.text_last)
+                for name, p in self._processors.items()}
 
     def remove(self) -> None:
         for h in self._handles:

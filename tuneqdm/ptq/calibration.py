@@ -19,23 +19,27 @@ import torch
 
 from ..errors import TuneQDMError
 from ..progress import progress
-from ..tuning.routing import _find_argument
 
 CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration prompts ([50M, 60M): PTQ evaluation)
 
 
 @dataclass
 class CalibrationSet:
-    """One row per denoiser input: ``latents (N, C, H, W)``, ``timesteps (N,)``, ``encoder_hidden_states (N, L, D)``,
-    the sampling step index ``steps (N,)`` and whether the row is the unconditional half of the guidance batch
-    (``unconditional (N,) bool``); ``added_cond_kwargs`` holds SDXL's extra inputs (``{}`` otherwise)."""
+    """One row per denoiser input: ``latents (N, ...)`` (a UNet's ``sample``, a transformer's ``hidden_states``),
+    ``timesteps (N,)``, ``encoder_hidden_states (N, L, D)``, the sampling step index ``steps (N,)`` and whether the row
+    is the unconditional half of the guidance batch (``unconditional (N,) bool``). ``extra`` holds every other per-row
+    argument under its name (SDXL's ``added_cond_kwargs`` dict, Flux's ``pooled_projections`` and
+    ``guidance``, a T5 ``encoder_attention_mask``; ``{}`` for SD), ``constants`` the arguments shared by every row
+    (Flux's ``img_ids``/``txt_ids``), ``sample_name`` the name of the latent argument."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     encoder_hidden_states: torch.Tensor
     steps: torch.Tensor
     unconditional: torch.Tensor
-    added_cond_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    constants: dict = field(default_factory=dict)
+    sample_name: str = "sample"
 
     def __post_init__(self):
         n = self.latents.shape[0]
@@ -47,16 +51,41 @@ class CalibrationSet:
         return self.latents.shape[0]
 
     def unet_kwargs(self, rows: slice | torch.Tensor = slice(None)) -> dict:
-        """Keyword arguments of ``UNet2DConditionModel.forward`` for the given rows."""
-        kwargs = {"sample": self.latents[rows], "timestep": self.timesteps[rows],
-                  "encoder_hidden_states": self.encoder_hidden_states[rows]}
-        if self.added_cond_kwargs:
-            kwargs["added_cond_kwargs"] = {k: v[rows] for k, v in self.added_cond_kwargs.items()}
+        """Keyword arguments of the denoiser's ``forward`` for the given rows."""
+        kwargs = {self.sample_name: self.latents[rows], "timestep": self.timesteps[rows],
+                  "encoder_hidden_states": self.encoder_hidden_states[rows], **self.constants}
+        for name, value in self.extra.items():
+            kwargs[name] = {k: _rows(v, rows) for k, v in value.items()} if isinstance(value, dict) else value[rows]
         return kwargs
 
     def batches(self, batch_size: int):
         """Row slices of at most ``batch_size`` rows, in order."""
         return [slice(i, min(i + batch_size, len(self))) for i in range(0, len(self), batch_size)]
+
+
+def _rows(value, rows):
+    return value[rows] if torch.is_tensor(value) else value
+
+
+def _split_arguments(bound: dict, n: int, recorded: tuple[str, ...]) -> tuple[dict, dict]:
+    """(per-row tensors, shared tensors) among a denoiser call's other arguments: a tensor (or a dict's tensor) whose
+    first dimension is the batch is per row; flags such as ``return_dict`` are left out."""
+    per_row, shared = {}, {}
+    for name, value in bound.items():
+        if name in recorded:
+            continue
+        if isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values()):
+            per_row[name] = {k: v.detach().float().cpu() if torch.is_tensor(v) else v for k, v in value.items()}
+        elif torch.is_tensor(value):
+            (per_row if value.dim() > 0 and value.shape[0] == n else shared)[name] = value.detach().cpu()
+    return per_row, shared
+
+
+def _concat(chunks: list):
+    first = chunks[0]
+    if isinstance(first, dict):
+        return {k: torch.cat([c[k] for c in chunks]) if torch.is_tensor(first[k]) else first[k] for k in first}
+    return torch.cat(chunks)
 
 
 def read_prompts(path) -> list[str]:
@@ -91,57 +120,66 @@ def recorded_steps(num_inference_steps: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int, num_inference_steps: int = 25,
-                            steps: int | None = None, guidance_scale: float = 7.5, seed: int = 0,
-                            batch_size: int = 8) -> CalibrationSet:
+                            steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                            batch_size: int = 8, max_sequence_length: int | None = None) -> CalibrationSet:
     """Sample ``samples_per_step`` images with the full-precision ``pipe`` (prompt ``i mod len(prompts)``, seed
     ``seed + i``) and keep the UNet's inputs at ``steps`` uniformly spaced sampling steps (default: all of them).
 
     Rows per recorded call: the whole guidance batch (unconditional then conditional half), so the set holds
     ``samples_per_step x steps x 2`` rows with guidance (``x 1`` without).
     """
+    from ..denoisers import call_kwargs, denoiser, family
     from ..sampling import generator
 
     if not prompts:
         raise TuneQDMError("no calibration prompts: pass at least one")
     if samples_per_step < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {samples_per_step}")
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     keep = set(recorded_steps(num_inference_steps, steps or num_inference_steps))
-    unet = pipe.unet
-    signature = inspect.signature(unet.forward)
+    model = denoiser(pipe)
+    signature = inspect.signature(model.forward)
+    sample_name = "sample" if "sample" in signature.parameters else "hidden_states"
+    recorded = (sample_name, "timestep", "encoder_hidden_states")
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
-    added: dict[str, list[torch.Tensor]] = {}
-    state = {"step": 0}
+    added: dict[str, list] = {}
+    constants: dict[str, torch.Tensor] = {}
+    state = {"step": 0, "prompts": 0}
 
     def record(module, args, kwargs):
         step = state["step"]
         state["step"] += 1
         if step not in keep:
             return None
-        sample = _find_argument(signature, ["sample"], args, kwargs)
-        t = torch.as_tensor(_find_argument(signature, ["timestep"], args, kwargs)).reshape(-1).float()
-        emb = _find_argument(signature, ["encoder_hidden_states"], args, kwargs)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        sample = bound[sample_name]
+        t = torch.as_tensor(bound["timestep"]).reshape(-1).float()
         n = sample.shape[0]
         rows["latents"].append(sample.detach().float().cpu())
         rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
-        rows["emb"].append(emb.detach().float().cpu())
+        rows["emb"].append(bound["encoder_hidden_states"].detach().float().cpu())
         rows["steps"].append(torch.full((n,), step, dtype=torch.long))
-        half = n // 2 if getattr(pipe, "do_classifier_free_guidance", guidance_scale > 1) else 0
+        half = n - state["prompts"] if n == 2 * state["prompts"] else 0  # a guidance batch: unconditional first
         rows["uncond"].append(torch.arange(n) < half)
-        for k, v in (_find_argument(signature, ["added_cond_kwargs"], args, kwargs) or {}).items():
-            added.setdefault(k, []).append(v.detach().float().cpu())
+        per_row, shared = _split_arguments(bound, n, recorded)
+        for k, v in per_row.items():
+            added.setdefault(k, []).append(v)
+        constants.update(shared)
         return None
 
-    handle = unet.register_forward_pre_hook(record, with_kwargs=True)
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         for start in progress(range(0, samples_per_step, batch_size), desc="calibration inputs", unit="batch"):
             n = min(batch_size, samples_per_step - start)
             batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
-            state["step"] = 0
+            state["step"], state["prompts"] = 0, n
             pipe(batch_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=[generator(seed + start + i) for i in range(n)], output_type="latent")
+                 generator=[generator(seed + start + i) for i in range(n)], output_type="latent",
+                 **call_kwargs(pipe, max_sequence_length=max_sequence_length))
     finally:
         handle.remove()
     return CalibrationSet(latents=torch.cat(rows["latents"]), timesteps=torch.cat(rows["timesteps"]),
                           encoder_hidden_states=torch.cat(rows["emb"]), steps=torch.cat(rows["steps"]),
                           unconditional=torch.cat(rows["uncond"]),
-                          added_cond_kwargs={k: torch.cat(v) for k, v in added.items()})
+                          extra={k: _concat(v) for k, v in added.items()}, constants=constants,
+                          sample_name=sample_name)
