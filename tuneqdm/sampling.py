@@ -145,10 +145,11 @@ def check_pipeline_files(source: str, revision: str | None = None, variant: str 
     if name is None:
         return
     folder = Path(source) / family_named(name).attribute
-    pattern = f"diffusion_pytorch_model*{'.' + variant if variant else ''}.safetensors*"
-    if folder.is_dir() and any(folder.glob(pattern)):
-        from .tuning.streaming import weight_files
+    from .tuning.streaming import INDEX_NAME, WEIGHTS_NAME, weight_files
 
+    suffix = f".{variant}" if variant else ""
+    if any((folder / name.replace(".safetensors", f"{suffix}.safetensors", 1)).is_file()
+           for name in (WEIGHTS_NAME, INDEX_NAME)):  # else diffusers says what is missing
         weight_files(folder, variant)
 
 

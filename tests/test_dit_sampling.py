@@ -1,0 +1,79 @@
+"""generate / quantize / quantize-activations / evaluate on diffusion-transformer pipelines (Flux, SD3, PixArt), with
+adapters written through the Python API (quantize_ + perturbed scales + the training result writer)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+
+import tuneqdm
+from tuneqdm.cli import main
+from tuneqdm.denoisers import denoiser, family
+from tuneqdm.sampling import base_id, generate, pipeline_from
+from tuneqdm.serialization import fingerprint, load_quantized
+from tuneqdm.tuning import QuantConfig, quantize_
+from tuneqdm.tuning.model import quant_state, quantized_layers
+
+BUILDERS = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline}
+SAMPLE = {"num_inference_steps": 2, "max_sequence_length": 32}  # tiny pipelines, short T5 prompts
+PROMPT = "a red box"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _sample(pipe, seed=0):
+    return _pixels(generate(pipe, PROMPT, num_images=2, seed=seed, **SAMPLE))
+
+
+def write_adapter(folder, out, bits=4, seed=0):
+    """A TuneQDM adapter without training: the base's denoiser quantized as `train` does, every scale perturbed by a
+    seeded ±30 %, written by the training result writer. Returns the perturbed pipeline (to compare with)."""
+    from tuneqdm.train.outputs import save_result
+
+    pipe = pipeline_from(str(folder))
+    model = denoiser(pipe)
+    quantize_(model, QuantConfig(bits=bits, method="tuneqdm", experts=4, init="mse"))
+    quant_state(model).base_id = base_id(folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in quantized_layers(model).values():
+            for p in [*layer.s_out, *layer.s_in]:
+                p.mul_(1 + 0.3 * (2 * torch.rand(p.shape, generator=g) - 1))
+    info = {"base_id": base_id(folder), "tuneqdm_method": "tuneqdm", "classes": ["box"],
+            "instance_prompts": ["a sks box"]}
+    save_result(model, out, "tuneqdm", type(pipe), info)
+    return pipe
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_adapter_on_each_dit_samples_its_scales_and_w8_stays_close_to_float(folders, tmp_path, name):
+    tuned = write_adapter(folders[name], tmp_path / "adapter")
+    loaded = tuneqdm.load_pipeline(adapter=tmp_path / "adapter")
+    assert type(denoiser(loaded)).__name__ == type(denoiser(tuned)).__name__
+    with_adapter = _sample(loaded)
+    assert np.array_equal(with_adapter, _sample(tuned))  # the adapter holds exactly the perturbed scales
+
+    untuned = pipeline_from(str(folders[name]))
+    quantize_(denoiser(untuned), QuantConfig(bits=4, method="tuneqdm", experts=4, init="mse"))
+    assert fingerprint(denoiser(untuned)) == fingerprint(denoiser(loaded))  # same integers, other scales
+    assert psnr(with_adapter, _sample(untuned)) < 35  # the scales change the images: measured 27.5 / 27.2 / 32.4 dB
+
+    floating = _sample(pipeline_from(str(folders[name])))
+    w8 = pipeline_from(str(folders[name]))
+    quantize_(denoiser(w8), QuantConfig(bits=8, method="peqa", init="mse"))
+    assert psnr(_sample(w8), floating) > 50  # measured (flux / sd3 / pixart, 2 steps, 32 px): 58.3 / 55.1 / 61.3 dB
