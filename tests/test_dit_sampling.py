@@ -77,3 +77,47 @@ def test_adapter_on_each_dit_samples_its_scales_and_w8_stays_close_to_float(fold
     w8 = pipeline_from(str(folders[name]))
     quantize_(denoiser(w8), QuantConfig(bits=8, method="peqa", init="mse"))
     assert psnr(_sample(w8), floating) > 50  # measured (flux / sd3 / pixart, 2 steps, 32 px): 58.3 / 55.1 / 61.3 dB
+
+
+def _run(capsys, *argv) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main([*argv, "--quiet"])
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_quantize_streams_each_dit_folder_and_generate_loads_it(folders, tmp_path, capsys, name):
+    out = tmp_path / "q"
+    code, err = _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders[name]), "--bits", "8",
+                     "--calibrate", "mse", "--out", str(out))
+    assert (code, err) == (0, [])
+    record = json.loads((out / "quantization.json").read_text())["calibration"]
+    assert record["streamed_from"] == str((folders[name] / "transformer").resolve())
+    in_memory = pipeline_from(str(folders[name]))
+    quantize_(denoiser(in_memory), QuantConfig(bits=8, method="peqa", init="mse"))
+    assert fingerprint(load_quantized(out)) == fingerprint(denoiser(in_memory))  # the same integers, streamed
+
+    code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--quantized_base",
+                     str(out), "--prompt", PROMPT, "--num_images", "2", "--num_inference_steps", "2",
+                     "--max_sequence_length", "32", "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    from PIL import Image
+
+    images = _pixels([Image.open(tmp_path / "g" / f"{i:03d}.png") for i in range(2)])
+    assert np.array_equal(images, _sample(in_memory))
+
+
+def test_adaround_quantize_calibrates_a_dit_layer_by_layer(folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red box\na blue ball\n")
+    out = tmp_path / "q"
+    code, err = _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders["flux"]), "--bits", "4",
+                     "--calib_prompts", str(prompts), "--calib_samples", "2", "--num_inference_steps", "2",
+                     "--iters", "3", "--batch_size", "4", "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "quantization.json").read_text())["calibration"]
+    model = load_quantized(out)
+    assert record["rows"] == 2 * 2  # 2 images x 2 steps; Flux's distilled guidance: no unconditional half
+    blocks = {b["block"]: b["layers"] for b in record["blocks"]}  # outside the timestep embedders: one per layer
+    assert sum(blocks.values()) == len(quantized_layers(model)) and blocks["x_embedder"] == 1
+    assert all(b["adaround"] <= b["round_to_nearest"] * 1.5 for b in record["blocks"])
