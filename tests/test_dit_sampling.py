@@ -121,3 +121,64 @@ def test_adaround_quantize_calibrates_a_dit_layer_by_layer(folders, tmp_path, ca
     blocks = {b["block"]: b["layers"] for b in record["blocks"]}  # outside the timestep embedders: one per layer
     assert sum(blocks.values()) == len(quantized_layers(model)) and blocks["x_embedder"] == 1
     assert all(b["adaround"] <= b["round_to_nearest"] * 1.5 for b in record["blocks"])
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_quantize_activations_wraps_each_dit_attention_processor(folders, tmp_path, capsys, name):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red box\n")
+    out = tmp_path / "a"
+    code, err = _run(capsys, "quantize-activations", "--pretrained_model_name_or_path", str(folders[name]),
+                     "--calib_prompts", str(prompts), "--num_inference_steps", "2", "--max_sequence_length", "32",
+                     "--groups", "2", "--out", str(out))
+    assert code == 0, err
+    meta = json.loads((out / "activations.json").read_text())
+    assert len(meta["timesteps"]) == 2 and meta["groups"] == 2
+
+    from tuneqdm.ptq.activation_calibration import load_activations
+    from tuneqdm.ptq.attention import WrappedAttnProcessor
+
+    pipe = pipeline_from(str(folders[name]))
+    model = denoiser(pipe)
+    own = {k: type(p) for k, p in model.attn_processors.items()}
+    floating = _sample(pipe)
+    q = load_activations(out).install(model, family(pipe))
+    wrapped = model.attn_processors
+    assert all(isinstance(p, WrappedAttnProcessor) and type(p.inner) is own[k] for k, p in wrapped.items())
+    a8 = _sample(pipe)
+    assert q.skipped_attention == set()  # every processor's attention went through the quantized softmax
+    assert 25 < psnr(a8, floating) < float("inf")
+    q.remove()
+    assert {k: type(p) for k, p in model.attn_processors.items()} == own
+    assert np.array_equal(_sample(pipe), floating)
+
+    code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--activation_bits",
+                     "8", "--groups", "2", "--activations", str(out), "--prompt", PROMPT, "--num_images", "2",
+                     "--num_inference_steps", "2", "--max_sequence_length", "32", "--out", str(tmp_path / "g"))
+    assert (code, err) == (0, [])
+
+
+def _attend(start, keep_start, mode="log"):
+    from tuneqdm.ptq.attention import QuantizedAttnProcessor, _QuantizedSDPA
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8)
+    v = torch.eye(7).expand(2, 2, 7, 7)  # the output rows are the probabilities themselves
+    sdpa = _QuantizedSDPA(QuantizedAttnProcessor(8, mode), start if keep_start else None)
+    return sdpa.attend(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_wrapped_attention_keeps_the_start_key_exact_and_log_quantizes_the_rest_per_sample():
+    from tuneqdm.ptq.attention import LOG_OCTAVES
+
+    probs, exact = _attend(start=4, keep_start=True)
+    assert torch.allclose(probs[..., 4], exact[..., 4], atol=1e-6)  # <start> (SD3: the first text key) kept
+    rest = torch.cat([exact[..., :4], exact[..., 5:]], dim=-1)
+    delta = rest.reshape(2, -1).amax(dim=1)  # one scale per sample (all heads and queries), <start> left out
+    for b in range(2):
+        got = torch.cat([probs[b, ..., :4], probs[b, ..., 5:]], dim=-1)
+        levels = -torch.log2(got[got > 0] / delta[b]) / (LOG_OCTAVES / 255)
+        assert torch.allclose(levels, levels.round(), atol=1e-3)  # on the grid delta * 2^(-q r)
+        assert torch.allclose(got, torch.cat([exact[b, ..., :4], exact[b, ..., 5:]], -1), rtol=0.05, atol=1e-6)
+    t5, _ = _attend(start=4, keep_start=False)  # T5 prompts: no start token, every key log-quantized
+    assert not torch.allclose(t5[..., 4], exact[..., 4], atol=1e-6)
