@@ -182,3 +182,28 @@ def test_wrapped_attention_keeps_the_start_key_exact_and_log_quantizes_the_rest_
         assert torch.allclose(got, torch.cat([exact[b, ..., :4], exact[b, ..., 5:]], -1), rtol=0.05, atol=1e-6)
     t5, _ = _attend(start=4, keep_start=False)  # T5 prompts: no start token, every key log-quantized
     assert not torch.allclose(t5[..., 4], exact[..., 4], atol=1e-6)
+
+
+def test_evaluate_scores_an_adapter_on_a_tiny_dit_through_the_cli(folders, tmp_path, capsys):
+    from tuneqdm.toy.subjects import write_subject
+
+    write_subject(5, tmp_path / "s5", n_photos=2)
+    write_adapter(folders["sd3"], tmp_path / "adapter")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1}\na {0} {1} on the beach\n")
+    code, err = _run(capsys, "evaluate", "--adapter", str(tmp_path / "adapter"), "--instance_data_dir",
+                     str(tmp_path / "s5"), "--prompts", str(prompts), "--class_word", "box", "--evaluator", "toy",
+                     "--images_per_prompt", "2",
+                     "--num_inference_steps", "2", "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert [p["prompt"] for p in metrics["per_prompt"]] == ["a sks box", "a sks box on the beach"]
+    assert metrics["guidance_scale"] == family(pipeline_from(str(folders["sd3"]))).guidance == 7.0
+    assert all(-1 <= metrics[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
+    images = sorted((tmp_path / "e" / "images").iterdir())
+    assert len(images) == 4
+    pipe = tuneqdm.load_pipeline(adapter=tmp_path / "adapter")
+    from PIL import Image
+
+    again = generate(pipe, "a sks box", num_images=2, num_inference_steps=2, seed=0)  # prompt 0: seeds 0, 1
+    assert np.array_equal(_pixels(again), _pixels([Image.open(p) for p in images[:2]]))

@@ -450,7 +450,7 @@ def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -
     limit = t5_limit(pipe, max_sequence_length)
     if limit is None:
         return
-    tokens = len(getattr(pipe, family(pipe).t5_tokenizer)(prompt).input_ids)
+    tokens = len(getattr(pipe, family(pipe).t5_tokenizer)(prompt, verbose=False).input_ids)
     if tokens > limit:
         warnings.warn(f"the prompt is {tokens} T5 tokens, longer than max_sequence_length {limit}: the model reads "
                       f"only its first {limit} (shorten it, or raise --max_sequence_length)", TuneQDMWarning,
