@@ -207,3 +207,141 @@ def test_evaluate_scores_an_adapter_on_a_tiny_dit_through_the_cli(folders, tmp_p
 
     again = generate(pipe, "a sks box", num_images=2, num_inference_steps=2, seed=0)  # prompt 0: seeds 0, 1
     assert np.array_equal(_pixels(again), _pixels([Image.open(p) for p in images[:2]]))
+
+
+# ---- bad input: one line each, nothing written ----------------------------------------------------------------------
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny Flux folder whose transformer is saved in several safetensors shards with an index."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    folder = tiny_flux_pipeline(tmp_path_factory.mktemp("sharded") / "flux")
+    model = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    shutil.rmtree(folder / "transformer")
+    model.save_pretrained(folder / "transformer", max_shard_size="60KB")
+    assert len(json.loads((folder / "transformer" / INDEX).read_text())["weight_map"]) > 1
+    return folder
+
+
+def _set_dtype(shard, key, dtype):
+    """Rewrite the safetensors header of ``shard`` so that ``key`` claims ``dtype``."""
+    import struct
+
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header[key]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _damage(folder, how: str) -> str:
+    """Damage a copy's transformer checkpoint; returns what the one-line error must contain."""
+    transformer = folder / "transformer"
+    index = json.loads((transformer / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = sorted(k for k, v in index["weight_map"].items() if v == shards[1])[0]
+    if how == "index names a tensor missing from its shard":
+        index["weight_map"]["ghost.weight"] = shards[0]
+        (transformer / INDEX).write_text(json.dumps(index))
+        return f"shard {transformer / shards[0]} does not match {INDEX} (e.g. 'ghost.weight'): download the model again"
+    if how == "shard holds a tensor the index does not list":
+        del index["weight_map"][key]
+        (transformer / INDEX).write_text(json.dumps(index))
+        return f"shard {transformer / shards[1]} does not match {INDEX} (e.g. {key!r}): download the model again"
+    if how == "missing shard":
+        (transformer / shards[1]).unlink()
+        return f"shard {transformer / shards[1]} is missing: download the model again"
+    _set_dtype(transformer / shards[1], key, "Q7")  # a dtype safetensors cannot read
+    return f"{transformer / shards[1]} is not a readable safetensors file (Error while deserializing header"
+
+
+DAMAGES = ["index names a tensor missing from its shard", "shard holds a tensor the index does not list",
+           "missing shard", "unknown dtype"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_dit_checkpoint_is_one_line_and_writes_nothing(sharded, tmp_path, capsys, how):
+    import shutil
+
+    folder = shutil.copytree(sharded, tmp_path / "flux")
+    expected = _damage(folder, how)
+    for command in (["quantize", "--calibrate", "mse"], ["generate", "--prompt", PROMPT, "--num_inference_steps", "1"]):
+        out = tmp_path / command[0]
+        code, err = _run(capsys, *command, "--pretrained_model_name_or_path", str(folder), "--out", str(out))
+        assert code == 2 and len(err) == 1 and err[0].startswith("tuneqdm: error: "), (command, err)
+        assert expected in err[0], (command, err)
+        assert not out.exists() and list(tmp_path.iterdir()) == [folder]  # no output folder, no temporary
+
+
+def test_a_weight_of_a_dtype_that_is_no_float_is_refused_by_streaming(sharded, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(sharded, tmp_path / "flux")
+    transformer = folder / "transformer"
+    weight_map = json.loads((transformer / INDEX).read_text())["weight_map"]
+    key = "x_embedder.weight"
+    _set_dtype(transformer / weight_map[key], key, "I32")  # same byte size as F32: readable, but no float weight
+    code, err = _run(capsys, "quantize", "--calibrate", "mse", "--pretrained_model_name_or_path", str(folder),
+                     "--out", str(tmp_path / "q"))
+    assert (code, err) == (2, [f"tuneqdm: error: {transformer / weight_map[key]}: tensor {key!r} is torch.int32, "
+                               "not a float weight: download the model again"])
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_unsupported_pipeline_is_refused_by_every_command_before_any_work(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from tuneqdm.denoisers import PIPELINES
+    from tuneqdm.toy.subjects import write_subject
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a box\n")
+    write_subject(5, tmp_path / "s5", n_photos=2)
+    expected = [f"tuneqdm: error: DDPMPipeline is not supported: tuneqdm personalizes {', '.join(PIPELINES)} "
+                "(pass a folder or hub id of one of them)"]
+    base = ["--pretrained_model_name_or_path", str(tmp_path / "ddpm")]
+    commands = {"generate": ["--prompt", PROMPT], "quantize": ["--calibrate", "mse"],
+                "quantize-activations": ["--calib_prompts", str(prompts)],
+                "evaluate": ["--instance_data_dir", str(tmp_path / "s5"), "--class_word", "box"]}
+    for command, extra in commands.items():
+        out = tmp_path / f"out-{command}"
+        assert _run(capsys, command, *base, *extra, "--out", str(out)) == (2, expected), command
+        assert not out.exists()
+    assert _run(capsys, "quantize", *base, "--calib_prompts", str(prompts), "--out", str(tmp_path / "q")) == \
+        (2, expected)  # the calibrated (adaround) path too
+
+
+def test_a_prompt_over_the_t5_limit_is_one_warning_line(folders, tmp_path, capsys):
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    diffusers_log = Records()  # what diffusers' own handler would print
+    logging.getLogger("diffusers").addHandler(diffusers_log)
+    prompt = "a red house on a very long beach with many trees"  # 38 letters + <start> + </s>: 40 tokens
+    try:
+        code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders["flux"]), "--prompt",
+                         prompt, "--num_images", "1", "--num_inference_steps", "1", "--max_sequence_length", "32",
+                         "--out", str(tmp_path / "g"))
+    finally:
+        logging.getLogger("diffusers").removeHandler(diffusers_log)
+    assert code == 0
+    assert err == ["tuneqdm: warning: the prompt is 40 T5 tokens, longer than max_sequence_length 32: the model "
+                   "reads only its first 32 (shorten it, or raise --max_sequence_length)"]
+    assert not [m for m in diffusers_log.messages if "truncated" in m]  # diffusers' CLIP and T5 notices dropped

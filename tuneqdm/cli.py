@@ -105,7 +105,7 @@ def _evaluate(args) -> None:
     from .eval.evaluate import METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
     from .files import check_writable
-    from .sampling import load_pipeline
+    from .sampling import check_base, load_pipeline
     from .train.data import subject_metadata, words
     from .train.outputs import read_training_json
 
@@ -115,6 +115,7 @@ def _evaluate(args) -> None:
         raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {args.fid_images}")
     out = Path(args.out)
     check_writable(out)  # before any sampling
+    check_base(args.pretrained_model_name_or_path, **_version(args))  # before the evaluators load
     if out.exists() and any(out.iterdir()):
         if not args.force:
             raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")

@@ -138,6 +138,13 @@ def _denoiser_attribute(source: str, revision: str | None) -> str:
     return family_named(name).attribute
 
 
+def check_base(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> None:
+    """``check_pipeline_files`` for a base named by the user (the embedded pipeline needs none): commands call it
+    before work that does not need the model (evaluators, calibration prompts), so a bad base is the first error."""
+    if base is not None:
+        check_pipeline_files(base_source(base, revision, variant)[0], revision, variant)
+
+
 def check_pipeline_files(source: str, revision: str | None = None, variant: str | None = None) -> None:
     """One line, before any loading, for a pipeline class tuneqdm does not support and for a local denoiser checkpoint
     whose shards do not match their index, lack a shard or cannot be read."""

@@ -57,17 +57,14 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
     quantization.json (``"calibration"``)."""
     from ..denoisers import denoiser, family
-    from ..sampling import base_id, pipeline_from
+    from ..sampling import base_id, check_base, pipeline_from
     from ..files import check_output_folder
     from ..serialization import save_quantized
 
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
     out = check_output_folder(out, force)
-    if base is not None:
-        from ..sampling import base_source, check_pipeline_files
-
-        check_pipeline_files(base_source(base, revision, variant)[0], revision, variant)  # before any work
+    check_base(base, revision, variant)  # an unsupported or damaged base before any work
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     t0 = time.perf_counter()
