@@ -140,6 +140,8 @@ def test_quantize_activations_wraps_each_dit_attention_processor(folders, tmp_pa
 
     pipe = pipeline_from(str(folders[name]))
     model = denoiser(pipe)
+    assert meta["exclude"] == list(family(pipe).first_last)  # input and output layers: full-precision activations
+    assert set(meta["exclude"]) <= dict(model.named_modules()).keys() and not set(meta["exclude"]) & set(meta["layers"])
     own = {k: type(p) for k, p in model.attn_processors.items()}
     floating = _sample(pipe)
     q = load_activations(out).install(model, family(pipe))

@@ -59,7 +59,7 @@ def _generate(args) -> None:
     if args.activation_quant == "dynamic":
         from .ptq.activations import DynamicActivations
 
-        DynamicActivations(args.activation_bits or 8).install(model)
+        DynamicActivations(args.activation_bits or 8, exclude=family(pipe).first_last).install(model)
     elif args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
         from .ptq.activation_calibration import activations_for
 
@@ -269,6 +269,7 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 
 
 def _benchmark_fidelity(args) -> None:
+    from .denoisers import denoiser
     from .eval.fidelity import FLOOR, cells, cell_name, run_cell, table
     from .files import check_writable
     from .sampling import pipeline_from
@@ -316,7 +317,7 @@ def _benchmark_fidelity(args) -> None:
                      encoders, lrs.get(m), args.s1_intervals)
         print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
               f"CLIP-T {r['clip_t']:.3f}", flush=True)
-    total = sum(p.numel() for p in pipeline_from(args.pretrained_model_name_or_path).unet.parameters())
+    total = sum(p.numel() for p in denoiser(pipeline_from(args.pretrained_model_name_or_path)).parameters())
     table(out, methods, args.bits, subjects, total)
     print(f"table: {out / 'fidelity.md'}")
 

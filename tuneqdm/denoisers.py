@@ -24,7 +24,8 @@ class Family:
     attention keys begin with CLIP's ``<start>`` (T5 prompts have none). ``text_last``: in joint attention the prompt's
     keys follow the image's (SD3) rather than precede them (Flux). ``size_from_vae``: the native image size is the
     VAE's ``sample_size`` (Flux's pipeline otherwise assumes 1024 px). ``resolution_bins``: the pipeline snaps sizes
-    to aspect-ratio bins (PixArt). ``call``: fixed keyword arguments of every pipeline call.
+    to aspect-ratio bins (PixArt). ``call``: fixed keyword arguments of every pipeline call. ``first_last``: the
+    denoiser's input and output layers, whose activations stay in full precision (Q-Diffusion, DGQ).
     """
 
     name: str
@@ -36,18 +37,20 @@ class Family:
     size_from_vae: bool = False
     resolution_bins: bool = False
     call: tuple[tuple[str, object], ...] = ()
+    first_last: tuple[str, ...] = ("conv_in", "conv_out")
 
 
 PIPELINES = {
     "StableDiffusionPipeline": Family("sd", "unet"),
     "StableDiffusionXLPipeline": Family("sdxl", "unet"),
     "FluxPipeline": Family("flux", "transformer", guidance=3.5, t5_tokenizer="tokenizer_2", start_token=False,
-                           size_from_vae=True),
+                           size_from_vae=True, first_last=("x_embedder", "proj_out")),
     "StableDiffusion3Pipeline": Family("sd3", "transformer", guidance=7.0, t5_tokenizer="tokenizer_3",
-                                       text_last=True),
+                                       text_last=True, first_last=("pos_embed.proj", "proj_out")),
     # clean_caption rewrites prompts (and needs bs4 + ftfy): the prompt is used as written, as for the others
     "PixArtSigmaPipeline": Family("pixart", "transformer", guidance=4.5, t5_tokenizer="tokenizer", start_token=False,
-                                  resolution_bins=True, call=(("clean_caption", False),)),
+                                  resolution_bins=True, call=(("clean_caption", False),),
+                                  first_last=("pos_embed.proj", "proj_out")),
 }
 
 

@@ -92,6 +92,7 @@ def _finished(done: Path, settings: dict) -> dict | None:
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
              encoders, learning_rate: float | None = None, s1_intervals: str | None = None) -> dict:
     from ..sampling import load_pipeline, pipeline_from
+    from ..denoisers import denoiser
     from ..train import TrainConfig, train
     from ..tuning import QuantConfig, quantize_
     from .evaluate import METRICS, evaluate, read_photos
@@ -105,9 +106,10 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     info = {"method": method, "bits": bits, "subject": subject_dir.name, "settings": settings}
     if method == FLOOR:
         pipe = pipeline_from(base)
-        with stage(f"quantizing the UNet to {bits} bits"):
-            quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
-        pipe.unet.eval()
+        model = denoiser(pipe)
+        with stage(f"quantizing the {type(model).__name__} to {bits} bits"):
+            quantize_(model, QuantConfig(bits=bits, method="peqa", init="mse"))
+        model.eval()
         info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
     else:
         run = cell / "run"

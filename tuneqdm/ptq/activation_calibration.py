@@ -195,7 +195,9 @@ def activations_for(pipe, bits: int, groups: int, attention: str = "log", activa
     """The activation parameters for ``pipe``: a given folder, else ``quantized_base/activations-aB-kK`` when it
     exists (or the K-group folder of the other bit width: groups and ranges do not depend on the bits), else
     calibrated now on the calibration prompts (not saved). Checked against the UNet's fingerprint."""
-    config = ActivationConfig(bits=bits, groups=groups, attention=attention)
+    from ..denoisers import family
+
+    config = ActivationConfig(bits=bits, groups=groups, attention=attention, exclude=family(pipe).first_last)
     folder = Path(activations) if activations is not None else None
     if folder is None and quantized_base is not None:  # the groups and ranges do not depend on the bits
         candidates = [Path(quantized_base) / folder_name(b, groups) for b in (bits, *ACTIVATION_BITS)]
