@@ -248,7 +248,7 @@ def _damage(folder, how: str) -> str:
     transformer = folder / "transformer"
     index = json.loads((transformer / INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
-    key = sorted(k for k, v in index["weight_map"].items() if v == shards[1])[0]
+    key = min(k for k, v in index["weight_map"].items() if v == shards[1])
     if how == "index names a tensor missing from its shard":
         index["weight_map"]["ghost.weight"] = shards[0]
         (transformer / INDEX).write_text(json.dumps(index))
@@ -292,8 +292,8 @@ def test_a_weight_of_a_dtype_that_is_no_float_is_refused_by_streaming(sharded, t
     _set_dtype(transformer / weight_map[key], key, "I32")  # same byte size as F32: readable, but no float weight
     code, err = _run(capsys, "quantize", "--calibrate", "mse", "--pretrained_model_name_or_path", str(folder),
                      "--out", str(tmp_path / "q"))
-    assert (code, err) == (2, [f"tuneqdm: error: {transformer / weight_map[key]}: tensor {key!r} is torch.int32, "
-                               "not a float weight: download the model again"])
+    assert (code, err) == (2, [(f"tuneqdm: error: {transformer / weight_map[key]}: tensor {key!r} is torch.int32, "
+                                "not a float weight: download the model again")])
     assert not (tmp_path / "q").exists()
 
 
@@ -309,8 +309,8 @@ def test_an_unsupported_pipeline_is_refused_by_every_command_before_any_work(tmp
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a box\n")
     write_subject(5, tmp_path / "s5", n_photos=2)
-    expected = [f"tuneqdm: error: DDPMPipeline is not supported: tuneqdm personalizes {', '.join(PIPELINES)} "
-                "(pass a folder or hub id of one of them)"]
+    expected = [(f"tuneqdm: error: DDPMPipeline is not supported: tuneqdm personalizes {', '.join(PIPELINES)} "
+                 "(pass a folder or hub id of one of them)")]
     base = ["--pretrained_model_name_or_path", str(tmp_path / "ddpm")]
     commands = {"generate": ["--prompt", PROMPT], "quantize": ["--calibrate", "mse"],
                 "quantize-activations": ["--calib_prompts", str(prompts)],
@@ -344,6 +344,6 @@ def test_a_prompt_over_the_t5_limit_is_one_warning_line(folders, tmp_path, capsy
     finally:
         logging.getLogger("diffusers").removeHandler(diffusers_log)
     assert code == 0
-    assert err == ["tuneqdm: warning: the prompt is 40 T5 tokens, longer than max_sequence_length 32: the model "
-                   "reads only its first 32 (shorten it, or raise --max_sequence_length)"]
+    assert err == [("tuneqdm: warning: the prompt is 40 T5 tokens, longer than max_sequence_length 32: the model "
+                    "reads only its first 32 (shorten it, or raise --max_sequence_length)")]
     assert not [m for m in diffusers_log.messages if "truncated" in m]  # diffusers' CLIP and T5 notices dropped

@@ -91,8 +91,8 @@ def _finished(done: Path, settings: dict) -> dict | None:
 
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
              encoders, learning_rate: float | None = None, s1_intervals: str | None = None) -> dict:
-    from ..sampling import load_pipeline, pipeline_from
     from ..denoisers import denoiser
+    from ..sampling import load_pipeline, pipeline_from
     from ..train import TrainConfig, train
     from ..tuning import QuantConfig, quantize_
     from .evaluate import METRICS, evaluate, read_photos
