@@ -22,8 +22,8 @@ def _demo(args) -> None:
 
 def _generate(args) -> None:
     from .denoisers import denoiser, family
-    from .sampling import generate, load_pipeline, set_scheduler
     from .files import atomic_dir, check_output_folder
+    from .sampling import generate, load_pipeline, set_scheduler
 
     out = check_output_folder(args.out, args.force)
     if args.num_images < 1 or args.num_inference_steps < 1:
@@ -55,19 +55,7 @@ def _generate(args) -> None:
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
                          lora_scale=args.lora_scale, kernels=args.kernels, **_version(args))
     scheduler = set_scheduler(pipe, args.scheduler)
-    model, quantizer = denoiser(pipe), None
-    if args.activation_quant == "dynamic":
-        from .ptq.activations import DynamicActivations
-
-        DynamicActivations(args.activation_bits or 8, exclude=family(pipe).first_last).install(model)
-    elif args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
-        from .ptq.activation_calibration import activations_for
-
-        quantizer = activations_for(
-            pipe, args.activation_bits, args.groups, args.attention_quant, args.activations, args.quantized_base,
-            args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path, args.num_inference_steps,
-            args.guidance_scale, log=lambda m: is_quiet() or print(m, file=sys.stderr),
-            max_sequence_length=args.max_sequence_length, size=(args.height, args.width)).install(model, family(pipe))
+    model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       max_sequence_length=args.max_sequence_length)
@@ -91,6 +79,27 @@ def _generate(args) -> None:
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     print(f"{len(images)} images of '{prompt}' in {out}")
+
+
+def _install_activations(args, pipe):
+    """generate's activation quantization on the pipeline's denoiser: dynamic int8, or DGQ (calibrated parameters,
+    on top of any adapter; returned, for its report of attention it could not quantize), or none."""
+    from .denoisers import denoiser, family
+
+    model, kind = denoiser(pipe), family(pipe)
+    if args.activation_quant == "dynamic":
+        from .ptq.activations import DynamicActivations
+
+        DynamicActivations(args.activation_bits or 8, exclude=kind.first_last).install(model)
+    elif args.activation_bits is not None:
+        from .ptq.activation_calibration import activations_for
+
+        return activations_for(
+            pipe, args.activation_bits, args.groups, args.attention_quant, args.activations, args.quantized_base,
+            args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path, args.num_inference_steps,
+            args.guidance_scale, log=lambda m: is_quiet() or print(m, file=sys.stderr),
+            max_sequence_length=args.max_sequence_length, size=(args.height, args.width)).install(model, kind)
+    return None
 
 
 def _report_kernels(unet, mode: str) -> None:

@@ -118,15 +118,57 @@ def recorded_steps(num_inference_steps: int, steps: int) -> list[int]:
     return sorted({round(i * (num_inference_steps - 1) / (steps - 1)) for i in range(steps)})
 
 
+class _InputRecorder:
+    """A forward pre-hook keeping the denoiser's inputs at the sampling steps ``keep`` (see ``CalibrationSet``)."""
+
+    def __init__(self, model, keep: set[int]):
+        self.signature, self.keep = inspect.signature(model.forward), keep
+        self.sample_name = "sample" if "sample" in self.signature.parameters else "hidden_states"
+        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
+        self.extra: dict[str, list] = {}
+        self.constants: dict[str, torch.Tensor] = {}
+        self.step = self.prompts = 0
+
+    def start(self, prompts: int) -> None:
+        """A new pipeline call of ``prompts`` prompts: its first denoiser call is step 0."""
+        self.step, self.prompts = 0, prompts
+
+    def __call__(self, module, args, kwargs):
+        step, self.step = self.step, self.step + 1
+        if step not in self.keep:
+            return
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        sample = bound[self.sample_name]
+        t = torch.as_tensor(bound["timestep"]).reshape(-1).float()
+        n = sample.shape[0]
+        self.rows["latents"].append(sample.detach().float().cpu())
+        self.rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
+        self.rows["emb"].append(bound["encoder_hidden_states"].detach().float().cpu())
+        self.rows["steps"].append(torch.full((n,), step, dtype=torch.long))
+        half = n - self.prompts if n == 2 * self.prompts else 0  # a guidance batch: unconditional first
+        self.rows["uncond"].append(torch.arange(n) < half)
+        per_row, shared = _split_arguments(bound, n, (self.sample_name, "timestep", "encoder_hidden_states"))
+        for k, v in per_row.items():
+            self.extra.setdefault(k, []).append(v)
+        self.constants.update(shared)
+
+    def result(self) -> CalibrationSet:
+        rows = {k: torch.cat(v) for k, v in self.rows.items()}
+        return CalibrationSet(latents=rows["latents"], timesteps=rows["timesteps"], encoder_hidden_states=rows["emb"],
+                              steps=rows["steps"], unconditional=rows["uncond"],
+                              extra={k: _concat(v) for k, v in self.extra.items()}, constants=self.constants,
+                              sample_name=self.sample_name)
+
+
 @torch.no_grad()
 def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int, num_inference_steps: int = 25,
                             steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                             batch_size: int = 8, max_sequence_length: int | None = None) -> CalibrationSet:
     """Sample ``samples_per_step`` images with the full-precision ``pipe`` (prompt ``i mod len(prompts)``, seed
-    ``seed + i``) and keep the UNet's inputs at ``steps`` uniformly spaced sampling steps (default: all of them).
+    ``seed + i``) and keep the denoiser's inputs at ``steps`` uniformly spaced sampling steps (default: all of them).
 
     Rows per recorded call: the whole guidance batch (unconditional then conditional half), so the set holds
-    ``samples_per_step x steps x 2`` rows with guidance (``x 1`` without).
+    ``samples_per_step x steps x 2`` rows with guidance (``x 1`` without, e.g. Flux's distilled guidance).
     """
     from ..denoisers import call_kwargs, denoiser, family
     from ..sampling import generator
@@ -136,50 +178,16 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
     if samples_per_step < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {samples_per_step}")
     guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
-    keep = set(recorded_steps(num_inference_steps, steps or num_inference_steps))
     model = denoiser(pipe)
-    signature = inspect.signature(model.forward)
-    sample_name = "sample" if "sample" in signature.parameters else "hidden_states"
-    recorded = (sample_name, "timestep", "encoder_hidden_states")
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
-    added: dict[str, list] = {}
-    constants: dict[str, torch.Tensor] = {}
-    state = {"step": 0, "prompts": 0}
-
-    def record(module, args, kwargs):
-        step = state["step"]
-        state["step"] += 1
-        if step not in keep:
-            return None
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        sample = bound[sample_name]
-        t = torch.as_tensor(bound["timestep"]).reshape(-1).float()
-        n = sample.shape[0]
-        rows["latents"].append(sample.detach().float().cpu())
-        rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
-        rows["emb"].append(bound["encoder_hidden_states"].detach().float().cpu())
-        rows["steps"].append(torch.full((n,), step, dtype=torch.long))
-        half = n - state["prompts"] if n == 2 * state["prompts"] else 0  # a guidance batch: unconditional first
-        rows["uncond"].append(torch.arange(n) < half)
-        per_row, shared = _split_arguments(bound, n, recorded)
-        for k, v in per_row.items():
-            added.setdefault(k, []).append(v)
-        constants.update(shared)
-        return None
-
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    recorder = _InputRecorder(model, set(recorded_steps(num_inference_steps, steps or num_inference_steps)))
+    handle = model.register_forward_pre_hook(recorder, with_kwargs=True)
     try:
         for start in progress(range(0, samples_per_step, batch_size), desc="calibration inputs", unit="batch"):
             n = min(batch_size, samples_per_step - start)
-            batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
-            state["step"], state["prompts"] = 0, n
-            pipe(batch_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=[generator(seed + start + i) for i in range(n)], output_type="latent",
-                 **call_kwargs(pipe, max_sequence_length=max_sequence_length))
+            recorder.start(n)
+            pipe([prompts[(start + i) % len(prompts)] for i in range(n)], num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale, generator=[generator(seed + start + i) for i in range(n)],
+                 output_type="latent", **call_kwargs(pipe, max_sequence_length=max_sequence_length))
     finally:
         handle.remove()
-    return CalibrationSet(latents=torch.cat(rows["latents"]), timesteps=torch.cat(rows["timesteps"]),
-                          encoder_hidden_states=torch.cat(rows["emb"]), steps=torch.cat(rows["steps"]),
-                          unconditional=torch.cat(rows["uncond"]),
-                          extra={k: _concat(v) for k, v in added.items()}, constants=constants,
-                          sample_name=sample_name)
+    return recorder.result()
