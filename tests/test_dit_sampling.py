@@ -107,19 +107,21 @@ def test_quantize_streams_each_dit_folder_and_generate_loads_it(folders, tmp_pat
     assert np.array_equal(images, _sample(in_memory))
 
 
-def test_adaround_quantize_calibrates_a_dit_layer_by_layer(folders, tmp_path, capsys):
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_adaround_quantize_calibrates_a_dit_layer_by_layer(folders, tmp_path, capsys, name):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red box\na blue ball\n")
     out = tmp_path / "q"
-    code, err = _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders["flux"]), "--bits", "4",
+    code, err = _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders[name]), "--bits", "4",
                      "--calib_prompts", str(prompts), "--calib_samples", "2", "--num_inference_steps", "2",
                      "--iters", "3", "--batch_size", "4", "--out", str(out))
     assert code == 0, err
     record = json.loads((out / "quantization.json").read_text())["calibration"]
     model = load_quantized(out)
-    assert record["rows"] == 2 * 2  # 2 images x 2 steps; Flux's distilled guidance: no unconditional half
+    guided = name != "flux"  # Flux's distilled guidance runs no unconditional half
+    assert record["rows"] == 2 * 2 * (2 if guided else 1)  # 2 images x 2 steps (x 2 guidance halves)
     blocks = {b["block"]: b["layers"] for b in record["blocks"]}  # outside the timestep embedders: one per layer
-    assert sum(blocks.values()) == len(quantized_layers(model)) and blocks["x_embedder"] == 1
+    assert sum(blocks.values()) == len(quantized_layers(model)) and blocks["proj_out"] == 1
     assert all(b["adaround"] <= b["round_to_nearest"] * 1.5 for b in record["blocks"])
 
 

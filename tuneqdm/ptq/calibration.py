@@ -30,7 +30,8 @@ class CalibrationSet:
     is the unconditional half of the guidance batch (``unconditional (N,) bool``). ``extra`` holds every other per-row
     argument under its name (SDXL's ``added_cond_kwargs`` dict, Flux's ``pooled_projections`` and
     ``guidance``, a T5 ``encoder_attention_mask``; ``{}`` for SD), ``constants`` the arguments shared by every row
-    (Flux's ``img_ids``/``txt_ids``), ``sample_name`` the name of the latent argument."""
+    (Flux's ``img_ids``/``txt_ids``, PixArt's empty ``added_cond_kwargs``), ``sample_name`` the name of the latent
+    argument."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
@@ -76,6 +77,8 @@ def _split_arguments(bound: dict, n: int, recorded: tuple[str, ...]) -> tuple[di
             continue
         if isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values()):
             per_row[name] = {k: v.detach().float().cpu() if torch.is_tensor(v) else v for k, v in value.items()}
+        elif isinstance(value, dict):  # e.g. PixArt's added_cond_kwargs without resolution conditioning
+            shared[name] = value
         elif torch.is_tensor(value):
             (per_row if value.dim() > 0 and value.shape[0] == n else shared)[name] = value.detach().cpu()
     return per_row, shared
