@@ -66,6 +66,7 @@ def test_adapter_on_each_dit_samples_its_scales_and_w8_stays_close_to_float(fold
     loaded = tuneqdm.load_pipeline(adapter=tmp_path / "adapter")
     assert type(denoiser(loaded)).__name__ == type(denoiser(tuned)).__name__
     with_adapter = _sample(loaded)
+    assert with_adapter.shape == (2, 32, 32, 3)  # the native size (Flux's from its VAE, not the pipeline's 1024 px)
     assert np.array_equal(with_adapter, _sample(tuned))  # the adapter holds exactly the perturbed scales
 
     untuned = pipeline_from(str(folders[name]))
@@ -349,3 +350,26 @@ def test_a_prompt_over_the_t5_limit_is_one_warning_line(folders, tmp_path, capsy
     assert err == [("tuneqdm: warning: the prompt is 40 T5 tokens, longer than max_sequence_length 32: the model "
                     "reads only its first 32 (shorten it, or raise --max_sequence_length)")]
     assert not [m for m in diffusers_log.messages if "truncated" in m]  # diffusers' CLIP and T5 notices dropped
+
+
+def test_pixart_bins_sizes_only_where_its_bins_are_defined_and_flow_pipelines_keep_their_scheduler(folders, capsys,
+                                                                                                   tmp_path):
+    from types import SimpleNamespace
+
+    from tuneqdm.denoisers import _in_resolution_bins
+
+    def pixart(sample_size):
+        return SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)),
+                               vae_scale_factor=8)
+
+    assert _in_resolution_bins(pixart(128), None, None)  # PixArt-Σ 1024: its native 1024 x 1024 is a bin
+    assert _in_resolution_bins(pixart(128), 768, 1344)
+    assert not _in_resolution_bins(pixart(128), 1000, 1000)  # binning would sample another size and resize
+    assert not _in_resolution_bins(pixart(16), None, None)  # no bins for this sample size: diffusers would raise
+
+    for name in ("flux", "sd3"):
+        code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--prompt", PROMPT,
+                         "--scheduler", "ddim", "--out", str(tmp_path / name))
+        own = type(pipeline_from(str(folders[name]))).__name__
+        assert (code, err) == (2, [(f"tuneqdm: error: --scheduler ddim does not apply to {own}, a flow-matching "
+                                    "pipeline (it samples with its FlowMatchEulerDiscreteScheduler): drop --scheduler")])

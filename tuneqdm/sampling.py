@@ -205,10 +205,10 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
     ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with).
-    ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its UNet is used instead of the base's.
-    ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
-    quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
-    with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
+    ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its denoiser (UNet or transformer) is used instead of
+    the base's. ``adapter``: a ``tuneqdm train`` output folder: scales (the base's denoiser is quantized as in
+    training, or the quantized base is used, and the adapter's scales and timestep routing are loaded; another base
+    is refused with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
     or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
     ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
