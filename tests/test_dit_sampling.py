@@ -373,3 +373,23 @@ def test_pixart_bins_sizes_only_where_its_bins_are_defined_and_flow_pipelines_ke
         own = type(pipeline_from(str(folders[name]))).__name__
         assert (code, err) == (2, [(f"tuneqdm: error: --scheduler ddim does not apply to {own}, a flow-matching "
                                     "pipeline (it samples with its FlowMatchEulerDiscreteScheduler): drop --scheduler")])
+
+
+def test_a_processor_without_scaled_dot_product_attention_is_reported_and_left_in_full_precision(folders, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from tuneqdm.ptq.activation_calibration import calibrate_activations
+    from tuneqdm.ptq.activations import ActivationConfig
+
+    pipe = pipeline_from(str(folders["pixart"]))
+    model = denoiser(pipe)
+    model.set_attn_processor(AttnProcessor())  # diffusers' explicit-softmax processor: no call to quantize
+    q = calibrate_activations(pipe, [PROMPT], ActivationConfig(groups=2, exclude=family(pipe).first_last),
+                              num_inference_steps=2, max_sequence_length=32)
+    q.install(model, family(pipe))
+    with_a8 = _sample(pipe)
+    assert q.skipped_attention == {f"{name} (AttnProcessor)" for name in model.attn_processors}
+    q.config.attention = "none"  # the same layers' activations, attention untouched: the same images
+    q.remove()
+    q.install(model, family(pipe))
+    assert np.array_equal(_sample(pipe), with_a8)
