@@ -371,8 +371,9 @@ def test_pixart_bins_sizes_only_where_its_bins_are_defined_and_flow_pipelines_ke
         code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--prompt", PROMPT,
                          "--scheduler", "ddim", "--out", str(tmp_path / name))
         own = type(pipeline_from(str(folders[name]))).__name__
-        assert (code, err) == (2, [(f"tuneqdm: error: --scheduler ddim does not apply to {own}, a flow-matching "
-                                    "pipeline (it samples with its FlowMatchEulerDiscreteScheduler): drop --scheduler")])
+        message = (f"tuneqdm: error: --scheduler ddim does not apply to {own}, a flow-matching pipeline (it samples "
+                   "with its FlowMatchEulerDiscreteScheduler): drop --scheduler")
+        assert (code, err) == (2, [message])
 
 
 def test_a_processor_without_scaled_dot_product_attention_is_reported_and_left_in_full_precision(folders, tmp_path):

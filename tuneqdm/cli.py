@@ -536,8 +536,8 @@ def _toy_scenes(args) -> None:
         print(text)
 
 
-GUIDANCE_HELP = ("classifier-free guidance scale; Flux: its distilled guidance (default: the pipeline family's, 7.5 for "
-                 "SD/SDXL, 3.5 for Flux, 7.0 for SD3, 4.5 for PixArt)")
+GUIDANCE_HELP = ("classifier-free guidance scale; Flux: its distilled guidance (default: the pipeline family's, "
+                 "7.5 for SD/SDXL, 3.5 for Flux, 7.0 for SD3, 4.5 for PixArt)")
 SCHEDULER_CHOICES = ("ddim", "dpm++", "euler")
 SCHEDULER_HELP = ("sampler of a UNet or PixArt pipeline (default: ddim); flow-matching pipelines (Flux, SD3) keep "
                   "their own")

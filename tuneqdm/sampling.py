@@ -155,8 +155,8 @@ def check_pipeline_files(source: str, revision: str | None = None, variant: str 
     from .tuning.streaming import INDEX_NAME, WEIGHTS_NAME, weight_files
 
     suffix = f".{variant}" if variant else ""
-    if any((folder / name.replace(".safetensors", f"{suffix}.safetensors", 1)).is_file()
-           for name in (WEIGHTS_NAME, INDEX_NAME)):  # else diffusers says what is missing
+    if any((folder / file.replace(".safetensors", f"{suffix}.safetensors", 1)).is_file()
+           for file in (WEIGHTS_NAME, INDEX_NAME)):  # else diffusers says what is missing
         weight_files(folder, variant)
 
 
@@ -208,8 +208,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its denoiser (UNet or transformer) is used instead of
     the base's. ``adapter``: a ``tuneqdm train`` output folder: scales (the base's denoiser is quantized as in
     training, or the quantized base is used, and the adapter's scales and timestep routing are loaded; another base
-    is refused with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
-    or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
+    is refused with both fingerprints named), LoRA (loaded into the float denoiser; qlora: into the denoiser
+    quantized as in training, or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
     ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
     devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
