@@ -215,36 +215,23 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
     from .quant.kernels import check_kernels, set_kernels
-    from .serialization import load_quantized, read_adapter_config
+    from .serialization import load_quantized
 
     if lora is not None:
         check_lora_scale(lora_scale)
 
     check_kernels(kernels)
 
-    kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
+    kind, cfg, info, qlora = None, {}, {}, False
     if adapter is not None:
-        from .train.outputs import adapter_kind, read_training_json
-
-        kind = adapter_kind(adapter)
-        info = read_training_json(adapter)
-        cfg = read_adapter_config(adapter) if kind == "scales" else {}  # checked with its tensors, before any loading
-        if base is None:
-            base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
-            trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
-            revision = trained.get("revision") if revision is None and base is not None else revision
-            variant = trained.get("variant") if variant is None and base is not None else variant
-        if quantized_base is None and kind == "scales" and cfg.get("quantized_base"):
-            if Path(cfg["quantized_base"]).is_dir():
-                quantized_base = cfg["quantized_base"]
-    if base is None and quantized_base is not None and adapter is None:  # the quantized base's own base, if local
+        kind, cfg, info = _read_adapter(adapter)
+        qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
+        base, quantized_base, revision, variant = _adapter_sources(kind, cfg, info, base, quantized_base, revision,
+                                                                   variant)
+    elif base is None and quantized_base is not None:  # the quantized base's own base, if local
         recorded = _read_base_id(quantized_base)
-        if recorded is not None and Path(recorded).is_dir():
-            base = recorded
-    qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
-    if qlora and quantized_base is None and info.get("quantized_base") and Path(info["quantized_base"]).is_dir():
-        quantized_base = info["quantized_base"]
+        base = recorded if recorded is not None and Path(recorded).is_dir() else None
     if quantized_base is not None and kind in ("lora", "fp") and not qlora:
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
@@ -270,6 +257,33 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     set_kernels(model, kernels)
     model.eval()
     return pipe
+
+
+def _read_adapter(adapter) -> tuple[str, dict, dict]:
+    """(kind, adapter_config.json of a scale adapter, training.json) of a ``tuneqdm train`` result, checked before
+    any loading."""
+    from .serialization import read_adapter_config
+    from .train.outputs import adapter_kind, read_training_json
+
+    kind = adapter_kind(adapter)
+    info = read_training_json(adapter)
+    return kind, read_adapter_config(adapter) if kind == "scales" else {}, info
+
+
+def _adapter_sources(kind: str, cfg: dict, info: dict, base, quantized_base, revision, variant) -> tuple:
+    """(base, quantized_base, revision, variant) for an adapter: those given, else the ones it was trained with (a
+    recorded quantized base only while its folder exists)."""
+    if base is None:
+        base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
+        trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
+        revision = trained.get("revision") if revision is None and base is not None else revision
+        variant = trained.get("variant") if variant is None and base is not None else variant
+    recorded = cfg.get("quantized_base") if kind == "scales" else None
+    if kind == "lora" and info.get("tuneqdm_method") == "qlora":
+        recorded = info.get("quantized_base")
+    if quantized_base is None and recorded and Path(recorded).is_dir():
+        quantized_base = recorded
+    return base, quantized_base, revision, variant
 
 
 def _load_lora_adapter(pipe, adapter, info: dict, quantize: bool, chosen_base: bool) -> None:
