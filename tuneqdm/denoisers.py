@@ -72,6 +72,12 @@ def denoiser(pipe) -> nn.Module:
     return getattr(pipe, family(pipe).attribute)
 
 
+def denoiser_word(pipe) -> str:
+    """How messages name the denoiser: "UNet" or "transformer"."""
+    attribute = family(pipe).attribute
+    return "UNet" if attribute == "unet" else attribute
+
+
 def denoiser_component(pipe) -> str:
     """The name of the denoiser's component, for ``DiffusionPipeline.from_pretrained(..., <name>=model)``."""
     return family(pipe).attribute

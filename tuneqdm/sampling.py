@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .denoisers import call_kwargs, denoiser, denoiser_component, family, family_named
+from .denoisers import call_kwargs, denoiser, denoiser_component, denoiser_word, family, family_named
 from .errors import TuneQDMError, TuneQDMWarning
 from .files import first_line, read_json
 from .progress import pipeline_progress, progress, stage
@@ -318,7 +318,7 @@ def _load_scales(pipe, adapter, cfg: dict, quantized_base, chosen_base: bool, ch
     if quantized_base is None:
         from .tuning import QuantConfig, quantize_
 
-        with stage(f"quantizing the {type(model).__name__} to {cfg['bits']} bits"):
+        with stage(f"quantizing the {denoiser_word(pipe)} to {cfg['bits']} bits"):
             quantize_(model, QuantConfig(
                 bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
                 intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))

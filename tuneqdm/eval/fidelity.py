@@ -91,7 +91,7 @@ def _finished(done: Path, settings: dict) -> dict | None:
 
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
              encoders, learning_rate: float | None = None, s1_intervals: str | None = None) -> dict:
-    from ..denoisers import denoiser
+    from ..denoisers import denoiser, denoiser_word
     from ..sampling import load_pipeline, pipeline_from
     from ..train import TrainConfig, train
     from ..tuning import QuantConfig, quantize_
@@ -107,7 +107,7 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     if method == FLOOR:
         pipe = pipeline_from(base)
         model = denoiser(pipe)
-        with stage(f"quantizing the {type(model).__name__} to {bits} bits"):
+        with stage(f"quantizing the {denoiser_word(pipe)} to {bits} bits"):
             quantize_(model, QuantConfig(bits=bits, method="peqa", init="mse"))
         model.eval()
         info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
