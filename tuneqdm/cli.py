@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import TuneQDMError, either
+from .denoisers import denoiser, family
+from .errors import TuneQDMError, TuneQDMWarning, either
 from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
 from .progress import is_quiet, progress, set_quiet
 from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
@@ -16,7 +17,7 @@ from .quant.packing import SUPPORTED_BITS
 from .quant.paths import kernel_report
 from .quant.quantizer import INITS
 from .results import read_training_json
-from .sampling import generate, load_pipeline, pipeline_from, set_scheduler
+from .sampling import check_base, generate, load_pipeline, pipeline_from, set_scheduler
 
 
 def _demo(args) -> None:
@@ -53,21 +54,16 @@ def _generate(args) -> None:
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
                          lora_scale=args.lora_scale, kernels=args.kernels, **_version(args))
-    set_scheduler(pipe, args.scheduler)
-    if args.activation_quant == "dynamic":
-        from .ptq.activations import DynamicActivations
-
-        DynamicActivations(args.activation_bits or DYNAMIC_BITS).install(pipe.unet)
-    elif args.activation_bits is not None:  # DGQ activation quantization (tuneqdm.ptq), on top of any adapter
-        from .ptq.activation_calibration import activations_for
-
-        activations_for(pipe, args.activation_bits, args.groups, args.attention_quant, args.activations,
-                        args.quantized_base, args.calib_prompts, args.calib_samples,
-                        args.pretrained_model_name_or_path, args.num_inference_steps, args.guidance_scale,
-                        log=lambda m: is_quiet() or print(m, file=sys.stderr)).install(pipe.unet)
+    scheduler = set_scheduler(pipe, args.scheduler)
+    model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
-                      negative_prompt=args.negative_prompt, height=args.height, width=args.width)
-    _report_kernels(pipe.unet, args.kernels)
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                      max_sequence_length=args.max_sequence_length)
+    if quantizer is not None and quantizer.skipped_attention:
+        skipped = sorted(quantizer.skipped_attention)
+        print(f"tuneqdm: warning: attention left in full precision in {len(skipped)} layers whose processors compute "
+              f"no scaled_dot_product_attention (e.g. {skipped[0]})", file=sys.stderr)
+    _report_kernels(model, args.kernels)
     with atomic_dir(out) as tmp:
         for i, image in enumerate(images):
             image.save(tmp / f"{i:03d}.png")
@@ -75,12 +71,33 @@ def _generate(args) -> None:
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
                                               "revision", "variant", "adapter", "quantized_base", "activation_bits",
                                               "groups", "attention_quant", "activations", "activation_quant", "kernels",
-                                              "lora", "lora_scale")}
+                                              "lora", "lora_scale", "max_sequence_length")}
         meta["prompt"] = prompt
+        meta["guidance_scale"] = family(pipe).guidance if args.guidance_scale is None else args.guidance_scale
+        meta["scheduler"] = scheduler
         meta["height"], meta["width"] = images[0].height, images[0].width
         meta["seeds"] = [args.seed + i for i in range(len(images))]
         (tmp / "generate.json").write_text(json.dumps(meta, indent=1))
     print(f"{len(images)} images of '{prompt}' in {out}")
+
+
+def _install_activations(args, pipe):
+    """generate's activation quantization on the pipeline's denoiser: dynamic int8, or DGQ (calibrated parameters,
+    on top of any adapter; returned, for its report of attention it could not quantize), or none."""
+    model, kind = denoiser(pipe), family(pipe)
+    if args.activation_quant == "dynamic":
+        from .ptq.activations import DynamicActivations
+
+        DynamicActivations(args.activation_bits or DYNAMIC_BITS, exclude=kind.first_last).install(model)
+    elif args.activation_bits is not None:
+        from .ptq.activation_calibration import activations_for
+
+        return activations_for(
+            pipe, args.activation_bits, args.groups, args.attention_quant, args.activations, args.quantized_base,
+            args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path, args.num_inference_steps,
+            args.guidance_scale, log=lambda m: is_quiet() or print(m, file=sys.stderr),
+            max_sequence_length=args.max_sequence_length, size=(args.height, args.width)).install(model, kind)
+    return None
 
 
 def _report_kernels(unet, mode: str) -> None:
@@ -100,6 +117,7 @@ def _evaluate(args) -> None:
         raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {args.fid_images}")
     out = Path(args.out)
     check_writable(out)  # before any sampling
+    check_base(args.pretrained_model_name_or_path, **_version(args))  # before the evaluators load
     if out.exists() and any(out.iterdir()):
         if not args.force:
             raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
@@ -181,7 +199,8 @@ def _quantize_activations(args) -> None:
     set_scheduler(pipe, args.scheduler)
     q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
                         samples=args.calib_samples, base=args.pretrained_model_name_or_path,
-                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+                        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                        max_sequence_length=args.max_sequence_length, size=(args.height, args.width))
     q.info.update(quantized_base=args.quantized_base, base=args.pretrained_model_name_or_path)
     save_activations(q, out)
     print(f"A{args.activation_bits} K={args.groups} activation parameters for {len(q.timesteps)} steps, "
@@ -294,7 +313,7 @@ def _benchmark_fidelity(args) -> None:
                      encoders, lrs.get(m), args.s1_intervals)
         print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
               f"CLIP-T {r['clip_t']:.3f}", flush=True)
-    total = sum(p.numel() for p in pipeline_from(args.pretrained_model_name_or_path).unet.parameters())
+    total = sum(p.numel() for p in denoiser(pipeline_from(args.pretrained_model_name_or_path)).parameters())
     table(out, methods, args.bits, subjects, total)
     print(f"table: {out / 'fidelity.md'}")
 
@@ -454,8 +473,8 @@ def _add_quantize_parser(sub) -> None:
            "adaround only: minmax/mse use one row, to find the shortcut splits)")
     a("--calib_steps", type=int, default=None,
       help="sampling steps recorded, uniformly spaced (default: all --num_inference_steps)")
-    a("--num_inference_steps", type=int, default=25, help="DDIM steps of the calibration sampling (default 25)")
-    a("--guidance_scale", type=float, default=7.5)
+    a("--num_inference_steps", type=int, default=25, help="sampling steps of the calibration sampling (default 25)")
+    a("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
     a("--iters", type=int, default=AdaRoundConfig.iters,
       help=f"adaround: Adam steps per block (default {AdaRoundConfig.iters})")
     a("--batch_size", type=int, default=AdaRoundConfig.batch_size,
@@ -511,6 +530,13 @@ def _toy_scenes(args) -> None:
         print(text)
 
 
+GUIDANCE_HELP = ("classifier-free guidance scale; Flux: its distilled guidance (default: the pipeline family's, "
+                 "7.5 for SD/SDXL, 3.5 for Flux, 7.0 for SD3, 4.5 for PixArt)")
+SCHEDULER_CHOICES = ("ddim", "dpm++", "euler")
+SCHEDULER_HELP = ("sampler of a UNet or PixArt pipeline (default: ddim); flow-matching pipelines (Flux, SD3) keep "
+                  "their own")
+
+
 class _Parser(argparse.ArgumentParser):
     """Every option's help ends with its default (subcommands inherit the class), unless the help already names
     which default applies; an option without a default says "none"."""
@@ -544,8 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--num_images", type=int, default=4)
     gen.add_argument("--num_inference_steps", type=int, default=25)
-    gen.add_argument("--guidance_scale", type=float, default=7.5)
-    gen.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default="ddim")
+    gen.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
+    gen.add_argument("--max_sequence_length", type=int, default=None,
+                     help="T5 prompt tokens of Flux, SD3 and PixArt (default: the pipeline's; a longer prompt is cut, "
+                          "with a warning)")
+    gen.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None, help=SCHEDULER_HELP)
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
                                                               "(default: the model's native size)")
@@ -584,8 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_version_flags(qa)
     _add_activation_flags(qa, calibrate_only=True)
     qa.add_argument("--num_inference_steps", type=int, default=25, help="the sampling schedule calibrated (25)")
-    qa.add_argument("--guidance_scale", type=float, default=7.5)
-    qa.add_argument("--scheduler", choices=("ddim", "dpm++", "euler"), default="ddim")
+    qa.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
+    qa.add_argument("--max_sequence_length", type=int, default=None,
+                    help="T5 prompt tokens of Flux, SD3 and PixArt (default: the pipeline's; sample with the same)")
+    qa.add_argument("--height", type=int, default=None, help="image height calibrated (default: the model's native)")
+    qa.add_argument("--width", type=int, default=None, help="image width calibrated (default: the model's native)")
+    qa.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None, help=SCHEDULER_HELP)
     qa.add_argument("--device", default="cpu")
     qa.add_argument("--out", default=None, help="output folder (default: QUANTIZED_BASE/activations-aB-kK)")
     qa.add_argument("--force", action="store_true", help="replace the parameters in a non-empty --out")
@@ -619,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--class_word", default=None, help="default: from subject.json or the adapter")
     ev.add_argument("--keep_token_in_clip_t", action="store_true", help="score CLIP-T against the prompt as written")
     ev.add_argument("--num_inference_steps", type=int, default=25)
-    ev.add_argument("--guidance_scale", type=float, default=7.5)
+    ev.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
     ev.add_argument("--seed", type=int, default=0, help="prompt p, image i uses seed + 1000 p + i")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default="evaluation")
@@ -692,7 +725,7 @@ def _one_line_warnings() -> None:
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, TrainWarning):
+        if issubclass(category, (TrainWarning, TuneQDMWarning)):
             print(f"tuneqdm: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

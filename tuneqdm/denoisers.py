@@ -1,8 +1,8 @@
-"""The pipelines tuneqdm personalizes, and where each keeps its denoiser.
+"""The pipelines tuneqdm personalizes, where each keeps its denoiser, and how each is called.
 
-UNet pipelines (SD 1.x/2.x, SDXL) keep it in ``pipe.unet``; diffusion-transformer pipelines (FLUX.1, SD3/3.5,
-PixArt-Σ) in ``pipe.transformer``. Everything above this module asks here instead of naming an attribute, so that a
-new pipeline is one entry in ``PIPELINES``.
+UNet pipelines (SD 1.x/2.x, SDXL) keep the denoiser in ``pipe.unet``; diffusion-transformer pipelines (FLUX.1,
+SD3/3.5, PixArt-Σ) in ``pipe.transformer``. Everything above this module asks here instead of naming an attribute or
+a pipeline, so that a new pipeline is one entry in ``PIPELINES`` and per-family differences live in its ``Family``.
 """
 
 from __future__ import annotations
@@ -16,28 +16,55 @@ from .errors import TuneQDMError
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between supported pipelines: a short name and the pipeline attribute holding the denoiser."""
+    """What differs between supported pipelines.
+
+    ``attribute``: the pipeline attribute holding the denoiser. ``guidance``: the pipeline's own default guidance
+    scale (Flux's is its distilled guidance, fed to the guidance embedding). ``t5_tokenizer``: the tokenizer whose
+    prompts a T5 encoder reads (their limit is the pipeline's ``max_sequence_length``). ``start_token``: the prompt's
+    attention keys begin with CLIP's ``<start>`` (T5 prompts have none). ``text_last``: in joint attention the prompt's
+    keys follow the image's (SD3) rather than precede them (Flux). ``size_from_vae``: the native image size is the
+    VAE's ``sample_size`` (Flux's pipeline otherwise assumes 1024 px). ``resolution_bins``: the pipeline snaps sizes
+    to aspect-ratio bins (PixArt). ``call``: fixed keyword arguments of every pipeline call. ``first_last``: the
+    denoiser's input and output layers, whose activations stay in full precision (Q-Diffusion, DGQ).
+    """
 
     name: str
     attribute: str
+    guidance: float = 7.5
+    t5_tokenizer: str | None = None
+    start_token: bool = True
+    text_last: bool = False
+    size_from_vae: bool = False
+    resolution_bins: bool = False
+    call: tuple[tuple[str, object], ...] = ()
+    first_last: tuple[str, ...] = ("conv_in", "conv_out")
 
 
 PIPELINES = {
     "StableDiffusionPipeline": Family("sd", "unet"),
     "StableDiffusionXLPipeline": Family("sdxl", "unet"),
-    "FluxPipeline": Family("flux", "transformer"),
-    "StableDiffusion3Pipeline": Family("sd3", "transformer"),
-    "PixArtSigmaPipeline": Family("pixart", "transformer"),
+    "FluxPipeline": Family("flux", "transformer", guidance=3.5, t5_tokenizer="tokenizer_2", start_token=False,
+                           size_from_vae=True, first_last=("x_embedder", "proj_out")),
+    "StableDiffusion3Pipeline": Family("sd3", "transformer", guidance=7.0, t5_tokenizer="tokenizer_3",
+                                       text_last=True, first_last=("pos_embed.proj", "proj_out")),
+    # clean_caption rewrites prompts (and needs bs4 + ftfy): the prompt is used as written, as for the others
+    "PixArtSigmaPipeline": Family("pixart", "transformer", guidance=4.5, t5_tokenizer="tokenizer", start_token=False,
+                                  resolution_bins=True, call=(("clean_caption", False),),
+                                  first_last=("pos_embed.proj", "proj_out")),
 }
 
 
-def family(pipe) -> Family:
-    """The family of ``pipe``'s class, or one line naming the supported pipeline classes."""
-    name = type(pipe).__name__
+def family_named(name: str) -> Family:
+    """The family of the pipeline class ``name``, or one line naming the supported pipeline classes."""
     if name not in PIPELINES:
         raise TuneQDMError(f"{name} is not supported: tuneqdm personalizes {', '.join(PIPELINES)} "
                            "(pass a folder or hub id of one of them)")
     return PIPELINES[name]
+
+
+def family(pipe) -> Family:
+    """The family of ``pipe``'s class, or one line naming the supported pipeline classes."""
+    return family_named(type(pipe).__name__)
 
 
 def denoiser(pipe) -> nn.Module:
@@ -45,6 +72,43 @@ def denoiser(pipe) -> nn.Module:
     return getattr(pipe, family(pipe).attribute)
 
 
+def denoiser_word(pipe) -> str:
+    """How messages name the denoiser: "UNet" or "transformer"."""
+    attribute = family(pipe).attribute
+    return "UNet" if attribute == "unet" else attribute
+
+
 def denoiser_component(pipe) -> str:
     """The name of the denoiser's component, for ``DiffusionPipeline.from_pretrained(..., <name>=model)``."""
     return family(pipe).attribute
+
+
+def call_kwargs(pipe, height: int | None = None, width: int | None = None,
+                max_sequence_length: int | None = None) -> dict:
+    """The keyword arguments of ``pipe(...)`` that differ by family: image size (None: the model's native size),
+    ``max_sequence_length`` (T5 pipelines; None: the pipeline's default) and the family's fixed ones."""
+    f = family(pipe)
+    if f.size_from_vae:
+        native = pipe.vae.config.sample_size
+        height, width = height or native, width or native
+    kwargs = {**dict(f.call), "height": height, "width": width}
+    if f.t5_tokenizer is not None and max_sequence_length is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
+    if f.resolution_bins:
+        kwargs["use_resolution_binning"] = _in_resolution_bins(pipe, height, width)
+    return kwargs
+
+
+def _in_resolution_bins(pipe, height: int | None, width: int | None) -> bool:
+    """Whether PixArt's aspect-ratio binning would keep this size (binning is only meaningful, and only defined, for
+    the published sample sizes; elsewhere it raises, and on an off-bin size it would resize the image)."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    bins = {256: sigma.ASPECT_RATIO_2048_BIN, 128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN,
+            32: alpha.ASPECT_RATIO_256_BIN}.get(pipe.transformer.config.sample_size)
+    if bins is None:
+        return False
+    native = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    size = [float(height or native), float(width or native)]
+    return any(list(map(float, hw)) == size for hw in bins.values())

@@ -23,6 +23,11 @@ class CallArguments:
         self.args, self.kwargs = args, kwargs
         self._positions = {name: i for i, name in enumerate(signature.parameters)}
 
+    def named(self) -> dict:
+        """Every argument this call passed, by parameter name (positional ones beyond the signature left out)."""
+        names = list(self._positions)
+        return {**{names[i]: v for i, v in enumerate(self.args) if i < len(names)}, **self.kwargs}
+
     def get(self, *names: str):
         """The value of the first of ``names`` that this call passed, or None."""
         for name in names:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import TuneQDMError
-from .files import first_line
+from .denoisers import call_kwargs, denoiser, denoiser_component, denoiser_word, family, family_named
+from .errors import TuneQDMError, TuneQDMWarning
+from .files import first_line, read_json
 from .loading import dtype_kwarg, quiet_loading
 from .progress import pipeline_progress, progress, stage
 from .quant import cached_weights
@@ -21,6 +22,7 @@ from .quant.paths import sampling_kernels, set_kernels
 from .results import adapter_kind, read_training_json
 from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
 from .tuning import QuantConfig, quantize_
+from .tuning.streaming import INDEX_NAME, WEIGHTS_NAME, weight_files
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -81,13 +83,18 @@ def base_source(base: str | Path | None, revision: str | None = None, variant: s
 
 
 def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32, *,
-                  revision: str | None = None, variant: str | None = None, **components):
+                  revision: str | None = None, variant: str | None = None, denoiser_model=None, **components):
     """The base pipeline (at ``revision``, in ``variant``: see ``base_source``) with some components given instead of
-    loaded (e.g. ``unet=...``): the one place a pipeline is loaded by name."""
+    loaded (e.g. ``unet=...``; ``denoiser_model``: its UNet or transformer, whichever the pipeline has): the one place
+    a pipeline is loaded by name. Its class is checked first (``tuneqdm.denoisers``), and a local folder's denoiser
+    files against their index, so that neither is found out half-way through loading."""
     from diffusers import DiffusionPipeline
 
     quiet_loading()
     source, extra = base_source(base, revision, variant)
+    if denoiser_model is not None:
+        components[_denoiser_attribute(source, revision)] = denoiser_model
+    check_pipeline_files(source, revision, variant)
     if "safety_checker" not in components and _has_component(source, "safety_checker"):
         components["safety_checker"] = None
     try:
@@ -98,8 +105,55 @@ def pipeline_from(base: str | Path | None, device: str | torch.device = "cpu", d
         raise TuneQDMError(f"cannot load the pipeline {base if base is not None else source}: "
                            f"{first_line(e, None)} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
+    family(pipe)  # a hub pipeline whose index could not be read before loading
     pipeline_progress(pipe)
     return pipe.to(device)
+
+
+def _pipeline_class(source: str, revision: str | None) -> str | None:
+    """The pipeline class named by ``source``'s model_index.json (None when it cannot be read before loading:
+    ``from_pretrained`` then reports why)."""
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        name = read_json(index, "diffusers pipeline").get("_class_name")
+        return name if isinstance(name, str) else None
+    if Path(source).exists():
+        return None
+    from diffusers import DiffusionPipeline
+
+    try:  # a hub id: its model_index.json only
+        name = DiffusionPipeline.load_config(source, **({"revision": revision} if revision else {})).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _denoiser_attribute(source: str, revision: str | None) -> str:
+    name = _pipeline_class(source, revision)
+    if name is None:
+        raise TuneQDMError(f"cannot tell which pipeline {source} is (no readable model_index.json): pass a diffusers "
+                           "pipeline folder or hub id")
+    return family_named(name).attribute
+
+
+def check_base(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> None:
+    """``check_pipeline_files`` for a base named by the user (the embedded pipeline needs none): commands call it
+    before work that does not need the model (evaluators, calibration prompts), so a bad base is the first error."""
+    if base is not None:
+        check_pipeline_files(base_source(base, revision, variant)[0], revision, variant)
+
+
+def check_pipeline_files(source: str, revision: str | None = None, variant: str | None = None) -> None:
+    """One line, before any loading, for a pipeline class tuneqdm does not support and for a local denoiser checkpoint
+    whose shards do not match their index, lack a shard or cannot be read."""
+    name = _pipeline_class(source, revision)
+    if name is None:
+        return
+    folder = Path(source) / family_named(name).attribute
+    suffix = f".{variant}" if variant else ""
+    if any((folder / file.replace(".safetensors", f"{suffix}.safetensors", 1)).is_file()
+           for file in (WEIGHTS_NAME, INDEX_NAME)):  # else diffusers says what is missing
+        weight_files(folder, variant)
 
 
 @contextlib.contextmanager
@@ -138,11 +192,11 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
     ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with).
-    ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its UNet is used instead of the base's.
-    ``adapter``: a ``tuneqdm train`` output folder: scales (the base's UNet is quantized as in training, or the
-    quantized base is used, and the adapter's scales and timestep routing are loaded; another base is refused
-    with both fingerprints named), LoRA (loaded into the float UNet; qlora: into the UNet quantized as in training,
-    or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
+    ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its denoiser (UNet or transformer) is used instead of
+    the base's. ``adapter``: a ``tuneqdm train`` output folder: scales (the base's denoiser is quantized as in
+    training, or the quantized base is used, and the adapter's scales and timestep routing are loaded; another base
+    is refused with both fingerprints named), LoRA (loaded into the float denoiser; qlora: into the denoiser
+    quantized as in training, or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
     ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
     devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
@@ -152,34 +206,24 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
 
     check_kernels(kernels)
 
-    kind, cfg, info = None, {}, {}
     chosen_base, chosen_quantized = base is not None, quantized_base is not None  # given, not read from the adapter
+    kind, cfg, info, qlora = None, {}, {}, False
     if adapter is not None:
-        kind = adapter_kind(adapter)
-        info = read_training_json(adapter)
-        cfg = read_adapter_config(adapter) if kind == "scales" else {}  # checked with its tensors, before any loading
-        if base is None:
-            base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
-            trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
-            revision = trained.get("revision") if revision is None and base is not None else revision
-            variant = trained.get("variant") if variant is None and base is not None else variant
-        if quantized_base is None and kind == "scales" and cfg.get("quantized_base"):
-            if Path(cfg["quantized_base"]).is_dir():
-                quantized_base = cfg["quantized_base"]
-    if base is None and quantized_base is not None and adapter is None:  # the quantized base's own base, if local
+        kind, cfg, info = _read_adapter(adapter)
+        qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
+        base, quantized_base, revision, variant = _adapter_sources(kind, cfg, info, base, quantized_base, revision,
+                                                                   variant)
+    elif base is None and quantized_base is not None:  # the quantized base's own base, if local
         recorded = _read_base_id(quantized_base)
-        if recorded is not None and Path(recorded).is_dir():
-            base = recorded
-    qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
-    if qlora and quantized_base is None and info.get("quantized_base") and Path(info["quantized_base"]).is_dir():
-        quantized_base = info["quantized_base"]
+        base = recorded if recorded is not None and Path(recorded).is_dir() else None
     if quantized_base is not None and kind in ("lora", "fp") and not qlora:
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
 
     version = {"revision": revision, "variant": variant}
     if quantized_base is not None:
-        pipe = pipeline_from(base, device, dtype, **version, unet=load_quantized(quantized_base, device=device))
+        pipe = pipeline_from(base, device, dtype, **version,
+                             denoiser_model=load_quantized(quantized_base, device=device))
     elif kind == "fp":
         from diffusers import UNet2DConditionModel
 
@@ -187,41 +231,79 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         pipe = pipeline_from(base, device, dtype, **version, unet=unet)
     else:
         pipe = pipeline_from(base, device, dtype, **version)
+    model = denoiser(pipe)
     if kind == "lora":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise TuneQDMError("a LoRA adapter needs PEFT: pip install peft") from None
-        if qlora and quantized_base is None:
-            _quantize_as_trained(pipe.unet, info.get("settings") or {})
-        expected = info.get("base_fingerprint")
-        actual = fingerprint(pipe.unet) if qlora else float_fingerprint(pipe.unet)
-        if expected and expected != actual:
-            raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
-                               f"but this model's fingerprint is {actual}: "
-                               f"{_base_fix(info.get('base_id'), chosen_base)}")
-        pipe.load_lora_weights(str(adapter))
+        _load_lora_adapter(pipe, adapter, info, qlora and quantized_base is None, chosen_base)
     elif kind == "scales":
-        timesteps = pipe.scheduler.config.get("num_train_timesteps")  # what the adapter's routing must agree with
-        check_timesteps(cfg, timesteps, adapter)
-        if quantized_base is None:
-            with stage(f"quantizing the UNet to {cfg['bits']} bits"):
-                quantize_(pipe.unet, QuantConfig(
-                    bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
-                    intervals=tuple(tuple(i) for i in cfg["intervals"]),
-                    num_train_timesteps=cfg["num_train_timesteps"]))
-        _check_adapter_base(pipe.unet, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
-        load_adapter(pipe.unet, adapter, num_train_timesteps=timesteps)
+        _load_scales(pipe, adapter, cfg, quantized_base, chosen_base, chosen_quantized)
     if lora is not None:
         add_lora_file(pipe, lora, lora_scale)
-    set_kernels(pipe.unet, kernels)
-    pipe.unet.eval()
+    set_kernels(model, kernels)
+    model.eval()
     return pipe
 
 
-def _check_adapter_base(unet, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
+def _read_adapter(adapter) -> tuple[str, dict, dict]:
+    """(kind, adapter_config.json of a scale adapter, training.json) of a ``tuneqdm train`` result, checked before
+    any loading."""
+    kind = adapter_kind(adapter)
+    info = read_training_json(adapter)
+    return kind, read_adapter_config(adapter) if kind == "scales" else {}, info
+
+
+def _adapter_sources(kind: str, cfg: dict, info: dict, base, quantized_base, revision, variant) -> tuple:
+    """(base, quantized_base, revision, variant) for an adapter: those given, else the ones it was trained with (a
+    recorded quantized base only while its folder exists)."""
+    if base is None:
+        base = _base_from_id(cfg.get("base_id") or info.get("base_id"))
+        trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
+        revision = trained.get("revision") if revision is None and base is not None else revision
+        variant = trained.get("variant") if variant is None and base is not None else variant
+    recorded = cfg.get("quantized_base") if kind == "scales" else None
+    if kind == "lora" and info.get("tuneqdm_method") == "qlora":
+        recorded = info.get("quantized_base")
+    if quantized_base is None and recorded and Path(recorded).is_dir():
+        quantized_base = recorded
+    return base, quantized_base, revision, variant
+
+
+def _load_lora_adapter(pipe, adapter, info: dict, quantize: bool, chosen_base: bool) -> None:
+    """A ``lora``/``qlora`` result into the pipeline's denoiser (qlora's quantized as trained unless ``quantize`` is
+    False: its quantized base is already there), checked against the base's fingerprint."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise TuneQDMError("a LoRA adapter needs PEFT: pip install peft") from None
+    model = denoiser(pipe)
+    qlora = info.get("tuneqdm_method") == "qlora"
+    if quantize:
+        _quantize_as_trained(model, info.get("settings") or {})
+    expected = info.get("base_fingerprint")
+    actual = fingerprint(model) if qlora else float_fingerprint(model)
+    if expected and expected != actual:
+        raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
+                           f"but this model's fingerprint is {actual}: {_base_fix(info.get('base_id'), chosen_base)}")
+    pipe.load_lora_weights(str(adapter))
+
+
+def _load_scales(pipe, adapter, cfg: dict, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
+    """A scale adapter onto the pipeline's denoiser: quantized as in training (unless a quantized base is already
+    there), checked against the adapter's base fingerprint, then its scales and timestep routing loaded."""
+    model = denoiser(pipe)
+    timesteps = pipe.scheduler.config.get("num_train_timesteps")  # what the adapter's routing must agree with
+    check_timesteps(cfg, timesteps, adapter)
+    if quantized_base is None:
+        with stage(f"quantizing the {denoiser_word(pipe)} to {cfg['bits']} bits"):
+            quantize_(model, QuantConfig(
+                bits=cfg["bits"], init=cfg["init"], method=cfg["method"], experts=cfg["experts"],
+                intervals=tuple(tuple(i) for i in cfg["intervals"]), num_train_timesteps=cfg["num_train_timesteps"]))
+    _check_adapter_base(model, cfg, adapter, quantized_base, chosen_base, chosen_quantized)
+    load_adapter(model, adapter, num_train_timesteps=timesteps)
+
+
+def _check_adapter_base(model, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
     """Refuse a scale adapter on integers it was not trained on, in one line that names the fix."""
-    expected, actual = cfg.get("base_fingerprint"), fingerprint(unet)
+    expected, actual = cfg.get("base_fingerprint"), fingerprint(model)
     if expected == actual:
         return
     problem = (f"adapter {adapter} belongs to base fingerprint {expected} (base {cfg.get('base_id')!r}), "
@@ -269,24 +351,34 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
                            "was it made for another architecture?") from None
     finally:
         dlog.set_verbosity(level)
-    names = pipe.get_list_adapters().get("unet", [])
+    names = pipe.get_list_adapters().get(denoiser_component(pipe), [])
     if name not in names:
         raise TuneQDMError(f"--lora {path} has no LoRA weights for this model's UNet: "
                            "was it made for another architecture?")
     pipe.set_adapters(names, adapter_weights=[scale if n == name else 1.0 for n in names])
 
 
-def _quantize_as_trained(unet, settings: dict) -> None:
+def _quantize_as_trained(model, settings: dict) -> None:
     """qlora's base: the UNet quantized as ``tuneqdm train --method qlora`` did (its original scales, frozen)."""
-    quantize_(unet, QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa"))
+    quantize_(model, QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa"))
 
 
-def set_scheduler(pipe, name: str) -> None:
+def set_scheduler(pipe, name: str | None) -> str:
+    """Sample with ``name`` (None: ddim, or a flow-matching pipeline's own scheduler: the others solve another ODE);
+    returns what it samples with (the CLI name, or the flow-matching scheduler's class)."""
     import diffusers
 
+    own = type(pipe.scheduler).__name__
+    if own.startswith("FlowMatch"):
+        if name is not None:
+            raise TuneQDMError(f"--scheduler {name} does not apply to {type(pipe).__name__}, a flow-matching pipeline "
+                               f"(it samples with its {own}): drop --scheduler")
+        return own
+    name = name or "ddim"
     if name not in SCHEDULERS:
         raise TuneQDMError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    return name
 
 
 def generator(seed: int) -> torch.Generator:
@@ -295,26 +387,78 @@ def generator(seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float | None = None,
              seed: int = 0, batch_size: int = 4, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None, weight_cache_bytes: int | None = None):
+             width: int | None = None, weight_cache_bytes: int | None = None, max_sequence_length: int | None = None):
     """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``.
 
-    A quantized UNet in ``reference`` kernels keeps up to ``weight_cache_bytes`` (default 256 MiB; 0 rebuilds every
-    weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto`` kernels it keeps
-    none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
+    ``guidance_scale`` None: the pipeline family's default (Flux's is its distilled guidance). ``max_sequence_length``:
+    the T5 prompt length of Flux, SD3 and PixArt (None: the pipeline's default); a longer prompt is cut, with one
+    warning. A quantized denoiser in ``reference`` kernels keeps up to ``weight_cache_bytes`` (default 256 MiB; 0
+    rebuilds every weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto``
+    kernels it keeps none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
+    model = denoiser(pipe)
+    if guidance_scale is None:
+        guidance_scale = family(pipe).guidance
     if weight_cache_bytes is None:
-        reference = any(getattr(m, "kernels", None) == "reference" for m in pipe.unet.modules())
+        reference = any(getattr(m, "kernels", None) == "reference" for m in model.modules())
         weight_cache_bytes = 256 * 2**20 if reference else 0
+    warn_truncation(pipe, prompt, max_sequence_length)
+    extra = call_kwargs(pipe, height, width, max_sequence_length)
     images = []
     bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
-    with cached_weights(pipe.unet, weight_cache_bytes), sampling_kernels(pipe.unet), bar:
+    with cached_weights(model, weight_cache_bytes), sampling_kernels(model), bar, without_truncation_logs(pipe):
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]
+            negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * n}
             out = pipe([prompt] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
-                       generator=gens, output_type="pil", height=height, width=width)
+                       generator=gens, output_type="pil", **negative, **extra)
             images += out.images
             bar.update(n)
     return images
+
+
+def t5_limit(pipe, max_sequence_length: int | None = None) -> int | None:
+    """The number of T5 tokens the pipeline encodes (None: no T5 encoder)."""
+    import inspect
+
+    if family(pipe).t5_tokenizer is None:
+        return None
+    if max_sequence_length is not None:
+        return max_sequence_length
+    default = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    return default.default if default is not None else None
+
+
+def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -> None:
+    """One warning when ``prompt`` is longer than what the pipeline's T5 encoder reads (diffusers' own notices, one
+    per text encoder, are dropped by ``without_truncation_logs``)."""
+    import warnings
+
+    limit = t5_limit(pipe, max_sequence_length)
+    if limit is None:
+        return
+    tokens = len(getattr(pipe, family(pipe).t5_tokenizer)(prompt, verbose=False).input_ids)
+    if tokens > limit:
+        warnings.warn(f"the prompt is {tokens} T5 tokens, longer than max_sequence_length {limit}: the model reads "
+                      f"only its first {limit} (shorten it, or raise --max_sequence_length)", TuneQDMWarning,
+                      stacklevel=3)
+
+
+@contextlib.contextmanager
+def without_truncation_logs(pipe):
+    """diffusers logs a multi-line notice per text encoder for a cut prompt; for T5 pipelines ``warn_truncation``
+    has said it in one line, so those notices are dropped while sampling."""
+    handlers = logging.getLogger("diffusers").handlers if family(pipe).t5_tokenizer is not None else []
+
+    def not_truncation(record) -> bool:
+        return "was truncated" not in record.getMessage()
+
+    for handler in handlers:
+        handler.addFilter(not_truncation)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(not_truncation)

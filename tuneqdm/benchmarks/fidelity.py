@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..denoisers import denoiser, denoiser_word
 from ..errors import TuneQDMError
 from ..eval.evaluate import METRICS, evaluate, read_photos
 from ..eval.fidelity import FLOOR
@@ -88,9 +89,10 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     info = {"method": method, "bits": bits, "subject": subject_dir.name, "settings": settings}
     if method == FLOOR:
         pipe = pipeline_from(base)
-        with stage(f"quantizing the UNet to {bits} bits"):
-            quantize_(pipe.unet, QuantConfig(bits=bits, method="peqa", init="mse"))
-        pipe.unet.eval()
+        model = denoiser(pipe)
+        with stage(f"quantizing the {denoiser_word(pipe)} to {bits} bits"):
+            quantize_(model, QuantConfig(bits=bits, method="peqa", init="mse"))
+        model.eval()
         info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
     else:
         run = cell / "run"

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from ..denoisers import family
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir
 from ..photos import IMAGE_SUFFIXES, read_photo
@@ -52,10 +53,12 @@ def grid(rows: Sequence[Sequence[Image.Image]], side: int = 64) -> Image.Image:
 
 def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_per_prompt: int,
              subject_encoder: ImageEncoder, clip_encoder: ImageTextEncoder, token: str, out, *, seed: int = 0,
-             num_inference_steps: int = 25, guidance_scale: float = 7.5, keep_token: bool = False,
+             num_inference_steps: int = 25, guidance_scale: float | None = None, keep_token: bool = False,
              info: dict | None = None, replace: bool = False) -> dict:
     """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``) atomically;
-    ``replace``: an earlier evaluation in ``out`` is removed only then, so a failed or interrupted run keeps it."""
+    ``replace``: an earlier evaluation in ``out`` is removed only then, so a failed or interrupted run keeps it;
+    ``guidance_scale`` None: the pipeline family's default (recorded as used)."""
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     if images_per_prompt < 1 or not prompts:
         raise TuneQDMError("need at least one prompt and --images_per_prompt >= 1")
     per_prompt, rows = [], []

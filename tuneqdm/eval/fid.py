@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from ..denoisers import call_kwargs, family
 from ..errors import TuneQDMError
 from ..files import atomic_dir
 from ..progress import progress, stage
@@ -68,15 +69,18 @@ def toy_reference(n: int, seed: int = EVALUATION_SEED):
 
 
 @torch.no_grad()
-def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25, guidance_scale: float = 7.5,
+def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25, guidance_scale: float | None = None,
                     seed: int = 0, batch_size: int = 16):
-    """One image per caption; image ``i`` uses seed ``seed + i`` (so any subset reproduces)."""
+    """One image per caption; image ``i`` uses seed ``seed + i`` (so any subset reproduces); ``guidance_scale``
+    None: the pipeline family's default."""
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     images = []
     bar = progress(desc="sampling captions", total=len(captions), unit="image")
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])
         out = pipe(batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   generator=[generator(seed + start + i) for i in range(len(batch))], output_type="pil")
+                   generator=[generator(seed + start + i) for i in range(len(batch))], output_type="pil",
+                   **call_kwargs(pipe))
         images += out.images
         bar.update(len(batch))
     bar.close()
@@ -84,7 +88,7 @@ def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25
 
 
 def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, world_seed: int = EVALUATION_SEED,
-                 seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
+                 seed: int = 0, num_inference_steps: int = 25, guidance_scale: float | None = None,
                  info: dict | None = None, replace: bool = False) -> dict:
     """Generate one image per toy-world caption, score FD and text score against the renders, write ``out/``
     (``metrics.json``, ``grid.png`` of the first 64 images) atomically (``replace``: as in ``evaluate``)."""
@@ -92,6 +96,7 @@ def fid_evaluate(pipe, encoder: ImageTextEncoder, out, num_images: int = 1000, w
         raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {num_images}")
     reference, captions = toy_reference(num_images, world_seed)
     t0 = time.perf_counter()
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     generated = sample_captions(pipe, captions, num_inference_steps, guidance_scale, seed)
     sample_s = time.perf_counter() - t0
     with stage(f"encoding {len(generated)} images, {len(reference)} renders and their captions"):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..denoisers import call_kwargs, denoiser, family
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from ..progress import progress, stage
@@ -60,43 +61,48 @@ def model_fingerprint(model) -> str:
 
 
 @torch.no_grad()
-def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float = 7.5,
+def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25, guidance_scale: float | None = None,
                         seed: int = CALIBRATION_SEED, batch_size: int = 4, height: int | None = None,
-                        width: int | None = None, exclude=DEFAULT_EXCLUDE) -> ActivationObserver:
+                        width: int | None = None, exclude=DEFAULT_EXCLUDE,
+                        max_sequence_length: int | None = None) -> ActivationObserver:
     """Run ``pipe`` on ``prompts`` (classifier-free guidance, latents only, prompt ``i`` with seed ``seed + i``) and
     record every layer's input ranges at every step. The returned observer's hooks are already removed; its
     statistics serve any number of :meth:`~ActivationObserver.fit` calls (bits, groups)."""
-    observer = ActivationObserver(pipe.unet, exclude)
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
+    extra = call_kwargs(pipe, height, width, max_sequence_length)
+    observer = ActivationObserver(denoiser(pipe), exclude)
     try:
         for i in progress(range(0, len(prompts), batch_size), desc="observing activations", unit="batch"):
             chunk = prompts[i:i + batch_size]
             pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=[generator(seed + i + j) for j in range(len(chunk))], output_type="latent",
-                 height=height, width=width)
+                 generator=[generator(seed + i + j) for j in range(len(chunk))], output_type="latent", **extra)
     finally:
         observer.remove()
     return observer
 
 
 def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, num_inference_steps: int = 25,
-                          guidance_scale: float = 7.5, seed: int = CALIBRATION_SEED, batch_size: int = 4,
-                          height: int | None = None, width: int | None = None,
-                          info: dict | None = None) -> ActivationQuantizer:
+                          guidance_scale: float | None = None, seed: int = CALIBRATION_SEED, batch_size: int = 4,
+                          height: int | None = None, width: int | None = None, info: dict | None = None,
+                          max_sequence_length: int | None = None) -> ActivationQuantizer:
     """Run ``pipe`` on ``prompts`` (classifier-free guidance, latents only) and fit DGQ parameters for every step of
     its ``num_inference_steps`` schedule. The pipeline is left as it was (no hooks stay)."""
     if not prompts:
         raise TuneQDMError("no calibration prompts: pass at least one")
     if num_inference_steps < 1 or batch_size < 1:
         raise TuneQDMError("--num_inference_steps and the batch size must be at least 1")
+    from ..denoisers import denoiser, family
+
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     start = time.perf_counter()
     observer = observe_activations(pipe, prompts, num_inference_steps, guidance_scale, seed, batch_size, height,
-                                   width, config.exclude)
+                                   width, config.exclude, max_sequence_length)
     meta = {"prompts": len(prompts), "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
             "seed": seed, "scheduler": type(pipe.scheduler).__name__, **(info or {})}
     with stage(f"fitting A{config.bits} K={config.groups} activation groups"):
         quantizer = observer.fit(config, meta)
     quantizer.info["calibration_seconds"] = round(time.perf_counter() - start, 2)
-    quantizer.info["fingerprint"] = model_fingerprint(pipe.unet)
+    quantizer.info["fingerprint"] = model_fingerprint(denoiser(pipe))
     return quantizer
 
 
@@ -180,17 +186,23 @@ def calibration_prompts(prompts_file=None, samples: int | None = None, base=None
 
 def activations_for(pipe, bits: int, groups: int, attention: str = "log", activations=None, quantized_base=None,
                     prompts_file=None, samples: int | None = None, base=None, num_inference_steps: int = 25,
-                    guidance_scale: float = 7.5, log=print) -> ActivationQuantizer:
+                    guidance_scale: float | None = None, log=print, max_sequence_length: int | None = None,
+                    size: tuple[int | None, int | None] = (None, None)) -> ActivationQuantizer:
     """The activation parameters for ``pipe``: a given folder, else ``quantized_base/activations-aB-kK`` when it
     exists (or the K-group folder of the other bit width: groups and ranges do not depend on the bits), else
     calibrated now on the calibration prompts (not saved). Checked against the UNet's fingerprint."""
-    config = ActivationConfig(bits=bits, groups=groups, attention=attention)
+    from ..denoisers import family
+
+    config = ActivationConfig(bits=bits, groups=groups, attention=attention, exclude=family(pipe).first_last)
     folder = Path(activations) if activations is not None else None
     if folder is None and quantized_base is not None:  # the groups and ranges do not depend on the bits
         candidates = [Path(quantized_base) / folder_name(b, groups) for b in (bits, *ACTIVATION_BITS)]
         folder = next((c for c in candidates if (c / CONFIG_FILE).is_file()), None)
     if folder is not None:
-        q = load_activations(folder, bits=bits, attention=attention, expect_fingerprint=model_fingerprint(pipe.unet))
+        from ..denoisers import denoiser
+
+        q = load_activations(folder, bits=bits, attention=attention,
+                             expect_fingerprint=model_fingerprint(denoiser(pipe)))
         if q.config.groups != groups:
             raise TuneQDMError(f"{folder} holds K={q.config.groups} groups, not --groups {groups}: pass the folder "
                                "calibrated with these groups or leave --activations out to calibrate now")
@@ -198,5 +210,6 @@ def activations_for(pipe, bits: int, groups: int, attention: str = "log", activa
     prompts, source = calibration_prompts(prompts_file, samples, base)
     log(f"calibrating A{bits} K={groups} activations on {len(prompts)} prompts ({source}, "
         f"{num_inference_steps} steps)")
-    return calibrate_activations(pipe, prompts, config, num_inference_steps, guidance_scale,
-                                 info={"prompts_source": source})
+    return calibrate_activations(pipe, prompts, config, num_inference_steps, guidance_scale, height=size[0],
+                                 width=size[1], info={"prompts_source": source},
+                                 max_sequence_length=max_sequence_length)

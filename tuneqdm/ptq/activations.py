@@ -36,7 +36,7 @@ from ..errors import TuneQDMError
 from ..hooks import given_timesteps, on_timestep
 from ..quant.kernels import ActInput
 from ..quant.layers import QuantizedLayer
-from .attention import QuantizedAttnProcessor
+from .attention import QuantizedAttnProcessor, WrappedAttnProcessor
 from .config import DEFAULT_EXCLUDE, DYNAMIC_BITS, ActivationConfig
 
 CHANNEL, POSITION = 0, 1
@@ -236,6 +236,7 @@ class ActivationQuantizer:
         self._inputs: list[nn.Module] = []  # quantized layers given an input quantizer
         self._model: nn.Module | None = None
         self._processors = None
+        self.skipped_attention: set[str] = set()  # wrapped processors that computed no quantizable attention
 
     # -- routing
     def set_step(self, step: int) -> None:
@@ -248,7 +249,9 @@ class ActivationQuantizer:
         return self.steps
 
     # -- hooks
-    def install(self, model: nn.Module) -> ActivationQuantizer:
+    def install(self, model: nn.Module, family=None) -> ActivationQuantizer:
+        """Attach to ``model``; ``family`` (``tuneqdm.denoisers.family(pipe)``; None: a UNet) says how its attention
+        is quantized."""
         if self._model is not None:
             raise TuneQDMError("these activation parameters are already installed on a model: remove() them first")
         found = select_layers(model, self.config.exclude)
@@ -266,9 +269,18 @@ class ActivationQuantizer:
                 self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
         if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
             self._processors = dict(model.attn_processors)
-            model.set_attn_processor(QuantizedAttnProcessor(self.config.bits, self.config.attention, owner=self))
+            model.set_attn_processor(self._attention_processors(family))
         self._model = model
         return self
+
+    def _attention_processors(self, family):
+        """A UNet's processors are replaced by the quantized ``AttnProcessor`` (its ``<start>`` is cross-attention's key
+        0); any other denoiser's are wrapped, keeping their own computation (see ``WrappedAttnProcessor``)."""
+        bits, mode = self.config.bits, self.config.attention
+        if family is None or family.attribute == "unet":
+            return QuantizedAttnProcessor(bits, mode, owner=self)
+        return {name: WrappedAttnProcessor(p, name, bits, mode, self, family.start_token, family.text_last)
+                for name, p in self._processors.items()}
 
     def remove(self) -> None:
         for h in self._handles:

@@ -27,6 +27,8 @@ point 0). With ``bits=None`` (or the owning quantizer disabled) the processor co
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..errors import TuneQDMError
 from .config import check_activation_bits
@@ -51,19 +53,20 @@ def uniform_quantize(p: torch.Tensor, bits: int) -> torch.Tensor:
     return (torch.round(p.float() * levels).clamp(0, levels) / levels).to(p.dtype)
 
 
-def quantize_probabilities(probs: torch.Tensor, bits: int, mode: str, batch_size: int, keep_start: bool):
+def quantize_probabilities(probs: torch.Tensor, bits: int, mode: str, batch_size: int, keep_start: bool,
+                           start: int = 0):
     """Quantize attention probabilities ``(batch·heads, queries, keys)`` (diffusers' ``head_to_batch_dim`` layout:
-    sample-major) in ``mode`` "log", "log2" or "uniform". ``keep_start``: key 0 stays in full precision and is left
-    out of the log scale."""
+    sample-major; ``(batch, heads, queries, keys)`` alike) in ``mode`` "log", "log2" or "uniform". ``keep_start``:
+    key ``start`` (the prompt's ``<start>`` token) stays in full precision and is left out of the log scale."""
     if mode == "uniform":
         return uniform_quantize(probs, bits)
     per_sample = probs.reshape(batch_size, -1, probs.shape[-1])
-    rest = per_sample[..., 1:] if keep_start else per_sample
-    delta = rest.amax(dim=(1, 2), keepdim=True)  # one dynamic scale per prompt
-    quantized = log_quantize(rest, delta, bits, LOG_OCTAVES if mode == "log" else None)
+    is_start = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
     if keep_start:
-        quantized = torch.cat([per_sample[..., :1], quantized], dim=-1)
-    return quantized.reshape(probs.shape)
+        is_start[start] = True
+    delta = per_sample.masked_fill(is_start, 0).amax(dim=(1, 2), keepdim=True)  # one dynamic scale per prompt
+    quantized = log_quantize(per_sample, delta, bits, LOG_OCTAVES if mode == "log" else None)
+    return torch.where(is_start, per_sample, quantized).reshape(probs.shape)
 
 
 class QuantizedAttnProcessor:
@@ -115,3 +118,66 @@ class QuantizedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class WrappedAttnProcessor:
+    """Any diffusers attention processor (Flux's, SD3's joint, PixArt's ``AttnProcessor2_0``) with its attention
+    probabilities quantized: the processor runs unchanged, and its call of ``scaled_dot_product_attention`` is
+    computed as ``softmax(q kᵀ · scale + mask)`` quantized (see ``quantize_probabilities``) times ``v``, through a
+    ``torch.overrides.TorchFunctionMode`` active only during the call.
+
+    ``<start>``: kept exact where the prompt's keys begin with CLIP's ``<start>`` (``start_token``): the first text
+    key, which follows the image keys in SD3's joint attention (``text_last``). T5 prompts (Flux, PixArt) have no start
+    token: every probability is log-quantized with the sample's maximum. A processor that never calls
+    ``scaled_dot_product_attention`` is left in full precision, and the owner records it (``skipped``)."""
+
+    def __init__(self, inner, name: str, bits: int | None = 8, mode: str = "log", owner=None, start_token=False,
+                 text_last=False):
+        self.inner, self.name, self.start_token, self.text_last = inner, name, start_token, text_last
+        self.quantizer = QuantizedAttnProcessor(bits, mode, owner)
+        self.owner = owner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if not self.quantizer.active:
+            return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        start = None
+        if self.start_token and encoder_hidden_states is not None:
+            start = hidden_states.shape[1] if self.text_last else 0
+        mode = _QuantizedSDPA(self.quantizer, start)
+        with mode:
+            out = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        if not mode.used and self.owner is not None:
+            self.owner.skipped_attention.add(f"{self.name} ({type(self.inner).__name__})")
+        return out
+
+
+class _QuantizedSDPA(TorchFunctionMode):
+    """``scaled_dot_product_attention`` with quantized probabilities; every other function runs as it is."""
+
+    def __init__(self, quantizer: QuantizedAttnProcessor, start: int | None):
+        super().__init__()
+        self.quantizer, self.start, self.used = quantizer, start, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.used = True
+        return self.attend(*args, **kwargs)
+
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        if dropout_p or enable_gqa:
+            raise TuneQDMError("quantized attention supports neither attention dropout nor grouped-query attention")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        scores = (query @ key.transpose(-2, -1)) * scale
+        if is_causal:
+            attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        probs = scores.softmax(dim=-1)
+        q = self.quantizer
+        probs = quantize_probabilities(probs, q.bits, q.mode, probs.shape[0], self.start is not None,
+                                       self.start or 0)
+        return probs @ value

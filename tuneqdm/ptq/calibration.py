@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
+from ..denoisers import call_kwargs, denoiser, family
 from ..errors import TuneQDMError
-from ..hooks import CallArguments, on_timestep
+from ..hooks import CallArguments, forward_signature, on_call
 from ..progress import progress
 from ..sampling import generator
 
@@ -26,16 +27,22 @@ CALIBRATION_SEED = 40_000_000  # toy-world seeds [40M, 50M) are PTQ calibration 
 
 @dataclass
 class CalibrationSet:
-    """One row per denoiser input: ``latents (N, C, H, W)``, ``timesteps (N,)``, ``encoder_hidden_states (N, L, D)``,
-    the sampling step index ``steps (N,)`` and whether the row is the unconditional half of the guidance batch
-    (``unconditional (N,) bool``); ``added_cond_kwargs`` holds SDXL's extra inputs (``{}`` otherwise)."""
+    """One row per denoiser input: ``latents (N, ...)`` (a UNet's ``sample``, a transformer's ``hidden_states``),
+    ``timesteps (N,)``, ``encoder_hidden_states (N, L, D)``, the sampling step index ``steps (N,)`` and whether the row
+    is the unconditional half of the guidance batch (``unconditional (N,) bool``). ``extra`` holds every other per-row
+    argument under its name (SDXL's ``added_cond_kwargs`` dict, Flux's ``pooled_projections`` and
+    ``guidance``, a T5 ``encoder_attention_mask``; ``{}`` for SD), ``constants`` the arguments shared by every row
+    (Flux's ``img_ids``/``txt_ids``, PixArt's empty ``added_cond_kwargs``), ``sample_name`` the name of the latent
+    argument."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     encoder_hidden_states: torch.Tensor
     steps: torch.Tensor
     unconditional: torch.Tensor
-    added_cond_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    constants: dict = field(default_factory=dict)
+    sample_name: str = "sample"
 
     def __post_init__(self):
         n = self.latents.shape[0]
@@ -47,16 +54,43 @@ class CalibrationSet:
         return self.latents.shape[0]
 
     def unet_kwargs(self, rows: slice | torch.Tensor = slice(None)) -> dict:
-        """Keyword arguments of ``UNet2DConditionModel.forward`` for the given rows."""
-        kwargs = {"sample": self.latents[rows], "timestep": self.timesteps[rows],
-                  "encoder_hidden_states": self.encoder_hidden_states[rows]}
-        if self.added_cond_kwargs:
-            kwargs["added_cond_kwargs"] = {k: v[rows] for k, v in self.added_cond_kwargs.items()}
+        """Keyword arguments of the denoiser's ``forward`` for the given rows."""
+        kwargs = {self.sample_name: self.latents[rows], "timestep": self.timesteps[rows],
+                  "encoder_hidden_states": self.encoder_hidden_states[rows], **self.constants}
+        for name, value in self.extra.items():
+            kwargs[name] = {k: _rows(v, rows) for k, v in value.items()} if isinstance(value, dict) else value[rows]
         return kwargs
 
     def batches(self, batch_size: int):
         """Row slices of at most ``batch_size`` rows, in order."""
         return [slice(i, min(i + batch_size, len(self))) for i in range(0, len(self), batch_size)]
+
+
+def _rows(value, rows):
+    return value[rows] if torch.is_tensor(value) else value
+
+
+def _split_arguments(bound: dict, n: int, recorded: tuple[str, ...]) -> tuple[dict, dict]:
+    """(per-row tensors, shared tensors) among a denoiser call's other arguments: a tensor (or a dict's tensor) whose
+    first dimension is the batch is per row; flags such as ``return_dict`` are left out."""
+    per_row, shared = {}, {}
+    for name, value in bound.items():
+        if name in recorded:
+            continue
+        if isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values()):
+            per_row[name] = {k: v.detach().float().cpu() if torch.is_tensor(v) else v for k, v in value.items()}
+        elif isinstance(value, dict):  # e.g. PixArt's added_cond_kwargs without resolution conditioning
+            shared[name] = value
+        elif torch.is_tensor(value):
+            (per_row if value.dim() > 0 and value.shape[0] == n else shared)[name] = value.detach().cpu()
+    return per_row, shared
+
+
+def _concat(chunks: list):
+    first = chunks[0]
+    if isinstance(first, dict):
+        return {k: torch.cat([c[k] for c in chunks]) if torch.is_tensor(first[k]) else first[k] for k in first}
+    return torch.cat(chunks)
 
 
 def read_prompts(path) -> list[str]:
@@ -89,57 +123,74 @@ def recorded_steps(num_inference_steps: int, steps: int) -> list[int]:
     return sorted({round(i * (num_inference_steps - 1) / (steps - 1)) for i in range(steps)})
 
 
+class _InputRecorder:
+    """An ``on_call`` callback keeping the denoiser's inputs at the sampling steps ``keep`` (see ``CalibrationSet``)."""
+
+    def __init__(self, model, keep: set[int]):
+        signature = forward_signature(model)
+        self.keep = keep
+        self.sample_name = "sample" if signature is not None and "sample" in signature.parameters else "hidden_states"
+        self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
+        self.extra: dict[str, list] = {}
+        self.constants: dict[str, torch.Tensor] = {}
+        self.step = self.prompts = 0
+
+    def start(self, prompts: int) -> None:
+        """A new pipeline call of ``prompts`` prompts: its first denoiser call is step 0."""
+        self.step, self.prompts = 0, prompts
+
+    def __call__(self, call: CallArguments) -> None:
+        step, self.step = self.step, self.step + 1
+        if step not in self.keep:
+            return
+        bound = call.named()
+        sample = bound[self.sample_name]
+        t = torch.as_tensor(bound["timestep"]).reshape(-1).float()
+        n = sample.shape[0]
+        self.rows["latents"].append(sample.detach().float().cpu())
+        self.rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
+        self.rows["emb"].append(bound["encoder_hidden_states"].detach().float().cpu())
+        self.rows["steps"].append(torch.full((n,), step, dtype=torch.long))
+        half = n - self.prompts if n == 2 * self.prompts else 0  # a guidance batch: unconditional first
+        self.rows["uncond"].append(torch.arange(n) < half)
+        per_row, shared = _split_arguments(bound, n, (self.sample_name, "timestep", "encoder_hidden_states"))
+        for k, v in per_row.items():
+            self.extra.setdefault(k, []).append(v)
+        self.constants.update(shared)
+
+    def result(self) -> CalibrationSet:
+        rows = {k: torch.cat(v) for k, v in self.rows.items()}
+        return CalibrationSet(latents=rows["latents"], timesteps=rows["timesteps"], encoder_hidden_states=rows["emb"],
+                              steps=rows["steps"], unconditional=rows["uncond"],
+                              extra={k: _concat(v) for k, v in self.extra.items()}, constants=self.constants,
+                              sample_name=self.sample_name)
+
+
 @torch.no_grad()
 def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int, num_inference_steps: int = 25,
-                            steps: int | None = None, guidance_scale: float = 7.5, seed: int = 0,
-                            batch_size: int = 8) -> CalibrationSet:
+                            steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                            batch_size: int = 8, max_sequence_length: int | None = None) -> CalibrationSet:
     """Sample ``samples_per_step`` images with the full-precision ``pipe`` (prompt ``i mod len(prompts)``, seed
-    ``seed + i``) and keep the UNet's inputs at ``steps`` uniformly spaced sampling steps (default: all of them).
+    ``seed + i``) and keep the denoiser's inputs at ``steps`` uniformly spaced sampling steps (default: all of them).
 
     Rows per recorded call: the whole guidance batch (unconditional then conditional half), so the set holds
-    ``samples_per_step x steps x 2`` rows with guidance (``x 1`` without).
+    ``samples_per_step x steps x 2`` rows with guidance (``x 1`` without, e.g. Flux's distilled guidance).
     """
     if not prompts:
         raise TuneQDMError("no calibration prompts: pass at least one")
     if samples_per_step < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {samples_per_step}")
-    keep = set(recorded_steps(num_inference_steps, steps or num_inference_steps))
-    unet = pipe.unet
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
-    added: dict[str, list[torch.Tensor]] = {}
-    state = {"step": 0}
-
-    def record(timestep, call: CallArguments) -> None:
-        step = state["step"]
-        state["step"] += 1
-        if step not in keep:
-            return
-        sample = call.get("sample")
-        t = torch.as_tensor(timestep).reshape(-1).float()
-        emb = call.get("encoder_hidden_states")
-        n = sample.shape[0]
-        rows["latents"].append(sample.detach().float().cpu())
-        rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())
-        rows["emb"].append(emb.detach().float().cpu())
-        rows["steps"].append(torch.full((n,), step, dtype=torch.long))
-        half = n // 2 if getattr(pipe, "do_classifier_free_guidance", guidance_scale > 1) else 0
-        rows["uncond"].append(torch.arange(n) < half)
-        for k, v in (call.get("added_cond_kwargs") or {}).items():
-            added.setdefault(k, []).append(v.detach().float().cpu())
-
-    handle = on_timestep(unet, record)
-    if handle is None:
-        raise TuneQDMError(f"{type(unet).__name__}.forward takes no timestep: calibration records one per step")
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
+    model = denoiser(pipe)
+    recorder = _InputRecorder(model, set(recorded_steps(num_inference_steps, steps or num_inference_steps)))
+    handle = on_call(model, recorder)
     try:
         for start in progress(range(0, samples_per_step, batch_size), desc="calibration inputs", unit="batch"):
             n = min(batch_size, samples_per_step - start)
-            batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(n)]
-            state["step"] = 0
-            pipe(batch_prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=[generator(seed + start + i) for i in range(n)], output_type="latent")
+            recorder.start(n)
+            pipe([prompts[(start + i) % len(prompts)] for i in range(n)], num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale, generator=[generator(seed + start + i) for i in range(n)],
+                 output_type="latent", **call_kwargs(pipe, max_sequence_length=max_sequence_length))
     finally:
         handle.remove()
-    return CalibrationSet(latents=torch.cat(rows["latents"]), timesteps=torch.cat(rows["timesteps"]),
-                          encoder_hidden_states=torch.cat(rows["emb"]), steps=torch.cat(rows["steps"]),
-                          unconditional=torch.cat(rows["uncond"]),
-                          added_cond_kwargs={k: torch.cat(v) for k, v in added.items()})
+    return recorder.result()

@@ -11,9 +11,10 @@ import json
 import time
 from pathlib import Path
 
+from ..denoisers import denoiser, family
 from ..errors import TuneQDMError
 from ..files import check_output_folder
-from ..sampling import base_id, pipeline_from
+from ..sampling import base_id, check_base, pipeline_from
 from ..serialization import save_quantized
 from ..tuning.streaming import quantize_pretrained
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
@@ -32,10 +33,18 @@ def calibration_prompts(base, prompts_file, n: int) -> tuple[list[str], str]:
 
 def streamable_denoiser(base, calibrate: str, split_shortcuts: bool) -> Path | None:
     """The local denoiser folder to quantize tensor by tensor (tuning.streaming), or None for the calibrated path:
-    AdaRound needs the float model's outputs, and a UNet's shortcut splits are found from one forward pass."""
+    AdaRound needs the float model's outputs, and a UNet's shortcut splits are found from one forward pass. A
+    pipeline folder's class is checked first (one line for an unsupported one, before any work)."""
+    from ..denoisers import family_named
+    from ..files import read_json
+
     if base is None or calibrate == "adaround":
         return None
-    for folder in (Path(base), Path(base) / "transformer", Path(base) / "unet"):
+    candidates = [Path(base), Path(base) / "transformer", Path(base) / "unet"]
+    if (Path(base) / "model_index.json").is_file():
+        name = read_json(Path(base) / "model_index.json", "diffusers pipeline").get("_class_name")
+        candidates = [Path(base) / family_named(str(name)).attribute]
+    for folder in candidates:
         if (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors*")):
             try:
                 is_unet = "UNet" in str(json.loads((folder / "config.json").read_text()).get("_class_name"))
@@ -47,7 +56,7 @@ def streamable_denoiser(base, calibrate: str, split_shortcuts: bool) -> Path | N
 
 def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround", calib_prompts=None,
                       calib_samples: int = 32, calib_steps: int | None = None, num_inference_steps: int = 25,
-                      guidance_scale: float = 7.5, seed: int = 0, split_shortcuts: bool = True,
+                      guidance_scale: float | None = None, seed: int = 0, split_shortcuts: bool = True,
                       adaround: AdaRoundConfig | None = None, force: bool = False, device="cpu",
                       progress=None, revision: str | None = None, variant: str | None = None) -> dict:
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
@@ -55,6 +64,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
     out = check_output_folder(out, force)
+    check_base(base, revision, variant)  # an unsupported or damaged base before any work
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     t0 = time.perf_counter()
@@ -67,6 +77,8 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
         return record
     prompts, source = calibration_prompts(base, calib_prompts, calib_samples)
     pipe = pipeline_from(base, device, revision=revision, variant=variant)
+    model = denoiser(pipe)
+    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     data_free = calibrate != "adaround"  # round-to-nearest needs one row only, to find the shortcut splits
     n, steps = (1, 1) if data_free else (calib_samples, calib_steps)
     calib = None
@@ -74,7 +86,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
         calib = collect_calibration_set(pipe, prompts, n, num_inference_steps=num_inference_steps, steps=steps,
                                         guidance_scale=guidance_scale, seed=seed)
     t_collect = time.perf_counter() - t0
-    report = calibrate_weights(pipe.unet, calib, config, progress=progress)
+    report = calibrate_weights(model, calib, config, progress=progress)
     record = {
         **config.to_dict(),
         "prompts": source, "num_prompts": len(prompts),
@@ -84,5 +96,5 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
         "collect_seconds": t_collect, "calibrate_seconds": report["seconds"],
         "seconds": time.perf_counter() - t0, "splits": report["splits"], "blocks": report["blocks"],
     }
-    save_quantized(pipe.unet, out, base_id=base_id(base), extra={"calibration": record})
+    save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
     return record
