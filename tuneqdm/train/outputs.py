@@ -2,9 +2,10 @@
 
 - scale methods: ``adapter.safetensors`` + ``adapter_config.json`` (``tuneqdm.save_adapter``: scales only, method,
   bits, experts, base id and fingerprint) with the prompts and the run's settings added to the config;
-- ``lora`` and ``qlora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet, loadable by
-  ``pipe.load_lora_weights`` on the float or the quantized UNet; qlora's base fingerprint is in ``training.json``);
-- ``fp``: the whole fine-tuned UNet, ``unet/`` (diffusers folder, safetensors).
+- ``lora`` and ``qlora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet or transformer,
+  loadable by ``pipe.load_lora_weights`` on the float or the quantized denoiser; qlora's base fingerprint is in
+  ``training.json``);
+- ``fp``: the whole fine-tuned denoiser, ``unet/`` (diffusers folder, safetensors; its config names its class).
 
 Every method also writes ``training.json``: method, base id and the prompts, for loading without guessing.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..denoisers import PIPELINES
 from ..errors import TuneQDMError
 from ..files import atomic_dir, write_error_reason
 from ..serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
@@ -35,7 +37,8 @@ def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Pa
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+            component = PIPELINES[pipeline_class.__name__].attribute  # unet_lora_layers or transformer_lora_layers
+            pipeline_class.save_lora_weights(tmp, **{f"{component}_lora_layers": layers}, safe_serialization=True)
         elif method == "fp":
             unet.save_pretrained(tmp / FP_UNET, safe_serialization=True)
         else:
