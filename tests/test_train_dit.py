@@ -215,3 +215,24 @@ def test_sd3_and_pixart_train_with_each_scale_method(folders, photos, tmp_path):
         rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
         assert json.loads((out / "adapter_config.json").read_text())["method"] == method
+
+
+def test_lora_qlora_and_fp_on_transformers(folders, photos, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    for name, method in (("flux", "lora"), ("sd3", "qlora")):
+        out = train(cfg(folders[name], photos, tmp_path / f"{name}-{method}", method=method, max_train_steps=2))
+        weights = load_file(out / "pytorch_lora_weights.safetensors")
+        assert weights and all(k.startswith("transformer.") for k in weights)
+        assert {k.split(".")[-4] for k in weights if "lora.down" in k} >= {"to_q", "to_k", "to_v"}
+        pipe = load(folders[name])
+        pipe.load_lora_weights(out)  # diffusers' own loader takes it
+        assert "default_0" in pipe.get_list_adapters()["transformer"]
+    out = train(cfg(folders["pixart"], photos, tmp_path / "pixart-fp", method="fp", max_train_steps=2))
+    assert json.loads((out / "unet" / "config.json").read_text())["_class_name"] == "PixArtTransformer2DModel"
+    argv = ["train", "--pretrained_model_name_or_path", str(folders["pixart"]), "--instance_data_dir", str(photos),
+            "--instance_prompt", "a sks box", "--output_dir", str(tmp_path / "pixart-lora"), "--method", "lora"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.endswith("--method lora: diffusers has no LoRA loader for PixArtSigmaPipeline, so its "
+                                            "LoRA could not be used: train a scale method (e.g. --method tuneqdm) or "
+                                            "fp\n")
