@@ -283,7 +283,8 @@ class Trainer:
             from ..sampling import float_fingerprint
 
             self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
-        with stage(f"quantizing the UNet to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
+        kind = "UNet" if PIPELINES[self.pipeline_class.__name__].attribute == "unet" else "transformer"
+        with stage(f"quantizing the {kind} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
         for g in groups:
             g["lr"] = cfg.lr * g["lr_scale"]
