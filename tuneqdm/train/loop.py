@@ -278,7 +278,13 @@ class Trainer:
         else:
             self._pipe = pipe
 
-        # what trains
+        self._prepare_training(unet)
+        self._resume()
+        return self
+
+    def _prepare_training(self, unet):
+        """What trains (quantized scales, LoRA or the whole denoiser), its optimizer and lr schedule, under accelerate."""
+        cfg, acc = self.cfg, self.acc
         if cfg.method == "lora":
             from ..sampling import float_fingerprint
 
@@ -311,8 +317,6 @@ class Trainer:
             self.fingerprint = fingerprint(self.model)
         else:
             self.fingerprint = getattr(self, "float_fingerprint", None)
-        self._resume()
-        return self
 
     def _load_pipeline(self, device):
         """The base pipeline, its denoiser replaced by a saved quantized base when one is given."""
