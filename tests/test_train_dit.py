@@ -236,3 +236,16 @@ def test_lora_qlora_and_fp_on_transformers(folders, photos, tmp_path, capsys):
     assert capsys.readouterr().err.endswith("--method lora: diffusers has no LoRA loader for PixArtSigmaPipeline, so its "
                                             "LoRA could not be used: train a scale method (e.g. --method tuneqdm) or "
                                             "fp\n")
+
+
+def test_only_the_settings_a_base_uses_are_part_of_a_runs_identity(folders, base, photos, tmp_path):
+    """A resume compares these: the flow settings on flow models only, the T5 length on T5 pipelines only (so a
+    UNet run made before they existed still resumes)."""
+    def settings(folder, **kw):
+        return Trainer(cfg(folder, photos, tmp_path, **kw))._model_settings()
+
+    assert settings(base, weighting_scheme="none") == {}
+    assert settings(folders["pixart"]) == {"max_sequence_length": L}
+    assert settings(folders["sd3"], weighting_scheme="none", max_sequence_length=None) == {
+        "weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": None,
+        "max_sequence_length": None}

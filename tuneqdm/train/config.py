@@ -37,6 +37,8 @@ HARMLESS = ("output_dir", "resume_from_checkpoint", "force", "quiet", "report_to
             "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
             "validation_inference_steps", "gradient_checkpointing", "sample_batch_size", "quantized_base",
             "instance_data_dir", "subjects", "pretrained_model_name_or_path")
+# settings that shape only some models' runs: the trainer records them for the bases they apply to
+MODEL_SETTINGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA scripts (UNets, Flux, SD3, PixArt)
 # flow-matching models: how sigma is drawn (diffusers' train_dreambooth_lora_flux.py/_sd3.py names; "none": uniform)
 WEIGHTING_SCHEMES = ("logit_normal", "none", "mode", "cosmap", "sigma_sqrt")
@@ -221,8 +223,9 @@ class TrainConfig:
 
     def resolved_settings(self) -> dict:
         """Every setting that shapes the trained result, with defaults filled in: what a resume must not change.
-        (The subjects, the base's fingerprint and the resolution are resolved by the trainer.)"""
-        out = {k: v for k, v in self.to_dict().items() if k not in HARMLESS}
+        (The subjects, the base's fingerprint, the resolution and the MODEL_SETTINGS that apply to the base are
+        resolved by the trainer.)"""
+        out = {k: v for k, v in self.to_dict().items() if k not in HARMLESS + MODEL_SETTINGS}
         out.update(learning_rate=self.lr, adam_weight_decay=self.weight_decay, memory_savers=self.savers,
                    experts=self.resolved_experts, s1_intervals=[list(i) for i in self.intervals])
         for name in ("instance_prompt", "class_prompt", "resolution"):  # resolved by the trainer

@@ -35,7 +35,7 @@ from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
-from .objective import native_resolution, objective
+from .objective import T5_TOKENIZER, native_resolution, objective
 from .outputs import PRODUCTS, read_training_json, save_result
 from .prior import ensure_class_images
 
@@ -190,23 +190,43 @@ class Trainer:
                 raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
                                    "pip install tensorboard")
 
-    def _check_intervals(self):
-        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
-        if not self.cfg.intervals:
-            return
-        from diffusers import DDPMScheduler
+    def _base_config(self, subfolder: str | None = None) -> dict:
+        """The base's ``model_index.json`` (or a component's config), read without loading a model; {} when it cannot
+        be read (the base then fails to load later, with its own one-line error)."""
+        from diffusers import DDPMScheduler, DiffusionPipeline
 
         from ..sampling import base_source
 
         source, extra = base_source(self.cfg.pretrained_model_name_or_path, self.cfg.revision, self.cfg.variant)
+        reader = DDPMScheduler if subfolder else DiffusionPipeline  # load_config only reads the JSON file
         try:
-            T = DDPMScheduler.load_config(source, subfolder="scheduler", **extra)["num_train_timesteps"]
-        except (OSError, ValueError, KeyError):
-            return  # the base itself fails to load later, with its own one-line error
+            return dict(reader.load_config(source, **({"subfolder": subfolder} if subfolder else {}), **extra))
+        except (OSError, ValueError):
+            return {}
+
+    def _check_intervals(self):
+        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
+        if not self.cfg.intervals:
+            return
+        T = self._base_config("scheduler").get("num_train_timesteps")
+        if not isinstance(T, int):
+            return
         for a, b in self.cfg.intervals:
             if not b <= T:
                 raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
                                    f"interval must end at {T} or below")
+
+    def _model_settings(self) -> dict:
+        """The settings that shape only some models' runs, resolved for this base: the flow-matching ones when its
+        scheduler is one, the T5 prompt length when it has a T5 encoder (so other runs record neither)."""
+        c, out = self.cfg, {}
+        if self._base_config("scheduler").get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            out.update(weighting_scheme=c.weighting_scheme, logit_mean=c.logit_mean, logit_std=c.logit_std,
+                       mode_scale=c.mode_scale if c.weighting_scheme == "mode" else None)
+        family_ = PIPELINES.get(self._base_config().get("_class_name"))
+        if family_ is not None and family_.name in T5_TOKENIZER:
+            out["max_sequence_length"] = c.max_sequence_length  # None: the pipeline's own default
+        return out
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -398,7 +418,7 @@ class Trainer:
         """The resolved settings that shape the result, the subjects included (their photos by content): what a
         resumed run must share with its checkpoint. The base's fingerprint and the resolution come after loading."""
         c = self.cfg
-        return {**c.resolved_settings(), "train_batch_size": None,
+        return {**c.resolved_settings(), **self._model_settings(), "train_batch_size": None,
                 "global_batch_size": c.train_batch_size * self.acc.num_processes,  # the draws depend on this only
                 "base_id": self.base_id, "instance_prompts": [s.instance_prompt for s in subjects],
                 "class_prompts": [s.class_prompt for s in subjects] if c.with_prior_preservation else None,
