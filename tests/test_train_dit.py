@@ -136,16 +136,20 @@ def _spy_components(monkeypatch):
     return refs
 
 
-@pytest.mark.parametrize("name", ("flux", "sd3"))
+@pytest.mark.parametrize("name", FAMILIES)
 def test_text_encoders_and_vae_are_released_before_the_first_step(folders, photos, tmp_path, monkeypatch, name):
     refs = _spy_components(monkeypatch)
     trainer = Trainer(cfg(folders[name], photos, tmp_path / "out")).setup()
     gc.collect()
-    encoders = {"flux": {"vae", "text_encoder", "text_encoder_2"},
+    encoders = {"flux": {"vae", "text_encoder", "text_encoder_2"}, "pixart": {"vae", "text_encoder"},
                 "sd3": {"vae", "text_encoder", "text_encoder_2", "text_encoder_3"}}[name]
     assert set(refs[-1]) == encoders and all(r() is None for r in refs[-1].values())
-    cond = trainer.tensors.conditioning([0])  # cached: CLIP and T5 embeddings and the pooled ones
-    assert cond["encoder_hidden_states"].shape[0] == 1 and cond["pooled_projections"].shape == (1, 32)
+    cond = trainer.tensors.conditioning([0])  # cached: CLIP and T5 embeddings, the pooled ones, PixArt's T5 mask
+    assert cond["encoder_hidden_states"].shape[:2] == (1, {"flux": L, "sd3": 16 + L, "pixart": L}[name])
+    if name == "pixart":
+        assert cond["encoder_attention_mask"].shape == (1, L)
+    else:
+        assert cond["pooled_projections"].shape == (1, 32)
 
 
 def test_a_prompt_longer_than_the_t5_limit_warns_once(folders, photos, tmp_path):
@@ -215,6 +219,20 @@ def test_sd3_and_pixart_train_with_each_scale_method(folders, photos, tmp_path):
         rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
         assert json.loads((out / "adapter_config.json").read_text())["method"] == method
+
+
+def test_a_saved_quantized_transformer_trains_as_the_base_with_checkpointing(folders, photos, tmp_path):
+    """--quantized_base on a DiT: the same integers as quantizing in the run, so the same adapter, bit for bit
+    (gradient checkpointing on: the recomputed forward routes as the first one did)."""
+    pipe = load(folders["sd3"])
+    tuneqdm.quantize_(pipe.transformer, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    tuneqdm.save_quantized(pipe.transformer, tmp_path / "qbase")
+    runs = {}
+    for name, extra in (("quantized-here", {}), ("saved-base", {"quantized_base": str(tmp_path / "qbase")})):
+        out = train(cfg(folders["sd3"], photos, tmp_path / name, max_train_steps=2, gradient_checkpointing=True,
+                        **extra))
+        runs[name] = (out / "adapter.safetensors").read_bytes()
+    assert runs["quantized-here"] == runs["saved-base"]
 
 
 def test_lora_qlora_and_fp_on_transformers(folders, photos, tmp_path, capsys):
