@@ -4,6 +4,7 @@ encoders and the VAE are released before the first step, prior preservation work
 
 import gc
 import json
+import logging
 import warnings
 import weakref
 
@@ -152,12 +153,31 @@ def test_text_encoders_and_vae_are_released_before_the_first_step(folders, photo
         assert cond["pooled_projections"].shape == (1, 32)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def test_a_prompt_longer_than_the_t5_limit_warns_once(folders, photos, tmp_path):
+    import diffusers
+
     long_prompt = "a sks box on a table in a garden"  # the tiny tokenizer: one T5 token per letter
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        Trainer(cfg(folders["flux"], photos, tmp_path / "out", instance_prompt=long_prompt,
-                    max_sequence_length=20)).setup()
+    logged, verbosity = _Records(), diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_warning()  # quiet runs before this one turned it down
+    logging.getLogger("diffusers").addHandler(logged)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(cfg(folders["flux"], photos, tmp_path / "out", instance_prompt=long_prompt,
+                        max_sequence_length=20, quiet=False)).setup()
+    finally:
+        logging.getLogger("diffusers").removeHandler(logged)
+        diffusers.utils.logging.set_verbosity(verbosity)
+    assert not [m for m in logged.messages if "truncated" in m]  # diffusers' own message would repeat it
     t5 = [str(w.message) for w in caught if issubclass(w.category, TrainWarning) and "T5" in str(w.message)]
     assert len(t5) == 1
     assert t5[0].startswith(f"the prompt {long_prompt!r} is longer than the T5 limit of 20 tokens")

@@ -8,12 +8,13 @@ and text encoders stay loaded and encode each batch; the numbers are the same, o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import torch
 
 from .data import warn
-from .objective import Denoising, encode_prompt, truncation
+from .objective import Denoising, encode_prompt, pipeline_warnings_off, truncation
 
 
 @torch.no_grad()
@@ -56,14 +57,17 @@ class TrainingTensors:
         from .objective import default_max_sequence_length
 
         limit = self.max_sequence_length or default_max_sequence_length(pipe)
+        self.truncated = set()
         for prompt in self.prompts:
             cut = truncation(pipe, prompt, limit) if limit else None
             if cut is not None:
                 warn(f"the prompt {prompt!r} is longer than the T5 limit of {limit} tokens (--max_sequence_length): "
                      f"it is truncated, the encoder does not see {cut!r}")
+                self.truncated.add(prompt)
 
     def _encode(self, pipe, prompt: str) -> dict:
-        cond = encode_prompt(pipe, prompt, self.resolution, self.device, self.max_sequence_length)
+        with pipeline_warnings_off(pipe) if prompt in self.truncated else contextlib.nullcontext():
+            cond = encode_prompt(pipe, prompt, self.resolution, self.device, self.max_sequence_length)
         return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
 
     def latent_dist(self, kind: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,8 +60,8 @@ def truncation(pipe, prompt: str, max_sequence_length: int) -> str | None:
 
 
 @contextlib.contextmanager
-def _pipeline_warnings_off(pipe):
-    """diffusers logs its own truncation warning at each encoding; tuneqdm warns once per prompt instead."""
+def pipeline_warnings_off(pipe):
+    """diffusers logs its own truncation warning at each encoding of a long prompt; tuneqdm warns once instead."""
     logger = logging.getLogger(type(pipe).__module__)
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -75,24 +75,23 @@ def _pipeline_warnings_off(pipe):
 def encode_prompt(pipe, prompt: str, resolution: int, device, max_sequence_length: int | None = None) -> dict:
     """One prompt's conditioning without a batch dimension, exactly as the pipeline computes it at sampling time."""
     name, L = family(pipe).name, max_sequence_length or default_max_sequence_length(pipe)
-    with _pipeline_warnings_off(pipe):
-        if name == "sdxl":
-            emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=device, num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=False)
-            return {"encoder_hidden_states": emb[0], "text_embeds": pooled[0], "time_ids": _time_ids(resolution)}
-        if name == "flux":
-            emb, pooled, text_ids = pipe.encode_prompt(prompt, prompt_2=prompt, device=device, max_sequence_length=L)
-            return {"encoder_hidden_states": emb[0], "pooled_projections": pooled[0], "txt_ids": text_ids}
-        if name == "sd3":
-            emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device,
-                                                   do_classifier_free_guidance=False, max_sequence_length=L)
-            return {"encoder_hidden_states": emb[0], "pooled_projections": pooled[0]}
-        if name == "pixart":
-            emb, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
-                                                 clean_caption=False, max_sequence_length=L)
-            return {"encoder_hidden_states": emb[0], "encoder_attention_mask": mask[0]}
-        emb, _ = pipe.encode_prompt(prompt, device, 1, False)
-        return {"encoder_hidden_states": emb[0]}
+    if name == "sdxl":
+        emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=device, num_images_per_prompt=1,
+                                               do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": emb[0], "text_embeds": pooled[0], "time_ids": _time_ids(resolution)}
+    if name == "flux":
+        emb, pooled, text_ids = pipe.encode_prompt(prompt, prompt_2=prompt, device=device, max_sequence_length=L)
+        return {"encoder_hidden_states": emb[0], "pooled_projections": pooled[0], "txt_ids": text_ids}
+    if name == "sd3":
+        emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, device=device,
+                                               do_classifier_free_guidance=False, max_sequence_length=L)
+        return {"encoder_hidden_states": emb[0], "pooled_projections": pooled[0]}
+    if name == "pixart":
+        emb, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
+                                             clean_caption=False, max_sequence_length=L)
+        return {"encoder_hidden_states": emb[0], "encoder_attention_mask": mask[0]}
+    emb, _ = pipe.encode_prompt(prompt, device, 1, False)
+    return {"encoder_hidden_states": emb[0]}
 
 
 class Denoising:
