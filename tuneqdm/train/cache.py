@@ -14,7 +14,7 @@ import gc
 import torch
 
 from .data import warn
-from .objective import Denoising, encode_prompt, pipeline_warnings_off, truncation
+from .objective import Denoising, default_max_sequence_length, encode_prompt, pipeline_warnings_off, truncation
 
 
 @torch.no_grad()
@@ -54,8 +54,6 @@ class TrainingTensors:
 
     def _warn_truncated(self, pipe):
         """One warning per prompt longer than the T5 limit, naming what the encoder will not see."""
-        from .objective import default_max_sequence_length
-
         limit = self.max_sequence_length or default_max_sequence_length(pipe)
         self.truncated = set()
         for prompt in self.prompts:
