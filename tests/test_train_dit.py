@@ -276,9 +276,9 @@ def test_lora_qlora_and_fp_on_transformers(folders, photos, tmp_path, capsys):
     argv = ["train", "--pretrained_model_name_or_path", str(folders["pixart"]), "--instance_data_dir", str(photos),
             "--instance_prompt", "a sks box", "--output_dir", str(tmp_path / "pixart-lora"), "--method", "lora"]
     assert main(argv) == 2
-    assert capsys.readouterr().err.endswith("--method lora: diffusers has no LoRA loader for PixArtSigmaPipeline, so its "
-                                            "LoRA could not be used: train a scale method (e.g. --method tuneqdm) or "
-                                            "fp\n")
+    assert capsys.readouterr().err.endswith(
+        "--method lora: diffusers has no LoRA loader for PixArtSigmaPipeline, so its LoRA could not be used: train a "
+        "scale method (e.g. --method tuneqdm) or fp\n")
 
 
 def test_only_the_settings_a_base_uses_are_part_of_a_runs_identity(folders, base, photos, tmp_path):

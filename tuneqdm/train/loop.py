@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
-from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
+from .methods import kind, load_quantized_base, load_trainable_state, prepare, trainable_state
 from .objective import T5_TOKENIZER, native_resolution, objective
 from .outputs import PRODUCTS, read_training_json, save_result
 from .prior import ensure_class_images
@@ -303,14 +303,13 @@ class Trainer:
         return self
 
     def _prepare_training(self, unet):
-        """What trains (quantized scales, LoRA or the whole denoiser), its optimizer and lr schedule, under accelerate."""
+        """What trains (quantized scales, LoRA or the whole denoiser), its optimizer and lr schedule (accelerate)."""
         cfg, acc = self.cfg, self.acc
         if cfg.method == "lora":
             from ..sampling import float_fingerprint
 
             self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
-        kind = "UNet" if PIPELINES[self.pipeline_class.__name__].attribute == "unet" else "transformer"
-        with stage(f"quantizing the {kind} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
+        with stage(f"quantizing the {kind(unet)} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
         for g in groups:
             g["lr"] = cfg.lr * g["lr_scale"]

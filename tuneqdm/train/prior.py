@@ -38,8 +38,8 @@ def _exact_size(pipe) -> dict:
     """PixArt's pipeline snaps the size to its aspect-ratio bins unless told not to; class images are the size asked."""
     import inspect
 
-    return {"use_resolution_binning": False} if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters \
-        else {}
+    binning = "use_resolution_binning" in inspect.signature(pipe.__call__).parameters
+    return {"use_resolution_binning": False} if binning else {}
 
 
 @torch.no_grad()
