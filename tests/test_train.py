@@ -310,7 +310,7 @@ def test_v_prediction_bases_train_on_the_velocity(base, photos, tmp_path):
     eps = Trainer(cfg(base, photos, tmp_path / "eps")).setup().batch(0)
     trainer = Trainer(cfg(v_base, photos, tmp_path / "v"))
     v = trainer.setup().batch(0)
-    a = trainer.noise_scheduler.alphas_cumprod[v["timesteps"]].view(-1, 1, 1, 1)
+    a = trainer.objective.scheduler.alphas_cumprod[v["timesteps"]].view(-1, 1, 1, 1)
     noise = (1 - a).sqrt() * v["noisy"] + a.sqrt() * v["target"]  # v = sqrt(a) eps - sqrt(1-a) x0
     torch.testing.assert_close(noise, eps["target"], rtol=0, atol=1e-5)
     assert not torch.allclose(v["target"], eps["target"])

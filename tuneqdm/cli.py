@@ -357,7 +357,7 @@ def _train(args) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    from .train.config import DEFAULT_STEPS, LR_SCHEDULERS, METHOD_CHOICES
+    from .train.config import DEFAULT_STEPS, LR_SCHEDULERS, METHOD_CHOICES, WEIGHTING_SCHEMES
 
     tr = sub.add_parser("train", help="personalize a model on a few photos (DreamBooth; diffusers' flag names)",
                         description="DreamBooth on a quantized model: only the quantization scales train "
@@ -394,6 +394,13 @@ def _add_train_parser(sub) -> None:
     a("--memory_savers", action=argparse.BooleanOptionalAction, default=None,
       help="cache latents and prompt embeddings, then release the VAE and text encoders "
            "(default: on for quantized methods, off for fp/lora)")
+    a("--max_sequence_length", type=int, default=None,
+      help="T5 tokens of a prompt (Flux, SD3, PixArt; default: the pipeline's own: 512, 256, 300)")
+    a("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
+      help="flow-matching models (Flux, SD3): how sigma is drawn, diffusers' names ('none': uniform)")
+    a("--logit_mean", type=float, default=0.0, help="mean of --weighting_scheme logit_normal")
+    a("--logit_std", type=float, default=1.0, help="std of --weighting_scheme logit_normal")
+    a("--mode_scale", type=float, default=1.29, help="scale of --weighting_scheme mode")
     a("--train_batch_size", type=int, default=1, help="per process")
     a("--max_train_steps", type=int, default=DEFAULT_STEPS)
     a("--learning_rate", type=float, default=None,

@@ -112,3 +112,14 @@ def _in_resolution_bins(pipe, height: int | None, width: int | None) -> bool:
     native = pipe.transformer.config.sample_size * pipe.vae_scale_factor
     size = [float(height or native), float(width or native)]
     return any(list(map(float, hw)) == size for hw in bins.values())
+
+
+# The denoiser's ``timestep`` argument in units of the scheduler's training timesteps 0..T is ``timestep x scale``:
+# FLUX.1's pipeline passes t/1000 (= sigma) where SD3 passes sigma·1000 and the UNets and PixArt integer timesteps.
+# Routing (tuning/routing.py) and training read this one table, so both map a step onto the same expert.
+TIMESTEP_SCALES = {"FluxTransformer2DModel": 1000.0}
+
+
+def timestep_scale(model: nn.Module) -> float:
+    """How many training timesteps one unit of ``model``'s ``timestep`` argument is (1 unless registered)."""
+    return TIMESTEP_SCALES.get(type(model).__name__, 1.0)

@@ -5,9 +5,10 @@ What ``tuneqdm train`` writes (``tuneqdm.train.outputs``) and what ``tuneqdm gen
 
 - scale methods: ``adapter.safetensors`` + ``adapter_config.json`` (``tuneqdm.save_adapter``: scales only, method,
   bits, experts, base id and fingerprint) with the prompts and the run's settings added to the config;
-- ``lora`` and ``qlora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet, loadable by
-  ``pipe.load_lora_weights`` on the float or the quantized UNet; qlora's base fingerprint is in ``training.json``);
-- ``fp``: the whole fine-tuned UNet, ``unet/`` (diffusers folder, safetensors).
+- ``lora`` and ``qlora``: diffusers' ``pytorch_lora_weights.safetensors`` (PEFT LoRA of the UNet or transformer,
+  loadable by ``pipe.load_lora_weights`` on the float or the quantized denoiser; qlora's base fingerprint is in
+  ``training.json``);
+- ``fp``: the whole fine-tuned denoiser, ``unet/`` (diffusers folder, safetensors; its config names its class).
 
 Every method also writes ``training.json``: method, base id and the prompts, for loading without guessing.
 """

@@ -1,5 +1,6 @@
-"""The memory savers: every photo's VAE latent distribution and every prompt's embeddings computed once, after which
-the VAE and the text encoder(s) are released, so that training holds only the denoiser.
+"""The memory savers: every photo's VAE latent distribution and every prompt's embeddings (all encoders: CLIP, T5,
+pooled ones) computed once, after which the VAE and every text encoder are released, so that training holds only the
+denoiser.
 
 With the savers off (the default for the ``fp`` and ``lora`` baselines, as in diffusers' DreamBooth script) the VAE
 and text encoders stay loaded and encode each batch; the numbers are the same, only memory and time differ.
@@ -7,31 +8,13 @@ and text encoders stay loaded and encode each batch; the numbers are the same, o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import torch
 
-
-def _time_ids(resolution: int) -> torch.Tensor:
-    """SDXL's micro-conditioning for an uncropped square photo: (original size, crop top-left, target size)."""
-    return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
-
-
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time" and hasattr(pipe, "text_encoder_2")
-
-
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str, resolution: int, device) -> dict[str, torch.Tensor]:
-    """One prompt's conditioning without a batch dimension: ``encoder_hidden_states`` (+ SDXL's ``text_embeds`` and
-    ``time_ids``), exactly as the pipeline computes it at sampling time."""
-    if is_sdxl(pipe):
-        emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=device, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": emb[0].float(), "text_embeds": pooled[0].float(),
-                "time_ids": _time_ids(resolution).to(device)}
-    emb, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return {"encoder_hidden_states": emb[0].float()}
+from .data import warn
+from .objective import Denoising, default_max_sequence_length, encode_prompt, pipeline_warnings_off, truncation
 
 
 @torch.no_grad()
@@ -50,23 +33,40 @@ class TrainingTensors:
     """Latent distributions of the instance and class photos and the prompt conditionings, by index."""
 
     def __init__(self, pipe, instance_pixels: torch.Tensor, class_pixels: torch.Tensor | None, prompts: list[str],
-                 resolution: int, device, memory_savers: bool = True):
-        self.device, self.resolution = device, resolution
+                 resolution: int, device, memory_savers: bool = True, max_sequence_length: int | None = None):
+        self.device, self.resolution, self.max_sequence_length = device, resolution, max_sequence_length
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         shift = getattr(pipe.vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
         self.prompts = list(prompts)
         self.memory_savers = memory_savers
-        self.sdxl = is_sdxl(pipe)
+        self.denoising = Denoising(pipe, resolution)
+        self._warn_truncated(pipe)
         self.pixels = {"instance": instance_pixels, "class": class_pixels}
         if memory_savers:
             self.dists = {k: (None if v is None else encode_pixels(pipe.vae, v, device))
                           for k, v in self.pixels.items()}
-            self.conds = [encode_prompt(pipe, p, resolution, device) for p in self.prompts]
+            self.conds = [self._encode(pipe, p) for p in self.prompts]
             self.pipe = None
             self.pixels = {"instance": None, "class": None}
         else:
             self.pipe, self.dists, self.conds = pipe, None, None
+
+    def _warn_truncated(self, pipe):
+        """One warning per prompt longer than the T5 limit, naming what the encoder will not see."""
+        limit = self.max_sequence_length or default_max_sequence_length(pipe)
+        self.truncated = set()
+        for prompt in self.prompts:
+            cut = truncation(pipe, prompt, limit) if limit else None
+            if cut is not None:
+                warn(f"the prompt {prompt!r} is longer than the T5 limit of {limit} tokens (--max_sequence_length): "
+                     f"it is truncated, the encoder does not see {cut!r}")
+                self.truncated.add(prompt)
+
+    def _encode(self, pipe, prompt: str) -> dict:
+        with pipeline_warnings_off(pipe) if prompt in self.truncated else contextlib.nullcontext():
+            cond = encode_prompt(pipe, prompt, self.resolution, self.device, self.max_sequence_length)
+        return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
 
     def latent_dist(self, kind: str, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
@@ -80,21 +80,17 @@ class TrainingTensors:
         return ((mean + std * noise) - self.shift_factor) * self.scaling_factor
 
     def conditioning(self, prompt_ids: list[int]) -> dict:
-        """The denoiser's keyword arguments for a batch: ``encoder_hidden_states`` (+ ``added_cond_kwargs``)."""
+        """The denoiser's keyword arguments for a batch (``encoder_hidden_states`` and the family's others)."""
         if self.conds is not None:
             rows = [self.conds[i] for i in prompt_ids]
         else:
-            rows = [encode_prompt(self.pipe, self.prompts[i], self.resolution, self.device) for i in prompt_ids]
-        out = {"encoder_hidden_states": torch.stack([r["encoder_hidden_states"] for r in rows])}
-        if self.sdxl:
-            out["added_cond_kwargs"] = {"text_embeds": torch.stack([r["text_embeds"] for r in rows]),
-                                        "time_ids": torch.stack([r["time_ids"] for r in rows])}
-        return out
+            rows = [self._encode(self.pipe, self.prompts[i]) for i in prompt_ids]
+        return self.denoising.kwargs(rows, self.device)
 
 
 def release(pipe) -> None:
     """Drop the pipeline's VAE and text encoders (the caller drops its own references too)."""
-    for name in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
         if hasattr(pipe, name):
             setattr(pipe, name, None)
     gc.collect()

@@ -37,7 +37,11 @@ HARMLESS = ("output_dir", "resume_from_checkpoint", "force", "quiet", "report_to
             "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
             "validation_inference_steps", "gradient_checkpointing", "sample_batch_size", "quantized_base",
             "instance_data_dir", "subjects", "pretrained_model_name_or_path")
-LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA script
+# settings that shape only some models' runs: the trainer records them for the bases they apply to
+MODEL_SETTINGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA scripts (UNets, Flux, SD3, PixArt)
+# flow-matching models: how sigma is drawn (diffusers' train_dreambooth_lora_flux.py/_sd3.py names; "none": uniform)
+WEIGHTING_SCHEMES = ("logit_normal", "none", "mode", "cosmap", "sigma_sqrt")
 
 
 @dataclass
@@ -68,6 +72,12 @@ class TrainConfig:
     resolution: int | None = None  # None: the pipeline's native size
     center_crop: bool = False
     memory_savers: bool | None = None  # None: on for the quantized methods, off for fp/lora
+    max_sequence_length: int | None = None  # T5 tokens of a prompt (None: the pipeline's own, e.g. Flux 512)
+    # flow-matching objective (FlowMatchEulerDiscreteScheduler: Flux, SD3); ignored by DDPM-family schedulers
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     # optimisation
     train_batch_size: int = 1
     max_train_steps: int = DEFAULT_STEPS
@@ -120,6 +130,7 @@ class TrainConfig:
             raise TuneQDMError(f"--report_to {self.report_to!r}: choose {', '.join(REPORT_TO)} (train_log.jsonl "
                                "is always written)")
         self._check_optimizer()
+        self._check_flow()
         self._check_schedule()
         self._check_inputs()
         self._check_method()
@@ -142,6 +153,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise TuneQDMError(f"--{name} must be a finite number >= 0, got {value}")
+
+    def _check_flow(self):
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise TuneQDMError(f"unknown --weighting_scheme {self.weighting_scheme!r}: choose one of "
+                               f"{', '.join(WEIGHTING_SCHEMES)}")
+        if not (self.logit_std > 0 and math.isfinite(self.logit_std) and math.isfinite(self.logit_mean)):
+            raise TuneQDMError(f"--logit_mean must be finite and --logit_std positive and finite, got "
+                               f"{self.logit_mean} and {self.logit_std}")
+        if not math.isfinite(self.mode_scale):
+            raise TuneQDMError(f"--mode_scale must be finite, got {self.mode_scale}")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise TuneQDMError(f"--max_sequence_length must be at least 1, got {self.max_sequence_length}")
 
     def _check_schedule(self):
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -207,8 +230,9 @@ class TrainConfig:
 
     def resolved_settings(self) -> dict:
         """Every setting that shapes the trained result, with defaults filled in: what a resume must not change.
-        (The subjects, the base's fingerprint and the resolution are resolved by the trainer.)"""
-        out = {k: v for k, v in self.to_dict().items() if k not in HARMLESS}
+        (The subjects, the base's fingerprint, the resolution and the MODEL_SETTINGS that apply to the base are
+        resolved by the trainer.)"""
+        out = {k: v for k, v in self.to_dict().items() if k not in HARMLESS + MODEL_SETTINGS}
         out.update(learning_rate=self.lr, adam_weight_decay=self.weight_decay, memory_savers=self.savers,
                    experts=self.resolved_experts, s1_intervals=[list(i) for i in self.intervals])
         for name in ("instance_prompt", "class_prompt", "resolution"):  # resolved by the trainer

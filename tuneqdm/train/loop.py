@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from ..denoisers import PIPELINES, denoiser
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
@@ -35,7 +35,8 @@ from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
-from .methods import load_quantized_base, load_trainable_state, prepare, trainable_state
+from .methods import kind, load_quantized_base, load_trainable_state, prepare, trainable_state
+from .objective import T5_TOKENIZER, native_resolution, objective
 from .outputs import save_result
 from .prior import ensure_class_images
 
@@ -190,23 +191,43 @@ class Trainer:
                 raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
                                    "pip install tensorboard")
 
-    def _check_intervals(self):
-        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
-        if not self.cfg.intervals:
-            return
-        from diffusers import DDPMScheduler
+    def _base_config(self, subfolder: str | None = None) -> dict:
+        """The base's ``model_index.json`` (or a component's config), read without loading a model; {} when it cannot
+        be read (the base then fails to load later, with its own one-line error)."""
+        from diffusers import DDPMScheduler, DiffusionPipeline
 
         from ..sampling import base_source
 
         source, extra = base_source(self.cfg.pretrained_model_name_or_path, self.cfg.revision, self.cfg.variant)
+        reader = DDPMScheduler if subfolder else DiffusionPipeline  # load_config only reads the JSON file
         try:
-            T = DDPMScheduler.load_config(source, subfolder="scheduler", **extra)["num_train_timesteps"]
-        except (OSError, ValueError, KeyError):
-            return  # the base itself fails to load later, with its own one-line error
+            return dict(reader.load_config(source, **({"subfolder": subfolder} if subfolder else {}), **extra))
+        except (OSError, ValueError):
+            return {}
+
+    def _check_intervals(self):
+        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
+        if not self.cfg.intervals:
+            return
+        T = self._base_config("scheduler").get("num_train_timesteps")
+        if not isinstance(T, int):
+            return
         for a, b in self.cfg.intervals:
             if not b <= T:
                 raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
                                    f"interval must end at {T} or below")
+
+    def _model_settings(self) -> dict:
+        """The settings that shape only some models' runs, resolved for this base: the flow-matching ones when its
+        scheduler is one, the T5 prompt length when it has a T5 encoder (so other runs record neither)."""
+        c, out = self.cfg, {}
+        if self._base_config("scheduler").get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            out.update(weighting_scheme=c.weighting_scheme, logit_mean=c.logit_mean, logit_std=c.logit_std,
+                       mode_scale=c.mode_scale if c.weighting_scheme == "mode" else None)
+        family_ = PIPELINES.get(self._base_config().get("_class_name"))
+        if family_ is not None and family_.name in T5_TOKENIZER:
+            out["max_sequence_length"] = c.max_sequence_length  # None: the pipeline's own default
+        return out
 
     def _accelerator(self):
         from accelerate import Accelerator
@@ -239,7 +260,7 @@ class Trainer:
         self.main = acc.is_main_process
         if not self.main or cfg.quiet:
             _quiet_libraries()
-        from ..sampling import base_id, base_source, pipeline_from
+        from ..sampling import base_id
 
         self.base_id = base_id(cfg.pretrained_model_name_or_path)
         self.identity = self._settings_identity(subjects)
@@ -251,29 +272,12 @@ class Trainer:
         set_seed(cfg.seed)
         device = acc.device
 
-        # the base pipeline (its UNet replaced by a saved quantized base when one is given)
-        self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of a hub id or folder
-        self.base_source = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-        if cfg.quantized_base:
-            from diffusers import UNet2DConditionModel
-
-            source, extra = self.base_source
-            try:
-                float_config = UNet2DConditionModel.load_config(source, subfolder="unet", **extra)
-            except (OSError, ValueError) as e:
-                raise TuneQDMError(f"cannot read the UNet config of {source}: {first_line(e, None)}") from None
-            unet = load_quantized_base(cfg.quantized_base, float_config)
-            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version, unet=unet)
-        else:
-            pipe = pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version)
+        pipe = self._load_pipeline(device)
         self.pipeline_class = type(pipe)
-        vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        native = pipe.unet.config.sample_size * vae_factor
-        self.resolution = cfg.resolution or native
-        need = vae_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-        if self.resolution % need:
-            raise TuneQDMError(f"--resolution {self.resolution} does not fit this model: it must be a multiple of "
-                               f"{need} (its native size is {native})")
+        if cfg.method in LORA_METHODS and not hasattr(self.pipeline_class, "save_lora_weights"):
+            raise TuneQDMError(f"--method {cfg.method}: diffusers has no LoRA loader for {self.pipeline_class.__name__}"
+                               ", so its LoRA could not be used: train a scale method (e.g. --method tuneqdm) or fp")
+        self.resolution = self._resolution(pipe)
 
         # data: photos, then class images generated by the base model where missing
         ex = self._examples(pipe, subjects)
@@ -282,12 +286,11 @@ class Trainer:
         images = len(ex.instance_pixels) + (0 if ex.class_pixels is None else len(ex.class_pixels))
         with stage(f"encoding {images} images and {len(ex.prompts)} prompts"):
             self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution,
-                                           device, memory_savers=cfg.savers)
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.T = self.noise_scheduler.config.num_train_timesteps
-        unet = pipe.unet
+                                           device, memory_savers=cfg.savers,
+                                           max_sequence_length=cfg.max_sequence_length)
+        self.objective = objective(pipe, cfg)
+        self.T = self.objective.T
+        unet = denoiser(pipe)
         if cfg.savers:
             release(pipe)
             ex.instance_pixels = ex.class_pixels = None
@@ -296,12 +299,18 @@ class Trainer:
         else:
             self._pipe = pipe
 
-        # what trains
+        self._prepare_training(unet)
+        self._resume()
+        return self
+
+    def _prepare_training(self, unet):
+        """What trains (quantized scales, LoRA or the whole denoiser), its optimizer and lr schedule (accelerate)."""
+        cfg, acc = self.cfg, self.acc
         if cfg.method == "lora":
             from ..sampling import float_fingerprint
 
             self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
-        with stage(f"quantizing the UNet to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
+        with stage(f"quantizing the {kind(unet)} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
         for g in groups:
             g["lr"] = cfg.lr * g["lr_scale"]
@@ -328,8 +337,38 @@ class Trainer:
             self.fingerprint = fingerprint(self.model)
         else:
             self.fingerprint = getattr(self, "float_fingerprint", None)
-        self._resume()
-        return self
+
+    def _load_pipeline(self, device):
+        """The base pipeline, its denoiser replaced by a saved quantized base when one is given."""
+        from ..sampling import base_source, pipeline_from
+
+        cfg = self.cfg
+        self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of a hub id or folder
+        self.base_source = source, extra = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        if not cfg.quantized_base:
+            return pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version)
+        import diffusers
+        from diffusers import DiffusionPipeline
+
+        try:
+            index = DiffusionPipeline.load_config(source, **extra)
+            family_ = PIPELINES.get(index.get("_class_name"))
+            component = family_.attribute if family_ else "unet"
+            model_class = getattr(diffusers, index[component][1])
+            float_config = model_class.load_config(source, subfolder=component, **extra)
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise TuneQDMError(f"cannot read the denoiser config of {source}: {first_line(e, None)}") from None
+        model = load_quantized_base(cfg.quantized_base, float_config)
+        return pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version, **{component: model})
+
+    def _resolution(self, pipe) -> int:
+        """--resolution, or the model's native size; refused when the denoiser cannot take it."""
+        native, need = native_resolution(pipe)
+        resolution = self.cfg.resolution or native
+        if resolution % need:
+            raise TuneQDMError(f"--resolution {resolution} does not fit this model: it must be a multiple of "
+                               f"{need} (its native size is {native})")
+        return resolution
 
     def _examples(self, pipe, subjects: list[Subject]) -> Examples:
         cfg = self.cfg
@@ -379,7 +418,7 @@ class Trainer:
         """The resolved settings that shape the result, the subjects included (their photos by content): what a
         resumed run must share with its checkpoint. The base's fingerprint and the resolution come after loading."""
         c = self.cfg
-        return {**c.resolved_settings(), "train_batch_size": None,
+        return {**c.resolved_settings(), **self._model_settings(), "train_batch_size": None,
                 "global_batch_size": c.train_batch_size * self.acc.num_processes,  # the draws depend on this only
                 "base_id": self.base_id, "instance_prompts": [s.instance_prompt for s in subjects],
                 "class_prompts": [s.class_prompt for s in subjects] if c.with_prior_preservation else None,
@@ -447,7 +486,7 @@ class Trainer:
                 cls.append(members[permutation_index(seed, 10 + g, len(members), micro_step * G + j)])
         n = G * (2 if prior else 1)
         gen = torch.Generator().manual_seed(step_seed(seed, micro_step))
-        timesteps = torch.randint(0, self.T, (n,), generator=gen)
+        timesteps = self.objective.timesteps(n, gen)
         shape = (n, *self._latent_shape())
         posterior = torch.randn(shape, generator=gen)
         noise = torch.randn(shape, generator=gen)
@@ -468,13 +507,10 @@ class Trainer:
         device = acc.device
         latents = tt.latents(mean, std, mine(posterior).to(device))
         noise, timesteps = mine(noise).to(device), mine(timesteps).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return {"noisy": noisy, "timesteps": timesteps, "target": target, "cond": tt.conditioning(pids),
-                "n_instance": len(inst_r)}
+        noisy, target = self.objective.noisy_and_target(latents, noise, timesteps)
+        layout = tt.denoising.to_model_layout
+        return {"noisy": layout(noisy), "timesteps": timesteps, "target": layout(target),
+                "cond": tt.conditioning(pids), "n_instance": len(inst_r)}
 
     def _latent_shape(self):
         if not hasattr(self, "_lshape"):
@@ -485,12 +521,12 @@ class Trainer:
         return self._lshape
 
     def loss(self, b: dict) -> torch.Tensor:
-        pred = self.unet(b["noisy"], b["timesteps"], **b["cond"], return_dict=False)[0].float()
-        target = b["target"].float()
-        k = b["n_instance"]
+        pred = self.tensors.denoising.predict(self.unet, b["noisy"], b["timesteps"], b["cond"])
+        target, t, k = b["target"], b["timesteps"], b["n_instance"]
+        loss = self.objective.loss
         if not self.cfg.with_prior_preservation:
-            return F.mse_loss(pred, target)
-        return F.mse_loss(pred[:k], target[:k]) + self.cfg.prior_loss_weight * F.mse_loss(pred[k:], target[k:])
+            return loss(pred, target, t)
+        return loss(pred[:k], target[:k], t[:k]) + self.cfg.prior_loss_weight * loss(pred[k:], target[k:], t[k:])
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -553,7 +589,8 @@ class Trainer:
                     mean_loss = acc.gather(loss.detach()[None]).mean()
                     if not torch.isfinite(mean_loss):
                         self._diverged(f"loss became NaN at step {self.step + 1}")
-                    acc.backward(loss)
+                    if loss.requires_grad:  # s1: a batch routed wholly to the frozen base scales trains nothing
+                        acc.backward(loss)
                     if acc.sync_gradients:
                         update.enter_context(signals.held())
                         if cfg.max_grad_norm > 0:
@@ -654,14 +691,15 @@ class Trainer:
         the probe of what sampling will do. Its own generator: the run's random draws are untouched."""
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, stream=99))
         device = self.acc.device
-        noise = torch.randn((1, *self._latent_shape()), generator=gen).to(device)
+        noise = self.tensors.denoising.to_model_layout(torch.randn((1, *self._latent_shape()), generator=gen))
+        noise = noise.to(device)
         cond = self.tensors.conditioning([self.examples.instance_prompt_ids[0]])
         was_training = self.model.training
         self.model.eval()
         try:
             for quarter in range(4):
                 t = torch.tensor([(2 * quarter + 1) * self.T // 8], device=device)
-                out = self.model(noise, t, **cond, return_dict=False)[0]
+                out = self.tensors.denoising.predict(self.model, noise, t, cond)
                 if not bool(torch.isfinite(out).all()):
                     return False
         finally:
@@ -694,7 +732,8 @@ class Trainer:
         try:
             pipe = getattr(self, "_pipe", None)
             if pipe is None:
-                pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version, unet=model)
+                pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version,
+                                     **{PIPELINES[self.pipeline_class.__name__].attribute: model})
             pipeline_progress(pipe, f"validation at step {self.step}")
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)

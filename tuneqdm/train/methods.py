@@ -22,6 +22,11 @@ from ..tuning.model import quant_state, scale_param_groups
 from .config import LORA_TARGETS, TrainConfig
 
 
+def kind(model: nn.Module) -> str:
+    """How messages name the denoiser: UNet or transformer."""
+    return "UNet" if "UNet" in type(model).__name__ else "transformer"
+
+
 def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.Module:
     """A saved quantized base, checked against the pipeline's UNet config when one is given."""
     directory = Path(directory)
@@ -33,7 +38,7 @@ def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.
         diff = sorted(k for k in set(mine) | set(theirs)
                       if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
         if diff:
-            raise TuneQDMError(f"--quantized_base {directory} was made from another UNet than the pipeline's "
+            raise TuneQDMError(f"--quantized_base {directory} was made from another {kind(unet)} than the pipeline's "
                                f"(config differs in {', '.join(diff[:3])})")
     return unet
 
@@ -49,7 +54,7 @@ def check_lora_targets(unet: nn.Module, targets: list[str], quantized: bool) -> 
     for t in targets:
         hits = [n for n in modules if _matches(n, t)]
         if not hits:
-            raise TuneQDMError(f"--lora_targets {t!r} matches no module of the UNet: give names such as "
+            raise TuneQDMError(f"--lora_targets {t!r} matches no module of the {kind(unet)}: give names such as "
                                f"{', '.join(LORA_TARGETS)}")
         if quantized and any(isinstance(modules[n], QConv2d) for n in hits):
             raise TuneQDMError(f"--lora_targets {t!r} matches a quantized Conv2d ({hits[0]}): qlora wraps Linear "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..denoisers import PIPELINES
 from ..errors import TuneQDMError
 from ..files import atomic_dir, write_error_reason
 from ..results import FP_UNET, PRODUCTS, TRAINING_JSON
@@ -22,7 +23,8 @@ def save_result(unet, output_dir, method: str, pipeline_class, info: dict) -> Pa
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            pipeline_class.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
+            component = PIPELINES[pipeline_class.__name__].attribute  # unet_lora_layers or transformer_lora_layers
+            pipeline_class.save_lora_weights(tmp, **{f"{component}_lora_layers": layers}, safe_serialization=True)
         elif method == "fp":
             unet.save_pretrained(tmp / FP_UNET, safe_serialization=True)
         else:

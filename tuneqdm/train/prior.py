@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..denoisers import denoiser
 from ..errors import TuneQDMError
 from ..progress import progress
 from ..sampling import generator
@@ -33,6 +34,14 @@ def _name(prompt: str, i: int) -> str:
     return f"class-{digest}-{i:05d}.png"
 
 
+def _exact_size(pipe) -> dict:
+    """PixArt's pipeline snaps the size to its aspect-ratio bins unless told not to; class images are the size asked."""
+    import inspect
+
+    binning = "use_resolution_binning" in inspect.signature(pipe.__call__).parameters
+    return {"use_resolution_binning": False} if binning else {}
+
+
 @torch.no_grad()
 def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: int, seed: int = 0,
                         num_inference_steps: int = PRIOR_STEPS, batch_size: int = 4) -> int:
@@ -48,7 +57,7 @@ def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: 
         return 0
     names = {p.name for p in have}
     todo = [i for i in range(num_images + len(have)) if _name(prompt, i) not in names][:missing]
-    unet = pipe.unet
+    unet = denoiser(pipe)
     was_training = unet.training
     unet.eval()
     done = 0
@@ -58,7 +67,7 @@ def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: 
             chunk = todo[start:start + batch_size]
             gens = [generator(seed + i) for i in chunk]
             images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps, height=resolution,
-                          width=resolution, generator=gens, output_type="pil").images
+                          width=resolution, generator=gens, output_type="pil", **_exact_size(pipe)).images
             for i, image in zip(chunk, images):
                 final = folder / _name(prompt, i)
                 tmp = folder / f".{final.name}.tmp"

@@ -3,7 +3,9 @@
 TAS gives expert ``k = min(floor(t·K/T), K−1)`` to a sample at timestep ``t`` (``T`` = the scheduler's
 ``num_train_timesteps``). The S1 strategy uses its one tuned set (index 0) inside chosen intervals and the original
 quantization scales (index -1) elsewhere. A forward pre-hook on the denoiser reads its ``timestep`` argument, so a
-plain ``unet(x, t, emb)`` routes every sample by its own ``t`` in training and in any diffusers pipeline.
+plain ``unet(x, t, emb)`` routes every sample by its own ``t`` in training and in any diffusers pipeline. A denoiser
+whose ``timestep`` is not in training-timestep units (FLUX.1 takes t/1000) is routed by ``timestep x`` its scale from
+``tuneqdm.denoisers.timestep_scale``: one rule for every architecture, in training and in sampling alike.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..denoisers import timestep_scale
 from ..errors import TuneQDMError
 from ..hooks import CallArguments, on_timestep
 
@@ -91,12 +94,16 @@ class Router:
 
 
 def install_timestep_hook(model: torch.nn.Module, router: Router):
-    """Route by the ``timestep`` argument of ``model.forward``; returns the hook handle (None if it has none)."""
+    """Route by the ``timestep`` argument of ``model.forward`` (times the model's timestep scale, see
+    ``tuneqdm.denoisers.timestep_scale``); returns the hook handle (None if it has none)."""
+    scale = timestep_scale(model)
 
     def route(t, call: CallArguments) -> None:
         if t is None:
             router.route = None
             return
+        if scale != 1:
+            t = torch.as_tensor(t).detach().to("cpu", torch.float64) * scale
         sample = call.get("sample", "hidden_states", "x")
         if sample is None and call.args:
             sample = call.args[0]
