@@ -158,7 +158,8 @@ def _evaluate(args) -> None:
             "class_word": class_word, **_version(args)}
     m = evaluate(pipe, real, prompts, args.images_per_prompt, subject_enc, clip_enc, token, out, seed=args.seed,
                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                 keep_token=args.keep_token_in_clip_t, info=info, replace=args.force)
+                 keep_token=args.keep_token_in_clip_t, info=info, replace=args.force,
+                 max_sequence_length=args.max_sequence_length)
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
 
@@ -394,8 +395,7 @@ def _add_train_parser(sub) -> None:
     a("--memory_savers", action=argparse.BooleanOptionalAction, default=None,
       help="cache latents and prompt embeddings, then release the VAE and text encoders "
            "(default: on for quantized methods, off for fp/lora)")
-    a("--max_sequence_length", type=int, default=None,
-      help="T5 tokens of a prompt (Flux, SD3, PixArt; default: the pipeline's own: 512, 256, 300)")
+    a("--max_sequence_length", type=int, default=None, help=MAX_SEQUENCE_LENGTH_HELP)
     a("--weighting_scheme", choices=WEIGHTING_SCHEMES, default="logit_normal",
       help="flow-matching models (Flux, SD3): how sigma is drawn, diffusers' names ('none': uniform)")
     a("--logit_mean", type=float, default=0.0, help="mean of --weighting_scheme logit_normal")
@@ -539,6 +539,8 @@ def _toy_scenes(args) -> None:
 
 GUIDANCE_HELP = ("classifier-free guidance scale; Flux: its distilled guidance (default: the pipeline family's, "
                  "7.5 for SD/SDXL, 3.5 for Flux, 7.0 for SD3, 4.5 for PixArt)")
+MAX_SEQUENCE_LENGTH_HELP = ("T5 tokens of a prompt (Flux, SD3, PixArt; default: the pipeline's own: 512, 256, 300); a "
+                            "longer prompt is cut, with a warning")
 SCHEDULER_CHOICES = ("ddim", "dpm++", "euler")
 SCHEDULER_HELP = ("sampler of a UNet or PixArt pipeline (default: ddim); flow-matching pipelines (Flux, SD3) keep "
                   "their own")
@@ -578,9 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num_images", type=int, default=4)
     gen.add_argument("--num_inference_steps", type=int, default=25)
     gen.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
-    gen.add_argument("--max_sequence_length", type=int, default=None,
-                     help="T5 prompt tokens of Flux, SD3 and PixArt (default: the pipeline's; a longer prompt is cut, "
-                          "with a warning)")
+    gen.add_argument("--max_sequence_length", type=int, default=None, help=MAX_SEQUENCE_LENGTH_HELP)
     gen.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None, help=SCHEDULER_HELP)
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
@@ -622,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--num_inference_steps", type=int, default=25, help="the sampling schedule calibrated (25)")
     qa.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
     qa.add_argument("--max_sequence_length", type=int, default=None,
-                    help="T5 prompt tokens of Flux, SD3 and PixArt (default: the pipeline's; sample with the same)")
+                    help=MAX_SEQUENCE_LENGTH_HELP + "; sample with the same")
     qa.add_argument("--height", type=int, default=None, help="image height calibrated (default: the model's native)")
     qa.add_argument("--width", type=int, default=None, help="image width calibrated (default: the model's native)")
     qa.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None, help=SCHEDULER_HELP)
@@ -659,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--class_word", default=None, help="default: from subject.json or the adapter")
     ev.add_argument("--keep_token_in_clip_t", action="store_true", help="score CLIP-T against the prompt as written")
     ev.add_argument("--num_inference_steps", type=int, default=25)
+    ev.add_argument("--max_sequence_length", type=int, default=None, help=MAX_SEQUENCE_LENGTH_HELP)
     ev.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
     ev.add_argument("--seed", type=int, default=0, help="prompt p, image i uses seed + 1000 p + i")
     ev.add_argument("--device", default="cpu")

@@ -19,10 +19,10 @@ from .progress import pipeline_progress, progress, stage
 from .quant import cached_weights
 from .quant.kernels import check_kernels
 from .quant.paths import sampling_kernels, set_kernels
-from .results import adapter_kind, read_training_json
+from .results import FP_UNET, adapter_kind, read_training_json
 from .serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
 from .tuning import QuantConfig, quantize_
-from .tuning.streaming import INDEX_NAME, WEIGHTS_NAME, weight_files
+from .tuning.streaming import INDEX_NAME, WEIGHTS_NAME, diffusers_model_class, weight_files
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -196,7 +196,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     the base's. ``adapter``: a ``tuneqdm train`` output folder: scales (the base's denoiser is quantized as in
     training, or the quantized base is used, and the adapter's scales and timestep routing are loaded; another base
     is refused with both fingerprints named), LoRA (loaded into the float denoiser; qlora: into the denoiser
-    quantized as in training, or its quantized base, checked by fingerprint) or a full fine-tuned UNet.
+    quantized as in training, or its quantized base, checked by fingerprint) or a full fine-tuned denoiser.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
     ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
     devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
@@ -225,10 +225,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         pipe = pipeline_from(base, device, dtype, **version,
                              denoiser_model=load_quantized(quantized_base, device=device))
     elif kind == "fp":
-        from diffusers import UNet2DConditionModel
-
-        unet = UNet2DConditionModel.from_pretrained(Path(adapter) / "unet", **dtype_kwarg(dtype))
-        pipe = pipeline_from(base, device, dtype, **version, unet=unet)
+        pipe = pipeline_from(base, device, dtype, **version, denoiser_model=_fine_tuned(adapter, dtype))
     else:
         pipe = pipeline_from(base, device, dtype, **version)
     model = denoiser(pipe)
@@ -241,6 +238,18 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     set_kernels(model, kernels)
     model.eval()
     return pipe
+
+
+def _fine_tuned(adapter, dtype) -> torch.nn.Module:
+    """The whole fine-tuned denoiser of an ``fp`` result, of the class its config names (diffusers' own model
+    classes only)."""
+    folder = Path(adapter) / FP_UNET
+    name = read_json(folder / "config.json", "fine-tuned model").get("_class_name")
+    cls = diffusers_model_class(name)
+    if cls is None:
+        raise TuneQDMError(f"{folder}/config.json names the model class {name!r}, which is no diffusers model: "
+                           "train the adapter again")
+    return cls.from_pretrained(folder, **dtype_kwarg(dtype))
 
 
 def _read_adapter(adapter) -> tuple[str, dict, dict]:
