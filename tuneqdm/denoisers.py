@@ -7,6 +7,9 @@ a pipeline, so that a new pipeline is one entry in ``PIPELINES`` and per-family 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 from dataclasses import dataclass
 
 from torch import nn
@@ -123,3 +126,46 @@ TIMESTEP_SCALES = {"FluxTransformer2DModel": 1000.0}
 def timestep_scale(model: nn.Module) -> float:
     """How many training timesteps one unit of ``model``'s ``timestep`` argument is (1 unless registered)."""
     return TIMESTEP_SCALES.get(type(model).__name__, 1.0)
+
+
+# ---- T5 prompts: their length limit and what a longer prompt loses ---------------------------------------------------
+def t5_limit(pipe, max_sequence_length: int | None = None) -> int | None:
+    """The number of T5 tokens the pipeline encodes (None: no T5 encoder): ``max_sequence_length``, else the
+    pipeline's own default (Flux 512, SD3 256, PixArt-Σ 300)."""
+    if family(pipe).t5_tokenizer is None:
+        return None
+    if max_sequence_length is not None:
+        return max_sequence_length
+    default = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    return default.default if default is not None else None
+
+
+def t5_overflow(pipe, prompt: str, max_sequence_length: int | None = None) -> tuple[int, int, str] | None:
+    """(tokens, limit, the text the encoder will not see) when ``prompt`` is longer than the pipeline's T5 limit;
+    None when it fits or the pipeline has no T5 encoder."""
+    limit = t5_limit(pipe, max_sequence_length)
+    if limit is None:
+        return None
+    tok = getattr(pipe, family(pipe).t5_tokenizer)
+    ids = tok(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
+    if len(ids) <= limit:
+        return None
+    return len(ids), limit, tok.decode(ids[limit - 1:], skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def without_truncation_logs(pipe):
+    """diffusers logs a multi-line notice per text encoder for a cut prompt; tuneqdm says it once, in one line, so
+    those notices are dropped while ``pipe`` encodes (T5 pipelines only)."""
+    handlers = logging.getLogger("diffusers").handlers if family(pipe).t5_tokenizer is not None else []
+
+    def not_truncation(record) -> bool:
+        return "was truncated" not in record.getMessage()
+
+    for handler in handlers:
+        handler.addFilter(not_truncation)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(not_truncation)

@@ -7,11 +7,21 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
-from .denoisers import call_kwargs, denoiser, denoiser_component, denoiser_word, family, family_named
+from .denoisers import (
+    call_kwargs,
+    denoiser,
+    denoiser_component,
+    denoiser_word,
+    family,
+    family_named,
+    t5_overflow,
+    without_truncation_logs,
+)
 from .errors import TuneQDMError, TuneQDMWarning
 from .files import first_line, read_json
 from .loading import dtype_kwarg, quiet_loading
@@ -428,46 +438,12 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     return images
 
 
-def t5_limit(pipe, max_sequence_length: int | None = None) -> int | None:
-    """The number of T5 tokens the pipeline encodes (None: no T5 encoder)."""
-    import inspect
-
-    if family(pipe).t5_tokenizer is None:
-        return None
-    if max_sequence_length is not None:
-        return max_sequence_length
-    default = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
-    return default.default if default is not None else None
-
-
 def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -> None:
     """One warning when ``prompt`` is longer than what the pipeline's T5 encoder reads (diffusers' own notices, one
-    per text encoder, are dropped by ``without_truncation_logs``)."""
-    import warnings
-
-    limit = t5_limit(pipe, max_sequence_length)
-    if limit is None:
-        return
-    tokens = len(getattr(pipe, family(pipe).t5_tokenizer)(prompt, verbose=False).input_ids)
-    if tokens > limit:
+    per text encoder, are dropped by ``denoisers.without_truncation_logs``)."""
+    overflow = t5_overflow(pipe, prompt, max_sequence_length)
+    if overflow is not None:
+        tokens, limit, _ = overflow
         warnings.warn(f"the prompt is {tokens} T5 tokens, longer than max_sequence_length {limit}: the model reads "
                       f"only its first {limit} (shorten it, or raise --max_sequence_length)", TuneQDMWarning,
                       stacklevel=3)
-
-
-@contextlib.contextmanager
-def without_truncation_logs(pipe):
-    """diffusers logs a multi-line notice per text encoder for a cut prompt; for T5 pipelines ``warn_truncation``
-    has said it in one line, so those notices are dropped while sampling."""
-    handlers = logging.getLogger("diffusers").handlers if family(pipe).t5_tokenizer is not None else []
-
-    def not_truncation(record) -> bool:
-        return "was truncated" not in record.getMessage()
-
-    for handler in handlers:
-        handler.addFilter(not_truncation)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(not_truncation)

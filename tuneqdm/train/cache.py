@@ -13,8 +13,9 @@ import gc
 
 import torch
 
+from ..denoisers import t5_overflow, without_truncation_logs
 from .data import warn
-from .objective import Denoising, default_max_sequence_length, encode_prompt, pipeline_warnings_off, truncation
+from .objective import Denoising, encode_prompt
 
 
 @torch.no_grad()
@@ -54,17 +55,17 @@ class TrainingTensors:
 
     def _warn_truncated(self, pipe):
         """One warning per prompt longer than the T5 limit, naming what the encoder will not see."""
-        limit = self.max_sequence_length or default_max_sequence_length(pipe)
         self.truncated = set()
         for prompt in self.prompts:
-            cut = truncation(pipe, prompt, limit) if limit else None
-            if cut is not None:
+            overflow = t5_overflow(pipe, prompt, self.max_sequence_length)
+            if overflow is not None:
+                _, limit, cut = overflow
                 warn(f"the prompt {prompt!r} is longer than the T5 limit of {limit} tokens (--max_sequence_length): "
                      f"it is truncated, the encoder does not see {cut!r}")
                 self.truncated.add(prompt)
 
     def _encode(self, pipe, prompt: str) -> dict:
-        with pipeline_warnings_off(pipe) if prompt in self.truncated else contextlib.nullcontext():
+        with without_truncation_logs(pipe) if prompt in self.truncated else contextlib.nullcontext():
             cond = encode_prompt(pipe, prompt, self.resolution, self.device, self.max_sequence_length)
         return {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
 

@@ -16,14 +16,10 @@ Every random draw takes the step's generator, so a run stays a function of (seed
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from ..denoisers import denoiser, family, timestep_scale
+from ..denoisers import PIPELINES, denoiser, family, t5_limit, timestep_scale
 
 NO_PIXART_RESOLUTION = {"resolution": None, "aspect_ratio": None}  # what PixArt-Σ's pipeline passes
 
@@ -33,48 +29,13 @@ def _time_ids(resolution: int) -> torch.Tensor:
     return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
 
 
-def default_max_sequence_length(pipe) -> int | None:
-    """The pipeline's own T5 limit (Flux 512, SD3 256, PixArt-Σ 300); None for CLIP-only pipelines."""
-    param = inspect.signature(pipe.encode_prompt).parameters.get("max_sequence_length")
-    return None if param is None else int(param.default)
-
-
-T5_TOKENIZER = {"flux": "tokenizer_2", "sd3": "tokenizer_3", "pixart": "tokenizer"}  # family -> attribute
-
-
-def t5_tokenizer(pipe):
-    """The tokenizer of the pipeline's T5 encoder (None for CLIP-only pipelines)."""
-    attribute = T5_TOKENIZER.get(family(pipe).name)
-    return getattr(pipe, attribute, None) if attribute else None
-
-
-def truncation(pipe, prompt: str, max_sequence_length: int) -> str | None:
-    """The part of ``prompt`` the T5 encoder will not see at ``max_sequence_length`` tokens, or None."""
-    tok = t5_tokenizer(pipe)
-    if tok is None:
-        return None
-    ids = tok(prompt, truncation=False, add_special_tokens=True).input_ids
-    if len(ids) <= max_sequence_length:
-        return None
-    return tok.decode(ids[max_sequence_length - 1:], skip_special_tokens=True)
-
-
-@contextlib.contextmanager
-def pipeline_warnings_off(pipe):
-    """diffusers logs its own truncation warning at each encoding of a long prompt; tuneqdm warns once instead."""
-    logger = logging.getLogger(type(pipe).__module__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+T5_TOKENIZER = {f.name: f.t5_tokenizer for f in PIPELINES.values() if f.t5_tokenizer}  # family -> attribute
 
 
 @torch.no_grad()
 def encode_prompt(pipe, prompt: str, resolution: int, device, max_sequence_length: int | None = None) -> dict:
     """One prompt's conditioning without a batch dimension, exactly as the pipeline computes it at sampling time."""
-    name, L = family(pipe).name, max_sequence_length or default_max_sequence_length(pipe)
+    name, L = family(pipe).name, t5_limit(pipe, max_sequence_length)
     if name == "sdxl":
         emb, _, pooled, _ = pipe.encode_prompt(prompt, prompt_2=prompt, device=device, num_images_per_prompt=1,
                                                do_classifier_free_guidance=False)
@@ -110,14 +71,14 @@ class Denoising:
 
     def _flux_setup(self, pipe, model, resolution: int):
         """Image position ids from the pipeline's public ``prepare_latents`` (it returns a given latent as is, with
-        the ids); the guidance embedding at the pipeline's default guidance scale (3.5 for FLUX.1-dev)."""
+        the ids); the guidance embedding at the family's default guidance (3.5 for FLUX.1-dev), as sampling uses."""
         channels = model.config.in_channels // 4
         side = 2 * (resolution // (pipe.vae_scale_factor * 2))
         placeholder = torch.zeros(1, channels, side, side)
         _, self.img_ids = pipe.prepare_latents(1, channels, resolution, resolution, torch.float32, "cpu", None,
                                                latents=placeholder)
         if model.config.guidance_embeds:
-            self.guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+            self.guidance = family(pipe).guidance
 
     def to_model_layout(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) as the denoiser reads them: Flux's 2x2-patch tokens (B, h/2·w/2, 4C).
