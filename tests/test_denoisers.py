@@ -4,9 +4,9 @@ import pytest
 from diffusers import DDPMPipeline, UNet2DModel
 from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
-from tuneqdm.denoisers import PIPELINES, denoiser, denoiser_component, family
+from tuneqdm.denoisers import PIPELINES, denoiser, denoiser_component, family, native_size
 from tuneqdm.errors import TuneQDMError
-from tuneqdm.sampling import pipeline_from
+from tuneqdm.sampling import generate, pipeline_from
 
 
 @pytest.mark.parametrize("build, attribute, model", [
@@ -32,3 +32,13 @@ def test_unsupported_pipeline_is_one_line_naming_the_supported():
     assert str(e.value) == ("DDPMPipeline is not supported: tuneqdm personalizes " + ", ".join(PIPELINES)
                             + " (pass a folder or hub id of one of them)")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_pixart_pipeline])
+def test_native_size_is_what_sampling_draws_by_default_and_fits_its_multiple(tmp_path, build):
+    """Training's default --resolution and sampling's default size come from one rule."""
+    pipe = pipeline_from(str(build(tmp_path / "p")))
+    size, multiple = native_size(pipe)
+    image = generate(pipe, "a box", num_inference_steps=1)[0]
+    assert image.size == (size, size)
+    assert size % multiple == 0

@@ -322,3 +322,18 @@ def test_only_the_settings_a_base_uses_are_part_of_a_runs_identity(folders, base
     assert settings(folders["sd3"], weighting_scheme="none", max_sequence_length=None) == {
         "weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": None,
         "max_sequence_length": None}
+
+
+def test_the_fidelity_benchmark_runs_on_a_dit(folders, tmp_path):
+    """`tuneqdm benchmark fidelity --pretrained_model_name_or_path <Flux folder>`: a trained and an untuned cell,
+    scored, at the model's native size."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1}\n")
+    assert main(["benchmark", "fidelity", "--pretrained_model_name_or_path", str(folders["flux"]), "--subjects", "0",
+                 "--methods", "tuneqdm,floor", "--max_train_steps", "2", "--prompts", str(prompts),
+                 "--images_per_prompt", "1", "--num_inference_steps", "2", "--out", str(tmp_path / "fid"),
+                 "--quiet"]) == 0
+    rows = json.loads((tmp_path / "fid" / "fidelity.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"tuneqdm", "floor"}
+    trained = next((tmp_path / "fid").rglob("training.json"))
+    assert json.loads(trained.read_text())["resolution"] == 32  # the tiny Flux's native size

@@ -86,13 +86,25 @@ def denoiser_component(pipe) -> str:
     return family(pipe).attribute
 
 
+def native_size(pipe) -> tuple[int, int]:
+    """(the image size the model was made for, the multiple every image size must be), the one rule for training
+    and sampling: a UNet's or transformer's ``sample_size`` in pixels; Flux's VAE ``sample_size`` (Flux's pipeline
+    would otherwise assume 1024 px, its transformer has no size)."""
+    model, vae_factor = denoiser(pipe), 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if family(pipe).attribute == "unet":
+        return model.config.sample_size * vae_factor, vae_factor * 2 ** (len(model.config.block_out_channels) - 1)
+    if family(pipe).size_from_vae:
+        return pipe.vae.config.sample_size, vae_factor * 2
+    return model.config.sample_size * vae_factor, vae_factor * model.config.patch_size
+
+
 def call_kwargs(pipe, height: int | None = None, width: int | None = None,
                 max_sequence_length: int | None = None) -> dict:
     """The keyword arguments of ``pipe(...)`` that differ by family: image size (None: the model's native size),
     ``max_sequence_length`` (T5 pipelines; None: the pipeline's default) and the family's fixed ones."""
     f = family(pipe)
     if f.size_from_vae:
-        native = pipe.vae.config.sample_size
+        native, _ = native_size(pipe)
         height, width = height or native, width or native
     kwargs = {**dict(f.call), "height": height, "width": width}
     if f.t5_tokenizer is not None and max_sequence_length is not None:

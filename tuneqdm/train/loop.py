@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import PIPELINES, denoiser
+from ..denoisers import PIPELINES, denoiser, native_size
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
@@ -36,7 +36,7 @@ from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import kind, load_quantized_base, load_trainable_state, prepare, trainable_state
-from .objective import T5_TOKENIZER, native_resolution, objective
+from .objective import T5_TOKENIZER, objective
 from .outputs import save_result
 from .prior import ensure_class_images
 
@@ -363,7 +363,7 @@ class Trainer:
 
     def _resolution(self, pipe) -> int:
         """--resolution, or the model's native size; refused when the denoiser cannot take it."""
-        native, need = native_resolution(pipe)
+        native, need = native_size(pipe)
         resolution = self.cfg.resolution or native
         if resolution % need:
             raise TuneQDMError(f"--resolution {resolution} does not fit this model: it must be a multiple of "

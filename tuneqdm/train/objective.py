@@ -180,14 +180,3 @@ def objective(pipe, cfg):
         return FlowObjective(pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
                              cfg.mode_scale)
     return NoiseObjective(pipe.scheduler.config)
-
-
-def native_resolution(pipe) -> tuple[int, int]:
-    """(the pipeline's default image size, the multiple an image size must be) for its denoiser and VAE."""
-    model, vae_factor = denoiser(pipe), 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    name = family(pipe).name
-    if name in ("sd", "sdxl"):
-        return model.config.sample_size * vae_factor, vae_factor * 2 ** (len(model.config.block_out_channels) - 1)
-    if name == "flux":
-        return pipe.default_sample_size * vae_factor, vae_factor * 2
-    return model.config.sample_size * vae_factor, vae_factor * model.config.patch_size
