@@ -231,11 +231,10 @@ class Trainer:
 
     def _accelerator(self):
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         cfg = self.cfg
-        AcceleratorState._reset_state()  # a new run in the same process may change mixed precision
+        _check_process_precision(cfg.mixed_precision)
         tracking = cfg.report_to == "tensorboard"
         try:
             return Accelerator(
@@ -847,6 +846,17 @@ def _start_over(out: Path) -> None:
     (out / LOG).unlink(missing_ok=True)
     for name in ("checkpoints", "validation", TRACKER_LOGS):
         shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _check_process_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process (its ``Accelerator`` objects share it) and refuses to change its mixed
+    precision; a second run in the same process reuses that state, so it must ask for the same precision."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if is_initialized() and AcceleratorState().mixed_precision != mixed_precision:
+        raise TuneQDMError(f"--mixed_precision {mixed_precision}: this process already trained with --mixed_precision "
+                           f"{AcceleratorState().mixed_precision}, and accelerate keeps one per process: run this "
+                           "training in a new process (e.g. the tuneqdm train command)")
 
 
 def _quiet_libraries():
