@@ -311,8 +311,6 @@ class Trainer:
             self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
         with stage(f"quantizing the {kind(unet)} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
-        for g in groups:
-            g["lr"] = cfg.lr * g["lr_scale"]
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -597,8 +595,7 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 losses.append(float(mean_loss))
-            group = self.optimizer.param_groups[0]
-            lr = group["lr"] / group["lr_scale"]  # this step's (relative) learning rate
+            lr = self._learning_rate()
             self.lr_scheduler.step()
             self.step += 1
             dt = time.perf_counter() - t0
@@ -615,6 +612,12 @@ class Trainer:
             if cfg.report_to == "tensorboard":
                 acc.log({"loss": loss_value, "lr": lr, "s_per_step": dt}, step=self.step)
         return loss_value, lr
+
+    def _learning_rate(self) -> float:
+        """This step's ``--learning_rate`` as the schedule sets it: for the scale methods the relative rate, which each
+        layer's ``s_out`` group runs at a multiple of (``scale_param_groups``). All diffusers schedules are LambdaLR."""
+        schedule = self.lr_scheduler
+        return self.cfg.lr * schedule.lr_lambdas[0](schedule.last_epoch)
 
     def _save_result(self):
         """The trained result, unless the weights are not finite (then the last good checkpoint is named)."""
