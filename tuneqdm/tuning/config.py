@@ -26,6 +26,20 @@ METHODS = {
 }
 
 
+def experts_problem(method: str, experts) -> str | None:
+    """The rule that K = ``experts`` breaks for ``method``, or None: "one" (the method has one scale set: K must be
+    1), "positive" (K must be an integer >= 1) or "many" (the method needs K >= 2). One rule; QuantConfig and the CLI
+    each word it their own way."""
+    spec = METHODS[method]
+    if spec.experts == "one" and experts != 1:
+        return "one"
+    if not isinstance(experts, int) or experts < 1:
+        return "positive"
+    if spec.experts == "many" and experts < 2:
+        return "many"
+    return None
+
+
 def _patterns(value) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -57,15 +71,13 @@ class QuantConfig:
         if self.method not in METHODS:
             raise TuneQDMError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         check_init(self.init)
-        spec = METHODS[self.method]
         if self.experts is None:
-            self.experts = spec.default_experts
-        if not isinstance(self.experts, int) or self.experts < 1:
-            raise TuneQDMError(f"experts must be an integer >= 1, got {self.experts!r}")
-        if spec.experts == "one" and self.experts != 1:
-            raise TuneQDMError(f"method {self.method!r} uses one scale set; got experts={self.experts}")
-        if spec.experts == "many" and self.experts < 2:
-            raise TuneQDMError(f"method {self.method!r} needs experts >= 2; got experts={self.experts}")
+            self.experts = METHODS[self.method].default_experts
+        problem = experts_problem(self.method, self.experts)
+        if problem is not None:
+            raise TuneQDMError({"positive": f"experts must be an integer >= 1, got {self.experts!r}",
+                                "one": f"method {self.method!r} uses one scale set; got experts={self.experts}",
+                                "many": f"method {self.method!r} needs experts >= 2; got experts={self.experts}"}[problem])
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
             raise TuneQDMError(f"num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
         self.include, self.exclude = _patterns(self.include), _patterns(self.exclude)
