@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
-from ..tuning.config import METHODS, QuantConfig, experts_problem
+from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
 QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
 LORA_METHODS = ("lora", "qlora")  # PEFT LoRA on the float UNet / on tuneqdm's frozen quantized UNet
@@ -200,7 +200,7 @@ class TrainConfig:
         if self.method != "s1" and self.s1_intervals:
             raise TuneQDMError(f"--s1_intervals applies to --method s1 only, not {self.method}")
         for a, b in self.intervals:  # parse now: a bad value is reported before anything loads
-            if not a < b:
+            if interval_problem(a, b) == "order":  # QuantConfig's rule; the base's T is checked once it is known
                 raise TuneQDMError(f"--s1_intervals {self.s1_intervals!r}: each interval A-B needs A < B")
         if self.experts is None:
             return

@@ -31,6 +31,7 @@ from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stal
 from ..memory import pin_mmap_threshold
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from ..results import PRODUCTS, read_training_json
+from ..tuning.config import interval_problem
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
@@ -242,7 +243,7 @@ class Trainer:
         if not isinstance(T, int):
             return
         for a, b in self.cfg.intervals:
-            if not b <= T:
+            if interval_problem(a, b, T) == "beyond":
                 raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
                                    f"interval must end at {T} or below")
 

@@ -40,6 +40,16 @@ def experts_problem(method: str, experts) -> str | None:
     return None
 
 
+def interval_problem(a: int, b: int, num_train_timesteps: int | None = None) -> str | None:
+    """The rule S1's interval [a, b) breaks, or None: "order" (it needs 0 <= a < b) or "beyond" (b <= T, when the
+    scheduler's T is known). One rule; QuantConfig and the CLI each word it their own way."""
+    if not 0 <= a < b:
+        return "order"
+    if num_train_timesteps is not None and b > num_train_timesteps:
+        return "beyond"
+    return None
+
+
 def _patterns(value) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -88,7 +98,7 @@ class QuantConfig:
             raise TuneQDMError(f"intervals apply to method 's1' only, not {self.method!r}")
         T = self.num_train_timesteps
         for a, b in self.intervals:
-            if not 0 <= a < b <= T:
+            if interval_problem(a, b, T):
                 raise TuneQDMError(f"interval [{a}, {b}) is outside the timesteps [0, {T}): need 0 <= a < b <= {T}")
 
     @property
