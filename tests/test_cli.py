@@ -52,3 +52,23 @@ def test_every_option_of_every_help_shows_its_default(capsys):
             if action.default is not None and "%(default)" not in (action.help or ""):
                 shown = " ".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
                 assert shown in help_text, (words, action.option_strings, action.default)
+
+
+def test_one_line_warnings_last_only_for_the_call(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    import tuneqdm.cli
+    from tuneqdm.errors import TuneQDMWarning
+
+    def warns(args):
+        warnings.warn("the photos are small", TuneQDMWarning)
+
+    monkeypatch.setattr(tuneqdm.cli, "_toy_subject", warns)
+    before = warnings.showwarning
+    assert main(["toy", "subject", "--seed", "1", "--out", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().err == "tuneqdm: warning: the photos are small\n"
+    assert warnings.showwarning is before  # the caller's own hook is given back
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("after the call", TuneQDMWarning)
+    assert [str(w.message) for w in caught] == ["after the call"]

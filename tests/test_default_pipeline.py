@@ -98,3 +98,21 @@ def test_negative_and_huge_seeds_work_and_wrap_like_torch(pipe):
     c = generate(pipe, "a star", num_images=1, num_inference_steps=2, seed=-7)[0]
     d = generate(pipe, "a star", num_images=1, num_inference_steps=2, seed=2**64 - 7)[0]
     assert np.array_equal(np.asarray(c), np.asarray(d))
+
+
+@pytest.mark.parametrize("installed, name", [("0.32.0", "torch_dtype"), ("0.39.0", "torch_dtype"),
+                                             ("0.40.0", "dtype"), ("0.40.0.dev0", "torch_dtype"),
+                                             ("0.42.1", "dtype"), ("1.0.0", "dtype")])
+def test_the_dtype_argument_follows_the_diffusers_version(installed, name):
+    from tuneqdm.loading import dtype_kwarg
+
+    assert dtype_kwarg(torch.float16, installed) == {name: torch.float16}
+
+
+def test_the_installed_diffusers_loads_in_the_asked_dtype_without_a_deprecation_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # diffusers 0.40+ warns (FutureWarning) on torch_dtype=
+        half = default_pipeline(dtype=torch.float16)
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float16

@@ -9,6 +9,7 @@ from torch import nn
 
 import tuneqdm
 from tuneqdm.quant.layers import QConv2d, QLinear
+from tuneqdm.tuning.config import QuantConfig
 from tuneqdm.tuning.routing import Router
 
 CONVS = [
@@ -83,7 +84,7 @@ def test_gradients_equal_plain_autograd(kind, kw, experts, weight_chunk, monkeyp
     layer.configure_scales(3, train_s_in=True, train_bias=layer.bias is not None)
     for p in layer.scale_parameters():  # distinct experts
         p.data.mul_(1 + 0.3 * torch.rand(p.shape))
-    router = Router(3, 1000)
+    router = Router(QuantConfig(method="tas", experts=3))
     router.set_experts(experts)
     layer.router = router
     x1 = x.clone().requires_grad_(True)

@@ -12,6 +12,7 @@ from tuneqdm.errors import TuneQDMError, either
 from tuneqdm.ptq.config import ACTIVATION_BITS, ATTENTION_MODES, GROUP_CHOICES
 from tuneqdm.quant.packing import SUPPORTED_BITS
 from tuneqdm.train import TrainConfig
+from tuneqdm.tuning.config import METHODS, QuantConfig
 
 
 def test_every_train_flag_is_a_trainconfig_field_with_the_same_default():
@@ -60,3 +61,22 @@ def test_choices_are_named_in_messages_from_the_same_constants():
     assert either(ACTIVATION_BITS) == "6 or 8"
     assert either(GROUP_CHOICES) == "1, 2, 8 or 16"
     assert either(["x"]) == "x"
+
+
+def _refused(make, **kwargs) -> bool:
+    try:
+        make(**kwargs)
+    except TuneQDMError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_cli_and_quant_config_refuse_the_same_numbers_of_experts(method):
+    """One rule (tuning.config.experts_problem) in two wordings: --experts is refused exactly when QuantConfig is."""
+    s1 = method == "s1"
+    for k in range(-1, 6):
+        train = _refused(TrainConfig, instance_data_dir="photos", method=method, experts=k,
+                         s1_intervals="0-250" if s1 else None)
+        quant = _refused(QuantConfig, method=method, experts=k, intervals=((0, 250),) if s1 else ())
+        assert train == quant, (method, k)

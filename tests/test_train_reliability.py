@@ -197,6 +197,25 @@ def test_a_missing_resume_checkpoint_is_reported_before_the_model_loads(tmp_path
                                        "there (state.json is missing)\n")
 
 
+
+def test_a_second_run_in_one_process_must_keep_its_mixed_precision(photos, tmp_path):
+    """accelerate keeps one state per process; tuneqdm reuses it (no private reset), so a change is one line."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from tuneqdm.train import Trainer
+
+    Accelerator(cpu=True)  # what an earlier run in this process leaves behind: accelerate's state, precision "no"
+    cfg = TrainConfig(instance_data_dir=str(photos), instance_prompt="a sks box", output_dir=str(tmp_path / "out"),
+                      mixed_precision="bf16")
+    with pytest.raises(TuneQDMError) as e:
+        Trainer(cfg)._accelerator()
+    assert str(e.value) == ("--mixed_precision bf16: this process already trained with --mixed_precision no, and "
+                            "accelerate keeps one per process: run this training in a new process (e.g. the tuneqdm "
+                            "train command)")
+    assert Trainer(replace(cfg, mixed_precision="no"))._accelerator().mixed_precision == "no"
+
 # ---- resume compares resolved settings; a finished run is done; the log has no duplicate rows -----------------
 def test_resume_refuses_changed_settings_and_accepts_defaults_spelled_out(base, photos, reference, tmp_path, capsys):
     out = tmp_path / "out"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .denoisers import denoiser, family
@@ -724,32 +726,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings() -> None:
-    """tuneqdm's data warnings as one line each: ``tuneqdm: warning: ...``."""
-    import warnings
-
+@contextlib.contextmanager
+def _one_line_warnings():
+    """tuneqdm's data warnings as one line each (``tuneqdm: warning: ...``) during one CLI call; other warnings as
+    Python shows them. ``catch_warnings`` gives the previous ``showwarning`` back on exit, so a program that calls
+    ``main`` keeps its own."""
     from .photos import TrainWarning
 
-    default = warnings.showwarning
+    with warnings.catch_warnings():
+        default = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, (TrainWarning, TuneQDMWarning)):
-            print(f"tuneqdm: warning: {message}", file=sys.stderr)
-        else:
-            default(message, category, filename, lineno, file, line)
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, (TrainWarning, TuneQDMWarning)):
+                print(f"tuneqdm: warning: {message}", file=sys.stderr)
+            else:
+                default(message, category, filename, lineno, file, line)
 
-    warnings.showwarning = show
+        warnings.showwarning = show  # the documented hook, replaced inside catch_warnings only
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
     # transformers warns on import that torchvision is missing (it falls back to PIL, which is all we need)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    _one_line_warnings()
     quiet_before = is_quiet()
     set_quiet(quiet_before or getattr(args, "quiet", False))
     try:
-        args.func(args)
+        with _one_line_warnings():
+            args.func(args)
     except TuneQDMError as e:
         print(f"tuneqdm: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,10 @@ pipelines the same way. diffusers and transformers are imported on use: they are
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
+from packaging.version import Version
+
 
 def quiet_loading() -> None:
     """No per-component loading bars (they are noise next to tuneqdm's own progress)."""
@@ -17,10 +21,11 @@ def quiet_loading() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def dtype_kwarg(dtype) -> dict:
-    """``dtype=`` for diffusers that renamed ``torch_dtype`` (0.36+), ``torch_dtype=`` for older ones."""
-    try:
-        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
-    except ImportError:
-        return {"torch_dtype": dtype}
-    return {"dtype": dtype}
+DTYPE_RENAMED_IN = "0.40.0"  # diffusers' from_pretrained takes ``dtype`` from here on, ``torch_dtype`` before
+
+
+def dtype_kwarg(dtype, diffusers_version: str | None = None) -> dict:
+    """``dtype=`` for diffusers that renamed ``torch_dtype`` (0.40+, which warn on the old name), ``torch_dtype=``
+    for older ones (which do not know ``dtype``): the installed version, read from its package metadata."""
+    installed = Version(diffusers_version or version("diffusers"))
+    return {"dtype": dtype} if installed >= Version(DTYPE_RENAMED_IN) else {"torch_dtype": dtype}

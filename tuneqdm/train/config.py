@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
-from ..tuning.config import METHODS, QuantConfig
+from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
 QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
 LORA_METHODS = ("lora", "qlora")  # PEFT LoRA on the float UNet / on tuneqdm's frozen quantized UNet
@@ -200,18 +200,18 @@ class TrainConfig:
         if self.method != "s1" and self.s1_intervals:
             raise TuneQDMError(f"--s1_intervals applies to --method s1 only, not {self.method}")
         for a, b in self.intervals:  # parse now: a bad value is reported before anything loads
-            if not a < b:
+            if interval_problem(a, b) == "order":  # QuantConfig's rule; the base's T is checked once it is known
                 raise TuneQDMError(f"--s1_intervals {self.s1_intervals!r}: each interval A-B needs A < B")
         if self.experts is None:
             return
         if not self.trains_scales:
             raise TuneQDMError(f"--experts applies to the scale methods, not --method {self.method}")
-        spec = METHODS[self.method]
-        if self.experts < 1 or (spec.experts == "one" and self.experts != 1):
-            raise TuneQDMError(f"--method {self.method} uses one scale set: --experts must be 1, got {self.experts}"
-                               if spec.experts == "one" else f"--experts must be at least 1, got {self.experts}")
-        if spec.experts == "many" and self.experts < 2:
-            raise TuneQDMError(f"--method {self.method} needs --experts 2 or more, got {self.experts}")
+        problem = experts_problem(self.method, self.experts)  # QuantConfig's rule, in the CLI's words
+        if problem is not None:
+            raise TuneQDMError({"one": f"--method {self.method} uses one scale set: --experts must be 1, got "
+                                       f"{self.experts}",
+                                "positive": f"--experts must be at least 1, got {self.experts}",
+                                "many": f"--method {self.method} needs --experts 2 or more, got {self.experts}"}[problem])
 
     def quant_config(self, num_train_timesteps: int) -> QuantConfig:
         """The quantization of the run; qlora's base keeps its original scales (one set, frozen: ``peqa``'s layout),

@@ -31,6 +31,7 @@ from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stal
 from ..memory import pin_mmap_threshold
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from ..results import PRODUCTS, read_training_json
+from ..tuning.config import interval_problem
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
@@ -115,12 +116,41 @@ class Examples:
 
 
 class Trainer:
+    """One training run: ``setup`` checks the inputs, then builds the pipeline, the examples and the optimizer and
+    resumes; ``run`` is the loop. Every attribute is declared here; ``setup`` fills them in, step by step."""
+
     def __init__(self, cfg: TrainConfig, callbacks=()):
         self.cfg = cfg
         self.callbacks = list(callbacks)  # called as cb(trainer, step) after each optimizer step (tests, tools)
         self.out = Path(cfg.output_dir)
-        self.step = 0
+        self.step = 0  # optimizer steps done
         self.finished = False  # --resume_from_checkpoint latest on a run that is done: nothing trains
+        # resolved before any model loads
+        self.resume_path: Path | None = None  # the checkpoint to resume from
+        self.resumed_from: Path | None = None  # the same, once its state is loaded
+        self.subjects: list[Subject] = []
+        self.validation_prompt: str | None = cfg.validation_prompt  # its <class> placeholder replaced
+        self.acc = None  # accelerate's Accelerator
+        self.main = True  # this process writes the files and the messages
+        self.base_id: str | None = None
+        self.identity: dict = {}  # the resolved settings a resume must share (see _settings_identity)
+        self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of the base's hub id or folder
+        # the base model and the data
+        self.pipeline_class: type | None = None
+        self.pipe = None  # the base pipeline, kept for validation when the memory savers are off
+        self.resolution: int | None = None
+        self.examples: Examples | None = None
+        self.tensors: TrainingTensors | None = None  # latents and prompt embeddings (cached with the memory savers)
+        self.objective = None  # noise, target and loss of the base's scheduler (objective.py)
+        self.T: int | None = None  # the scheduler's training timesteps
+        self.latent_shape: tuple[int, ...] | None = None  # of one sample, read on first use
+        # what trains
+        self.unet = None  # the denoiser as accelerate prepared it (wrapped for data parallel)
+        self.model = None  # the same denoiser, unwrapped
+        self.params: list[torch.nn.Parameter] = []
+        self.optimizer = None
+        self.lr_scheduler = None
+        self.fingerprint: str | None = None  # of the frozen base the result belongs to
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _check_output_dir(self):
@@ -213,7 +243,7 @@ class Trainer:
         if not isinstance(T, int):
             return
         for a, b in self.cfg.intervals:
-            if not b <= T:
+            if interval_problem(a, b, T) == "beyond":
                 raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
                                    f"interval must end at {T} or below")
 
@@ -231,11 +261,10 @@ class Trainer:
 
     def _accelerator(self):
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         cfg = self.cfg
-        AcceleratorState._reset_state()  # a new run in the same process may change mixed precision
+        _check_process_precision(cfg.mixed_precision)
         tracking = cfg.report_to == "tensorboard"
         try:
             return Accelerator(
@@ -249,71 +278,83 @@ class Trainer:
             raise TuneQDMError(f"cannot set up training ({first_line(e, None)})") from None
 
     def setup(self):
+        """Check what needs no model, then build the pipeline, the examples and the optimizer, and resume."""
         cfg = self.cfg
         pin_mmap_threshold()
-        self._remove_stale_temporaries()
-        self._check_output_dir()
-        self.resume_path = ckpt.resolve(self.out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
-        subjects = self._subjects()
-        self._check_inputs(subjects)
-        self.acc = acc = self._accelerator()
-        self.main = acc.is_main_process
-        if not self.main or cfg.quiet:
-            _quiet_libraries()
+        self._check_before_accelerate()
+        self._start_accelerator()
         from ..sampling import base_id
 
         self.base_id = base_id(cfg.pretrained_model_name_or_path)
-        self.identity = self._settings_identity(subjects)
+        self.identity = self._settings_identity(self.subjects)
         self.finished = self._check_before_loading()
         if self.finished:
             return self
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        device = acc.device
+        pipe = self._build_pipeline()
+        self._build_examples(pipe)
+        self._encode_examples(pipe)
+        unet = denoiser(pipe)
+        if cfg.savers:  # memory savers: the VAE and the text encoders go, the examples live on as latents/embeddings
+            release(pipe)
+            self.examples.instance_pixels = self.examples.class_pixels = None
+            del pipe
+            gc.collect()
+        else:
+            self.pipe = pipe
+        self._build_optimizer(unet)
+        self._resume()
+        return self
 
-        pipe = self._load_pipeline(device)
+    def _check_before_accelerate(self):
+        """Stale temporaries removed, the output folder and the checkpoint to resume checked, the subjects read."""
+        cfg = self.cfg
+        self._remove_stale_temporaries()
+        self._check_output_dir()
+        self.resume_path = ckpt.resolve(self.out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        self.subjects = self._subjects()
+        self._check_inputs(self.subjects)
+
+    def _start_accelerator(self):
+        self.acc = self._accelerator()
+        self.main = self.acc.is_main_process
+        if not self.main or self.cfg.quiet:
+            _quiet_libraries()
+
+    def _build_pipeline(self):
+        """The base pipeline on this process's device, checked against the method; the resolution it trains at."""
+        cfg = self.cfg
+        pipe = self._load_pipeline(self.acc.device)
         self.pipeline_class = type(pipe)
         if cfg.method in LORA_METHODS and not hasattr(self.pipeline_class, "save_lora_weights"):
             raise TuneQDMError(f"--method {cfg.method}: diffusers has no LoRA loader for {self.pipeline_class.__name__}"
                                ", so its LoRA could not be used: train a scale method (e.g. --method tuneqdm) or fp")
         self.resolution = self._resolution(pipe)
+        return pipe
 
-        # data: photos, then class images generated by the base model where missing
-        ex = self._examples(pipe, subjects)
-        self.examples = ex
-        # memory savers: encode everything once, then release the VAE and the text encoders
+    def _encode_examples(self, pipe):
+        """Every image's latent distribution and every prompt's embedding (computed once with the memory savers), and
+        the training objective of the base's scheduler."""
+        cfg, ex = self.cfg, self.examples
         images = len(ex.instance_pixels) + (0 if ex.class_pixels is None else len(ex.class_pixels))
         with stage(f"encoding {images} images and {len(ex.prompts)} prompts"):
             self.tensors = TrainingTensors(pipe, ex.instance_pixels, ex.class_pixels, ex.prompts, self.resolution,
-                                           device, memory_savers=cfg.savers,
+                                           self.acc.device, memory_savers=cfg.savers,
                                            max_sequence_length=cfg.max_sequence_length)
         self.objective = objective(pipe, cfg)
         self.T = self.objective.T
-        unet = denoiser(pipe)
-        if cfg.savers:
-            release(pipe)
-            ex.instance_pixels = ex.class_pixels = None
-            del pipe
-            gc.collect()
-        else:
-            self._pipe = pipe
 
-        self._prepare_training(unet)
-        self._resume()
-        return self
-
-    def _prepare_training(self, unet):
-        """What trains (quantized scales, LoRA or the whole denoiser), its optimizer and lr schedule (accelerate)."""
+    def _build_optimizer(self, unet):
+        """What trains (quantized scales, LoRA or the whole denoiser), AdamW on it (each group at its own learning
+        rate, from ``prepare``) and the lr schedule, all prepared by accelerate."""
         cfg, acc = self.cfg, self.acc
-        if cfg.method == "lora":
-            from ..sampling import float_fingerprint
+        from ..sampling import float_fingerprint
 
-            self.float_fingerprint = float_fingerprint(unet)  # before PEFT renames the layers
+        float_print = float_fingerprint(unet) if cfg.method == "lora" else None  # before PEFT renames the layers
         with stage(f"quantizing the {kind(unet)} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
-        for g in groups:
-            g["lr"] = cfg.lr * g["lr_scale"]
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -336,15 +377,14 @@ class Trainer:
 
             self.fingerprint = fingerprint(self.model)
         else:
-            self.fingerprint = getattr(self, "float_fingerprint", None)
+            self.fingerprint = float_print
 
     def _load_pipeline(self, device):
         """The base pipeline, its denoiser replaced by a saved quantized base when one is given."""
         from ..sampling import base_source, pipeline_from
 
         cfg = self.cfg
-        self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of a hub id or folder
-        self.base_source = source, extra = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        source, extra = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         if not cfg.quantized_base:
             return pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version)
         import diffusers
@@ -370,8 +410,9 @@ class Trainer:
                                f"{need} (its native size is {native})")
         return resolution
 
-    def _examples(self, pipe, subjects: list[Subject]) -> Examples:
-        cfg = self.cfg
+    def _build_examples(self, pipe):
+        """The subjects' photos and (prior preservation) the class images, generated by the base where missing."""
+        cfg, subjects = self.cfg, self.subjects
         prompts: list[str] = []
 
         def prompt_id(p):
@@ -396,23 +437,26 @@ class Trainer:
         if cfg.with_prior_preservation:
             root = Path(cfg.class_data_dir) if cfg.class_data_dir else self.out / "class_images"
             cls_px = []
-            for g, cp in enumerate(class_prompts):
-                folder = root if len(class_prompts) == 1 else root / _slug(cp)
-                made = 0
-                if self.acc.is_main_process:
-                    made = ensure_class_images(pipe, folder, cp, cfg.num_class_images, self.resolution, cfg.seed,
-                                               cfg.prior_inference_steps, cfg.sample_batch_size)
-                self.acc.wait_for_everyone()
-                if made and self.main and not cfg.quiet:
-                    print(f"generated {made} class images of '{cp}' in {folder}", file=sys.stderr)
-                photos = load_folder(folder, self.resolution, True, cfg.seed, what="--class_data_dir")
-                photos = photos[:max(cfg.num_class_images, 1)]
+            for cp in class_prompts:
+                photos = self._class_photos(pipe, cp, root if len(class_prompts) == 1 else root / _slug(cp))
                 members.append(list(range(len(cls_px), len(cls_px) + len(photos))))
                 cls_px += [p.pixels for p in photos]
                 class_pids.append(prompt_id(cp))
             class_pixels = torch.stack(cls_px)
-        self.subjects = subjects
-        return Examples(torch.stack(pixels), pids, groups, class_pixels, members, class_pids, prompts)
+        self.examples = Examples(torch.stack(pixels), pids, groups, class_pixels, members, class_pids, prompts)
+
+    def _class_photos(self, pipe, prompt: str, folder: Path) -> list:
+        """The class images of ``prompt`` in ``folder`` (--num_class_images of them), the missing ones generated by
+        the base on the main process first."""
+        cfg, made = self.cfg, 0
+        if self.main:
+            made = ensure_class_images(pipe, folder, prompt, cfg.num_class_images, self.resolution, cfg.seed,
+                                       cfg.prior_inference_steps, cfg.sample_batch_size)
+        self.acc.wait_for_everyone()
+        if made and self.main and not cfg.quiet:
+            print(f"generated {made} class images of '{prompt}' in {folder}", file=sys.stderr)
+        photos = load_folder(folder, self.resolution, True, cfg.seed, what="--class_data_dir")
+        return photos[:max(cfg.num_class_images, 1)]
 
     def _settings_identity(self, subjects: list[Subject]) -> dict:
         """The resolved settings that shape the result, the subjects included (their photos by content): what a
@@ -456,7 +500,7 @@ class Trainer:
         return False
 
     def _resume(self):
-        self.resumed_from = None
+        """The checkpoint's trainable tensors, optimizer, lr schedule, RNG states and step (when there is one)."""
         path = self.resume_path
         if path is None:
             return
@@ -512,13 +556,13 @@ class Trainer:
         return {"noisy": layout(noisy), "timesteps": timesteps, "target": layout(target),
                 "cond": tt.conditioning(pids), "n_instance": len(inst_r)}
 
-    def _latent_shape(self):
-        if not hasattr(self, "_lshape"):
+    def _latent_shape(self) -> tuple[int, ...]:
+        if self.latent_shape is None:
             if self.tensors.dists is not None:
-                self._lshape = tuple(self.tensors.dists["instance"][0].shape[1:])
+                self.latent_shape = tuple(self.tensors.dists["instance"][0].shape[1:])
             else:
-                self._lshape = tuple(self.tensors.latent_dist("instance", [0])[0].shape[1:])
-        return self._lshape
+                self.latent_shape = tuple(self.tensors.latent_dist("instance", [0])[0].shape[1:])
+        return self.latent_shape
 
     def loss(self, b: dict) -> torch.Tensor:
         pred = self.tensors.denoising.predict(self.unet, b["noisy"], b["timesteps"], b["cond"])
@@ -530,92 +574,130 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, acc = self.cfg, self.acc
+        """Train to ``--max_train_steps``: per step, the update and its log row, the callbacks, the checkpoint and
+        validation schedules; then the result. Ctrl-C or SIGTERM save a checkpoint and stop."""
+        cfg = self.cfg
         if self.finished:
             return self.out
         bar = progress(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step", disable=not self.main)
+        log = self._open_log()
+        reset_peak_memory(self.acc.device)  # the log's peak is the training loop's, not quantization's or loading's
+        with _Signals() as signals:
+            with self._closing(bar, log), self._checkpoint_on_signal(signals, bar):
+                while self.step < cfg.max_train_steps:
+                    loss, lr = self._step(signals, log)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    bar.update(1)
+                    for cb in self.callbacks:
+                        cb(self, self.step)
+                    if self._checkpoint_due():
+                        with signals.held():
+                            self.save_checkpoint()
+                    if self._validation_due():
+                        self.validate()
+            with signals.held(deliver=False):
+                self._save_result()
+        self.acc.end_training()
+        return self.out
+
+    def _step(self, signals, log) -> tuple[float, float]:
+        """One optimizer step (all its micro-steps) and its log row; a signal during the update waits for its end."""
+        cfg, acc = self.cfg, self.acc
+        t0 = time.perf_counter()
+        losses = []
+        with contextlib.ExitStack() as update:
+            for micro in range(cfg.gradient_accumulation_steps):
+                with acc.accumulate(self.unet):
+                    loss = self.loss(self.batch(self.step * cfg.gradient_accumulation_steps + micro))
+                    losses.append(self._mean_loss(loss))
+                    if loss.requires_grad:  # s1: a batch routed wholly to the frozen base scales trains nothing
+                        acc.backward(loss)
+                    if acc.sync_gradients:
+                        update.enter_context(signals.held())  # a Ctrl-C during the update waits for its end
+                        if cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            lr = self._learning_rate()
+            self.lr_scheduler.step()
+            self.step += 1
+            loss_value = sum(losses) / len(losses)
+            self._log_step(log, loss_value, lr, time.perf_counter() - t0)
+        return loss_value, lr
+
+    def _mean_loss(self, loss: torch.Tensor) -> float:
+        """The micro-step's loss averaged over the processes; a NaN stops the run (the last good checkpoint named)."""
+        mean_loss = self.acc.gather(loss.detach()[None]).mean()
+        if not torch.isfinite(mean_loss):
+            self._diverged(f"loss became NaN at step {self.step + 1}")
+        return float(mean_loss)
+
+    def _learning_rate(self) -> float:
+        """This step's ``--learning_rate`` as the schedule sets it: for the scale methods the relative rate, which each
+        layer's ``s_out`` group runs at a multiple of (``scale_param_groups``). All diffusers schedules are LambdaLR."""
+        schedule = self.lr_scheduler
+        return self.cfg.lr * schedule.lr_lambdas[0](schedule.last_epoch)
+
+    def _log_step(self, log, loss: float, lr: float, seconds: float) -> None:
+        """The step's row of ``train_log.jsonl`` (main process) and of the tracker (``--report_to``)."""
+        if self.main:
+            mem, measured = peak_memory(self.acc.device)
+            row = {"step": self.step, "loss": round(loss, 6), "lr": lr, "s_per_step": round(seconds, 4),
+                   "peak_mem_mib": round(mem, 1), "peak_mem": measured}
+            try:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            except WRITE_ERRORS as e:
+                raise self._write_failed(e, self.out / LOG) from None
+        if self.cfg.report_to == "tensorboard":
+            self.acc.log({"loss": loss, "lr": lr, "s_per_step": seconds}, step=self.step)
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``--checkpointing_steps`` steps, except at the end (the result is written then)."""
+        return self.step % self.cfg.checkpointing_steps == 0 and self.step < self.cfg.max_train_steps
+
+    def _validation_due(self) -> bool:
+        return bool(self.cfg.validation_prompt) and self.step % self.cfg.validation_steps == 0
+
+    def _open_log(self):
+        """The output folder made ready (an old run's files gone with --force, the log cut back to the resumed step,
+        the tracker started) and the log opened for appending: on the main process; None on the others."""
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main and cfg.force and not self.resumed_from:
             _start_over(self.out)
         if self.main:
             _truncate_log(self.out / LOG, self.step)  # rows after the resumed step are about to be written again
         if cfg.report_to == "tensorboard":
-            acc.init_trackers("tuneqdm", config={k: v for k, v in cfg.to_dict().items()
-                                                 if isinstance(v, (bool, int, float, str))})
-        log = open(self.out / LOG, "a") if self.main else None
-        reset_peak_memory(acc.device)  # the log's peak is the training loop's, not quantization's or loading's
-        with _Signals() as signals:
-            try:
-                while self.step < cfg.max_train_steps:
-                    loss_value, lr = self._step(signals, log)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    bar.update(1)
-                    for cb in self.callbacks:
-                        cb(self, self.step)
-                    if self.step % cfg.checkpointing_steps == 0 and self.step < cfg.max_train_steps:
-                        with signals.held():
-                            self.save_checkpoint()
-                    if cfg.validation_prompt and self.step % cfg.validation_steps == 0:
-                        self.validate()
-            except KeyboardInterrupt as e:
-                bar.close()
-                signum = getattr(e, "signum", signal.SIGINT)
-                with signals.held(deliver=False):  # a second Ctrl-C or SIGTERM does not abort the save
-                    where = self.save_checkpoint()
-                tail = f"; checkpoint {where}: continue with --resume_from_checkpoint latest" if where else ""
-                raise TrainingInterrupted(f"at step {self.step}{tail}", signum) from None
-            finally:
-                bar.close()
-                if log is not None:
-                    log.close()
-                for tracker in acc.trackers:  # flushed even when the run stops early
-                    tracker.finish()
-            with signals.held(deliver=False):
-                self._save_result()
-        acc.end_training()
-        return self.out
+            self.acc.init_trackers("tuneqdm", config={k: v for k, v in cfg.to_dict().items()
+                                                      if isinstance(v, (bool, int, float, str))})
+        return open(self.out / LOG, "a") if self.main else None  # closed by _closing
 
-    def _step(self, signals, log) -> tuple[float, float]:
-        """One optimizer step (all its micro-steps); a signal during the update waits for its end."""
-        cfg, acc = self.cfg, self.acc
-        t0 = time.perf_counter()
-        losses = []
-        with contextlib.ExitStack() as update:  # a Ctrl-C during the update waits for its end
-            for micro in range(cfg.gradient_accumulation_steps):
-                m = self.step * cfg.gradient_accumulation_steps + micro
-                with acc.accumulate(self.unet):
-                    b = self.batch(m)
-                    loss = self.loss(b)
-                    mean_loss = acc.gather(loss.detach()[None]).mean()
-                    if not torch.isfinite(mean_loss):
-                        self._diverged(f"loss became NaN at step {self.step + 1}")
-                    if loss.requires_grad:  # s1: a batch routed wholly to the frozen base scales trains nothing
-                        acc.backward(loss)
-                    if acc.sync_gradients:
-                        update.enter_context(signals.held())
-                        if cfg.max_grad_norm > 0:
-                            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                losses.append(float(mean_loss))
-            group = self.optimizer.param_groups[0]
-            lr = group["lr"] / group["lr_scale"]  # this step's (relative) learning rate
-            self.lr_scheduler.step()
-            self.step += 1
-            dt = time.perf_counter() - t0
-            loss_value = sum(losses) / len(losses)
-            if self.main:
-                mem, kind = peak_memory(acc.device)
-                row = {"step": self.step, "loss": round(loss_value, 6), "lr": lr, "s_per_step": round(dt, 4),
-                       "peak_mem_mib": round(mem, 1), "peak_mem": kind}
-                try:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                except WRITE_ERRORS as e:
-                    raise self._write_failed(e, self.out / LOG) from None
-            if cfg.report_to == "tensorboard":
-                acc.log({"loss": loss_value, "lr": lr, "s_per_step": dt}, step=self.step)
-        return loss_value, lr
+    @contextlib.contextmanager
+    def _closing(self, bar, log):
+        """The bar and the log closed and the trackers flushed, however the loop ends."""
+        try:
+            yield
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            for tracker in self.acc.trackers:
+                tracker.finish()
+
+    @contextlib.contextmanager
+    def _checkpoint_on_signal(self, signals, bar):
+        """Ctrl-C or SIGTERM in the loop: a checkpoint of the last finished step (a second signal does not abort the
+        save), then ``TrainingInterrupted`` naming it."""
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            bar.close()
+            signum = getattr(e, "signum", signal.SIGINT)
+            with signals.held(deliver=False):
+                where = self.save_checkpoint()
+            tail = f"; checkpoint {where}: continue with --resume_from_checkpoint latest" if where else ""
+            raise TrainingInterrupted(f"at step {self.step}{tail}", signum) from None
 
     def _save_result(self):
         """The trained result, unless the weights are not finite (then the last good checkpoint is named)."""
@@ -730,7 +812,7 @@ class Trainer:
         model = self.model
         model.eval()
         try:
-            pipe = getattr(self, "_pipe", None)
+            pipe = self.pipe
             if pipe is None:
                 pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version,
                                      **{PIPELINES[self.pipeline_class.__name__].attribute: model})
@@ -746,7 +828,7 @@ class Trainer:
             except WRITE_ERRORS as e:
                 raise self._write_failed(e, folder) from None
         finally:
-            if getattr(self, "_pipe", None) is None:
+            if self.pipe is None:
                 pipe = None
                 gc.collect()
             model.train()
@@ -847,6 +929,17 @@ def _start_over(out: Path) -> None:
     (out / LOG).unlink(missing_ok=True)
     for name in ("checkpoints", "validation", TRACKER_LOGS):
         shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _check_process_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process (its ``Accelerator`` objects share it) and refuses to change its mixed
+    precision; a second run in the same process reuses that state, so it must ask for the same precision."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if is_initialized() and AcceleratorState().mixed_precision != mixed_precision:
+        raise TuneQDMError(f"--mixed_precision {mixed_precision}: this process already trained with --mixed_precision "
+                           f"{AcceleratorState().mixed_precision}, and accelerate keeps one per process: run this "
+                           "training in a new process (e.g. the tuneqdm train command)")
 
 
 def _quiet_libraries():

@@ -2,8 +2,9 @@
 tuneqdm's frozen quantized UNet (qlora), or the whole UNet.
 
 ``prepare`` turns the pipeline's float UNet (or a saved quantized base) into the model to train and returns the
-optimizer's parameter groups. For the scale methods each layer's ``s_out`` is its own group whose learning rate is
-``lr x RMS(original scales of that layer)`` (``lr_scale``); ``s_in`` (initialised to 1) uses ``lr`` itself.
+optimizer's parameter groups, each with its learning rate: for the scale methods each layer's ``s_out`` is its own
+group at ``--learning_rate x RMS(original scales of that layer)`` (``scale_param_groups``), ``s_in`` (initialised to
+1) at ``--learning_rate`` itself; the other methods have one group at ``--learning_rate``.
 """
 
 from __future__ import annotations
@@ -91,22 +92,22 @@ def _quantize_for(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, b
 
 
 def prepare(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> tuple[nn.Module, list]:
-    """The model to train (in place where possible) and its optimizer parameter groups (each with ``lr_scale``)."""
+    """The model to train (in place where possible) and its optimizer parameter groups, each with its ``lr``."""
     if cfg.method == "qlora":
         check_lora_targets(unet, cfg.targets, quantized=getattr(unet, "_tuneqdm", None) is not None)
         _quantize_for(unet, cfg, num_train_timesteps, base_id)
         check_lora_targets(unet, cfg.targets, quantized=True)
         fingerprint(unet)  # of the quantized base, cached before PEFT renames its layers (to_q -> to_q.base_layer)
-        return unet, [{"params": add_lora(unet, cfg.rank, cfg.targets), "lr_scale": 1.0}]
+        return unet, [{"params": add_lora(unet, cfg.rank, cfg.targets), "lr": cfg.lr}]
     if cfg.quantized:
         _quantize_for(unet, cfg, num_train_timesteps, base_id)
-        groups = [{"params": g["params"], "lr_scale": g["lr"]} for g in scale_param_groups(unet, lr=1.0)]
-        return unet, groups
+        # weight decay: AdamW's --adam_weight_decay (0 by default for scales), as for every method
+        return unet, [{"params": g["params"], "lr": g["lr"]} for g in scale_param_groups(unet, lr=cfg.lr)]
     if cfg.method == "lora":
         check_lora_targets(unet, cfg.targets, quantized=False)
-        return unet, [{"params": add_lora(unet, cfg.rank, cfg.targets), "lr_scale": 1.0}]
+        return unet, [{"params": add_lora(unet, cfg.rank, cfg.targets), "lr": cfg.lr}]
     unet.requires_grad_(True)  # fp: full DreamBooth on the UNet
-    return unet, [{"params": [p for p in unet.parameters()], "lr_scale": 1.0}]
+    return unet, [{"params": list(unet.parameters()), "lr": cfg.lr}]
 
 
 def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:

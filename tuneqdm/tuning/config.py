@@ -26,6 +26,30 @@ METHODS = {
 }
 
 
+def experts_problem(method: str, experts) -> str | None:
+    """The rule that K = ``experts`` breaks for ``method``, or None: "one" (the method has one scale set: K must be
+    1), "positive" (K must be an integer >= 1) or "many" (the method needs K >= 2). One rule; QuantConfig and the CLI
+    each word it their own way."""
+    spec = METHODS[method]
+    if spec.experts == "one" and experts != 1:
+        return "one"
+    if not isinstance(experts, int) or experts < 1:
+        return "positive"
+    if spec.experts == "many" and experts < 2:
+        return "many"
+    return None
+
+
+def interval_problem(a: int, b: int, num_train_timesteps: int | None = None) -> str | None:
+    """The rule S1's interval [a, b) breaks, or None: "order" (it needs 0 <= a < b) or "beyond" (b <= T, when the
+    scheduler's T is known). One rule; QuantConfig and the CLI each word it their own way."""
+    if not 0 <= a < b:
+        return "order"
+    if num_train_timesteps is not None and b > num_train_timesteps:
+        return "beyond"
+    return None
+
+
 def _patterns(value) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -57,15 +81,13 @@ class QuantConfig:
         if self.method not in METHODS:
             raise TuneQDMError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         check_init(self.init)
-        spec = METHODS[self.method]
         if self.experts is None:
-            self.experts = spec.default_experts
-        if not isinstance(self.experts, int) or self.experts < 1:
-            raise TuneQDMError(f"experts must be an integer >= 1, got {self.experts!r}")
-        if spec.experts == "one" and self.experts != 1:
-            raise TuneQDMError(f"method {self.method!r} uses one scale set; got experts={self.experts}")
-        if spec.experts == "many" and self.experts < 2:
-            raise TuneQDMError(f"method {self.method!r} needs experts >= 2; got experts={self.experts}")
+            self.experts = METHODS[self.method].default_experts
+        problem = experts_problem(self.method, self.experts)
+        if problem is not None:
+            raise TuneQDMError({"positive": f"experts must be an integer >= 1, got {self.experts!r}",
+                                "one": f"method {self.method!r} uses one scale set; got experts={self.experts}",
+                                "many": f"method {self.method!r} needs experts >= 2; got experts={self.experts}"}[problem])
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
             raise TuneQDMError(f"num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
         self.include, self.exclude = _patterns(self.include), _patterns(self.exclude)
@@ -76,7 +98,7 @@ class QuantConfig:
             raise TuneQDMError(f"intervals apply to method 's1' only, not {self.method!r}")
         T = self.num_train_timesteps
         for a, b in self.intervals:
-            if not 0 <= a < b <= T:
+            if interval_problem(a, b, T):
                 raise TuneQDMError(f"interval [{a}, {b}) is outside the timesteps [0, {T}): need 0 <= a < b <= {T}")
 
     @property

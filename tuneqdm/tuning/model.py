@@ -78,7 +78,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> 
 
 def attach(model: nn.Module, config: QuantConfig) -> None:
     """Freeze the model, create the scale sets of ``config`` and install routing (used by quantize_ and loading)."""
-    router = Router(config.experts, config.num_train_timesteps, config.intervals)
+    router = Router(config)
     setattr(model, STATE_ATTR, _QuantState(config, router, install_timestep_hook(model, router)))
     configure_(model, config)
 
@@ -95,9 +95,7 @@ def configure_(model: nn.Module, config: QuantConfig | None = None, **kwargs) ->
     for layer in quantized_layers(model).values():
         layer.configure_scales(config.experts, config.train_s_in, config.train_bias)
         layer.router = state.router
-    state.router.experts = config.experts
-    state.router.num_train_timesteps = config.num_train_timesteps
-    state.router.intervals = config.intervals
+    state.router.config = config
     state.router.route = None
     state.config = config
     return model

@@ -17,6 +17,7 @@ import torch
 from ..denoisers import timestep_scale
 from ..errors import TuneQDMError
 from ..hooks import CallArguments, on_timestep
+from .config import QuantConfig
 
 BASE = -1  # route index meaning "the original quantization scales" (S1 outside its intervals)
 
@@ -64,13 +65,24 @@ class Route:
 
 
 class Router:
-    """Shared by every quantized layer of a model; holds the current :class:`Route`."""
+    """Shared by every quantized layer of a model; holds the current :class:`Route`. K, T and S1's intervals are
+    read from the model's ``QuantConfig`` (the one place they are held; ``configure_`` hands over a new one)."""
 
-    def __init__(self, experts: int, num_train_timesteps: int, intervals=()):
-        self.experts = experts
-        self.num_train_timesteps = num_train_timesteps
-        self.intervals = tuple(tuple(i) for i in intervals)
+    def __init__(self, config: QuantConfig):
+        self.config = config
         self.route: Route | None = None
+
+    @property
+    def experts(self) -> int:
+        return self.config.experts
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def intervals(self) -> tuple[tuple[int, int], ...]:
+        return self.config.intervals
 
     def route_timesteps(self, t, batch_size: int | None = None) -> Route:
         t = torch.as_tensor(t)
