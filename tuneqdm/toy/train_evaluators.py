@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import replace
@@ -47,8 +46,7 @@ import torch.nn.functional as F
 
 from ..errors import TuneQDMError
 from ..eval.encoders import text_prototypes
-from .evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, _atomic_write, class_prompts, images_to_tensor,
-                         load_toy_clip, place_prompts, save_evaluator)
+from .evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, _atomic_write, class_prompts, load_toy_clip, place_prompts, save_evaluator)
 from .subjects import MARKINGS, PATTERNS, TOKEN, Instance, make_instance
 from .world import CLASSES, COLOURS, MARK_ANCHORS, MATERIALS, PLACES, Scene, caption, render, sample_pose, seed_entropy
 
