@@ -98,6 +98,37 @@ def test_dgq_groups_take_the_integer_path_and_match_the_reference(kind, bits, di
     _close(y, ref)
 
 
+@pytest.mark.parametrize(("kind", "shape", "path"), [
+    ("conv3x3", (2, 24, 5, 4), INT8), ("linear", (2, 6, 24), INT8), ("conv1x1", (2, 24, 5, 4), INT8),
+    ("linear", (2, kernels.CPU_AUTO_MAX_ROWS // 2 + 1, 24), REFERENCE),
+    ("conv1x1", (1, 24, kernels.CPU_AUTO_MAX_ROWS + 1, 1), REFERENCE), ("grouped", (2, 24, 5, 4), REFERENCE)])
+def test_auto_on_cpu_takes_the_integer_path_for_dynamic_activations_where_it_measured_faster(kind, shape, path):
+    """k x k convs always; Linear and 1x1 layers up to CPU_AUTO_MAX_ROWS rows; grouped convs never."""
+    model, _ = _model(kind, 4, method="tuneqdm")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    DynamicActivations().install(model)
+    set_kernels(model, "reference")
+    with torch.no_grad():
+        ref = model(x, torch.tensor((900,) * shape[0]))
+    y, taken = _run(model, x, "auto", (900,) * shape[0])
+    assert (taken == INT8) == (path == INT8)  # the float path here rebuilds from the held grid: "int8-grid"
+    _close(y, ref)
+
+
+def test_dynamic_activations_into_a_kxk_conv_take_one_scale_per_sample():
+    """A per-pixel scale would not factor out of the sum over kernel taps; one per sample does."""
+    layer = _model("conv3x3", 4)[0].layer
+    x = torch.randn(2, 24, 5, 4)
+    x[1] *= 100  # the other sample's range must not matter
+    xq = kernels.dynamic_fake_quantize(x, layer)
+    for sample in range(2):
+        steps = xq[sample] / (x[sample].abs().max() / 127)
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() == 127
+    pointwise = _model("conv1x1", 4)[0].layer
+    steps = kernels.dynamic_fake_quantize(x, pointwise) / (x.abs().amax(dim=1, keepdim=True) / 127)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # 1x1 convs: one per pixel, as Linear per token
+
+
 def test_auto_takes_the_float_path_on_cpu_where_it_measured_faster():
     model, x = _model("linear", 4)
     _dgq(model, x, CHANNEL)
@@ -106,8 +137,8 @@ def test_auto_takes_the_float_path_on_cpu_where_it_measured_faster():
     assert path != INT8 and torch.equal(y, ref)  # float math (from the held int8 grid here): the same numbers
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "conv3x3s2"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "conv3x3s2", "conv3x2dil"])
 def test_dynamic_quantization_per_expert_with_s_in(kind, bits):
     """TuneQDM scales: two experts with different ``s_out`` and ``s_in``; samples at different timesteps."""
     model, x = _model(kind, bits, method="tuneqdm")
@@ -215,8 +246,9 @@ def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path,
     # flips), so the equivalence is asserted layer by layer above.
     a8, err = image("a8", "--activation_quant", "dynamic", "--kernels", "int8")
     assert f"kernels int8: {integer} layers int8, 0 layers int8-grid, {len(layers) - integer} layers reference" in err
-    _, err = image("a8-auto", "--activation_quant", "dynamic")  # on CPU the simulated path measured faster
-    assert f"kernels auto: 0 layers int8, 0 layers int8-grid, {len(layers)} layers reference" in err
+    a8_auto, err = image("a8-auto", "--activation_quant", "dynamic")  # every layer of this tiny UNet is below
+    assert f"kernels auto: {integer} layers int8, 0 layers int8-grid, {len(layers) - integer} layers reference" in err
+    assert np.array_equal(a8_auto, a8)  # CPU_AUTO_MAX_ROWS: the same paths as int8
     assert 0 < integer < len(layers)
     assert np.abs(a8 - ref).mean() > 0.1  # the activations are quantized
     assert main([*args, "--out", str(tmp_path / "bad"), "--activation_quant", "dynamic", "--activation_bits", "6"]) == 2

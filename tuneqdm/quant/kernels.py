@@ -31,11 +31,15 @@ from ..files import first_line
 from .packing import unpack
 
 KERNEL_MODES = ("auto", "int8", "reference")
-# "auto" takes the integer path on accelerators only. On this project's CPU (torch 2.13, 2 idle cores) it measured
-# slower than quantize-dequantize + the float op: SD-1.5-size W4A8 step 14.7 s vs 13.6 s (float 10.4 s), toy
-# 25-step images 5.2 s vs 4.4 s (docs/benchmarks/sampling_kernels.md): the int32 -> float passes over the output
-# cost more than _int_mm saves. "int8" forces it (for measuring, or a CPU where it pays).
+# "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
+# takes it only where it measured faster (docs/benchmarks/sampling_kernels.md, section 3; process CPU time, 1 thread):
+# dynamic activations into a k x k conv (one scale per sample, one im2col integer matmul: 0.22-0.44x the fp32 conv)
+# and into Linear / 1x1 layers of at most CPU_AUTO_MAX_ROWS rows (0.43-0.79x at 154-2048 rows; 1.2-1.7x at 8192,
+# where the int32 -> float passes over the output cost more than _int_mm saves). Calibrated (DGQ) quantizers, whose
+# per-pixel k x k path needs one matmul and one dequantization pass per kernel tap, measured slower than simulating
+# them, so "auto" simulates them on CPU; "int8" forces the integer path (for measuring).
 INT8_AUTO_DEVICES = ("cuda",)
+CPU_AUTO_MAX_ROWS = 4096
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
 # int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
 # 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
@@ -93,7 +97,9 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     if layer.kernels == "reference" or torch.is_grad_enabled():
         return "reference requested"
     if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES:
-        return "auto: the float path measured faster on this device"
+        reason = _cpu_auto_reason(layer, act, x)
+        if reason is not None:
+            return reason
     if act.mixed or act.bits != 8:
         return "mixed steps or not 8-bit"
     if x.dtype != torch.float32:
@@ -108,6 +114,22 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     if x.device.type in _unavailable:
         return "integer matmul unavailable"
     return None
+
+
+def per_sample_scale(layer) -> bool:
+    """Whether dynamic activations into ``layer`` take one scale per sample (k x k convs: a per-pixel scale would not
+    factor out of the sum over kernel taps) rather than one per token or pixel (Linear, 1x1 conv)."""
+    return layer.channel_dim == 1 and not layer.is_pointwise()
+
+
+def _cpu_auto_reason(layer, act: ActInput, x: torch.Tensor) -> str | None:
+    """Why ``auto`` keeps this call off the integer path on CPU (None: it measured faster there)."""
+    if act.kind != "dynamic":
+        return "auto: simulated calibrated activations measured faster on CPU"
+    if per_sample_scale(layer):
+        return None
+    rows = x.numel() // x.shape[layer.channel_dim]
+    return f"auto: the float op measured faster above {CPU_AUTO_MAX_ROWS} rows on CPU" if rows > CPU_AUTO_MAX_ROWS else None
 
 
 def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -152,6 +174,9 @@ def _quantize(layer, x2d: torch.Tensor, act: ActInput, s_in, positions: int):
 def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Tensor | None:
     """``layer``'s output for the quantized input by integer matmuls (see the module docstring); None if the
     integer matmul is unavailable here."""
+    if act.kind == "dynamic" and per_sample_scale(layer):
+        y = _conv_im2col(layer, x, s_in)
+        return None if y is None else _finish(layer, y, s_out)
     positions = x.shape[1:-1].numel() if layer.channel_dim == -1 else x.shape[2:].numel()
     a, row_scale, row_zero, chan_zero = _quantize(layer, _rows(layer, x), act, s_in, positions)
     wq = signed_grid(layer)
@@ -162,10 +187,11 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     if act.kind == "channel":
         y = _grouped_matmul(a, wq, z, act, chan_zero)
     else:
-        y = _int_mm(a, wq)
+        w, wz = _centred(layer, wq)
+        y = _int_mm(a, w)
         if y is None:
             return None
-        y = _zero_point_corrected(y, a, wq, z, row_zero)
+        y = _zero_point_corrected(y, a, w, wz, row_zero)
     if y is None:
         return None
     if row_scale is not None:
@@ -175,22 +201,73 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     return _finish(layer, y.view(x.shape[0], *x.shape[2:], -1), s_out)
 
 
-def _zero_point_corrected(y: torch.Tensor, a: torch.Tensor, wq: torch.Tensor, z: torch.Tensor, row_zero):
-    """``(a − row_zero)(W_q − z)ᵀ`` in float from the int32 product ``a W_qᵀ``: the zero-point terms factor out as
-    one rank-1 update each (``row_zero``: the input's zero-point per row, None for symmetric inputs)."""
+def _centred(layer, wq: torch.Tensor):
+    """The weight matrix as (int8 ``w``, float zero-point ``z`` or None) with ``W_q − z = w − z``: the centred grid
+    itself where it fits int8 (up to 7 bits: ``|W_q − z| ≤ 2^bits − 1``), which saves the zero-point passes over
+    the input and the output; ``W_q`` and ``z`` for 8 bits."""
+    if layer.bits == 8:
+        return wq, layer.zero_point.float()
+    return wq.sub(layer.zero_point[:, None]), None
+
+
+def _zero_point_corrected(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, z, row_zero):
+    """``(a − row_zero)(w − z)ᵀ`` in float from the int32 product ``a wᵀ``: the zero-point terms factor out as
+    one rank-1 update each (``z``: None for a centred ``w``; ``row_zero``: the input's zero-point per row, None for
+    symmetric inputs)."""
     y = y.float()
-    y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+    if z is not None:
+        y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
     if row_zero is not None:
-        y.addr_(row_zero, wq.sum(dim=1, dtype=torch.int32).float() - wq.shape[1] * z, alpha=-1)
+        w_sum = w.sum(dim=1, dtype=torch.int32).float()
+        y.addr_(row_zero, w_sum if z is None else w_sum - w.shape[1] * z, alpha=-1)
     return y
 
 
 def _finish(layer, y: torch.Tensor, s_out) -> torch.Tensor:
     """``s_out ⊙ y + b``; a conv's (B, H, W, N) result goes back to (B, N, H, W)."""
-    y.mul_(s_out.float())
     if layer.bias is not None:
-        y.add_(layer.bias.float())
+        torch.addcmul(layer.bias.float(), y, s_out.float(), out=y)  # one pass over the output, not two
+    else:
+        y.mul_(s_out.float())
     return y if layer.channel_dim == -1 else y.permute(0, 3, 1, 2).contiguous()
+
+
+def _conv_geometry(layer, h: int, w: int) -> tuple[int, int]:
+    """The output's (height, width)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer._op_padding
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _tap_slices(layer, ho: int, wo: int):
+    """Per kernel tap (i, j), tap-major: the (batch, row, column) slices of the padded input that it reads."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    return [(slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
+            for i in range(kh) for j in range(kw)]
+
+
+def _conv_im2col(layer, x: torch.Tensor, s_in) -> torch.Tensor | None:
+    """A k x k conv of dynamically quantized activations (symmetric int8, one scale per sample: the same integers
+    as :func:`dynamic_fake_quantize`) as ONE integer matmul of the im2col'd int8 input, scaled once per output
+    row. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
+    b, c, h, w = x.shape
+    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
+    ho, wo = _conv_geometry(layer, h, w)
+    xs = x * s_in[:, None, None] if s_in is not None else x
+    scale = xs.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
+    a = torch.div(xs, scale.view(-1, 1, 1, 1)).round_().clamp_(-127, 127).to(torch.int8)
+    a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+    a_pad[:, ph:ph + h, pw:pw + w] = a.permute(0, 2, 3, 1)
+    cols = a.new_empty(b, ho, wo, kh * kw, c)
+    for t, rows in enumerate(_tap_slices(layer, ho, wo)):
+        cols[:, :, :, t] = a_pad[rows]
+    cols = cols.view(b * ho * wo, kh * kw * c)
+    wq = signed_grid(layer).view(-1, c, kh, kw).permute(0, 2, 3, 1).reshape(-1, kh * kw * c)  # tap-major too
+    w_mat, z = _centred(layer, wq)
+    y = _int_mm(cols, w_mat)
+    if y is None:
+        return None
+    y = _zero_point_corrected(y, cols, w_mat, z, None)
+    return y.mul_(scale.repeat_interleave(ho * wo)[:, None]).view(b, ho, wo, -1)
 
 
 def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | None:
@@ -198,8 +275,8 @@ def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | No
     its own row scale, so per-pixel scales stay exact) by the weight's (out, in) slice at (i, j). Zero padding
     gets a zero scale. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
     b, c, h, w = shape
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer._op_padding
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
+    ho, wo = _conv_geometry(layer, h, w)
     a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
     a_pad[:, ph:ph + h, pw:pw + w] = a.view(b, h, w, c)
     s_pad = row_scale.new_zeros(b, h + 2 * ph, w + 2 * pw)
@@ -208,18 +285,16 @@ def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | No
     if row_zero is not None:
         z_pad = row_zero.new_zeros(b, h + 2 * ph, w + 2 * pw)
         z_pad[:, ph:ph + h, pw:pw + w] = row_zero.view(b, h, w)
-    wq = wq.view(-1, c, kh, kw)
+    wq = wq.view(-1, c, kh * kw)
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            rows = (slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
-            at, wt = a_pad[rows].reshape(-1, c), wq[:, :, i, j].contiguous()
-            y = _int_mm(at, wt)
-            if y is None:
-                return None
-            y = _zero_point_corrected(y, at, wt, z, None if z_pad is None else z_pad[rows].reshape(-1))
-            y.mul_(s_pad[rows].reshape(-1, 1))
-            out = y if out is None else out.add_(y)
+    for t, rows in enumerate(_tap_slices(layer, ho, wo)):
+        at, wt = a_pad[rows].reshape(-1, c), wq[:, :, t].contiguous()
+        y = _int_mm(at, wt)
+        if y is None:
+            return None
+        y = _zero_point_corrected(y, at, wt, z, None if z_pad is None else z_pad[rows].reshape(-1))
+        y.mul_(s_pad[rows].reshape(-1, 1))
+        out = y if out is None else out.add_(y)
     return out.view(b, ho, wo, -1)
 
 
@@ -244,7 +319,9 @@ def _grouped_matmul(a, wq, z, act: ActInput, chan_zero) -> torch.Tensor | None:
     return y
 
 
-def dynamic_fake_quantize(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Reference of the dynamic quantizer: symmetric int8 per token (Linear) or per pixel (conv), in float."""
-    scale = x.abs().amax(dim=channel_dim, keepdim=True).clamp_min(1e-8) / 127
+def dynamic_fake_quantize(x: torch.Tensor, layer) -> torch.Tensor:
+    """Reference of the dynamic quantizer, in float: symmetric int8 per token (Linear) or pixel (1x1 conv), per
+    sample into a k x k conv (:func:`per_sample_scale`)."""
+    dims = tuple(range(1, x.dim())) if per_sample_scale(layer) else layer.channel_dim
+    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / 127
     return torch.div(x, scale).round_().clamp_(-127, 127).mul_(scale)
