@@ -28,7 +28,7 @@ import torch
 
 from ..errors import TuneQDMError
 from ..files import first_line
-from .packing import unpack
+from .packing import code_offset, unpack, unpack_codes
 
 KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
@@ -187,7 +187,7 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     if act.kind == "channel":
         y = _grouped_matmul(a, wq, z, act, chan_zero)
     else:
-        w, wz = _centred(layer, wq)
+        w, wz = _centred(layer)
         y = _int_mm(a, w)
         if y is None:
             return None
@@ -201,13 +201,22 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     return _finish(layer, y.view(x.shape[0], *x.shape[2:], -1), s_out)
 
 
-def _centred(layer, wq: torch.Tensor):
-    """The weight matrix as (int8 ``w``, float zero-point ``z`` or None) with ``W_q − z = w − z``: the centred grid
-    itself where it fits int8 (up to 7 bits: ``|W_q − z| ≤ 2^bits − 1``), which saves the zero-point passes over
-    the input and the output; ``W_q`` and ``z`` for 8 bits."""
-    if layer.bits == 8:
-        return wq, layer.zero_point.float()
-    return wq.sub(layer.zero_point[:, None]), None
+def _centred(layer, taps: int = 1):
+    """The weight matrix as (int8 ``w``, float zero-point ``z`` or None) with ``W_q − z = w − z``, rows = output
+    channels, columns tap-major (``taps`` > 1: a k x k conv's (out, in, k, k) as (out, k, k, in), the im2col order).
+    Up to 4 bits ``w`` is the centred grid itself (``|W_q − z| ≤ 2^bits − 1`` fits int8), which saves the zero-point
+    passes over the input and the output, computed from the packed codes in one pass (with the transposition);
+    ``W_q`` and ``z`` for 8 bits."""
+    n = layer.weight_shape[0]
+    if layer.bits == 8 or layer.grid is not None:
+        w = signed_grid(layer)
+        w = w if taps == 1 else w.view(n, -1, taps).transpose(1, 2).reshape(n, -1)
+        return (w, layer.zero_point.float()) if layer.bits == 8 else (w.sub(layer.zero_point[:, None]), None)
+    codes = unpack_codes(layer.qweight, layer.bits, layer.weight_shape.numel()).view(torch.int8).view(n, -1, taps)
+    shift = (layer.zero_point + code_offset(layer.bits)).view(-1, 1, 1)  # codes = W_q + offset, both below 2^4
+    w = codes.new_empty(n, taps, codes.shape[1])
+    torch.sub(codes.transpose(1, 2), shift, out=w)
+    return w.view(n, -1), None
 
 
 def _zero_point_corrected(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, z, row_zero):
@@ -261,8 +270,7 @@ def _conv_im2col(layer, x: torch.Tensor, s_in) -> torch.Tensor | None:
     for t, rows in enumerate(_tap_slices(layer, ho, wo)):
         cols[:, :, :, t] = a_pad[rows]
     cols = cols.view(b * ho * wo, kh * kw * c)
-    wq = signed_grid(layer).view(-1, c, kh, kw).permute(0, 2, 3, 1).reshape(-1, kh * kw * c)  # tap-major too
-    w_mat, z = _centred(layer, wq)
+    w_mat, z = _centred(layer, kh * kw)
     y = _int_mm(cols, w_mat)
     if y is None:
         return None
