@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LINEAR_SHAPES = [(2 * 4096, 320, 320), (2 * 1024, 640, 640), (2 * 256, 1280, 1280), (2 * 77, 768, 320),
-                 (2 * 4096, 320, 2560)]
+                 (2 * 4096, 320, 2560), (2 * 4096, 1280, 320), (2 * 1024, 2560, 640)]  # the last two: GEGLU's out
 CONV_SHAPES = [(320, 64), (640, 32), (1280, 16), (1280, 8)]  # (channels, latent side): 3x3, stride 1, padding 1
 
 

@@ -32,14 +32,12 @@ from .packing import code_offset, unpack, unpack_codes
 
 KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
-# takes it only where it measured faster (docs/benchmarks/sampling_kernels.md, section 3; process CPU time, 1 thread):
-# dynamic activations into a k x k conv (one scale per sample, one im2col integer matmul: 0.22-0.44x the fp32 conv)
-# and into Linear / 1x1 layers of at most CPU_AUTO_MAX_ROWS rows (0.43-0.79x at 154-2048 rows; 1.2-1.7x at 8192,
-# where the int32 -> float passes over the output cost more than _int_mm saves). Calibrated (DGQ) quantizers, whose
-# per-pixel k x k path needs one matmul and one dequantization pass per kernel tap, measured slower than simulating
-# them, so "auto" simulates them on CPU; "int8" forces the integer path (for measuring).
+# takes it for dynamic activations, where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md,
+# section 3; process CPU time, 1 thread): into a k x k conv (one scale per sample, one im2col integer matmul: 0.42-0.58x
+# the fp32 conv vs 0.94-1.21x simulated) and into Linear layers (0.89-1.88x vs 1.15-2.28x simulated). Calibrated
+# (DGQ) quantizers, whose per-pixel k x k path needs one matmul and one dequantization pass per kernel tap, measured
+# slower than simulating them, so "auto" simulates them on CPU; "int8" forces the integer path (for measuring).
 INT8_AUTO_DEVICES = ("cuda",)
-CPU_AUTO_MAX_ROWS = 4096
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
 # int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
 # 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
@@ -96,10 +94,8 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     """Why ``layer`` cannot take the integer path for this call (None: it can)."""
     if layer.kernels == "reference" or torch.is_grad_enabled():
         return "reference requested"
-    if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES:
-        reason = _cpu_auto_reason(layer, act, x)
-        if reason is not None:
-            return reason
+    if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES and act.kind != "dynamic":
+        return "auto: simulated calibrated activations measured faster on this device"
     if act.mixed or act.bits != 8:
         return "mixed steps or not 8-bit"
     if x.dtype != torch.float32:
@@ -120,16 +116,6 @@ def per_sample_scale(layer) -> bool:
     """Whether dynamic activations into ``layer`` take one scale per sample (k x k convs: a per-pixel scale would not
     factor out of the sum over kernel taps) rather than one per token or pixel (Linear, 1x1 conv)."""
     return layer.channel_dim == 1 and not layer.is_pointwise()
-
-
-def _cpu_auto_reason(layer, act: ActInput, x: torch.Tensor) -> str | None:
-    """Why ``auto`` keeps this call off the integer path on CPU (None: it measured faster there)."""
-    if act.kind != "dynamic":
-        return "auto: simulated calibrated activations measured faster on CPU"
-    if per_sample_scale(layer):
-        return None
-    rows = x.numel() // x.shape[layer.channel_dim]
-    return f"auto: the float op measured faster above {CPU_AUTO_MAX_ROWS} rows on CPU" if rows > CPU_AUTO_MAX_ROWS else None
 
 
 def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -157,9 +143,8 @@ def _quantize(layer, x2d: torch.Tensor, act: ActInput, s_in, positions: int):
     """(a int8, row scale or None, row zero − 128 or None, channel zero − 128 or None) of the input rows."""
     if act.kind == "dynamic":
         xs = x2d * s_in if s_in is not None else x2d
-        scale = xs.abs().amax(dim=1).clamp_min(1e-8) / 127
-        a = torch.div(xs, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return a, scale, None, None
+        steps, scale = dynamic_steps(xs, 1)
+        return steps.to(torch.int8), scale.view(-1), None, None
     shape = (-1, 1) if act.kind == "position" else (1, -1)
     scale, zero = act.scale.view(shape), act.zero.view(shape)
     if act.kind == "position":  # the calibrated vector covers one sample; rows run over samples
@@ -262,8 +247,8 @@ def _conv_im2col(layer, x: torch.Tensor, s_in) -> torch.Tensor | None:
     (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
     ho, wo = _conv_geometry(layer, h, w)
     xs = x * s_in[:, None, None] if s_in is not None else x
-    scale = xs.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
-    a = torch.div(xs, scale.view(-1, 1, 1, 1)).round_().clamp_(-127, 127).to(torch.int8)
+    steps, scale = dynamic_steps(xs, (1, 2, 3))
+    a, scale = steps.to(torch.int8), scale.view(-1)
     a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
     a_pad[:, ph:ph + h, pw:pw + w] = a.permute(0, 2, 3, 1)
     cols = a.new_empty(b, ho, wo, kh * kw, c)
@@ -331,5 +316,13 @@ def dynamic_fake_quantize(x: torch.Tensor, layer) -> torch.Tensor:
     """Reference of the dynamic quantizer, in float: symmetric int8 per token (Linear) or pixel (1x1 conv), per
     sample into a k x k conv (:func:`per_sample_scale`)."""
     dims = tuple(range(1, x.dim())) if per_sample_scale(layer) else layer.channel_dim
-    scale = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / 127
-    return torch.div(x, scale).round_().clamp_(-127, 127).mul_(scale)
+    steps, scale = dynamic_steps(x, dims)
+    return steps.mul_(scale)
+
+
+def dynamic_steps(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``round(x / s)`` in float, ``s``) with ``s = max |x| / 127`` over ``dims`` (kept): the integers of the
+    dynamic quantizer, one code for the integer path and the reference. ``|x / s| ≤ 127`` by construction, so no
+    clamp; ``max |x|`` as max(max, −min), two reductions instead of an input-sized ``|x|`` (4x faster measured)."""
+    scale = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_()).clamp_min_(1e-8) / 127
+    return torch.div(x, scale).round_(), scale
