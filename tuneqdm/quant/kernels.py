@@ -32,12 +32,15 @@ from .packing import code_offset, unpack, unpack_codes
 
 KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
-# takes it for dynamic activations, where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md,
-# section 3; process CPU time, 1 thread): into a k x k conv (one scale per sample, one im2col integer matmul: 0.42-0.58x
-# the fp32 conv vs 0.94-1.21x simulated) and into Linear layers (0.89-1.88x vs 1.15-2.28x simulated). Calibrated
-# (DGQ) quantizers, whose per-pixel k x k path needs one matmul and one dequantization pass per kernel tap, measured
-# slower than simulating them, so "auto" simulates them on CPU; "int8" forces the integer path (for measuring).
+# takes it for dynamic activations into layers of at least CPU_AUTO_MIN_MACS multiply-adds per call (input rows x
+# weight size), where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md, section 3;
+# process CPU time, 1 thread): the SD-1.5-size W4A8 step took 0.90x float vs 1.30x simulated, but the embedded toy
+# pipeline (median layer 2 M multiply-adds, where the per-call passes dominate) 2.29x vs 1.98x. The smallest SD layer
+# measured (cross-attention, 38 M) was a tie at op level. Calibrated (DGQ) quantizers, whose per-pixel k x k path needs
+# one matmul and one dequantization pass per kernel tap, measured slower than simulating them, so "auto" simulates
+# them on CPU; "int8" forces the integer path (for measuring).
 INT8_AUTO_DEVICES = ("cuda",)
+CPU_AUTO_MIN_MACS = 2**25
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
 # int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
 # 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
@@ -94,8 +97,11 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     """Why ``layer`` cannot take the integer path for this call (None: it can)."""
     if layer.kernels == "reference" or torch.is_grad_enabled():
         return "reference requested"
-    if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES and act.kind != "dynamic":
-        return "auto: simulated calibrated activations measured faster on this device"
+    if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES:
+        if act.kind != "dynamic":
+            return "auto: simulated calibrated activations measured faster on this device"
+        if x.numel() // x.shape[layer.channel_dim] * layer.weight_shape.numel() < CPU_AUTO_MIN_MACS:
+            return "auto: a small layer, simulated measured faster on this device"
     if act.mixed or act.bits != 8:
         return "mixed steps or not 8-bit"
     if x.dtype != torch.float32:
