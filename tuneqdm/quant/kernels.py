@@ -11,7 +11,9 @@ weight ``Ŵ = diag(s_out) (W_q − z) diag(s_in)``, rows ``r`` = tokens/pixels, 
 exactly when ``s_x`` is constant along the reduction: per-position groups (DGQ) and dynamic per-token scales factor
 out by rows; per-channel groups split the reduction into one integer matmul per group. ``s_in`` cannot factor out of
 a calibrated quantizer (it scales ``x̂``'s channels inside the sum), so such a layer takes the reference path; the
-dynamic quantizer quantizes ``x ⊙ s_in`` instead.
+dynamic quantizer quantizes ``x ⊙ s_in`` instead. A k x k conv with dynamic activations (one scale per sample) is
+one integer matmul of the im2col'd int8 input; with calibrated per-pixel scales, one per kernel tap. Up to 4 bits
+the weight goes in as the centred grid ``W_q − z`` (the ``z`` terms vanish).
 
 Weight-only path: inside :func:`sampling_kernels` with a ``grid_bytes`` budget, each layer keeps its signed integers
 unpacked as int8 (1 B/param, 4-bit ones unpacked once instead of every step), and the float weight is rebuilt from
