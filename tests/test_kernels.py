@@ -252,3 +252,16 @@ def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path,
     assert main([*args, "--out", str(tmp_path / "bad"), "--activation_quant", "dynamic", "--activation_bits", "6"]) == 2
     assert capsys.readouterr().err == "tuneqdm: error: --activation_quant dynamic is 8-bit: drop --activation_bits 6\n"
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_integer_path_from_a_held_grid_equals_the_one_from_packed_codes(kind):
+    """The centred int8 weight comes from the held grid when a sampling session holds one, else from the codes."""
+    model, x = _model(kind, 4, method="tuneqdm")
+    DynamicActivations().install(model)
+    from_codes, path = _run(model, x, "int8")
+    layer = model.layer
+    layer.grid = kernels.signed_grid(layer).clone()
+    with torch.no_grad():
+        from_grid = model(x, torch.tensor((900, 900)))
+    assert path == INT8 and layer.last_path == INT8 and torch.equal(from_grid, from_codes)
