@@ -36,9 +36,9 @@ KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
 # takes it for dynamic activations into layers of at least CPU_AUTO_MIN_MACS multiply-adds per call (input rows x
 # weight size), where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md, section 3;
-# process CPU time, 1 thread): the SD-1.5-size W4A8 step took 0.90x float vs 1.30x simulated, but the embedded toy
-# pipeline (median layer 2 M multiply-adds, where the per-call passes dominate) 2.29x vs 1.98x. The smallest SD layer
-# measured (cross-attention, 38 M) was a tie at op level. Calibrated (DGQ) quantizers, whose per-pixel k x k path needs
+# process CPU time, 1 thread, contended): the SD-1.5-size W4A8 step took 0.90-1.05x float vs 1.30-1.35x simulated,
+# but the embedded toy pipeline (median layer 2 M multiply-adds, where the per-call passes dominate) 2.29x vs 1.98x
+# with every layer on the integer path. The smallest SD layer measured (cross-attention, 38 M) was a tie at op level. Calibrated (DGQ) quantizers, whose per-pixel k x k path needs
 # one matmul and one dequantization pass per kernel tap, measured slower than simulating them, so "auto" simulates
 # them on CPU; "int8" forces the integer path (for measuring).
 INT8_AUTO_DEVICES = ("cuda",)
