@@ -9,13 +9,18 @@ Rows (each includes everything a layer would do per call):
 - ``int_mm_unfold`` (3x3 convs): the same after im2col of the already quantized int8 input;
 - ``int8_conv`` (3x3 convs): torch's x86/oneDNN quantized conv, quantize_per_tensor of the input included;
 - ``weight_only_ref``: today's W4 layer (unpack, subtract zero-point, scale, fp32 op);
-- ``weight_only_int8``: the centred grid held as int8, one fused int8 -> float scaled copy, fp32 op.
+- ``weight_only_int8``: the centred grid held as int8, one fused int8 -> float scaled copy, fp32 op;
+- ``w4a8_int`` / ``w4a8_sim``: the library's own W4 layer with dynamic int8 activations (per token for a Linear, per
+  sample into a 3x3 conv) on the integer path (``kernels="int8"``) and simulated in float (``"reference"``);
+- ``w4_blocked_256k`` / ``w4_blocked_64k``: today's W4 layer rebuilding and applying its weight a block of output
+  channels at a time, each block at most 256 Ki / 64 Ki values (the float block stays in cache; one op per block).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -23,23 +28,47 @@ import torch.nn.functional as F
 from torch import nn
 
 LINEAR_SHAPES = [(2 * 4096, 320, 320), (2 * 1024, 640, 640), (2 * 256, 1280, 1280), (2 * 77, 768, 320),
-                 (2 * 4096, 320, 2560)]
+                 (2 * 4096, 320, 2560), (2 * 4096, 1280, 320), (2 * 1024, 2560, 640)]  # the last two: GEGLU's out
 CONV_SHAPES = [(320, 64), (640, 32), (1280, 16), (1280, 8)]  # (channels, latent side): 3x3, stride 1, padding 1
+
+
+CLOCK = [time.perf_counter]  # --cpu_time: time.process_time (with 1 thread, what other processes inflate least)
 
 
 def timed(fn, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = CLOCK[0]()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK[0]() - t)
     return min(times)  # the least disturbed run: the CPU is shared
 
 
 def quantize_rows(x2d):
     scale = x2d.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127
     return torch.round(x2d / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def library_rows(layer, x, reps, fp) -> dict:
+    """The W4 layer's own sampling paths (see the module docstring), as ratios to the fp32 time ``fp``."""
+    from tuneqdm.ptq.activations import DynamicActivations
+    from tuneqdm.quant import layers
+
+    row = {}
+    layer.input_quantizer = DynamicActivations()
+    for name, mode in (("w4a8_int", "int8"), ("w4a8_sim", "reference")):
+        layer.kernels = mode
+        row[name] = timed(lambda: layer(x), reps) / fp
+    layer.input_quantizer, layer.kernels = None, "auto"
+    default = layers._WEIGHT_CHUNK
+    try:
+        for name, chunk in (("w4_blocked_256k", 1 << 18), ("w4_blocked_64k", 1 << 16)):
+            layers._WEIGHT_CHUNK = chunk
+            row[name] = timed(lambda: layer(x), reps) / fp
+    finally:
+        layers._WEIGHT_CHUNK = default
+    return row
 
 
 def linear_row(m, k, n, reps):
@@ -66,7 +95,7 @@ def linear_row(m, k, n, reps):
         return {"shape": f"linear M={m} K={k} N={n}", "fp32_ms": round(fp * 1e3, 2),
                 "int_mm": timed(int_path, reps) / fp,
                 "weight_only_ref": timed(lambda: q4(x), reps) / fp,
-                "weight_only_int8": timed(int8_weight_only, reps) / fp}
+                "weight_only_int8": timed(int8_weight_only, reps) / fp, **library_rows(q4, x, reps, fp)}
 
 
 def unfold_int8(xq, k=3):
@@ -111,6 +140,7 @@ def conv_row(c, side, reps):
             return F.conv2d(x, buf.view(c, c, 3, 3), padding=1)
 
         row["weight_only_int8"] = timed(int8_weight_only, reps) / fp
+        row.update(library_rows(q4, x, reps, fp))
     return row
 
 
@@ -137,13 +167,17 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cpu_time", action="store_true", help="time by process CPU time (a shared machine)")
     args = parser.parse_args()
+    if args.cpu_time:
+        CLOCK[0] = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [linear_row(*s, args.reps) for s in LINEAR_SHAPES] + [conv_row(*s, args.reps) for s in CONV_SHAPES]
     rows = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps, "rows": rows}
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps,
+              "clock": CLOCK[0].__name__, "load_average": os.getloadavg(), "rows": rows}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -7,6 +7,10 @@ model is loaded; step time = mean of the timed steps after one warm-up step, whi
     python benchmarks/sampling_kernels.py                         # every mode, then --toy; writes docs/benchmarks/
     python benchmarks/sampling_kernels.py --modes float,w4a8_int  # a subset
     python benchmarks/sampling_kernels.py --toy                    # only the 25-step images on the embedded pipeline
+    python benchmarks/sampling_kernels.py --rounds 2               # modes interleaved, twice (a shared machine)
+
+Each run records the load average before and after it; with ``--rounds`` the table shows each mode's mean over the
+rounds (the JSON keeps every run).
 
 Activation-quantized modes use the dynamic per-token int8 quantizer (``--activation_quant dynamic``): DGQ's
 calibration of an SD-size UNet takes longer than this benchmark. The W4A8 reference is the same quantizer simulated in
@@ -38,8 +42,10 @@ MODES = {
     "w8a8_int": (8, True, "int8"),
     "w4a8_int": (4, True, "int8"),
     "w4a8_ref": (4, True, "reference"),
+    "w4a8_auto": (4, True, "auto"),
+    "w8a8_auto": (8, True, "auto"),
 }
-TOY_MODES = ("float", "w4_ref", "w4_fast", "w4a8_int", "w4a8_ref")
+TOY_MODES = ("float", "w4_ref", "w4_fast", "w4a8_int", "w4a8_ref", "w4a8_auto")
 GRID_BYTES = 256 * 2**20  # int8 grids held by w4_fast (not the library default, which holds none: measured slower)
 
 
@@ -110,21 +116,44 @@ def run_toy(mode: str, images: int) -> dict:
 
 
 def in_subprocess(args: list[str]) -> dict:
+    load_before = os.getloadavg()[0]
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{args} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # 1-minute, before and after
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """One row per mode (in first-seen order): the mean of its numeric fields over the rounds."""
+    by_mode: dict[str, list[dict]] = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], []).append(r)
+    out = []
+    for runs in by_mode.values():
+        row = dict(runs[0])
+        for key, value in runs[0].items():
+            if isinstance(value, float):
+                row[key] = sum(r[key] for r in runs) / len(runs)
+        row["load_average"] = [min(min(r["load_average"]) for r in runs), max(max(r["load_average"]) for r in runs)]
+        out.append(row)
+    return out
 
 
 def table(rows, key, cpu_key, unit) -> list[str]:
     """Wall time and process CPU time (1 thread: the CPU time is what the shared machine cannot inflate much)."""
     base = next((r for r in rows if r["mode"] == "float"), None)
-    lines = [f"| mode | wall {unit} | CPU {unit} | CPU x float | peak RSS GiB | layers: int8 / int8-grid / reference |",
-             "|---|---|---|---|---|---|"]
+    header = (f"| mode | wall {unit} | CPU {unit} | CPU x float | peak RSS GiB | layers: int8 / int8-grid / reference "
+              "| load average |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r[cpu_key] / base[cpu_key]:.2f}" if base else "-"
         paths = "-" if not r["paths"] else " / ".join(str(v) for v in r["paths"].values())
-        lines.append(f"| {r['mode']} | {r[key]:.2f} | {r[cpu_key]:.2f} | {ratio} | {r['peak_rss_gib']:.2f} | {paths} |")
+        load = "-".join(f"{v:.1f}" for v in r["load_average"])
+        lines.append(f"| {r['mode']} | {r[key]:.2f} | {r[cpu_key]:.2f} | {ratio} | {r['peak_rss_gib']:.2f} | {paths} "
+                     f"| {load} |")
     return lines
 
 
@@ -134,6 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed UNet steps per mode after the warm-up (default 2)")
     ap.add_argument("--toy", action="store_true", help="only the embedded toy pipeline's 25-step images")
     ap.add_argument("--toy_images", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=1, help="run the modes interleaved this many times (default 1)")
     ap.add_argument("--out", type=Path, default=OUT, help="prefix of the .json/.md written (default docs/benchmarks/)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one mode, in this process: "unet:MODE"/"toy:MODE"
     args = ap.parse_args()
@@ -146,14 +176,16 @@ def main() -> None:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown modes {unknown}: choose from {', '.join(MODES)}")
-    unet_rows = [] if args.toy else [in_subprocess(["--run", f"unet:{m}", "--steps", str(args.steps)]) for m in modes]
-    toy_rows = [in_subprocess(["--run", f"toy:{m}", "--toy_images", str(args.toy_images)])
-                for m in TOY_MODES if m in modes or args.toy]
-    for rows in (unet_rows, toy_rows):
-        for r in rows:
-            print(json.dumps(r), file=sys.stderr)
+    toy_modes = [m for m in TOY_MODES if m in modes or args.toy]
+    unet_runs, toy_runs = [], []
+    for _ in range(args.rounds):  # interleaved: a change in the machine's load hits every mode alike
+        unet_runs += [] if args.toy else [in_subprocess(["--run", f"unet:{m}", "--steps", str(args.steps)]) for m in modes]
+    for _ in range(args.rounds):
+        toy_runs += [in_subprocess(["--run", f"toy:{m}", "--toy_images", str(args.toy_images)]) for m in toy_modes]
+    unet_rows, toy_rows = mean_rows(unet_runs), mean_rows(toy_runs)
     result = {"command": " ".join(["python", "benchmarks/sampling_kernels.py", *sys.argv[1:]]),
-              "torch": torch.__version__, "unet_step": unet_rows, "toy_images": toy_rows}
+              "torch": torch.__version__, "threads": int(os.environ.get("BENCH_THREADS", "1")), "rounds": args.rounds,
+              "unet_step": unet_rows, "toy_images": toy_rows, "unet_runs": unet_runs, "toy_runs": toy_runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"Command: `{result['command']}`", ""]

@@ -98,6 +98,36 @@ def test_dgq_groups_take_the_integer_path_and_match_the_reference(kind, bits, di
     _close(y, ref)
 
 
+@pytest.mark.parametrize(("kind", "path"), [("conv3x3", INT8), ("linear", INT8), ("conv1x1", INT8),
+                                            ("grouped", REFERENCE)])
+def test_auto_on_cpu_takes_the_integer_path_for_dynamic_activations_into_large_layers(kind, path, monkeypatch):
+    """Layers of at least CPU_AUTO_MIN_MACS multiply-adds (made tiny here) take the integer path; grouped convs never;
+    smaller layers the simulated one."""
+    model, x = _model(kind, 4, method="tuneqdm")
+    DynamicActivations().install(model)
+    ref, _ = _run(model, x, "reference")
+    y, taken = _run(model, x, "auto")
+    assert taken != INT8 and torch.equal(y, ref)  # below the threshold: the simulated path itself
+    monkeypatch.setattr(kernels, "CPU_AUTO_MIN_MACS", x.numel() // x.shape[-1 if kind == "linear" else 1] * 40 * 24)
+    y, taken = _run(model, x, "auto")
+    assert (taken == INT8) == (path == INT8)  # the float path here rebuilds from the held grid: "int8-grid"
+    _close(y, ref)
+
+
+def test_dynamic_activations_into_a_kxk_conv_take_one_scale_per_sample():
+    """A per-pixel scale would not factor out of the sum over kernel taps; one per sample does."""
+    layer = _model("conv3x3", 4)[0].layer
+    x = torch.randn(2, 24, 5, 4)
+    x[1] *= 100  # the other sample's range must not matter
+    xq = kernels.dynamic_fake_quantize(x, layer)
+    for sample in range(2):
+        steps = xq[sample] / (x[sample].abs().max() / 127)
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() == 127
+    pointwise = _model("conv1x1", 4)[0].layer
+    steps = kernels.dynamic_fake_quantize(x, pointwise) / (x.abs().amax(dim=1, keepdim=True) / 127)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # 1x1 convs: one per pixel, as Linear per token
+
+
 def test_auto_takes_the_float_path_on_cpu_where_it_measured_faster():
     model, x = _model("linear", 4)
     _dgq(model, x, CHANNEL)
@@ -106,8 +136,8 @@ def test_auto_takes_the_float_path_on_cpu_where_it_measured_faster():
     assert path != INT8 and torch.equal(y, ref)  # float math (from the held int8 grid here): the same numbers
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "conv3x3s2"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("kind", ["linear", "conv1x1", "conv3x3", "conv3x3s2", "conv3x2dil"])
 def test_dynamic_quantization_per_expert_with_s_in(kind, bits):
     """TuneQDM scales: two experts with different ``s_out`` and ``s_in``; samples at different timesteps."""
     model, x = _model(kind, bits, method="tuneqdm")
@@ -215,10 +245,23 @@ def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path,
     # flips), so the equivalence is asserted layer by layer above.
     a8, err = image("a8", "--activation_quant", "dynamic", "--kernels", "int8")
     assert f"kernels int8: {integer} layers int8, 0 layers int8-grid, {len(layers) - integer} layers reference" in err
-    _, err = image("a8-auto", "--activation_quant", "dynamic")  # on CPU the simulated path measured faster
-    assert f"kernels auto: 0 layers int8, 0 layers int8-grid, {len(layers)} layers reference" in err
+    _, err = image("a8-auto", "--activation_quant", "dynamic")  # on CPU every layer of this tiny UNet is below
+    assert f"kernels auto: 0 layers int8, 0 layers int8-grid, {len(layers)} layers reference" in err  # the MACs rule
     assert 0 < integer < len(layers)
     assert np.abs(a8 - ref).mean() > 0.1  # the activations are quantized
     assert main([*args, "--out", str(tmp_path / "bad"), "--activation_quant", "dynamic", "--activation_bits", "6"]) == 2
     assert capsys.readouterr().err == "tuneqdm: error: --activation_quant dynamic is 8-bit: drop --activation_bits 6\n"
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_integer_path_from_a_held_grid_equals_the_one_from_packed_codes(kind):
+    """The centred int8 weight comes from the held grid when a sampling session holds one, else from the codes."""
+    model, x = _model(kind, 4, method="tuneqdm")
+    DynamicActivations().install(model)
+    from_codes, path = _run(model, x, "int8")
+    layer = model.layer
+    layer.grid = kernels.signed_grid(layer).clone()
+    with torch.no_grad():
+        from_grid = model(x, torch.tensor((900, 900)))
+    assert path == INT8 and layer.last_path == INT8 and torch.equal(from_grid, from_codes)

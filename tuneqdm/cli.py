@@ -602,12 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--kernels", choices=("auto", "int8", "reference"), default="auto",
-                     help="quantized sampling: auto (integer matmuls where activations are quantized, on GPUs: on "
-                          "CPU they measured slower), int8 (integer matmuls wherever they apply) or reference (float "
-                          "rebuild, simulated activation quantization)")
+                     help="quantized sampling: auto (integer matmuls where activations are quantized, where they "
+                          "measured faster: on GPUs, and on CPU for dynamic activations into large layers), int8 "
+                          "(integer matmuls wherever they apply) or reference (float rebuild, simulated activation "
+                          "quantization)")
     gen.add_argument("--activation_quant", choices=("dgq", "dynamic"), default="dgq",
                      help="with quantized activations: dgq (calibrated groups, --activation_bits) or dynamic "
-                          "(int8 per token of every quantized layer, no calibration); default dgq")
+                          "(int8 per token, or per sample into k x k convs, of every quantized layer, no calibration); "
+                          "default dgq")
     gen.add_argument("--out", default="samples", help="output folder (default: samples)")
     gen.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     _add_activation_flags(gen, calibrate_only=False)

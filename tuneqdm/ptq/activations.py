@@ -351,7 +351,8 @@ class _LayerInput:
 
 class DynamicActivations:
     """Dynamic activation quantization: every quantized layer's ``x ⊙ s_in`` to symmetric int8, one scale per
-    token (Linear) or pixel (conv), computed at each call; no calibration. Attention is left in full precision."""
+    token (Linear), pixel (1x1 conv) or sample (k x k conv: it factors out of the im2col integer matmul), computed at
+    each call; no calibration. Attention is left in full precision."""
 
     def __init__(self, bits: int = DYNAMIC_BITS, exclude=DEFAULT_EXCLUDE):
         if bits != DYNAMIC_BITS:

@@ -11,7 +11,9 @@ weight ``Ŵ = diag(s_out) (W_q − z) diag(s_in)``, rows ``r`` = tokens/pixels, 
 exactly when ``s_x`` is constant along the reduction: per-position groups (DGQ) and dynamic per-token scales factor
 out by rows; per-channel groups split the reduction into one integer matmul per group. ``s_in`` cannot factor out of
 a calibrated quantizer (it scales ``x̂``'s channels inside the sum), so such a layer takes the reference path; the
-dynamic quantizer quantizes ``x ⊙ s_in`` instead.
+dynamic quantizer quantizes ``x ⊙ s_in`` instead. A k x k conv with dynamic activations (one scale per sample) is
+one integer matmul of the im2col'd int8 input; with calibrated per-pixel scales, one per kernel tap. Up to 4 bits
+the weight goes in as the centred grid ``W_q − z`` (the ``z`` terms vanish).
 
 Weight-only path: inside :func:`sampling_kernels` with a ``grid_bytes`` budget, each layer keeps its signed integers
 unpacked as int8 (1 B/param, 4-bit ones unpacked once instead of every step), and the float weight is rebuilt from
@@ -28,14 +30,19 @@ import torch
 
 from ..errors import TuneQDMError
 from ..files import first_line
-from .packing import unpack
+from .packing import code_offset, unpack, unpack_codes
 
 KERNEL_MODES = ("auto", "int8", "reference")
-# "auto" takes the integer path on accelerators only. On this project's CPU (torch 2.13, 2 idle cores) it measured
-# slower than quantize-dequantize + the float op: SD-1.5-size W4A8 step 14.7 s vs 13.6 s (float 10.4 s), toy
-# 25-step images 5.2 s vs 4.4 s (docs/benchmarks/sampling_kernels.md): the int32 -> float passes over the output
-# cost more than _int_mm saves. "int8" forces it (for measuring, or a CPU where it pays).
+# "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
+# takes it for dynamic activations into layers of at least CPU_AUTO_MIN_MACS multiply-adds per call (input rows x
+# weight size), where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md, section 3;
+# process CPU time, 1 thread, contended): the SD-1.5-size W4A8 step took 0.90-1.05x float vs 1.30-1.35x simulated,
+# but the embedded toy pipeline (median layer 2 M multiply-adds, where the per-call passes dominate) 2.29x vs 1.98x
+# with every layer on the integer path. The smallest SD layer measured (cross-attention, 38 M) was a tie at op level. Calibrated (DGQ) quantizers, whose per-pixel k x k path needs
+# one matmul and one dequantization pass per kernel tap, measured slower than simulating them, so "auto" simulates
+# them on CPU; "int8" forces the integer path (for measuring).
 INT8_AUTO_DEVICES = ("cuda",)
+CPU_AUTO_MIN_MACS = 2**25
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
 # int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
 # 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
@@ -93,7 +100,10 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     if layer.kernels == "reference" or torch.is_grad_enabled():
         return "reference requested"
     if layer.kernels == "auto" and x.device.type not in INT8_AUTO_DEVICES:
-        return "auto: the float path measured faster on this device"
+        if act.kind != "dynamic":
+            return "auto: simulated calibrated activations measured faster on this device"
+        if x.numel() // x.shape[layer.channel_dim] * layer.weight_shape.numel() < CPU_AUTO_MIN_MACS:
+            return "auto: a small layer, simulated measured faster on this device"
     if act.mixed or act.bits != 8:
         return "mixed steps or not 8-bit"
     if x.dtype != torch.float32:
@@ -108,6 +118,12 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     if x.device.type in _unavailable:
         return "integer matmul unavailable"
     return None
+
+
+def per_sample_scale(layer) -> bool:
+    """Whether dynamic activations into ``layer`` take one scale per sample (k x k convs: a per-pixel scale would not
+    factor out of the sum over kernel taps) rather than one per token or pixel (Linear, 1x1 conv)."""
+    return layer.channel_dim == 1 and not layer.is_pointwise()
 
 
 def _int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -135,9 +151,8 @@ def _quantize(layer, x2d: torch.Tensor, act: ActInput, s_in, positions: int):
     """(a int8, row scale or None, row zero − 128 or None, channel zero − 128 or None) of the input rows."""
     if act.kind == "dynamic":
         xs = x2d * s_in if s_in is not None else x2d
-        scale = xs.abs().amax(dim=1).clamp_min(1e-8) / 127
-        a = torch.div(xs, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return a, scale, None, None
+        steps, scale = dynamic_steps(xs, 1)
+        return steps.to(torch.int8), scale.view(-1), None, None
     shape = (-1, 1) if act.kind == "position" else (1, -1)
     scale, zero = act.scale.view(shape), act.zero.view(shape)
     if act.kind == "position":  # the calibrated vector covers one sample; rows run over samples
@@ -152,6 +167,9 @@ def _quantize(layer, x2d: torch.Tensor, act: ActInput, s_in, positions: int):
 def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Tensor | None:
     """``layer``'s output for the quantized input by integer matmuls (see the module docstring); None if the
     integer matmul is unavailable here."""
+    if act.kind == "dynamic" and per_sample_scale(layer):
+        y = _conv_im2col(layer, x, s_in)
+        return None if y is None else _finish(layer, y, s_out)
     positions = x.shape[1:-1].numel() if layer.channel_dim == -1 else x.shape[2:].numel()
     a, row_scale, row_zero, chan_zero = _quantize(layer, _rows(layer, x), act, s_in, positions)
     wq = signed_grid(layer)
@@ -162,10 +180,11 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     if act.kind == "channel":
         y = _grouped_matmul(a, wq, z, act, chan_zero)
     else:
-        y = _int_mm(a, wq)
+        w, wz = _centred(layer)
+        y = _int_mm(a, w)
         if y is None:
             return None
-        y = _zero_point_corrected(y, a, wq, z, row_zero)
+        y = _zero_point_corrected(y, a, w, wz, row_zero)
     if y is None:
         return None
     if row_scale is not None:
@@ -175,22 +194,81 @@ def int_forward(layer, x: torch.Tensor, s_in, s_out, act: ActInput) -> torch.Ten
     return _finish(layer, y.view(x.shape[0], *x.shape[2:], -1), s_out)
 
 
-def _zero_point_corrected(y: torch.Tensor, a: torch.Tensor, wq: torch.Tensor, z: torch.Tensor, row_zero):
-    """``(a − row_zero)(W_q − z)ᵀ`` in float from the int32 product ``a W_qᵀ``: the zero-point terms factor out as
-    one rank-1 update each (``row_zero``: the input's zero-point per row, None for symmetric inputs)."""
+def _centred(layer, taps: int = 1):
+    """The weight matrix as (int8 ``w``, float zero-point ``z`` or None) with ``W_q − z = w − z``, rows = output
+    channels, columns tap-major (``taps`` > 1: a k x k conv's (out, in, k, k) as (out, k, k, in), the im2col order).
+    Up to 4 bits ``w`` is the centred grid itself (``|W_q − z| ≤ 2^bits − 1`` fits int8), which saves the zero-point
+    passes over the input and the output, computed from the packed codes in one pass (with the transposition);
+    ``W_q`` and ``z`` for 8 bits."""
+    n = layer.weight_shape[0]
+    if layer.bits == 8 or layer.grid is not None:
+        w = signed_grid(layer)
+        w = w if taps == 1 else w.view(n, -1, taps).transpose(1, 2).reshape(n, -1)
+        return (w, layer.zero_point.float()) if layer.bits == 8 else (w.sub(layer.zero_point[:, None]), None)
+    codes = unpack_codes(layer.qweight, layer.bits, layer.weight_shape.numel()).view(torch.int8).view(n, -1, taps)
+    shift = (layer.zero_point + code_offset(layer.bits)).view(-1, 1, 1)  # codes = W_q + offset, both below 2^4
+    w = codes.new_empty(n, taps, codes.shape[1])
+    torch.sub(codes.transpose(1, 2), shift, out=w)
+    return w.view(n, -1), None
+
+
+def _zero_point_corrected(y: torch.Tensor, a: torch.Tensor, w: torch.Tensor, z, row_zero):
+    """``(a − row_zero)(w − z)ᵀ`` in float from the int32 product ``a wᵀ``: the zero-point terms factor out as
+    one rank-1 update each (``z``: None for a centred ``w``; ``row_zero``: the input's zero-point per row, None for
+    symmetric inputs)."""
     y = y.float()
-    y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
+    if z is not None:
+        y.addr_(a.sum(dim=1, dtype=torch.int32).float(), z, alpha=-1)
     if row_zero is not None:
-        y.addr_(row_zero, wq.sum(dim=1, dtype=torch.int32).float() - wq.shape[1] * z, alpha=-1)
+        w_sum = w.sum(dim=1, dtype=torch.int32).float()
+        y.addr_(row_zero, w_sum if z is None else w_sum - w.shape[1] * z, alpha=-1)
     return y
 
 
 def _finish(layer, y: torch.Tensor, s_out) -> torch.Tensor:
     """``s_out ⊙ y + b``; a conv's (B, H, W, N) result goes back to (B, N, H, W)."""
-    y.mul_(s_out.float())
     if layer.bias is not None:
-        y.add_(layer.bias.float())
+        torch.addcmul(layer.bias.float(), y, s_out.float(), out=y)  # one pass over the output, not two
+    else:
+        y.mul_(s_out.float())
     return y if layer.channel_dim == -1 else y.permute(0, 3, 1, 2).contiguous()
+
+
+def _conv_geometry(layer, h: int, w: int) -> tuple[int, int]:
+    """The output's (height, width)."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer._op_padding
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _tap_slices(layer, ho: int, wo: int):
+    """Per kernel tap (i, j), tap-major: the (batch, row, column) slices of the padded input that it reads."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    return [(slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
+            for i in range(kh) for j in range(kw)]
+
+
+def _conv_im2col(layer, x: torch.Tensor, s_in) -> torch.Tensor | None:
+    """A k x k conv of dynamically quantized activations (symmetric int8, one scale per sample: the same integers
+    as :func:`dynamic_fake_quantize`) as ONE integer matmul of the im2col'd int8 input, scaled once per output
+    row. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
+    b, c, h, w = x.shape
+    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
+    ho, wo = _conv_geometry(layer, h, w)
+    xs = x * s_in[:, None, None] if s_in is not None else x
+    steps, scale = dynamic_steps(xs, (1, 2, 3))
+    a, scale = steps.to(torch.int8), scale.view(-1)
+    a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+    a_pad[:, ph:ph + h, pw:pw + w] = a.permute(0, 2, 3, 1)
+    cols = a.new_empty(b, ho, wo, kh * kw, c)
+    for t, rows in enumerate(_tap_slices(layer, ho, wo)):
+        cols[:, :, :, t] = a_pad[rows]
+    cols = cols.view(b * ho * wo, kh * kw * c)
+    w_mat, z = _centred(layer, kh * kw)
+    y = _int_mm(cols, w_mat)
+    if y is None:
+        return None
+    y = _zero_point_corrected(y, cols, w_mat, z, None)
+    return y.mul_(scale.repeat_interleave(ho * wo)[:, None]).view(b, ho, wo, -1)
 
 
 def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | None:
@@ -198,8 +276,8 @@ def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | No
     its own row scale, so per-pixel scales stay exact) by the weight's (out, in) slice at (i, j). Zero padding
     gets a zero scale. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
     b, c, h, w = shape
-    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer._op_padding
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
+    ho, wo = _conv_geometry(layer, h, w)
     a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
     a_pad[:, ph:ph + h, pw:pw + w] = a.view(b, h, w, c)
     s_pad = row_scale.new_zeros(b, h + 2 * ph, w + 2 * pw)
@@ -208,18 +286,16 @@ def _conv_taps(layer, shape, a, row_scale, row_zero, wq, z) -> torch.Tensor | No
     if row_zero is not None:
         z_pad = row_zero.new_zeros(b, h + 2 * ph, w + 2 * pw)
         z_pad[:, ph:ph + h, pw:pw + w] = row_zero.view(b, h, w)
-    wq = wq.view(-1, c, kh, kw)
+    wq = wq.view(-1, c, kh * kw)
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            rows = (slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
-            at, wt = a_pad[rows].reshape(-1, c), wq[:, :, i, j].contiguous()
-            y = _int_mm(at, wt)
-            if y is None:
-                return None
-            y = _zero_point_corrected(y, at, wt, z, None if z_pad is None else z_pad[rows].reshape(-1))
-            y.mul_(s_pad[rows].reshape(-1, 1))
-            out = y if out is None else out.add_(y)
+    for t, rows in enumerate(_tap_slices(layer, ho, wo)):
+        at, wt = a_pad[rows].reshape(-1, c), wq[:, :, t].contiguous()
+        y = _int_mm(at, wt)
+        if y is None:
+            return None
+        y = _zero_point_corrected(y, at, wt, z, None if z_pad is None else z_pad[rows].reshape(-1))
+        y.mul_(s_pad[rows].reshape(-1, 1))
+        out = y if out is None else out.add_(y)
     return out.view(b, ho, wo, -1)
 
 
@@ -244,7 +320,17 @@ def _grouped_matmul(a, wq, z, act: ActInput, chan_zero) -> torch.Tensor | None:
     return y
 
 
-def dynamic_fake_quantize(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Reference of the dynamic quantizer: symmetric int8 per token (Linear) or per pixel (conv), in float."""
-    scale = x.abs().amax(dim=channel_dim, keepdim=True).clamp_min(1e-8) / 127
-    return torch.div(x, scale).round_().clamp_(-127, 127).mul_(scale)
+def dynamic_fake_quantize(x: torch.Tensor, layer) -> torch.Tensor:
+    """Reference of the dynamic quantizer, in float: symmetric int8 per token (Linear) or pixel (1x1 conv), per
+    sample into a k x k conv (:func:`per_sample_scale`)."""
+    dims = tuple(range(1, x.dim())) if per_sample_scale(layer) else layer.channel_dim
+    steps, scale = dynamic_steps(x, dims)
+    return steps.mul_(scale)
+
+
+def dynamic_steps(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``round(x / s)`` in float, ``s``) with ``s = max |x| / 127`` over ``dims`` (kept): the integers of the
+    dynamic quantizer, one code for the integer path and the reference. ``|x / s| ≤ 127`` by construction, so no
+    clamp; ``max |x|`` as max(max, −min), two reductions instead of an input-sized ``|x|`` (4x faster measured)."""
+    scale = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_()).clamp_min_(1e-8) / 127
+    return torch.div(x, scale).round_(), scale

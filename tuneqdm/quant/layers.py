@@ -302,8 +302,8 @@ class QuantizedLayer(nn.Module):
                 if y is not None:
                     self.last_path = INT8
                     return y
-            if act.kind == "dynamic":  # the dynamic quantizer's reference: x ⊙ s_in quantized per row, in float
-                x = dynamic_fake_quantize(x if s_in is None else x * self._input_view(s_in), self.channel_dim)
+            if act.kind == "dynamic":  # the dynamic quantizer's reference: x ⊙ s_in quantized, in float
+                x = dynamic_fake_quantize(x if s_in is None else x * self._input_view(s_in), self)
                 s_in = None
         self.last_path = GRID if self._holds_grid() else REFERENCE
         if self.weight_cache is not None and not torch.is_grad_enabled():

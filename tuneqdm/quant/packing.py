@@ -66,9 +66,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The first ``numel`` stored codes, flat: ``q − lo`` as uint8 for int2/int4, ``q`` itself (int8) for int8."""
     if check_bits(bits) == 8:
         return packed[:numel]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = packed.unsqueeze(1) >> shifts
-    codes &= 2**bits - 1
+    per = values_per_byte(bits)
+    codes = torch.empty(packed.numel(), per, dtype=torch.uint8, device=packed.device)
+    for i in range(per):  # one strided write per position in the byte: 2x faster than a broadcast shift (4-bit)
+        torch.bitwise_right_shift(packed, bits * i, out=codes[:, i])
+    codes[:, : per - 1] &= 2**bits - 1  # the top position has nothing above it
     return codes.view(-1)[:numel]
 
 
@@ -100,4 +102,6 @@ def code_offset(bits: int) -> int:
 def unpack(packed: torch.Tensor, bits: int, numel: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``numel`` signed values, flat, as ``dtype``."""
     codes = unpack_codes(packed, bits, numel)
-    return codes.to(dtype) if bits == 8 else (codes.to(torch.int16) - code_offset(bits)).to(dtype)
+    if bits == 8:
+        return codes.to(dtype)
+    return codes.view(torch.int8).sub_(code_offset(bits)).to(dtype)  # codes < 2^4 fit int8: no wide temporary
