@@ -434,6 +434,260 @@ def run_all(modes: list[str], steps: int, resume: Path | None = None) -> list[di
     return rows
 
 
+
+# ---- FLUX.1-dev-size transformer (--model flux) ---------------------------------------------------------------------
+FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_MODES = {"tuneqdm_w4": ("tuneqdm", 4, 4), "tuneqdm_w2": ("tuneqdm", 2, 4), "peqa_w4": ("peqa", 4, 1)}
+FLUX_TEXT_TOKENS = 512
+FLUX_GUIDANCE = 3.5
+
+
+def flux_config(blocks: tuple[int, int] | None = None) -> dict:
+    """FLUX.1-dev's transformer config; ``blocks`` = (double, single) shrinks the depth, never the width."""
+    return dict(FLUX_DEV) if blocks is None else {**FLUX_DEV, "num_layers": blocks[0], "num_single_layers": blocks[1]}
+
+
+@torch.no_grad()
+def random_packed_(layer, generator: torch.Generator) -> None:
+    """Fill an empty quantized layer with uniformly random packed integers (every bit pattern is a valid code),
+    zero-points of -1 or 0 (what min-max gives a roughly centred weight) and positive scales that give the weight
+    an RMS of about 1/sqrt(fan_in). No float weight is built."""
+    from tuneqdm.quant.packing import packed_numel
+
+    rows, numel = layer.weight_shape[0], layer.weight_shape.numel()
+    n = packed_numel(numel, layer.bits)
+    if layer.bits == 8:
+        q = torch.randint(-128, 128, (n,), dtype=torch.int8, generator=generator)
+    else:
+        q = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator)
+    zero = torch.randint(-1, 1, (rows,), dtype=torch.int8, generator=generator)
+    code_rms = 2**layer.bits / 12**0.5
+    scale = (0.5 + torch.rand(rows, generator=generator)) / (code_rms * (numel / rows) ** 0.5)
+    layer.set_packed(q, zero, scale)
+
+
+def synthetic_flux(config: dict, method: str, bits: int, experts: int, seed: int = 0):
+    """A FluxTransformer2DModel of ``config`` built on the meta device, its Linear layers tuneqdm's quantized layers
+    filled with random packed integers; the few other tensors (biases, norm weights) small float tensors.
+
+    Routing: Flux is called with ``timestep = sigma`` in [0, 1], so ``num_train_timesteps=1`` puts the K experts on
+    K equal intervals of sigma."""
+    from diffusers import FluxTransformer2DModel
+
+    import tuneqdm
+    from tuneqdm.tuning.model import attach, empty_quantized_
+    from tuneqdm.tuning.streaming import empty_model
+
+    qconfig = tuneqdm.QuantConfig(bits=bits, method=method, experts=experts, init="minmax", num_train_timesteps=1)
+    model = empty_model(FluxTransformer2DModel, config, Path("FLUX.1-dev config"), "check flux_config()")
+    g = torch.Generator().manual_seed(seed)
+    for layer in empty_quantized_(model, qconfig).values():
+        random_packed_(layer, g)
+    rest = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:  # biases: small random; norm weights: ones
+            rest[name] = 0.01 * torch.randn(t.shape, generator=g) if name.endswith("bias") else torch.ones(t.shape)
+    model.load_state_dict(rest, strict=False, assign=True)
+    still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still:
+        raise RuntimeError(f"tensors left on the meta device: {still[:3]}")
+    attach(model, qconfig)
+    return model
+
+
+def flux_inputs(config: dict, resolution: int, generator: torch.Generator) -> dict:
+    """Batch 1: packed latents of ``resolution`` px (VAE /8, 2x2 patches -> (res/16)^2 tokens of 64 channels), 512
+    text tokens, pooled text, and the position ids FLUX's pipeline builds (text ids zero; image ids = row, column)."""
+    side = resolution // 16
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return {
+        "x0": torch.randn(1, side * side, config["in_channels"], generator=generator),
+        "encoder_hidden_states": torch.randn(1, FLUX_TEXT_TOKENS, config["joint_attention_dim"], generator=generator),
+        "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=generator),
+        "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3),
+    }
+
+
+def flux_step(model, opt, inputs: dict, generator: torch.Generator) -> float:
+    """One rectified-flow step as diffusers' DreamBooth Flux script: sigma logit-normal, noisy = (1 - sigma) x0 +
+    sigma noise, target noise - x0, timestep sigma, guidance embedding."""
+    x0 = inputs["x0"]
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(1, generator=generator))
+    noisy = (1 - sigma) * x0 + sigma * noise
+    pred = model(hidden_states=noisy, timestep=sigma, guidance=torch.full((1,), FLUX_GUIDANCE),
+                 **{k: v for k, v in inputs.items() if k != "x0"}).sample
+    loss = F.mse_loss(pred.float(), noise - x0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+class RssWatch:
+    """A thread that samples the load average and aborts the process (exit 3, one line on stderr) if its resident
+    memory passes ``limit_gib`` (the machine is shared)."""
+
+    def __init__(self, limit_gib: float, every_s: float = 0.5):
+        import threading
+
+        self.limit, self.every, self.loads, self.stop = limit_gib * 2**30, every_s, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        tick = 0
+        while not self.stop.wait(self.every):
+            if rss_now_bytes() > self.limit:
+                sys.stderr.write(f"aborted: resident memory passed {self.limit / 2**30:.1f} GiB\n")
+                os._exit(3)
+            if tick % int(5 / self.every) == 0:
+                self.loads.append(os.getloadavg()[0])
+            tick += 1
+
+    def close(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        loads = self.loads or [os.getloadavg()[0]]
+        return {"load1_mean": sum(loads) / len(loads), "load1_max": max(loads), "load_samples": len(loads)}
+
+
+def rss_now_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found")
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def flux_breakdown(model, opt) -> dict:
+    """Where the static memory goes: packed integers, per-channel zero-points and scales, trainable scales, AdamW
+    moments, the other float tensors (biases, norms) and tuneqdm's scratch buffers."""
+    import tuneqdm
+    from tuneqdm.quant.workspace import scratch_bytes
+
+    layers = tuneqdm.quantized_layers(model).values()
+    quant_ids = {id(t) for l in layers for t in (l.qweight, l.zero_point, l.scale, *l.s_out, *l.s_in)}
+    others = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in quant_ids]
+    return {
+        "packed_bytes": tensor_bytes(l.qweight for l in layers),
+        "zero_point_and_scale_bytes": tensor_bytes(t for l in layers for t in (l.zero_point, l.scale)),
+        "trainable_scale_bytes": tensor_bytes(tuneqdm.scale_parameters(model)),
+        "adam_state_bytes": tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
+        "other_float_bytes": tensor_bytes(others),
+        "scratch_bytes": scratch_bytes(),
+    }
+
+
+def run_flux(mode: str, resolution: int, steps: int, blocks, rss_limit_gib: float) -> dict:
+    """One row: build (timed, its own peak), then one warm-up and ``steps`` timed training steps (peak RSS of this
+    phase only: VmHWM reset after building), then the breakdown and the adapter's size."""
+    import tuneqdm
+    from tuneqdm.memory import pin_mmap_threshold
+
+    pinned = pin_mmap_threshold()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    watch = RssWatch(rss_limit_gib)
+    method, bits, experts = FLUX_MODES[mode]
+    config = flux_config(blocks)
+    t0 = time.perf_counter()
+    model = synthetic_flux(config, method, bits, experts)
+    build_s, build_peak = time.perf_counter() - t0, rss_peak_bytes()
+    model.enable_gradient_checkpointing()
+    model.train()
+    opt = torch.optim.AdamW(tuneqdm.scale_param_groups(model), lr=2e-3)
+    g = torch.Generator().manual_seed(1)
+    inputs = flux_inputs(config, resolution, g)
+    rss_before = rss_now_bytes()
+    rss_peak_reset()
+    times, losses = [], []
+    for _ in range(steps + 1):  # the first is the warm-up
+        t1 = time.perf_counter()
+        losses.append(flux_step(model, opt, inputs, g))
+        times.append(time.perf_counter() - t1)
+    peak = rss_peak_bytes()
+    load = watch.close()
+    weight_bytes, qparams = tuneqdm.weight_bytes(model)
+    row = {
+        "model": "flux", "mode": mode, "method": method, "bits": bits, "experts": experts, "resolution": resolution,
+        "blocks": list(blocks) if blocks else [FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"]],
+        "image_tokens": inputs["x0"].shape[1], "text_tokens": FLUX_TEXT_TOKENS, "checkpointing": True,
+        "device": "cpu", "threads": torch.get_num_threads(), "mmap_threshold_pinned": pinned,
+        "peak_rss_gib": peak / 2**30, "rss_before_steps_gib": rss_before / 2**30,
+        "build_peak_rss_gib": build_peak / 2**30, "build_s": build_s,
+        "s_first_step": times[0], "s_per_step": sum(times[1:]) / steps if steps else None, "steps_timed": steps,
+        "losses": losses, **load,
+        "quantized_params": qparams,
+        "quantized_layers": len(tuneqdm.quantized_layers(model)),
+        "trainable_params": sum(p.numel() for p in tuneqdm.scale_parameters(model)),
+        "weight_bytes": weight_bytes, **flux_breakdown(model, opt),
+    }
+    row["total_params"] = qparams + row["other_float_bytes"] // 4
+    # AdamW keeps moments only for the experts that had a gradient (two steps touch at most two of K): a long run
+    # holds two moments for every scale
+    row["adam_state_bytes_all_experts"] = 2 * row["trainable_scale_bytes"]
+    row["peak_rss_all_experts_gib"] = (peak + row["adam_state_bytes_all_experts"] - row["adam_state_bytes"]) / 2**30
+    with tempfile.TemporaryDirectory() as d:
+        tuneqdm.save_adapter(model, d)
+        row["adapter_bytes"] = os.path.getsize(Path(d) / tuneqdm.serialization.ADAPTER_WEIGHTS)
+    return row
+
+
+def run_flux_rows(modes: list[str], resolutions: list[int], steps: int, blocks, rss_limit_gib: float,
+                  out: Path) -> list[dict]:
+    """Each (resolution, mode) in its own process, one at a time; every row is written to ``out`` (JSON) as soon
+    as it is measured, and rows already there are kept (an interrupted run continues)."""
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    done = {(r["mode"], r["resolution"]) for r in rows}
+    for res in resolutions:
+        for mode in modes:
+            if (mode, res) in done:
+                continue
+            cmd = [sys.executable, __file__, "--model", "flux", "--mode", mode, "--resolution", str(res),
+                   "--steps", str(steps), "--rss_limit_gib", str(rss_limit_gib)]
+            cmd += ["--blocks", *map(str, blocks)] if blocks else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"model": "flux", "mode": mode, "resolution": res,
+                             "error": f"exit {proc.returncode}: {last}"[:300]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def flux_markdown(rows: list[dict], args) -> str:
+    return json.dumps(rows)
+
+
+def flux_main(ap, args) -> None:
+    modes = args.modes or ([args.mode] if args.mode else list(FLUX_MODES))
+    bad = [m for m in modes if m not in FLUX_MODES]
+    if bad:
+        ap.error(f"--model flux runs the modes {', '.join(FLUX_MODES)}, not {', '.join(bad)}")
+    blocks = tuple(args.blocks) if args.blocks else None
+    if args.mode and not args.all:
+        print(json.dumps(run_flux(args.mode, args.resolution[0], args.steps, blocks, args.rss_limit_gib)))
+        return
+    default = args.out == ap.get_default("out")
+    suffix = f"_{blocks[0]}x{blocks[1]}blocks" if blocks else ""
+    out = str(ROOT / "docs" / "benchmarks" / f"train_memory_flux{suffix}") if default else args.out
+    rows = run_flux_rows(modes, args.resolution, args.steps, blocks, args.rss_limit_gib, Path(out + ".json"))
+    Path(out + ".md").write_text(flux_markdown(rows, args))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=list(MODES) + list(PEERS))
@@ -448,7 +702,15 @@ def main():
     ap.add_argument("--contended", default="Step times were measured while other jobs shared the CPU: compare "
                     "memory, not times.", help="one sentence on how the CPU was shared during the run")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "train_memory"))
+    ap.add_argument("--model", choices=["sd15", "flux"], default="sd15",
+                    help="flux: a FLUX.1-dev-size transformer of random packed integers, checkpointed, batch 1")
+    ap.add_argument("--resolution", type=int, nargs="+", default=[256], help="flux: image sizes in px")
+    ap.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
+                    help="flux: fewer blocks (same width) for a quick run; default FLUX.1-dev's 19 + 38")
+    ap.add_argument("--rss_limit_gib", type=float, default=20.0, help="flux: abort a row whose RSS passes this")
     args = ap.parse_args()
+    if args.model == "flux":
+        return flux_main(ap, args)
     if args.peers:
         default = args.out == ap.get_default("out")
         out = str(ROOT / "docs" / "benchmarks" / "train_memory_peers") if default else args.out
