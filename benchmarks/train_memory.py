@@ -513,9 +513,34 @@ def flux_inputs(config: dict, resolution: int, generator: torch.Generator) -> di
     }
 
 
-def flux_step(model, opt, inputs: dict, generator: torch.Generator) -> float:
+class Phases:
+    """Peak RSS, RSS at the end and seconds of each phase of the training steps (forward, backward, optimizer): the
+    kernel's peak counter is reset at the start of every phase, so each peak is that phase's own, and ``peak`` is the
+    peak of them all (the training phase's)."""
+
+    def __init__(self):
+        self.steps, self.peak = [], 0
+        self._start()
+
+    def _start(self):
+        rss_peak_reset()
+        self.t = time.perf_counter()
+
+    def new_step(self):
+        self.steps.append({})
+
+    def end(self, name: str):
+        peak = rss_peak_bytes()
+        self.peak = max(self.peak, peak)
+        self.steps[-1][name] = {"peak_rss_gib": peak / 2**30, "rss_end_gib": rss_now_bytes() / 2**30,
+                                "s": time.perf_counter() - self.t}
+        self._start()
+
+
+def flux_step(model, opt, inputs: dict, generator: torch.Generator, phases: Phases | None = None) -> float:
     """One rectified-flow step as diffusers' DreamBooth Flux script: sigma logit-normal, noisy = (1 - sigma) x0 +
     sigma noise, target noise - x0, timestep sigma, guidance embedding."""
+    end = phases.end if phases is not None else lambda name: None
     x0 = inputs["x0"]
     noise = torch.randn(x0.shape, generator=generator)
     sigma = torch.sigmoid(torch.randn(1, generator=generator))
@@ -523,9 +548,12 @@ def flux_step(model, opt, inputs: dict, generator: torch.Generator) -> float:
     pred = model(hidden_states=noisy, timestep=sigma, guidance=torch.full((1,), FLUX_GUIDANCE),
                  **{k: v for k, v in inputs.items() if k != "x0"}).sample
     loss = F.mse_loss(pred.float(), noise - x0)
+    end("forward")
     loss.backward()
+    end("backward")
     opt.step()
     opt.zero_grad(set_to_none=True)
+    end("optimizer")
     return float(loss.detach())
 
 
@@ -608,13 +636,14 @@ def run_flux(mode: str, resolution: int, steps: int, blocks, rss_limit_gib: floa
     g = torch.Generator().manual_seed(1)
     inputs = flux_inputs(config, resolution, g)
     rss_before = rss_now_bytes()
-    rss_peak_reset()
+    phases = Phases()
     times, losses = [], []
     for _ in range(steps + 1):  # the first is the warm-up
         t1 = time.perf_counter()
-        losses.append(flux_step(model, opt, inputs, g))
+        phases.new_step()
+        losses.append(flux_step(model, opt, inputs, g, phases))
         times.append(time.perf_counter() - t1)
-    peak = rss_peak_bytes()
+    peak = phases.peak
     load = watch.close()
     weight_bytes, qparams = tuneqdm.weight_bytes(model)
     row = {
@@ -625,7 +654,7 @@ def run_flux(mode: str, resolution: int, steps: int, blocks, rss_limit_gib: floa
         "peak_rss_gib": peak / 2**30, "rss_before_steps_gib": rss_before / 2**30,
         "build_peak_rss_gib": build_peak / 2**30, "build_s": build_s,
         "s_first_step": times[0], "s_per_step": sum(times[1:]) / steps if steps else None, "steps_timed": steps,
-        "losses": losses, **load,
+        "losses": losses, "phases": phases.steps, **load,
         "quantized_params": qparams,
         "quantized_layers": len(tuneqdm.quantized_layers(model)),
         "trainable_params": sum(p.numel() for p in tuneqdm.scale_parameters(model)),
