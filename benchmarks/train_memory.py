@@ -650,7 +650,7 @@ def run_flux(mode: str, resolution: int, steps: int, blocks, rss_limit_gib: floa
         "model": "flux", "mode": mode, "method": method, "bits": bits, "experts": experts, "resolution": resolution,
         "blocks": list(blocks) if blocks else [FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"]],
         "image_tokens": inputs["x0"].shape[1], "text_tokens": FLUX_TEXT_TOKENS, "checkpointing": True,
-        "device": "cpu", "threads": torch.get_num_threads(), "mmap_threshold_pinned": pinned,
+        "device": "cpu", "threads": torch.get_num_threads(), "nice": os.nice(0), "mmap_threshold_pinned": pinned,
         "peak_rss_gib": peak / 2**30, "rss_before_steps_gib": rss_before / 2**30,
         "build_peak_rss_gib": build_peak / 2**30, "build_s": build_s,
         "s_first_step": times[0], "s_per_step": sum(times[1:]) / steps if steps else None, "steps_timed": steps,
@@ -706,8 +706,10 @@ def flux_command(rows: list[dict]) -> str:
     shrunk = f" --blocks {blocks[0]} {blocks[1]}" if blocks and blocks != [19, 38] else ""
     modes = " ".join(dict.fromkeys(r["mode"] for r in rows))
     res = " ".join(str(r) for r in dict.fromkeys(r["resolution"] for r in rows))
-    return (f"OMP_WAIT_POLICY=PASSIVE nice -n 5 python benchmarks/train_memory.py --model flux --all --modes {modes} "
-            f"--resolution {res} --steps 1{shrunk}")
+    first = rows[0] if rows else {}
+    threads = f"BENCH_THREADS={first['threads']} " if first.get("threads", 2) != 2 else ""
+    return (f"{threads}OMP_WAIT_POLICY=PASSIVE nice -n {first.get('nice', 5)} python benchmarks/train_memory.py "
+            f"--model flux --all --modes {modes} --resolution {res} --steps 1{shrunk}")
 
 
 def flux_table(rows: list[dict]) -> list[str]:
@@ -764,18 +766,21 @@ def flux_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def flux_markdown(rows: list[dict], args=None) -> str:
+def flux_markdown(rows: list[dict], json_name: str) -> str:
     ok = [r for r in rows if "error" not in r]
-    params = f"{ok[0]['total_params'] / 1e9:.2f} B parameters, {ok[0]['quantized_layers']} quantized Linear layers" if ok else ""
+    full = not ok or ok[0]["blocks"] == [FLUX_DEV["num_layers"], FLUX_DEV["num_single_layers"]]
+    params = (f"{ok[0]['total_params'] / 1e9:.2f} B parameters, {ok[0]['quantized_layers']} quantized Linear layers, "
+              f"{ok[0]['threads']} threads; " if ok else "")
     lines = [
-        "# Training memory on a FLUX.1-dev-size transformer: batch 1, 512 text tokens, gradient checkpointing, fp32 CPU",
+        "# Training memory on a FLUX.1-dev-size transformer: batch 1, 512 text tokens, gradient checkpointing, fp32 CPU"
+        + ("" if full else f" (shrunk to {ok[0]['blocks'][0]} double + {ok[0]['blocks'][1]} single blocks, same width)"),
         "",
-        f"Produced by `{flux_command(rows)}` ({params}; one warm-up step and one timed step; each row in its own "
-        "process, one at a time). Raw numbers, per-phase peaks included: `train_memory_flux.json`.",
-        "", *flux_table(rows), *flux_targets(rows),
+        f"Produced by `{flux_command(rows)}` ({params}one warm-up step and one timed step; each row in its own "
+        f"process, one at a time). Raw numbers, per-phase peaks included: `{json_name}`.",
+        "", *flux_table(rows), *(flux_targets(rows) if full else []),
         "", "## Where the memory goes (timed step, GiB)", "", *flux_breakdown_table(rows),
     ]
-    return "\n".join(lines) + "\n" + FLUX_NOTES
+    return "\n".join(lines) + "\n" + (FLUX_NOTES if full else "")
 
 
 FLUX_NOTES = """
@@ -801,7 +806,7 @@ def flux_main(ap, args) -> None:
         rows = json.loads(Path(out + ".json").read_text())
     else:
         rows = run_flux_rows(modes, args.resolution, args.steps, blocks, args.rss_limit_gib, Path(out + ".json"))
-    Path(out + ".md").write_text(flux_markdown(rows, args))
+    Path(out + ".md").write_text(flux_markdown(rows, Path(out).name + ".json"))
 
 
 def main():
