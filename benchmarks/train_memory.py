@@ -702,14 +702,24 @@ GIB = 2**30
 
 
 def flux_command(rows: list[dict]) -> str:
-    blocks = rows[0].get("blocks") if rows else None
-    shrunk = f" --blocks {blocks[0]} {blocks[1]}" if blocks and blocks != [19, 38] else ""
-    modes = " ".join(dict.fromkeys(r["mode"] for r in rows))
-    res = " ".join(str(r) for r in dict.fromkeys(r["resolution"] for r in rows))
-    first = rows[0] if rows else {}
-    threads = f"BENCH_THREADS={first['threads']} " if first.get("threads", 2) != 2 else ""
-    return (f"{threads}OMP_WAIT_POLICY=PASSIVE nice -n {first.get('nice', 5)} python benchmarks/train_memory.py "
-            f"--model flux --all --modes {modes} --resolution {res} --steps 1{shrunk}")
+    """The command(s) that produced ``rows``: one per (steps, threads, nice) setting they were run with."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r.get("steps_timed", 1), r.get("threads", 2), r.get("nice", 5), tuple(r.get("blocks") or ()))
+        groups.setdefault(key, []).append(r)
+    commands = []
+    for (steps, threads, nice, blocks), group in groups.items():
+        shrunk = f" --blocks {blocks[0]} {blocks[1]}" if blocks and list(blocks) != [19, 38] else ""
+        modes = " ".join(dict.fromkeys(r["mode"] for r in group))
+        res = " ".join(str(x) for x in dict.fromkeys(r["resolution"] for r in group))
+        env = f"BENCH_THREADS={threads} " if threads != 2 else ""
+        commands.append(f"`{env}OMP_WAIT_POLICY=PASSIVE nice -n {nice} python benchmarks/train_memory.py --model flux "
+                        f"--all --modes {modes} --resolution {res} --steps {steps}{shrunk}`")
+    return " and ".join(commands)
+
+
+def seconds(s: float | None) -> str:
+    return "-" if s is None else f"{s:.0f}"
 
 
 def flux_table(rows: list[dict]) -> list[str]:
@@ -721,7 +731,7 @@ def flux_table(rows: list[dict]) -> list[str]:
             continue
         lines.append(
             f"| {r['mode']} | {r['resolution']} | {r['image_tokens']} | {r['peak_rss_gib']:.2f} | "
-            f"{r['peak_rss_all_experts_gib']:.2f} | {r['s_per_step']:.0f} | {r['s_first_step']:.0f} | "
+            f"{r['peak_rss_all_experts_gib']:.2f} | {seconds(r['s_per_step'])} | {seconds(r['s_first_step'])} | "
             f"{r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['packed_bytes']:,} | "
             f"{r['load1_mean']:.1f} / {r['load1_max']:.1f} |")
     return lines
@@ -736,17 +746,21 @@ def flux_breakdown_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if "error" in r:
             continue
-        timed = r["phases"][-1]
         tensors = {k: r[k] / GIB for k in ("packed_bytes", "zero_point_and_scale_bytes", "other_float_bytes")}
         scales = (r["trainable_scale_bytes"] + r["adam_state_bytes"]) / GIB
-        static = timed["optimizer"]["rss_end_gib"]
         scratch = r["scratch_bytes"] / GIB
+        if "phases" in r:
+            timed = r["phases"][-1]
+            static = timed["optimizer"]["rss_end_gib"]
+            kept = f"{timed['forward']['rss_end_gib'] - static:.2f}"
+            transient = f"{timed['backward']['peak_rss_gib'] - timed['forward']['rss_end_gib']:.2f}"
+        else:  # a row measured before the per-phase peaks: only their sum is known
+            static = r["rss_before_steps_gib"] + (r["adam_state_bytes"] + r["scratch_bytes"]) / GIB
+            kept, transient = "-", f"{r['peak_rss_gib'] - static:.2f} (both)"
         rest = static - sum(tensors.values()) - scales - scratch
-        kept = timed["forward"]["rss_end_gib"] - static
-        transient = timed["backward"]["peak_rss_gib"] - timed["forward"]["rss_end_gib"]
         lines.append(f"| {r['mode']} | {r['resolution']} | {tensors['packed_bytes']:.2f} | "
                      f"{tensors['zero_point_and_scale_bytes']:.3f} | {tensors['other_float_bytes']:.3f} | "
-                     f"{scales:.3f} | {scratch:.3f} | {rest:.2f} | {kept:.2f} | {transient:.2f} | "
+                     f"{scales:.3f} | {scratch:.3f} | {rest:.2f} | {kept} | {transient} | "
                      f"{r['peak_rss_gib']:.2f} |")
     return lines
 
@@ -775,7 +789,7 @@ def flux_markdown(rows: list[dict], json_name: str) -> str:
         "# Training memory on a FLUX.1-dev-size transformer: batch 1, 512 text tokens, gradient checkpointing, fp32 CPU"
         + ("" if full else f" (shrunk to {ok[0]['blocks'][0]} double + {ok[0]['blocks'][1]} single blocks, same width)"),
         "",
-        f"Produced by `{flux_command(rows)}` ({params}one warm-up step and one timed step; each row in its own "
+        f"Produced by {flux_command(rows)} ({params}one warm-up step, then `--steps` timed steps; each row in its own "
         f"process, one at a time). Raw numbers, per-phase peaks included: `{json_name}`.",
         "", *flux_table(rows), *(flux_targets(rows) if full else []),
         "", "## Where the memory goes (timed step, GiB)", "", *flux_breakdown_table(rows),
