@@ -800,7 +800,46 @@ def flux_markdown(rows: list[dict], json_name: str) -> str:
 FLUX_NOTES = """
 ## Notes
 
-- TODO
+- The model: `FluxTransformer2DModel` with FLUX.1-dev's config (19 double + 38 single blocks, hidden 3072, 24 heads x
+  128, joint_attention_dim 4096, pooled 768, in_channels 64, guidance embedding) built on the meta device
+  (`tuneqdm.tuning.streaming.empty_model`); its 504 Linear layers are made tuneqdm `QLinear`s on the meta device by
+  `tuneqdm.tuning.model.empty_quantized_` and filled by `QuantizedLayer.set_packed` with uniformly random packed
+  bytes (every bit pattern is a valid code), zero-points -1 or 0 and positive per-channel scales (weight RMS about
+  1/sqrt(fan_in)). Biases (random) and norm weights (ones) are the only float tensors (12 MB). No float weight is
+  built: the build's peak is the packed model plus the process (`build_peak_rss_gib` in the JSON).
+- The step, as diffusers' DreamBooth-Flux script: sigma logit-normal, `noisy = (1 - sigma) x0 + sigma noise`, target
+  `noise - x0`, `timestep = sigma`, guidance 3.5; random packed latents (64 channels; 256 tokens at 256 px, 1024 at
+  512 px), 512 random T5 tokens (4096 wide) and a pooled CLIP vector (768); text ids zero, image ids (row, column) as
+  FluxPipeline builds them; `transformer.enable_gradient_checkpointing()`; AdamW on the scales only
+  (`tuneqdm.scale_param_groups`, lr 2e-3). The experts are routed on sigma (`num_train_timesteps=1`: expert =
+  floor(4 sigma)).
+- Peak RSS: the kernel's VmHWM (`/proc/self/status`), reset (`5 > /proc/self/clear_refs`) after the model and the
+  optimizer are built and again at the start of every phase (forward, backward, optimizer step); the row's peak is
+  the largest phase peak. It is the counter `tuneqdm train` logs on CPU (`tuneqdm/train/loop.py`), with glibc's mmap
+  threshold pinned by `tuneqdm.memory.pin_mmap_threshold` as in training. A watchdog thread would have aborted a row
+  passing 20 GiB (`--rss_limit_gib`); none came near it.
+- AdamW allocates moments only for the experts that got a gradient (batch 1, two steps: at most two of four), so the
+  second peak column adds the moments of the others (8 bytes per scale), which a long run holds.
+- Step times were measured while other developers' jobs shared the 2 cores (load average in the table, mean 4.7-5.8):
+  they are 2-3x what an idle machine gives and are not comparable between rows. Memory is not affected.
+- No GPU was lent to this session, so no CUDA figure (the bf16-autocast 512 px row of the issue) was recorded.
+- Targets: "at 256 px both at least 1 GiB lower" is read as W4 <= 7.0 GiB and W2 <= 4.0 GiB at 256 px.
+
+## Why the 256 px targets are missed (measured, TuneQDM W2 row, timed step)
+
+The peak is 4.26 GiB = 2.77 packed integers + 0.05 zero-points, scales, biases, norms and scratch + 0.16 trainable
+scales and AdamW moments + 0.51 the process itself (torch, diffusers, transformers, peft, accelerate and the optional
+peers torchao/bitsandbytes imported by diffusers: 0.42 GiB after the imports alone, the rest heap) + 0.47 the block
+inputs gradient checkpointing keeps (57 blocks x 768 tokens x 3072 x 4 bytes = 0.50 GiB) + 0.30 the backward of one
+recomputed block. The same activations sit on the W4 row (5.54 GiB packed): 7.03 GiB. So at 256 px the static
+part alone is about 6.2 GiB (W4) and 3.49 GiB (W2); fp32 activations of 0.77 GiB take both over, by 0.03 (W4) and 0.26
+GiB (W2), and by 0.08 and 0.34 GiB once AdamW holds every expert's moments.
+
+No float weight is held by tuneqdm's layers: the backward transient of one block is linear in the tokens with no
+weight-sized constant (shrunk model, `train_memory_flux_1x1blocks.md`: 0.30 GiB at 768 tokens, 0.59 GiB at 1536, so
+0.01 GiB + 0.38 MiB per token), where a dequantized copy of the largest weight (15360 x 3072) would add 0.18 GiB.
+Neither part is a bug in the layers' backward; the levers are outside them: bf16 activations would halve the 0.77
+GiB (not measured here: no GPU, and the targets are not tuned to), and the process's own 0.5 GiB is the libraries'.
 """
 
 
