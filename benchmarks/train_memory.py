@@ -792,7 +792,7 @@ def flux_markdown(rows: list[dict], json_name: str) -> str:
         f"Produced by {flux_command(rows)} ({params}one warm-up step, then `--steps` timed steps; each row in its own "
         f"process, one at a time). Raw numbers, per-phase peaks included: `{json_name}`.",
         "", *flux_table(rows), *(flux_targets(rows) if full else []),
-        "", "## Where the memory goes (timed step, GiB)", "", *flux_breakdown_table(rows),
+        "", "## Where the memory goes (last step of each row, GiB)", "", *flux_breakdown_table(rows),
     ]
     return "\n".join(lines) + "\n" + (FLUX_NOTES if full else "")
 
