@@ -838,14 +838,16 @@ GiB (W2), and by 0.08 and 0.34 GiB once AdamW holds every expert's moments.
 No float weight is held by tuneqdm's layers: the backward transient of one block is linear in the tokens with no
 weight-sized constant (shrunk model, `train_memory_flux_1x1blocks.md`: 0.30 GiB at 768 tokens, 0.59 GiB at 1536, so
 0.01 GiB + 0.38 MiB per token), where a dequantized copy of the largest weight (15360 x 3072) would add 0.18 GiB.
-Neither part is a bug in the layers' backward; the levers are outside them: bf16 activations would halve the 0.77
-GiB (not measured here: no GPU, and the targets are not tuned to), and the process's own 0.5 GiB is the libraries'.
+PEQA W4 (no `s_in`, so no layer input saved for its gradient) peaks at 6.88 GiB: its block backward takes 0.25 GiB
+against TuneQDM's 0.30, and it has 7x fewer scales to hold moments for. Neither part is a bug in the layers'
+backward; the levers are outside them: bf16 activations would halve the 0.77 GiB (not measured here: no GPU, and
+the targets are not tuned to), and the process's own 0.5 GiB is the libraries'.
 
 ## 512 px
 
 Only the TuneQDM W4 row was run at 512 px, memory only (`--steps 0`: the warm-up step, 39 min on the shared CPU,
 so no timed step): 7.78 GiB, 7.90 with every expert's AdamW moments, under the 8.0 GiB target. The checkpointed
-block inputs double with the tokens (0.95 GiB for 1536 tokens) and so does the backward of one block (0.62 GiB).
+block inputs double with the tokens (0.95 GiB for 1536 tokens) and so does the backward of one block (0.61 GiB).
 W2 and PEQA W4 were not run at 512 px (the three 256 px rows and this one took the session's CPU time). Since the
 activations do not depend on the bit width, W2 at 512 px would be the W4 peak less the 2.77 GiB of integers W2
 saves: about 5.0 GiB (5.1 with every expert's moments), at the 5.0 GiB target; an estimate, not a measurement.
