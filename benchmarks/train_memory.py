@@ -723,8 +723,9 @@ def seconds(s: float | None) -> str:
 
 
 def flux_table(rows: list[dict]) -> list[str]:
-    lines = ["| mode | px | image tokens | peak RSS (GiB) | with every expert's AdamW moments (GiB) | s/step | first step (s) "
-             "| trainable scales | adapter bytes | packed bytes | load avg (mean / max) |", "|---" * 11 + "|"]
+    lines = ["| mode | px | image tokens | peak RSS (GiB) | with every expert's AdamW moments (GiB) | s/step "
+             "| first step (s) | trainable scales | adapter bytes | packed bytes | load avg (mean / max) |",
+             "|---" * 11 + "|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['resolution']} | - | not measured: {r['error']} |" + " - |" * 7)
@@ -787,7 +788,8 @@ def flux_markdown(rows: list[dict], json_name: str) -> str:
               f"{ok[0]['threads']} threads; " if ok else "")
     lines = [
         "# Training memory on a FLUX.1-dev-size transformer: batch 1, 512 text tokens, gradient checkpointing, fp32 CPU"
-        + ("" if full else f" (shrunk to {ok[0]['blocks'][0]} double + {ok[0]['blocks'][1]} single blocks, same width)"),
+        + ("" if full else f" (shrunk to {ok[0]['blocks'][0]} double + {ok[0]['blocks'][1]} single blocks, "
+                              "same width)"),
         "",
         f"Produced by {flux_command(rows)} ({params}one warm-up step, then `--steps` timed steps; each row in its own "
         f"process, one at a time). Raw numbers, per-phase peaks included: `{json_name}`.",
