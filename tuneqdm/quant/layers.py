@@ -162,9 +162,25 @@ class QuantizedLayer(nn.Module):
     def set_quantized_weight(self, qw: QuantizedWeight) -> None:
         if qw.q.shape != self.weight_shape:
             raise TuneQDMError(f"quantized weight of shape {tuple(qw.q.shape)} given to a layer of {tuple(self.weight_shape)}")
-        self.qweight = pack(qw.q, self.bits).to(self.qweight.device)
-        self.zero_point = qw.zero_point.to(self.zero_point.device)
-        self.scale = qw.scale.to(self.scale.device, torch.float32)
+        self.set_packed(pack(qw.q, self.bits), qw.zero_point, qw.scale)
+
+    @torch.no_grad()
+    def set_packed(self, qweight: torch.Tensor, zero_point: torch.Tensor, scale: torch.Tensor) -> None:
+        """Take already packed integers, zero-points and scales as the layer's storage (no float weight is ever
+        built: e.g. a layer made with ``empty_like(..., device="meta")`` filled from a file or a generator)."""
+        storage = torch.int8 if self.bits == 8 else torch.uint8
+        rows, numel = self.weight_shape[0], packed_numel(self.weight_shape.numel(), self.bits)
+        for what, t, n, dtype in (("qweight", qweight, numel, storage), ("zero_point", zero_point, rows, torch.int8)):
+            if t.dtype != dtype or tuple(t.shape) != (n,):
+                raise TuneQDMError(f"{what} of a W{self.bits} layer of {tuple(self.weight_shape)} must be {dtype} of "
+                                   f"shape ({n},), got {t.dtype} of {tuple(t.shape)}")
+        if tuple(scale.shape) != (rows,):
+            raise TuneQDMError(f"scale of a layer of {tuple(self.weight_shape)} must have shape ({rows},), "
+                               f"got {tuple(scale.shape)}")
+        device = qweight.device if self.qweight.is_meta else self.qweight.device
+        self.qweight = qweight.to(device)
+        self.zero_point = zero_point.to(device)
+        self.scale = scale.to(device, torch.float32)
 
     def centred_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_q − z`` as a new float tensor of the weight's shape (for export and tests; layers use scratch)."""

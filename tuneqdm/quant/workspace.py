@@ -29,3 +29,8 @@ def scratch(purpose: str, numel: int, dtype: torch.dtype, device: torch.device) 
 def release_scratch() -> None:
     """Free this thread's scratch buffers (e.g. after training, before sampling with a smaller model)."""
     _local.__dict__.pop("buffers", None)
+
+
+def scratch_bytes() -> int:
+    """Bytes this thread's scratch buffers hold now (for memory breakdowns)."""
+    return sum(b.numel() * b.element_size() for b in _local.__dict__.get("buffers", {}).values())

@@ -57,6 +57,18 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def empty_quantized_(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedLayer]:
+    """Replace the layers ``config`` selects by empty quantized twins on the meta device, in place; the new layers
+    by name. Fill each (``set_packed`` or ``load_state_dict(..., assign=True)``), then ``attach(model, config)``:
+    the way to a quantized model that never holds a float weight (streaming, loading, synthetic benchmarks)."""
+    layers = {}
+    for name in layers_to_quantize(model, config):
+        float_module = model.get_submodule(name)
+        layers[name] = QUANTIZED_CLASSES[type(float_module)].empty_like(float_module, config.bits, device="meta")
+        replace_module(model, name, layers[name])
+    return layers
+
+
 def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> nn.Module:
     """Quantize ``model`` in place; afterwards its only trainable parameters are the scales.
 

@@ -20,11 +20,11 @@ from torch import nn
 from ..errors import TuneQDMError
 from ..files import first_line
 from ..memory import pin_mmap_threshold
-from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
+from ..quant.layers import QuantizedLayer
 from ..quant.packing import pack, values_per_byte
 from ..quant.quantizer import quantize_weight
 from .config import QuantConfig
-from .model import attach, layers_to_quantize, replace_module
+from .model import attach, empty_quantized_
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -142,7 +142,7 @@ def _quantize_into(layer: QuantizedLayer, weight: torch.Tensor, bits: int, init:
         packed.append(pack(qw.q, bits))
         zero.append(qw.zero_point)
         scale.append(qw.scale)
-    layer.qweight, layer.zero_point, layer.scale = torch.cat(packed), torch.cat(zero), torch.cat(scale)
+    layer.set_packed(torch.cat(packed), torch.cat(zero), torch.cat(scale))
 
 
 @torch.no_grad()
@@ -158,11 +158,7 @@ def quantize_pretrained(folder, config: QuantConfig | None = None, variant: str 
     config = replace(config, **kwargs) if config is not None else QuantConfig(**kwargs)
     shards = weight_files(folder, variant)
     model = _skeleton(folder)
-    layers = {}
-    for name in layers_to_quantize(model, config):
-        float_module = model.get_submodule(name)
-        layers[name] = QUANTIZED_CLASSES[type(float_module)].empty_like(float_module, config.bits, device="meta")
-        replace_module(model, name, layers[name])
+    layers = empty_quantized_(model, config)
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     rest: dict[str, torch.Tensor] = {}
     for shard, keys in shards.items():
