@@ -128,9 +128,9 @@ def test_flow_objective_is_rectified_flow_on_the_schedulers_sigmas(folders):
 
 
 def _spy_components(monkeypatch):
-    from tuneqdm import sampling
+    from tuneqdm.train import loop
 
-    refs, real = [], sampling.pipeline_from
+    refs, real = [], loop.pipeline_from
 
     def spy(*args, **kwargs):
         pipe = real(*args, **kwargs)
@@ -138,7 +138,7 @@ def _spy_components(monkeypatch):
         refs.append({n: weakref.ref(getattr(pipe, n)) for n in names})
         return pipe
 
-    monkeypatch.setattr(sampling, "pipeline_from", spy)
+    monkeypatch.setattr(loop, "pipeline_from", spy)  # where training loads its pipelines
     return refs
 
 

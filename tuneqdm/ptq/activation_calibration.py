@@ -91,8 +91,6 @@ def calibrate_activations(pipe, prompts: list[str], config: ActivationConfig, nu
         raise TuneQDMError("no calibration prompts: pass at least one")
     if num_inference_steps < 1 or batch_size < 1:
         raise TuneQDMError("--num_inference_steps and the batch size must be at least 1")
-    from ..denoisers import denoiser, family
-
     guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     start = time.perf_counter()
     observer = observe_activations(pipe, prompts, num_inference_steps, guidance_scale, seed, batch_size, height,
@@ -191,16 +189,12 @@ def activations_for(pipe, bits: int, groups: int, attention: str = "log", activa
     """The activation parameters for ``pipe``: a given folder, else ``quantized_base/activations-aB-kK`` when it
     exists (or the K-group folder of the other bit width: groups and ranges do not depend on the bits), else
     calibrated now on the calibration prompts (not saved). Checked against the UNet's fingerprint."""
-    from ..denoisers import family
-
     config = ActivationConfig(bits=bits, groups=groups, attention=attention, exclude=family(pipe).first_last)
     folder = Path(activations) if activations is not None else None
     if folder is None and quantized_base is not None:  # the groups and ranges do not depend on the bits
         candidates = [Path(quantized_base) / folder_name(b, groups) for b in (bits, *ACTIVATION_BITS)]
         folder = next((c for c in candidates if (c / CONFIG_FILE).is_file()), None)
     if folder is not None:
-        from ..denoisers import denoiser
-
         q = load_activations(folder, bits=bits, attention=attention,
                              expect_fingerprint=model_fingerprint(denoiser(pipe)))
         if q.config.groups != groups:

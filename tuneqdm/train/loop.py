@@ -14,13 +14,14 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +30,11 @@ from ..denoisers import PIPELINES, denoiser, native_size
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold
+from ..photos import TrainWarning
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from ..results import PRODUCTS, read_training_json
+from ..sampling import base_id, base_source, float_fingerprint, generate, pipeline_from
+from ..serialization import fingerprint
 from ..tuning.config import interval_problem
 from . import checkpoint as ckpt
 from .cache import TrainingTensors, release
@@ -226,8 +230,6 @@ class Trainer:
         be read (the base then fails to load later, with its own one-line error)."""
         from diffusers import DDPMScheduler, DiffusionPipeline
 
-        from ..sampling import base_source
-
         source, extra = base_source(self.cfg.pretrained_model_name_or_path, self.cfg.revision, self.cfg.variant)
         reader = DDPMScheduler if subfolder else DiffusionPipeline  # load_config only reads the JSON file
         try:
@@ -283,8 +285,6 @@ class Trainer:
         pin_mmap_threshold()
         self._check_before_accelerate()
         self._start_accelerator()
-        from ..sampling import base_id
-
         self.base_id = base_id(cfg.pretrained_model_name_or_path)
         self.identity = self._settings_identity(self.subjects)
         self.finished = self._check_before_loading()
@@ -350,8 +350,6 @@ class Trainer:
         """What trains (quantized scales, LoRA or the whole denoiser), AdamW on it (each group at its own learning
         rate, from ``prepare``) and the lr schedule, all prepared by accelerate."""
         cfg, acc = self.cfg, self.acc
-        from ..sampling import float_fingerprint
-
         float_print = float_fingerprint(unet) if cfg.method == "lora" else None  # before PEFT renames the layers
         with stage(f"quantizing the {kind(unet)} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
@@ -373,16 +371,12 @@ class Trainer:
             self.unet, self.optimizer = acc.prepare(unet, optimizer)
         self.model = acc.unwrap_model(self.unet)
         if cfg.quantized:
-            from ..serialization import fingerprint
-
-            self.fingerprint = fingerprint(self.model)
+                self.fingerprint = fingerprint(self.model)
         else:
             self.fingerprint = float_print
 
     def _load_pipeline(self, device):
         """The base pipeline, its denoiser replaced by a saved quantized base when one is given."""
-        from ..sampling import base_source, pipeline_from
-
         cfg = self.cfg
         source, extra = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
         if not cfg.quantized_base:
@@ -807,7 +801,6 @@ class Trainer:
         """``--num_validation_images`` images of ``--validation_prompt`` into ``validation/step-<step>/``."""
         if not self.main:
             return
-        from ..sampling import generate, pipeline_from
         cfg = self.cfg
         model = self.model
         model.eval()
@@ -903,8 +896,6 @@ def _photos_digest(subjects: list[Subject]) -> str:
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "class"
 
 
@@ -958,11 +949,7 @@ def train(cfg: TrainConfig | None = None, callbacks=(), trainer: Trainer | None 
     if cfg is None:
         cfg = TrainConfig(**kwargs)
     elif kwargs:
-        from dataclasses import replace
-
-        cfg = replace(cfg, **kwargs)
+            cfg = replace(cfg, **kwargs)
     with warnings.catch_warnings(), quiet_while(cfg.quiet or os.environ.get("RANK", "0") != "0"):  # bars: main only
-        from ..photos import TrainWarning
-
         warnings.simplefilter("always", TrainWarning)
         return (trainer or Trainer(cfg, callbacks)).setup().run()
