@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tuneqdm.memory import proc_status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path(tempfile.gettempdir()) / "tuneqdm-bench" / "flux-width-2b"
 CONFIG = dict(num_layers=4, num_single_layers=6)  # the rest: FluxTransformer2DModel's defaults (FLUX.1's width)
@@ -32,8 +34,10 @@ GiB = 2**30
 
 
 def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    peak = proc_status_bytes("VmHWM")
+    if peak is None:
+        raise RuntimeError("VmHWM not found")
+    return peak
 
 
 def make_model(folder: Path, shard_bytes: int = 2 * GiB, seed: int = 0) -> dict:

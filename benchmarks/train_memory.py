@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tuneqdm.memory import pin_mmap_threshold, proc_status_bytes, reset_peak_rss
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "tuneqdm-bench"
 SD15_UNET = dict(
@@ -58,17 +60,11 @@ PEERS = {
 PEER_ROWS = list(PEERS) + ["tuneqdm_w4"]
 
 
-def rss_peak_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM, the kernel's peak-RSS counter
-
-
 def rss_peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found")
+    peak = proc_status_bytes("VmHWM")
+    if peak is None:
+        raise RuntimeError("VmHWM not found")
+    return peak
 
 
 def float_unet():
@@ -157,8 +153,6 @@ def peer_base(mode: str):
 
 def run_peer(mode: str, steps: int, checkpointing: bool) -> dict:
     """A peer mode; a base that cannot be built or trained here gives a row with the reason."""
-    from tuneqdm.memory import pin_mmap_threshold
-
     pinned = pin_mmap_threshold()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     row = {"mode": mode, "base": PEERS[mode], "checkpointing": checkpointing}
@@ -187,7 +181,7 @@ def train_steps(unet, params, steps: int, checkpointing: bool, device: str, inpu
     text = torch.randn(1, 77, 768, generator=g).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss_peak_reset()
+    reset_peak_rss()
     times, first = [], None
     for step in range(steps + 1):  # step 0 is the warm-up
         t0 = time.perf_counter()
@@ -217,8 +211,6 @@ def train_steps(unet, params, steps: int, checkpointing: bool, device: str, inpu
 
 def run_mode(mode: str, steps: int, checkpointing: bool) -> dict:
     import tuneqdm
-    from tuneqdm.memory import pin_mmap_threshold
-
     if mode in PEERS:
         return run_peer(mode, steps, checkpointing)
     pinned = pin_mmap_threshold()  # every mode alike: freed activations go back to the OS
@@ -233,7 +225,7 @@ def run_mode(mode: str, steps: int, checkpointing: bool) -> dict:
         params = [p for p in unet.parameters() if p.requires_grad]
     else:
         base = quantized_base(bits)
-        rss_peak_reset()
+        reset_peak_rss()
         unet = tuneqdm.load_quantized(base)
         tuneqdm.configure_(unet, method=method, experts=experts)
         weight_bytes, qparams = tuneqdm.weight_bytes(unet)
@@ -523,7 +515,7 @@ class Phases:
         self._start()
 
     def _start(self):
-        rss_peak_reset()
+        reset_peak_rss()
         self.t = time.perf_counter()
 
     def new_step(self):
@@ -586,11 +578,10 @@ class RssWatch:
 
 
 def rss_now_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found")
+    rss = proc_status_bytes("VmRSS")
+    if rss is None:
+        raise RuntimeError("VmRSS not found")
+    return rss
 
 
 def tensor_bytes(tensors) -> int:
@@ -620,8 +611,6 @@ def run_flux(mode: str, resolution: int, steps: int, blocks, rss_limit_gib: floa
     """One row: build (timed, its own peak), then one warm-up and ``steps`` timed training steps (peak RSS of this
     phase only: VmHWM reset after building), then the breakdown and the adapter's size."""
     import tuneqdm
-    from tuneqdm.memory import pin_mmap_threshold
-
     pinned = pin_mmap_threshold()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     watch = RssWatch(rss_limit_gib)

@@ -1,4 +1,5 @@
-"""Process-level memory hygiene for CPU training.
+"""Process-level memory: hygiene for CPU training, and the kernel's resident-set counters that training logs and
+the benchmarks report.
 
 glibc raises its mmap threshold each time a large block is freed, so after a few steps most activation tensors come
 from the heap and their memory is not returned between steps; on an SD-1.5-size UNet this fragmentation added about
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from pathlib import Path
 
 M_MMAP_THRESHOLD = -3
 
@@ -24,3 +26,23 @@ def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
     except (OSError, AttributeError):
         return False
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A size from ``/proc/self/status`` in bytes (``VmHWM``: peak resident set, ``VmRSS``: current), or None where
+    the file or the field is missing (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Start the kernel's peak-RSS counter (VmHWM) over (Linux: ``5 > /proc/self/clear_refs``; elsewhere nothing)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass

@@ -29,7 +29,7 @@ import torch
 from ..denoisers import PIPELINES, denoiser, native_size
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
-from ..memory import pin_mmap_threshold
+from ..memory import pin_mmap_threshold, proc_status_bytes, reset_peak_rss
 from ..photos import TrainWarning
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from ..results import PRODUCTS, read_training_json
@@ -85,22 +85,16 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    reset_peak_rss()
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """Peak memory in MiB so far: CUDA's allocator peak on a GPU, the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024, "rss"
-    except OSError:
-        pass
+    peak = proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak / 2**20, "rss"
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
