@@ -57,6 +57,12 @@ PIPELINES = {
 }
 
 
+def is_flow_matching(scheduler_class: str) -> bool:
+    """Whether a scheduler class (by name) is a flow-matching one (Flux, SD3): training uses rectified flow for it, and
+    sampling keeps it (the DDPM-family samplers solve another ODE)."""
+    return scheduler_class.startswith("FlowMatch")
+
+
 def family_named(name: str) -> Family:
     """The family of the pipeline class ``name``, or one line naming the supported pipeline classes."""
     if name not in PIPELINES:

@@ -19,6 +19,7 @@ from .denoisers import (
     denoiser_word,
     family,
     family_named,
+    is_flow_matching,
     t5_overflow,
     without_truncation_logs,
 )
@@ -208,8 +209,9 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     is refused with both fingerprints named), LoRA (loaded into the float denoiser; qlora: into the denoiser
     quantized as in training, or its quantized base, checked by fingerprint) or a full fine-tuned denoiser.
     ``lora``: a diffusers/PEFT LoRA file added on top of all that, weighted by ``lora_scale`` (see ``add_lora_file``).
-    ``kernels``: how a quantized UNet samples, ``auto`` (integer matmuls where activations are quantized, on the
-    devices where they measured faster), ``int8`` (wherever they apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
+    ``kernels``: how a quantized denoiser samples, ``auto`` (integer matmuls where activations are quantized, on the
+    devices and layer sizes where they measured faster), ``int8`` (wherever they apply; see
+    ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation quantization).
     """
     if lora is not None:
         check_lora_scale(lora_scale)
@@ -388,7 +390,7 @@ def set_scheduler(pipe, name: str | None) -> str:
     import diffusers
 
     own = type(pipe.scheduler).__name__
-    if own.startswith("FlowMatch"):
+    if is_flow_matching(own):
         if name is not None:
             raise TuneQDMError(f"--scheduler {name} does not apply to {type(pipe).__name__}, a flow-matching pipeline "
                                f"(it samples with its {own}): drop --scheduler")

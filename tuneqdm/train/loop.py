@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import PIPELINES, denoiser, native_size
+from ..denoisers import PIPELINES, denoiser, is_flow_matching, native_size
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..memory import pin_mmap_threshold, proc_status_bytes, reset_peak_rss
@@ -41,7 +41,7 @@ from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import IMAGE_SUFFIXES, Subject, load_folder, rare_token_problem, read_subjects_file, subject_metadata, warn
 from .methods import kind, load_quantized_base, load_trainable_state, prepare, trainable_state
-from .objective import T5_TOKENIZER, objective
+from .objective import objective
 from .outputs import save_result
 from .prior import ensure_class_images
 
@@ -247,11 +247,11 @@ class Trainer:
         """The settings that shape only some models' runs, resolved for this base: the flow-matching ones when its
         scheduler is one, the T5 prompt length when it has a T5 encoder (so other runs record neither)."""
         c, out = self.cfg, {}
-        if self._base_config("scheduler").get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        if is_flow_matching(self._base_config("scheduler").get("_class_name", "")):
             out.update(weighting_scheme=c.weighting_scheme, logit_mean=c.logit_mean, logit_std=c.logit_std,
                        mode_scale=c.mode_scale if c.weighting_scheme == "mode" else None)
         family_ = PIPELINES.get(self._base_config().get("_class_name"))
-        if family_ is not None and family_.name in T5_TOKENIZER:
+        if family_ is not None and family_.t5_tokenizer is not None:
             out["max_sequence_length"] = c.max_sequence_length  # None: the pipeline's own default
         return out
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..denoisers import PIPELINES, denoiser, family, t5_limit, timestep_scale
+from ..denoisers import denoiser, family, is_flow_matching, t5_limit, timestep_scale
 
 NO_PIXART_RESOLUTION = {"resolution": None, "aspect_ratio": None}  # what PixArt-Σ's pipeline passes
 
@@ -27,9 +27,6 @@ NO_PIXART_RESOLUTION = {"resolution": None, "aspect_ratio": None}  # what PixArt
 def _time_ids(resolution: int) -> torch.Tensor:
     """SDXL's micro-conditioning for an uncropped square photo: (original size, crop top-left, target size)."""
     return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
-
-
-T5_TOKENIZER = {f.name: f.t5_tokenizer for f in PIPELINES.values() if f.t5_tokenizer}  # family -> attribute
 
 
 @torch.no_grad()
@@ -176,7 +173,7 @@ class FlowObjective:
 
 def objective(pipe, cfg):
     """The noise objective of ``pipe``'s scheduler."""
-    if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+    if is_flow_matching(type(pipe.scheduler).__name__):
         return FlowObjective(pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std,
                              cfg.mode_scale)
     return NoiseObjective(pipe.scheduler.config)
