@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
-from .pipeline import MANIFEST, file_digests
+from .pipeline import MANIFEST, check_pipeline_folder, file_digests
 from .subjects import make_instance
 from .tokenizer import write_clip_tokenizer
 from .world import caption, render, sample_scene, seed_entropy
@@ -69,6 +69,13 @@ class Recipe:
     snr_gamma: float = 5.0  # min-SNR loss weighting
     ema: float = 0.999
     checkpoint_minutes: float = 10.0
+    # refinement of an exported pipeline (--refine_from): its VAE trained further, anchored to its latent space
+    refine_vae_steps: int = 2_000
+    refine_vae_lr: float = 3e-4
+    refine_vae_batch: int = 32
+    refine_pool: int = 12_000
+    refine_p_instance: float = 0.5  # patterns are what the first VAE lost, so they get more of the batch
+    refine_anchor: float = 0.02  # weight of ||z - z_source||^2: the UNet's latent space moves little
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -136,8 +143,13 @@ class Log:
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------------
-def stage_tokenizer(work: Path) -> None:
-    if not (work / "tokenizer" / "vocab.json").exists():
+def stage_tokenizer(work: Path, source: Path | None = None) -> None:
+    """CLIP's BPE files (from open-clip-torch), or the refined pipeline's own tokenizer."""
+    if (work / "tokenizer" / "tokenizer_config.json").exists():
+        return
+    if source is not None:
+        shutil.copytree(source / "tokenizer", work / "tokenizer", dirs_exist_ok=True)
+    else:
         write_clip_tokenizer(work / "tokenizer")
 
 
@@ -188,6 +200,62 @@ def stage_vae(work: Path, r: Recipe, log: Log) -> None:
     with torch.no_grad():  # SD's convention: latents scaled to unit variance
         z = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, 4096, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    _atomic_save_pretrained(vae, final)
+
+
+def stage_vae_refine(work: Path, source: Path, r: Recipe, log: Log) -> None:
+    """Train ``source``'s VAE further (encoder and decoder, deterministic latents) with its frozen encoder as an
+    anchor, so that the latents gain what the first VAE lost (colours and markings of patterned instances) while
+    staying close enough for ``source``'s UNet to be continued rather than retrained. Keeps the scaling factor."""
+    import copy
+
+    from diffusers import AutoencoderKL
+
+    final = work / "vae"
+    if (final / "config.json").exists():
+        return
+    torch.manual_seed(r.seed)
+    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32)
+    anchor = copy.deepcopy(vae).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(vae.parameters(), lr=r.refine_vae_lr, weight_decay=0.0)
+    ckpt = work / "vae_refine_ckpt.safetensors"
+    tensors, meta = _load(ckpt)
+    step, wall = 0, 0.0
+    if tensors is not None:
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_optimizer(opt, tensors, "opt")
+        step, wall = meta["step"], meta["wall"]
+    images, _ = pipeline_scenes(r.seed + 3, r.refine_pool, r.refine_p_instance)
+    pixels = to_pixels(images)
+    gen = torch.Generator().manual_seed(r.seed * 1000 + 17 + step)
+    amp = _autocast_dtype()
+    vae.train()
+    t0, last_ckpt = time.perf_counter() - wall, time.perf_counter()
+    while step < r.refine_vae_steps:
+        lr = r.refine_vae_lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / r.refine_vae_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = pixels[torch.randint(0, len(pixels), (r.refine_vae_batch,), generator=gen)]
+        with torch.no_grad():
+            z_source = anchor.encode(x).latent_dist.mode()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+            z = vae.encode(x).latent_dist.mode()
+            rec = vae.decode(z).sample.float()
+        mse = F.mse_loss(rec, x)
+        drift = F.mse_loss(z.float(), z_source)
+        loss = mse + 0.5 * F.l1_loss(rec, x) + r.refine_anchor * drift
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == r.refine_vae_steps:
+            log(stage="vae_refine", step=step, loss=round(loss.item(), 5), psnr_db=round(10 * math.log10(4.0 / mse.item()), 2),
+                drift=round(drift.item() / z_source.var().item(), 5), lr=lr, wall_s=round(time.perf_counter() - t0, 1))
+        if time.perf_counter() - last_ckpt > r.checkpoint_minutes * 60 or step == r.refine_vae_steps:
+            tensors = {f"model.{k}": v for k, v in vae.state_dict().items()} | _optimizer_tensors(opt, "opt")
+            _save(ckpt, tensors, {"step": step, "wall": time.perf_counter() - t0})
+            last_ckpt = time.perf_counter()
+    vae.eval()
     _atomic_save_pretrained(vae, final)
 
 
@@ -276,7 +344,17 @@ def _noisy_batch(latents, ids, empty, sched, r: Recipe, gen: torch.Generator):
     return sched.add_noise(z0, noise, t), t, noise, tok
 
 
-def stage_unet(work: Path, r: Recipe, log: Log) -> None:
+def _load_source_weights(source: Path, unet, text) -> None:
+    """``source``'s UNet and text encoder weights (fp16 on disk) into the freshly built fp32 models."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32).state_dict())
+    text.load_state_dict(CLIPTextModel.from_pretrained(source / "text_encoder", torch_dtype=torch.float32).state_dict())
+
+
+def stage_unet(work: Path, r: Recipe, log: Log, source: Path | None = None) -> None:
+    """Train the UNet and text encoder jointly; from ``source``'s weights (parameters and EMA) when refining."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
@@ -284,6 +362,8 @@ def stage_unet(work: Path, r: Recipe, log: Log) -> None:
         return
     torch.manual_seed(r.seed)
     unet, text = _build_unet_and_text()
+    if source is not None:
+        _load_source_weights(source, unet, text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=r.unet_lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
@@ -354,9 +434,11 @@ def export(work: Path, out: Path, use_ema: bool = True) -> Path:
         "tuneqdm.toy.tokenizer.write_clip_tokenizer into vocab.json and merges.txt and saved by transformers'\n"
         "CLIPTokenizer in its own format.\n")
 
-    (tmp / MANIFEST).write_text(json.dumps({"unet_steps": meta["step"], "unet_wall_s": round(meta["wall"], 1),
-                                            "recipe": json.loads((work / "recipe.json").read_text()),
-                                            "files": file_digests(tmp)}, indent=1, sort_keys=True))
+    manifest = {"unet_steps": meta["step"], "unet_wall_s": round(meta["wall"], 1),
+                "recipe": json.loads((work / "recipe.json").read_text())}
+    if (work / "refined_from.json").exists():  # the source pipeline's own manifest, less its file digests
+        manifest["refined_from"] = json.loads((work / "refined_from.json").read_text())
+    (tmp / MANIFEST).write_text(json.dumps(manifest | {"files": file_digests(tmp)}, indent=1, sort_keys=True))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -368,6 +450,9 @@ def main(argv=None) -> None:
     ap.add_argument("--stages", nargs="+", default=["tokenizer", "vae", "latents", "unet"],
                     choices=["tokenizer", "vae", "latents", "unet"])
     ap.add_argument("--export", type=Path, help="write the pipeline folder here from the latest checkpoint")
+    ap.add_argument("--refine_from", type=Path, default=None,
+                    help="an exported pipeline folder to continue: its VAE is refined (refine_* settings), the "
+                         "latents re-encoded and its UNet and text encoder trained further for --unet_steps")
     ap.add_argument("--threads", type=int, default=2)
     for f in dataclasses.fields(Recipe):
         ap.add_argument("--" + f.name, type=type(f.default), default=f.default)
@@ -377,8 +462,15 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
     log = Log(args.work / "log.jsonl")
-    stages = {"tokenizer": lambda: stage_tokenizer(args.work), "vae": lambda: stage_vae(args.work, recipe, log),
-              "latents": lambda: stage_latents(args.work, recipe, log), "unet": lambda: stage_unet(args.work, recipe, log)}
+    source = args.refine_from
+    if source is not None:
+        source_manifest = {k: v for k, v in check_pipeline_folder(source).items() if k != "files"}
+        (args.work / "refined_from.json").write_text(json.dumps(source_manifest, indent=1, sort_keys=True))
+    stages = {"tokenizer": lambda: stage_tokenizer(args.work, source),
+              "vae": lambda: (stage_vae(args.work, recipe, log) if source is None
+                              else stage_vae_refine(args.work, source, recipe, log)),
+              "latents": lambda: stage_latents(args.work, recipe, log),
+              "unet": lambda: stage_unet(args.work, recipe, log, source)}
     for name in args.stages if not args.export else []:
         stages[name]()
     if args.export:
