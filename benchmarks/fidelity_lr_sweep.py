@@ -21,14 +21,14 @@ GRID = {"fp": [5e-6, 5e-5, 5e-4], "lora": [1e-4, 1e-3, 1e-2], "qlora": [1e-4, 1e
 CLIP_T_SLACK = 0.01
 
 
-def run(out: Path, subjects: str, images: int) -> None:
+def run(out: Path, subjects: str, images: int, methods: list[str], extra: list[str]) -> None:
     from tuneqdm.cli import main
 
     for i in range(len(GRID["fp"])):
-        methods = ",".join(GRID) + (",floor" if i == 0 else "")
-        lrs = [f"{m}={GRID[m][i]:g}" for m in GRID]
-        rc = main(["benchmark", "fidelity", "--subjects", subjects, "--methods", methods, "--images_per_prompt",
-                   str(images), "--learning_rate", *lrs, "--out", str(out / f"lr{i}")])
+        names = ",".join(methods) + (",floor" if i == 0 else "")
+        lrs = [f"{m}={GRID[m][i]:g}" for m in methods]
+        rc = main(["benchmark", "fidelity", "--subjects", subjects, "--methods", names, "--images_per_prompt",
+                   str(images), "--learning_rate", *lrs, "--out", str(out / f"lr{i}"), *extra])
         if rc:
             raise SystemExit(rc)
 
@@ -54,8 +54,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.add_argument("--subjects", default="100,101", help="held-out toy subject seeds (not 0-9)")
     p.add_argument("--images_per_prompt", type=int, default=2)
+    p.add_argument("--methods", default=",".join(GRID), help=f"a subset of {','.join(GRID)}")
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="default: the embedded toy pipeline")
+    p.add_argument("--shard", default="0/1", help="i/n, passed to each benchmark run (one process per shard; "
+                                                  "summarise after all have finished)")
     args = p.parse_args()
-    run(args.out, args.subjects, args.images_per_prompt)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(GRID))
+    if unknown:
+        raise SystemExit(f"--methods: {unknown[0]!r} has no grid; choose from {', '.join(GRID)}")
+    extra = ["--shard", args.shard] + (["--pretrained_model_name_or_path", args.pretrained_model_name_or_path]
+                                       if args.pretrained_model_name_or_path else [])
+    run(args.out, args.subjects, args.images_per_prompt, methods, extra)
     result = summarise(args.out)
     (args.out / "lr_sweep.json").write_text(json.dumps(result, indent=1))
     print("| method | lr | subjects | DINO | CLIP-I | CLIP-T | chosen |\n|---|---|---|---|---|---|---|")
