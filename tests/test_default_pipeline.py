@@ -119,28 +119,35 @@ def test_the_installed_diffusers_loads_in_the_asked_dtype_without_a_deprecation_
 
 
 def test_refine_recipe_continues_the_shipped_pipeline(tmp_path):
-    """``--refine_from``: the VAE is refined with its scaling factor kept, latents re-encoded, and the UNet continued
-    from the source's weights (one step at warm-up lr moves it by far less than fp16 rounding); the exported
-    manifest records the source's training."""
+    """``--refine_from``: the VAE is refined with its scaling factor kept; exported without a UNet stage, the source's
+    UNet is kept bit for bit; with one, the UNet continues from the source's weights (one step at warm-up lr moves
+    it by far less than fp16 rounding). The exported manifest records the source's training."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from tuneqdm.toy.pretrain import main as pretrain
 
-    work, out = tmp_path / "work", tmp_path / "refined"
-    tiny = ["--threads", "1", "--refine_vae_steps", "2", "--refine_vae_batch", "2", "--refine_pool", "4",
-            "--latent_pool", "4", "--unet_steps", "1", "--unet_batch", "2"]
-    pretrain(["--work", str(work), "--refine_from", str(DEFAULT_PIPELINE_DIR), *tiny])
-    pretrain(["--work", str(work), "--refine_from", str(DEFAULT_PIPELINE_DIR), "--export", str(out), *tiny])
+    work = tmp_path / "work"
+    tiny = ["--work", str(work), "--refine_from", str(DEFAULT_PIPELINE_DIR), "--threads", "1", "--refine_vae_steps",
+            "2", "--refine_vae_batch", "2", "--refine_pool", "4", "--latent_pool", "4", "--unet_steps", "1",
+            "--unet_batch", "2"]
+    pretrain([*tiny, "--stages", "tokenizer", "vae"])
+    pretrain([*tiny, "--export", str(tmp_path / "vae_only")])
+    pretrain(tiny)
+    pretrain([*tiny, "--export", str(tmp_path / "continued")])
     source = json.loads((DEFAULT_PIPELINE_DIR / "tuneqdm_pretrain.json").read_text())
-    manifest = json.loads((out / "tuneqdm_pretrain.json").read_text())
-    assert manifest["unet_steps"] == 1 and manifest["refined_from"]["unet_steps"] == source["unet_steps"]
-    assert "files" not in manifest["refined_from"]
-    old_vae, new_vae = AutoencoderKL.from_pretrained(DEFAULT_PIPELINE_DIR / "vae"), AutoencoderKL.from_pretrained(out / "vae")
-    assert new_vae.config.scaling_factor == old_vae.config.scaling_factor
-    assert not torch.equal(new_vae.decoder.conv_out.weight, old_vae.decoder.conv_out.weight)  # it trained
-    old_unet, new_unet = (UNet2DConditionModel.from_pretrained(d / "unet") for d in (DEFAULT_PIPELINE_DIR, out))
-    diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(old_unet.parameters(), new_unet.parameters())]
-    assert max(diffs) < 2e-3
-    loaded = default_pipeline(path=out)  # loads, digests checked
-    assert {k: v for k, v in loaded.unet.config.items() if k != "_name_or_path"} == \
-        {k: v for k, v in old_unet.config.items() if k != "_name_or_path"}
+    old_vae = AutoencoderKL.from_pretrained(DEFAULT_PIPELINE_DIR / "vae")
+    old_unet = UNet2DConditionModel.from_pretrained(DEFAULT_PIPELINE_DIR / "unet")
+    for name, unet_steps, tolerance in (("vae_only", 0, 0.0), ("continued", 1, 2e-3)):
+        out = tmp_path / name
+        manifest = json.loads((out / "tuneqdm_pretrain.json").read_text())
+        assert manifest["unet_steps"] == unet_steps and manifest["refined_from"]["unet_steps"] == source["unet_steps"]
+        assert "files" not in manifest["refined_from"]
+        new_vae = AutoencoderKL.from_pretrained(out / "vae")
+        assert new_vae.config.scaling_factor == old_vae.config.scaling_factor
+        assert not torch.equal(new_vae.decoder.conv_out.weight, old_vae.decoder.conv_out.weight)  # it trained
+        new_unet = UNet2DConditionModel.from_pretrained(out / "unet")
+        diffs = [float((a - b).abs().max()) for a, b in zip(old_unet.parameters(), new_unet.parameters())]
+        assert max(diffs) <= tolerance
+        loaded = default_pipeline(path=out)  # loads, digests checked
+        assert {k: v for k, v in loaded.unet.config.items() if k != "_name_or_path"} == \
+            {k: v for k, v in old_unet.config.items() if k != "_name_or_path"}

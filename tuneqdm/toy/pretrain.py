@@ -76,6 +76,8 @@ class Recipe:
     refine_pool: int = 12_000
     refine_p_instance: float = 0.5  # patterns are what the first VAE lost, so they get more of the batch
     refine_anchor: float = 0.02  # weight of ||z - z_source||^2: the UNet's latent space moves little
+    refine_latent_noise: float = 0.1  # the decoder sees z + this x std(z) x noise, so a quantized UNet's latent
+    # errors stay errors instead of colour casts (decoding clean latents only made W4 min-max place accuracy 74 %)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -238,9 +240,10 @@ def stage_vae_refine(work: Path, source: Path, r: Recipe, log: Log) -> None:
         x = pixels[torch.randint(0, len(pixels), (r.refine_vae_batch,), generator=gen)]
         with torch.no_grad():
             z_source = anchor.encode(x).latent_dist.mode()
+        noise = torch.randn(z_source.shape, generator=gen) * (r.refine_latent_noise * z_source.std())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
             z = vae.encode(x).latent_dist.mode()
-            rec = vae.decode(z).sample.float()
+            rec = vae.decode(z + noise).sample.float()
         mse = F.mse_loss(rec, x)
         drift = F.mse_loss(z.float(), z_source)
         loss = mse + 0.5 * F.l1_loss(rec, x) + r.refine_anchor * drift
@@ -408,17 +411,22 @@ def stage_unet(work: Path, r: Recipe, log: Log, source: Path | None = None) -> N
     (work / "unet_done.json").write_text(json.dumps({"steps": step, "wall_s": time.perf_counter() - t0}))
 
 
-def export(work: Path, out: Path, use_ema: bool = True) -> Path:
-    """Write the ``StableDiffusionPipeline`` folder (fp16 weights) from the latest UNet checkpoint."""
+def export(work: Path, out: Path, use_ema: bool = True, source: Path | None = None) -> Path:
+    """Write the ``StableDiffusionPipeline`` folder (fp16 weights) from the latest UNet checkpoint, or, when refining
+    without a UNet stage, with ``source``'s UNet and text encoder unchanged."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     unet, text = _build_unet_and_text()
     tensors, meta = _load(work / "unet_ckpt.safetensors")
-    if tensors is None:
+    if tensors is None and source is None:
         raise TuneQDMError(f"no UNet checkpoint in {work}: run the unet stage first")
-    for i, p in enumerate(list(unet.parameters()) + list(text.parameters())):
-        p.data.copy_(tensors[f"ema.{i}" if use_ema else f"param.{i}"])
+    if tensors is None:
+        _load_source_weights(source, unet, text)
+        meta = {"step": 0, "wall": 0.0}
+    else:
+        for i, p in enumerate(list(unet.parameters()) + list(text.parameters())):
+            p.data.copy_(tensors[f"ema.{i}" if use_ema else f"param.{i}"])
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"), text_encoder=text, unet=unet,
         tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
@@ -474,7 +482,7 @@ def main(argv=None) -> None:
     for name in args.stages if not args.export else []:
         stages[name]()
     if args.export:
-        print(export(args.work, args.export))
+        print(export(args.work, args.export, source=source))
 
 
 if __name__ == "__main__":
