@@ -62,6 +62,32 @@ def test_table_resume_and_trainable_counts(base, tmp_path, capsys):
                                        f"use another --out\n")
 
 
+def test_a_changed_base_is_refused_not_mixed(base, tmp_path, capsys):
+    """A folder resumed after the base changed — here only its VAE, as when the embedded default's VAE was refined —
+    is refused: the cell's settings hold the whole pipeline's fingerprint."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from tuneqdm.sampling import pipeline_fingerprint, pipeline_from
+
+    assert main(_args(base, tmp_path, "floor", "--subjects", "0")) == 0
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    vae = AutoencoderKL.from_pretrained(other / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(other / "vae")
+    before, after = (pipeline_fingerprint(pipeline_from(str(b))) for b in (base, other))
+    assert before != after
+    capsys.readouterr()
+    assert main(_args(other, tmp_path, "floor", "--subjects", "0")) == 2
+    cell = tmp_path / "fid" / "cells" / "floor-w4" / "s0"
+    assert capsys.readouterr().err == (f"tuneqdm: error: {cell} was made with base_fingerprint {before!r}, this run "
+                                       f"asks {after!r}: use another --out or the same settings\n")
+
+
 def test_per_method_learning_rate_reaches_training(base, tmp_path):
     out = tmp_path / "fid"
     assert main(_args(base, tmp_path, "peqa,fp,s1", "--subjects", "0", "--learning_rate", "fp=1e-3",

@@ -19,7 +19,7 @@ from .quant.packing import SUPPORTED_BITS
 from .quant.paths import kernel_report
 from .quant.quantizer import INITS
 from .results import read_training_json
-from .sampling import check_base, generate, load_pipeline, pipeline_from, set_scheduler
+from .sampling import check_base, generate, load_pipeline, pipeline_fingerprint, pipeline_from, set_scheduler
 
 
 def _demo(args) -> None:
@@ -309,14 +309,16 @@ def _benchmark_fidelity(args) -> None:
         encoders = (DinoEncoder(args.dino_id), ClipEncoder(args.clip_id))
     kw = {"prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
           "num_inference_steps": args.num_inference_steps, "seed": args.seed}
+    base = pipeline_from(args.pretrained_model_name_or_path)
+    total, base_fingerprint = sum(p.numel() for p in denoiser(base).parameters()), pipeline_fingerprint(base)
+    del base
     todo = cells(methods, args.bits, subjects)[shard::shards]
     for i, (m, b, s) in enumerate(progress(todo, desc="benchmark fidelity: cells", unit="cell")):
         cell = out / "cells" / cell_name(m, b) / s
         r = run_cell(args.pretrained_model_name_or_path, out / "subjects" / s, m, b, args.max_train_steps, cell, kw,
-                     encoders, lrs.get(m), args.s1_intervals)
+                     encoders, lrs.get(m), args.s1_intervals, base_fingerprint)
         print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
               f"CLIP-T {r['clip_t']:.3f}", flush=True)
-    total = sum(p.numel() for p in denoiser(pipeline_from(args.pretrained_model_name_or_path)).parameters())
     table(out, methods, args.bits, subjects, total)
     print(f"table: {out / 'fidelity.md'}")
 

@@ -61,6 +61,16 @@ def float_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def pipeline_fingerprint(pipe) -> str:
+    """:func:`float_fingerprint` over every model of a pipeline (denoiser, VAE, text encoders): two pipelines that
+    differ only in their VAE differ here."""
+    h = hashlib.sha256()
+    for name, component in sorted(pipe.components.items()):
+        if isinstance(component, torch.nn.Module):
+            h.update(f"{name}={float_fingerprint(component)};".encode())
+    return h.hexdigest()[:16]
+
+
 def _read_base_id(quantized_base) -> str | None:
     try:
         recorded = json.loads((Path(quantized_base) / "quantization.json").read_text()).get("base_id")

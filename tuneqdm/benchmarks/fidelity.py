@@ -52,9 +52,11 @@ def trained_size(run: Path) -> tuple[int, int]:
 
 
 def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, learning_rate: float | None,
-                  s1_intervals: str | None = None) -> dict:
-    """What makes two runs of one cell comparable (the floor has no training, so no lr or steps)."""
+                  s1_intervals: str | None = None, base_fingerprint: str | None = None) -> dict:
+    """What makes two runs of one cell comparable (the floor has no training, so no lr or steps); the base by its
+    content, so that a folder resumed after the model changed (a new embedded default) is refused, not mixed."""
     settings = {k: evaluate_kwargs[k] for k in ("prompts", "images_per_prompt", "num_inference_steps", "seed")}
+    settings["base_fingerprint"] = base_fingerprint
     settings.update(subject_encoder=encoders[0].name, clip_encoder=encoders[1].name)
     if method != FLOOR:
         settings.update(max_train_steps=steps,
@@ -79,8 +81,9 @@ def _finished(done: Path, settings: dict) -> dict | None:
 
 
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
-             encoders, learning_rate: float | None = None, s1_intervals: str | None = None) -> dict:
-    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate, s1_intervals)
+             encoders, learning_rate: float | None = None, s1_intervals: str | None = None,
+             base_fingerprint: str | None = None) -> dict:
+    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate, s1_intervals, base_fingerprint)
     finished = _finished(cell / "eval" / METRICS, settings)
     if finished is not None:
         return finished
