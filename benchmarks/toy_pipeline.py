@@ -106,13 +106,16 @@ def main() -> None:
         images_w4 = sample_all(pipe, prompts, args.steps, args.guidance)
         result["w4_minmax"] = judge(images_w4, scenes)
         grid(images_w4[:16], args.out.with_name(args.out.name + "_grid_w4.png"))
+    from tuneqdm.toy.pipeline import unet_training_steps
+
     manifest = json.loads((Path(pipe.config._name_or_path) / "tuneqdm_pretrain.json").read_text())
-    result["pipeline_unet_steps"] = manifest.get("unet_steps")
+    result["pipeline_unet_steps"] = unet_training_steps(manifest)
+    result["pipeline_vae_refined"] = "refined_from" in manifest
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     rows = [("class", "noun"), ("place", "place"), ("colour", "colour")]
     md = ["# Default pipeline gates", "", f"Command: `python benchmarks/toy_pipeline.py` ({len(prompts)} prompts, "
           f"{args.steps} DDIM steps, guidance {args.guidance}, {args.threads} CPU threads; UNet trained "
-          f"{result['pipeline_unet_steps']} steps).", "", "| accuracy (CLIP-like judge) | fp32 | W4 min-max | gate |",
+          f"{result['pipeline_unet_steps']} steps{', VAE refined' if result['pipeline_vae_refined'] else ''}).", "", "| accuracy (CLIP-like judge) | fp32 | W4 min-max | gate |",
           "|---|---|---|---|"]
     for name, key in rows:
         w4 = result.get("w4_minmax", {}).get(key)

@@ -47,6 +47,12 @@ def check_pipeline_folder(folder: Path) -> dict:
     return manifest
 
 
+def unet_training_steps(manifest: dict) -> int:
+    """UNet steps behind a pipeline: its own plus those of the pipelines it was refined from."""
+    return int(manifest.get("unet_steps", 0)) + (unet_training_steps(manifest["refined_from"])
+                                                 if "refined_from" in manifest else 0)
+
+
 def default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: Path | None = None):
     """The embedded ``StableDiffusionPipeline`` (float32 on CPU by default), loaded offline."""
     from diffusers import StableDiffusionPipeline
