@@ -229,7 +229,7 @@ def test_resume_refuses_changed_settings_and_accepts_defaults_spelled_out(base, 
     Image.new("RGB", (40, 40), (1, 2, 3)).save(other / "0.png")
     tail = ": resume with the same settings, or start over with --force"
     for change, message in [
-        (dict(learning_rate=5e-3), f"was made with another learning_rate (0.002; this run: 0.005){tail}"),
+        (dict(learning_rate=5e-3), f"was made with another learning_rate (0.006; this run: 0.005){tail}"),
         (dict(instance_prompt="a zwx box"),
          f"was made with another instance_prompts (['a sks box']; this run: ['a zwx box']){tail}"),
         (dict(lr_scheduler="cosine"), f"was made with another lr_scheduler ('constant'; this run: 'cosine'){tail}"),
@@ -247,7 +247,7 @@ def test_resume_refuses_changed_settings_and_accepts_defaults_spelled_out(base, 
     for folder in stale:
         folder.mkdir()
     steps = []
-    train(TrainConfig(**settings(base, photos, out, resume_from_checkpoint="latest", experts=4, learning_rate=2e-3,
+    train(TrainConfig(**settings(base, photos, out, resume_from_checkpoint="latest", experts=4, learning_rate=6e-3,
                                  instance_data_dir=str(moved), checkpointing_steps=3, validation_steps=7)),
           callbacks=[lambda trainer, step: steps.append(step)])
     assert steps == [3, 4]
@@ -266,7 +266,7 @@ def test_resume_refuses_changed_settings_and_accepts_defaults_spelled_out(base, 
     with pytest.raises(TuneQDMError) as e:  # ... unless it is asked to continue it with other settings
         train(TrainConfig(**settings(base, photos, out, resume_from_checkpoint="latest", learning_rate=1e-3)))
     assert str(e.value).startswith(f"checkpoint {out / 'checkpoints' / 'checkpoint-3'} was made with another "
-                                   "learning_rate (0.002; this run: 0.001)")
+                                   "learning_rate (0.006; this run: 0.001)")
 
 
 def test_resume_without_a_checkpoint_says_so_and_the_log_has_no_duplicate_rows(base, photos, reference, tmp_path,

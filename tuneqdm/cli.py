@@ -408,8 +408,8 @@ def _add_train_parser(sub) -> None:
     a("--train_batch_size", type=int, default=1, help="per process")
     a("--max_train_steps", type=int, default=DEFAULT_STEPS)
     a("--learning_rate", type=float, default=None,
-      help="default: 2e-3 RELATIVE for scale methods (each layer's s_out moves by lr x its RMS), "
-           "1e-4 for lora, 5e-6 for fp")
+      help="default: RELATIVE for scale methods (each layer's s_out moves by lr x its RMS): 6e-3 for tuneqdm, "
+           "2e-3 for peqa, mcsu, tas and s1; 1e-4 for lora and qlora, 5e-6 for fp")
     a("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
     a("--lr_warmup_steps", type=int, default=0)
     a("--lr_num_cycles", type=int, default=1)
