@@ -44,13 +44,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--against", default=None, help="only the pairs of this column (e.g. tuneqdm-w4@0.006) with each "
+                                                   "other, as 'it - other'; * marks |difference| > 2 standard errors")
     args = p.parse_args()
     cols = columns(args.folders)
-    result = {f"{x} - {y}": paired(cols[x], cols[y]) for x, y in combinations(cols, 2)}
+    if args.against is not None and args.against not in cols:
+        raise SystemExit(f"--against {args.against!r}: no such column; there are {', '.join(cols)}")
+    pairs = ([(args.against, y) for y in cols if y != args.against] if args.against
+             else list(combinations(cols, 2)))
+    result = {f"{x} - {y}": paired(cols[x], cols[y]) for x, y in pairs}
     print("| pair | subjects | " + " | ".join(f"Δ {k} (wins)" for k in SCORES) + " |")
     print("|---|---|" + "---|" * len(SCORES))
     for name, r in result.items():
-        cells = [f"{r[k]['mean']:+.3f} ± {r[k]['se']:.3f} ({r[k]['wins']})" for k in SCORES]
+        for k in SCORES:
+            r[k]["significant"] = r[k]["se"] is not None and abs(r[k]["mean"]) > 2 * r[k]["se"]
+        cells = [f"{r[k]['mean']:+.3f} ± {r[k]['se']:.3f} ({r[k]['wins']}){' *' if r[k]['significant'] else ''}"
+                 for k in SCORES]
         print(f"| {name} | {r['subjects']} | " + " | ".join(cells) + " |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
