@@ -15,14 +15,6 @@ import json
 from pathlib import Path
 
 
-def _subjects(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def picture(run: Path, subjects: list[int], prompt: int, methods: list[str], columns: int):
     """``(image, prompts)``: the grid and the prompt shown for each subject."""
     from PIL import Image
@@ -47,6 +39,8 @@ def picture(run: Path, subjects: list[int], prompt: int, methods: list[str], col
 def main() -> None:
     from PIL import Image
 
+    from tuneqdm.toy.subjects import parse_seeds
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path, help="a tuneqdm benchmark fidelity --out folder")
     ap.add_argument("--subjects", default="0-3")
@@ -56,7 +50,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    image, prompts = picture(args.run, _subjects(args.subjects), args.prompt, args.methods.split(","), args.columns)
+    image, prompts = picture(args.run, parse_seeds(args.subjects), args.prompt, args.methods.split(","), args.columns)
     image.resize((image.width * args.scale, image.height * args.scale), Image.Resampling.NEAREST).save(args.out)
     print(json.dumps({"out": str(args.out), "prompts": prompts}))
 

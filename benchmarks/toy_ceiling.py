@@ -21,14 +21,6 @@ import numpy as np
 import torch
 
 
-def _subjects(spec: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def ceiling(pipe, dino, seed: int, poses: int = 4) -> dict:
     from PIL import Image
 
@@ -66,6 +58,7 @@ def ceiling(pipe, dino, seed: int, poses: int = 4) -> dict:
 def main() -> None:
     from tuneqdm.toy.evaluators import load_toy_dino
     from tuneqdm.toy.pipeline import default_pipeline
+    from tuneqdm.toy.subjects import parse_seeds
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pipeline", type=Path, default=None, help="a pipeline folder (default: the shipped one)")
@@ -74,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pipe, dino = default_pipeline(path=args.pipeline), load_toy_dino()
-    per_subject = {s: ceiling(pipe, dino, s) for s in _subjects(args.subjects)}
+    per_subject = {s: ceiling(pipe, dino, s) for s in parse_seeds(args.subjects)}
     keys = next(iter(per_subject.values())).keys()
     print(json.dumps({"pipeline": str(args.pipeline or "shipped"),
                       "mean": {k: round(statistics.fmean(v[k] for v in per_subject.values()), 4) for k in keys},

@@ -245,17 +245,6 @@ def _add_activation_flags(parser, calibrate_only: bool) -> None:
     a("--calib_samples", type=int, default=None, help="number of calibration prompts (default: the file, or 64)")
 
 
-def _parse_seeds(spec: str) -> list[int]:
-    seeds = []
-    try:
-        for part in spec.split(","):
-            a, _, b = part.strip().partition("-")
-            seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise TuneQDMError(f"--subjects {spec!r}: write toy subject seeds like 0-9 or 0,3,5") from None
-    return seeds
-
-
 def _method_lrs(entries, methods) -> dict[str, float]:
     lrs = {}
     for entry in entries:
@@ -272,7 +261,7 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 def _benchmark_fidelity(args) -> None:
     from .benchmarks.fidelity import run_cell
     from .eval.fidelity import FLOOR, cell_name, cells, table
-    from .toy.subjects import write_subject
+    from .toy.subjects import parse_seeds, write_subject
     from .train.config import METHOD_CHOICES
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -290,7 +279,7 @@ def _benchmark_fidelity(args) -> None:
     out = Path(args.out)
     check_writable(out)  # before the first cell trains
     subjects = []
-    for seed in _parse_seeds(args.subjects):
+    for seed in parse_seeds(args.subjects):
         folder = out / "subjects" / f"s{seed}"
         if not (folder / "subject.json").is_file():
             try:

@@ -135,6 +135,22 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, prefix: str) -
             opt.state[p] = state
 
 
+def _resume_model(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """(step, wall seconds) of a stage checkpoint holding one model and its optimizer, both restored in place;
+    (0, 0.0) when there is none yet."""
+    tensors, meta = _load(ckpt)
+    if tensors is None:
+        return 0, 0.0
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _restore_optimizer(opt, tensors, "opt")
+    return meta["step"], meta["wall"]
+
+
+def _save_model(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, wall: float) -> None:
+    _save(ckpt, {f"model.{k}": v for k, v in model.state_dict().items()} | _optimizer_tensors(opt, "opt"),
+          {"step": step, "wall": wall})
+
+
 class Log:
     def __init__(self, path: Path):
         self.path = path
@@ -166,12 +182,7 @@ def stage_vae(work: Path, r: Recipe, log: Log) -> None:
     vae = AutoencoderKL(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     ckpt = work / "vae_ckpt.safetensors"
-    tensors, meta = _load(ckpt)
-    step, wall = 0, 0.0
-    if tensors is not None:
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        _restore_optimizer(opt, tensors, "opt")
-        step, wall = meta["step"], meta["wall"]
+    step, wall = _resume_model(ckpt, vae, opt)
     images, _ = pipeline_scenes(r.seed + 1, r.vae_pool, r.p_instance)
     pixels = to_pixels(images)
     gen = torch.Generator().manual_seed(r.seed * 1000 + step)
@@ -196,12 +207,12 @@ def stage_vae(work: Path, r: Recipe, log: Log) -> None:
             log(stage="vae", step=step, loss=round(loss.item(), 5), psnr_db=round(psnr, 2), lr=lr,
                 wall_s=round(time.perf_counter() - t0, 1))
         if time.perf_counter() - last_ckpt > r.checkpoint_minutes * 60 or step == r.vae_steps:
-            tensors = {f"model.{k}": v for k, v in vae.state_dict().items()} | _optimizer_tensors(opt, "opt")
-            _save(ckpt, tensors, {"step": step, "wall": time.perf_counter() - t0})
+            _save_model(ckpt, vae, opt, step, time.perf_counter() - t0)
             last_ckpt = time.perf_counter()
     vae.eval()
     with torch.no_grad():  # SD's convention: latents scaled to unit variance
-        z = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, 4096, 256)])
+        z = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mode()
+                       for i in range(0, min(4096, len(pixels)), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     _atomic_save_pretrained(vae, final)
 
@@ -222,12 +233,7 @@ def stage_vae_refine(work: Path, source: Path, r: Recipe, log: Log) -> None:
     anchor = copy.deepcopy(vae).eval().requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=r.refine_vae_lr, weight_decay=0.0)
     ckpt = work / "vae_refine_ckpt.safetensors"
-    tensors, meta = _load(ckpt)
-    step, wall = 0, 0.0
-    if tensors is not None:
-        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        _restore_optimizer(opt, tensors, "opt")
-        step, wall = meta["step"], meta["wall"]
+    step, wall = _resume_model(ckpt, vae, opt)
     images, _ = pipeline_scenes(r.seed + 3, r.refine_pool, r.refine_p_instance)
     pixels = to_pixels(images)
     gen = torch.Generator().manual_seed(r.seed * 1000 + 17 + step)
@@ -257,8 +263,7 @@ def stage_vae_refine(work: Path, source: Path, r: Recipe, log: Log) -> None:
             log(stage="vae_refine", step=step, loss=round(loss.item(), 5), psnr_db=round(10 * math.log10(4.0 / mse.item()), 2),
                 drift=round(drift.item() / z_source.var().item(), 5), lr=lr, wall_s=round(time.perf_counter() - t0, 1))
         if time.perf_counter() - last_ckpt > r.checkpoint_minutes * 60 or step == r.refine_vae_steps:
-            tensors = {f"model.{k}": v for k, v in vae.state_dict().items()} | _optimizer_tensors(opt, "opt")
-            _save(ckpt, tensors, {"step": step, "wall": time.perf_counter() - t0})
+            _save_model(ckpt, vae, opt, step, time.perf_counter() - t0)
             last_ckpt = time.perf_counter()
     vae.eval()
     _atomic_save_pretrained(vae, final)

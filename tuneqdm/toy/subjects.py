@@ -184,6 +184,18 @@ def _template(target: dict) -> str:
 EVAL_PROMPT_TEMPLATES: tuple[str, ...] = tuple(_template(t) for t in _EVAL_TARGETS)
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """Toy subject seeds written like ``0-9`` or ``0,3,5`` (what ``--subjects`` takes)."""
+    seeds = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.strip().partition("-")
+            seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise TuneQDMError(f"--subjects {spec!r}: write toy subject seeds like 0-9 or 0,3,5") from None
+    return seeds
+
+
 def eval_prompts(token: str, noun: str) -> list[str]:
     """The 25 evaluation prompts for a subject, e.g. ``"a sks star in the snow"``."""
     return [t.format(token=token, noun=noun) for t in EVAL_PROMPT_TEMPLATES]
