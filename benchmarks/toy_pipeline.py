@@ -120,13 +120,15 @@ def main() -> None:
     rows = [("class", "noun"), ("place", "place"), ("colour", "colour")]
     md = ["# Default pipeline gates", "", f"Command: `python benchmarks/toy_pipeline.py` ({len(prompts)} prompts, "
           f"{args.steps} DDIM steps, guidance {args.guidance}, {args.threads} CPU threads; UNet trained "
-          f"{result['pipeline_unet_steps']} steps{', VAE refined' if result['pipeline_vae_refined'] else ''}).", "", "| accuracy (CLIP-like judge) | fp32 | W4 min-max | W4 mse (info) | gate |",
+          f"{result['pipeline_unet_steps']} steps{', VAE refined' if result['pipeline_vae_refined'] else ''}).", "",
+          "| accuracy (CLIP-like judge) | fp32 | W4 min-max | W4 mse (info) | gate |",
           "|---|---|---|---|---|"]
     for name, key in rows:
         w4, w4_mse = (result.get(k, {}).get(key) for k in ("w4_minmax", "w4_mse"))
         gate = ">= 80 %" if name != "colour" else "(info)"
         md.append(f"| {name} | {100 * result['fp32'][key]:.1f} % | "
-                  f"{'-' if w4 is None else f'{100 * w4:.1f} %'} | {'-' if w4_mse is None else f'{100 * w4_mse:.1f} %'} "
+                  f"{'-' if w4 is None else f'{100 * w4:.1f} %'} | "
+                  f"{'-' if w4_mse is None else f'{100 * w4_mse:.1f} %'} "
                   f"| {gate} |")
     gates = {f"{name} >= 80 % (fp32)": result["fp32"][key] >= 0.8 for name, key in rows[:2]}
     if "w4_minmax" in result:

@@ -260,7 +260,8 @@ def stage_vae_refine(work: Path, source: Path, r: Recipe, log: Log) -> None:
         opt.step()
         step += 1
         if step % 100 == 0 or step == r.refine_vae_steps:
-            log(stage="vae_refine", step=step, loss=round(loss.item(), 5), psnr_db=round(10 * math.log10(4.0 / mse.item()), 2),
+            psnr = 10 * math.log10(4.0 / mse.item())
+            log(stage="vae_refine", step=step, loss=round(loss.item(), 5), psnr_db=round(psnr, 2),
                 drift=round(drift.item() / z_source.var().item(), 5), lr=lr, wall_s=round(time.perf_counter() - t0, 1))
         if time.perf_counter() - last_ckpt > r.checkpoint_minutes * 60 or step == r.refine_vae_steps:
             _save_model(ckpt, vae, opt, step, time.perf_counter() - t0)
