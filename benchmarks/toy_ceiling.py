@@ -26,14 +26,14 @@ def ceiling(pipe, dino, seed: int, poses: int = 4) -> dict:
 
     from tuneqdm.eval.encoders import cosine_matrix
     from tuneqdm.toy.pretrain import to_pixels
-    from tuneqdm.toy.subjects import _EVAL_TARGETS, _photo_count, make_instance, subject_photos
+    from tuneqdm.toy.subjects import eval_prompt_targets, make_instance, photo_count, subject_photos
     from tuneqdm.toy.world import Scene, render, sample_pose
 
     instance = make_instance(seed)
-    photos = [im for _, im in subject_photos(instance, seed, _photo_count(seed))]
+    photos = [im for _, im in subject_photos(instance, seed, photo_count(seed))]
     rng = np.random.default_rng(seed)
     images, place_only = [], []
-    for target in _EVAL_TARGETS:
+    for target in eval_prompt_targets():
         for _ in range(poses):
             size, x, y, angle, flip = sample_pose(rng, instance.noun)
             scene = Scene(instance.noun, target["colour"], target["material"], target["place"], x, y, size, angle,

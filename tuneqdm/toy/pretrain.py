@@ -218,9 +218,10 @@ def stage_vae(work: Path, r: Recipe, log: Log) -> None:
 
 
 def stage_vae_refine(work: Path, source: Path, r: Recipe, log: Log) -> None:
-    """Train ``source``'s VAE further (encoder and decoder, deterministic latents) with its frozen encoder as an
-    anchor, so that the latents gain what the first VAE lost (colours and markings of patterned instances) while
-    staying close enough for ``source``'s UNet to be continued rather than retrained. Keeps the scaling factor."""
+    """Train ``source``'s VAE further (encoder and decoder) with its frozen encoder as an anchor, so that the latents
+    (the encoder's mode, what the UNet trains on) gain what the first VAE lost (colours and markings of patterned
+    instances) while staying close enough for ``source``'s UNet to be kept. The decoder sees them plus the source
+    posterior's noise, as the first VAE did. Keeps the scaling factor."""
     import copy
 
     from diffusers import AutoencoderKL

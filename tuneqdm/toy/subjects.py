@@ -213,7 +213,8 @@ def eval_prompt_targets(token: str | None = None, noun: str | None = None) -> li
 _OURS = re.compile(r"^(\d\d\.(png|jpg)|subject\.json)$")
 
 
-def _photo_count(seed: int) -> int:
+def photo_count(seed: int) -> int:
+    """How many photos ``write_subject`` writes for the subject of ``seed`` by default (4-6)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed_entropy(seed, "count")))
     return int(rng.integers(4, 7))
 
@@ -223,7 +224,7 @@ def write_subject(seed: int, out: Path, *, n_photos: int | None = None, force: b
     it, then renamed). Refuses a non-empty ``out`` unless ``force``; ``force`` replaces a folder that holds only files
     this function writes. Returns the ``subject.json`` content."""
     out = Path(out)
-    n = _photo_count(seed) if n_photos is None else int(n_photos)
+    n = photo_count(seed) if n_photos is None else int(n_photos)
     if not 1 <= n <= 100:
         raise TuneQDMError(f"number of photos must be between 1 and 100, got {n}")
     if out.exists() and not out.is_dir():
