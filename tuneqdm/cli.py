@@ -672,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the untuned quantized model)")
     fid.add_argument("--bits", type=int, nargs="+", default=[4], choices=SUPPORTED_BITS)
     fid.add_argument("--s1_intervals", default=None, help="the timesteps S1 trains on, e.g. 0-250 (method s1 only)")
-    fid.add_argument("--max_train_steps", type=int, default=400)
+    fid.add_argument("--max_train_steps", type=int, default=DEFAULT_STEPS)
     fid.add_argument("--learning_rate", nargs="+", default=[], metavar="METHOD=LR",
                      help="per-method learning rates, e.g. fp=1e-4 tuneqdm=5e-3 (default: each method's own)")
     fid.add_argument("--pretrained_model_name_or_path", default=None, help="default: the embedded toy pipeline")
