@@ -554,6 +554,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.config import DEFAULT_STEPS
+
     parser = _Parser(prog="tuneqdm", description="Quantized diffusion personalization by scale tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="quantize a tiny model, train its scales, save, reload and sample")
