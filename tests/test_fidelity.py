@@ -99,6 +99,15 @@ def test_per_method_learning_rate_reaches_training(base, tmp_path):
     rows = {r["method"]: r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
     assert rows["fp"]["learning_rate"] == 1e-3 and rows["peqa"]["learning_rate"] == 2e-3
 
+    # --table_only: one table over more (method, bits) than were run (e.g. W4-only ablations beside W4/W8), no training
+    finished = sorted(p.relative_to(out) for p in out.glob("cells/*/*"))
+    args = _args(base, tmp_path, "peqa,fp,s1,tas", "--subjects", "0", "--bits", "4", "8", "--table_only")
+    assert main(args) == 0
+    assert sorted(p.relative_to(out) for p in out.glob("cells/*/*")) == finished
+    table = json.loads((out / "fidelity.json").read_text())["rows"]
+    assert [(r["method"], r["bits"]) for r in table] == [("peqa", 4), ("fp", None), ("s1", 4)]
+    assert table == [rows["peqa"], rows["fp"], rows["s1"]]
+
 
 @pytest.mark.parametrize("extra,message", [
     (["--methods", "dreambooth"], "unknown method 'dreambooth' in --methods: choose from fp, lora, qlora, peqa, "
@@ -112,6 +121,13 @@ def test_per_method_learning_rate_reaches_training(base, tmp_path):
 def test_bad_arguments_are_one_line(base, tmp_path, capsys, extra, message):
     assert main(_args(base, tmp_path, "peqa") + extra) == 2
     assert capsys.readouterr().err == f"tuneqdm: error: {message}\n"
+    assert not (tmp_path / "fid").exists()
+
+
+def test_table_only_without_cells_is_one_line(base, tmp_path, capsys):
+    assert main(_args(base, tmp_path, "peqa", "--table_only")) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: --table_only: {tmp_path / 'fid'} holds no finished cells; "
+                                       f"run the benchmark into it first\n")
     assert not (tmp_path / "fid").exists()
 
 

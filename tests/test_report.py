@@ -60,7 +60,7 @@ def test_benchmark_report_embeds_the_evaluated_images_and_numbers(bench, tmp_pat
     for row in json.loads((bench / "fidelity.json").read_text())["rows"]:
         assert f"{row['dino']:.3f} ± {row['dino_std']:.3f}" in text
         assert f"{row['clip_t']:.3f} ± {row['clip_t_std']:.3f}" in text
-    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+    assert not list(tmp_path.glob(".*.tmp*"))  # written atomically
 
 
 def test_single_evaluation_report(bench, tmp_path):

@@ -122,6 +122,25 @@ def test_atomic_dir_replaces_the_folder_as_one_unit_at_every_point_of_death(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t0", "t1", "t2", "t3"]
 
 
+def test_write_file_atomically_keeps_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "table.md"
+    target.write_text("old")
+    previous = os.umask(0o077)
+    try:
+        assert files.write_file_atomically(target, "new ü") == target
+        assert target.read_bytes() == "new ü".encode() and target.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        files.write_file_atomically(target, b"half")
+    assert target.read_bytes() == "new ü".encode() and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+
+
 def test_atomic_dir_keeps_carried_entries_and_honours_the_umask(tmp_path):
     target = tmp_path / "out"
     _folder(target, {"adapter": "old", "log": "rows"})

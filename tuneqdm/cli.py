@@ -274,9 +274,11 @@ def _benchmark_fidelity(args) -> None:
     except (ValueError, AssertionError):
         raise TuneQDMError(f"--shard {args.shard!r}: write i/n with 0 <= i < n, e.g. 0/2") from None
     lrs = _method_lrs(args.learning_rate, methods)
+    out = Path(args.out)
+    if args.table_only:
+        return _fidelity_table_only(args, methods, out)
     if ("s1" in methods) != bool(args.s1_intervals):
         raise TuneQDMError("--methods s1 needs --s1_intervals (e.g. 0-250), and --s1_intervals needs s1 in --methods")
-    out = Path(args.out)
     check_writable(out)  # before the first cell trains
     subjects = []
     for seed in parse_seeds(args.subjects):
@@ -310,6 +312,20 @@ def _benchmark_fidelity(args) -> None:
               f"CLIP-T {r['clip_t']:.3f}", flush=True)
     table(out, methods, args.bits, subjects, total)
     print(f"table: {out / 'fidelity.md'}")
+
+
+def _fidelity_table_only(args, methods: list[str], out: Path) -> None:
+    """The table of the finished cells of every (method, bits) asked for, missing ones left out; nothing trains."""
+    from .eval.fidelity import table
+    from .toy.subjects import parse_seeds
+
+    if not (out / "cells").is_dir():
+        raise TuneQDMError(f"--table_only: {out} holds no finished cells; run the benchmark into it first")
+    check_writable(out)
+    subjects = [f"s{seed}" for seed in parse_seeds(args.subjects)]
+    total = sum(p.numel() for p in denoiser(pipeline_from(args.pretrained_model_name_or_path)).parameters())
+    result = table(out, methods, args.bits, subjects, total)
+    print(f"table: {out / 'fidelity.md'} ({len(result['rows'])} rows)")
 
 
 def _report(args) -> None:
@@ -687,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--clip_id", default="openai/clip-vit-base-patch32")
     fid.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i (one per process)")
     fid.add_argument("--out", default="fidelity")
+    fid.add_argument("--table_only", action="store_true",
+                     help="train nothing: write the table of --out's finished cells (e.g. W4 ablations beside W4/W8)")
     fid.add_argument("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
     fid.set_defaults(func=_benchmark_fidelity)
 

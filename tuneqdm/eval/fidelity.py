@@ -11,6 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
+from ..files import write_file_atomically
+
 FLOOR = "floor"
 TABLE_VERSION = 2
 
@@ -50,7 +52,7 @@ def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
             row["train_peak_mib"] = max(peaks) if peaks else None
             rows.append(row)
     result = {"table_version": TABLE_VERSION, "unet_params": total_params, "rows": rows}
-    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    write_file_atomically(out / "fidelity.json", json.dumps(result, indent=1))
     md = ["| method | bits | lr | subjects | DINO | CLIP-I | CLIP-T | trainable | adapter bytes | train s | peak MiB |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -60,5 +62,5 @@ def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
                   f"{pm('clip_t')} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %) | "
                   f"{r['adapter_bytes']:,} | {r['train_s']:.0f} | "
                   f"{'-' if r['train_peak_mib'] is None else round(r['train_peak_mib'])} |")
-    (out / "fidelity.md").write_text("\n".join(md) + "\n")
+    write_file_atomically(out / "fidelity.md", "\n".join(md) + "\n")
     return result

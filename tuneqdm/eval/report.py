@@ -12,14 +12,13 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ..errors import TuneQDMError
-from ..files import check_version, check_writable_file, read_json
+from ..files import check_version, check_writable_file, read_json, write_file_atomically
 from ..photos import IMAGE_SUFFIXES
 from .evaluate import METRICS
 from .fidelity import TABLE_VERSION, cell_name
@@ -221,7 +220,4 @@ def write_report(results, out=None, fmt: str = "jpeg") -> Path:
     out = Path(out) if out is not None else Path(results) / "report.html"
     check_writable_file(out)  # before the images are re-encoded
     page = render(results, fmt)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_file_atomically(out, page)

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import TuneQDMError
+from ..files import write_file_atomically
 from .world import CLASSES, COLOURS, MATERIALS, PLACES, SIDE
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -270,21 +270,6 @@ def _weights_error(path: Path) -> TuneQDMError:
                         "(pip install --force-reinstall tuneqdm)")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_evaluator(model: ToyCLIP | ToyDINO, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``path`` (float16 safetensors) and its JSON config next to it (``.json``), each atomically."""
     from safetensors.torch import save
@@ -294,8 +279,8 @@ def save_evaluator(model: ToyCLIP | ToyDINO, path: str | os.PathLike, extra: dic
     data = save(tensors, metadata={"kind": model.name, "format_version": str(FORMAT_VERSION)})
     config = {"kind": model.name, "format_version": FORMAT_VERSION, "dtype": "float16", **model.config,
               "sha256": hashlib.sha256(data).hexdigest(), **(extra or {})}
-    _atomic_write(path, data)
-    _atomic_write(path.with_suffix(".json"), (json.dumps(config, indent=1) + "\n").encode())
+    write_file_atomically(path, data)
+    write_file_atomically(path.with_suffix(".json"), (json.dumps(config, indent=1) + "\n").encode())
     return path
 
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from ..errors import TuneQDMError
 from ..eval.encoders import text_prototypes
-from .evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, _atomic_write, class_prompts, load_toy_clip, place_prompts, save_evaluator)
+from ..files import write_file_atomically
+from .evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, class_prompts, load_toy_clip, place_prompts, save_evaluator)
 from .subjects import MARKINGS, PATTERNS, TOKEN, Instance, make_instance
 from .world import CLASSES, COLOURS, MARK_ANCHORS, MATERIALS, PLACES, Scene, caption, render, sample_pose, seed_entropy
 
@@ -255,7 +256,7 @@ class _Log:
     def write(self, **kw) -> None:
         self.data.update(kw)
         self.data["total_wall_s"] = round(time.time() - self.t0, 1)
-        _atomic_write(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
+        write_file_atomically(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def _degrade_fixed(images: np.ndarray, seed: int) -> np.ndarray:
