@@ -20,12 +20,11 @@ import json
 import statistics
 from pathlib import Path
 
+from tuneqdm.train.config import DEFAULT_STEPS  # the folder without a steps suffix
+
 GRID = {"fp": [5e-6, 5e-5, 5e-4], "lora": [1e-4, 1e-3, 1e-2], "qlora": [1e-4, 1e-3, 1e-2],
         "peqa": [2e-3, 6e-3, 2e-2], "tuneqdm": [2e-3, 6e-3, 2e-2]}
 CLIP_T_SLACK = 0.01
-
-
-DEFAULT_STEPS = 400
 
 
 def folder(out: Path, i: int, steps: int) -> Path:
