@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from tuneqdm.memory import reset_peak_rss
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_memory import float_unet, quantized_base, rss_peak_bytes, rss_peak_reset
+from train_memory import CACHE, float_unet, quantized_base, rss_peak_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "sampling_kernels"
@@ -80,7 +82,7 @@ def run_unet_step(mode: str, steps: int) -> dict:
     _configure(unet, mode)
     g = torch.Generator().manual_seed(0)
     latents, text = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
-    rss_peak_reset()
+    reset_peak_rss()
     times, cpu = [], []
     with torch.no_grad(), sampling_kernels(unet, _grid_bytes(mode)):
         for step in range(steps + 1):
@@ -105,7 +107,7 @@ def run_toy(mode: str, images: int) -> dict:
     if bits is not None:
         tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=bits, method="peqa"))
     _configure(pipe.unet, mode)
-    rss_peak_reset()
+    reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     with sampling_kernels(pipe.unet, _grid_bytes(mode)):  # generate's own session nests inside this one
         generate(pipe, "a red box on a table", images, 25, seed=0, batch_size=4, weight_cache_bytes=0)
@@ -113,6 +115,81 @@ def run_toy(mode: str, images: int) -> dict:
     return {"mode": mode, "images": images, "steps": 25, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "peak_rss_gib": rss_peak_bytes() / 2**30,
             "paths": kernel_report(pipe.unet) if bits is not None else None}
+
+
+# ---- the whole `tuneqdm generate` process on an SD-1.5-size pipeline (--generate) -----------------------------------
+# mode -> (weight bits or None, extra `tuneqdm generate` arguments)
+GENERATE_MODES = {
+    "float": (None, []),
+    "w4": (4, []),
+    "w4a8_auto": (4, ["--activation_bits", "8", "--activation_quant", "dynamic"]),
+    "w4a8_ref": (4, ["--activation_bits", "8", "--activation_quant", "dynamic", "--kernels", "reference"]),
+}
+GENERATE_STEPS = 8
+
+
+def sd15_pipeline() -> Path:
+    """An SD-1.5-size pipeline on disk, built once: the benchmark's random SD-1.5-size UNet (seed 0), a small
+    random VAE (4 latent channels, 8x down, 32-64 channels) and a 2-layer random CLIP text encoder of SD 1.5's width
+    (768) with the embedded toy pipeline's tokenizer, DDIM. The UNet is what the issue measures; the small VAE and
+    text encoder keep the rest of the process cheap, as in the issue's reference figures."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tuneqdm.sampling import load_pipeline
+
+    path = CACHE / "sd15-pipeline"
+    if (path / "model_index.json").is_file():
+        return path
+    tokenizer = load_pipeline().tokenizer
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=1536, num_hidden_layers=2,
+        num_attention_heads=12, max_position_embeddings=tokenizer.model_max_length, projection_dim=768))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(32, 32, 64, 64), norm_num_groups=32, sample_size=512)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=float_unet(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    tmp = path.with_name(path.name + ".tmp")
+    pipe.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def sd15_pipeline_base(bits: int) -> Path:
+    """``tuneqdm quantize`` of :func:`sd15_pipeline` (min-max round to nearest), built once."""
+    path = CACHE / f"sd15-pipeline-w{bits}"
+    if not path.is_dir():
+        subprocess.run(["tuneqdm", "quantize", "--pretrained_model_name_or_path", str(sd15_pipeline()), "--bits",
+                        str(bits), "--calibrate", "minmax", "--out", str(path), "--quiet"], check=True)
+    return path
+
+
+def run_generate(mode: str) -> dict:
+    """One `tuneqdm generate` process (one image, GENERATE_STEPS DDIM steps, 512x512); its wall time, CPU time and
+    peak RSS (this process's only child, so RUSAGE_CHILDREN is that process alone)."""
+    import resource
+    import tempfile
+
+    bits, extra = GENERATE_MODES[mode]
+    cmd = ["tuneqdm", "generate", "--pretrained_model_name_or_path", str(sd15_pipeline()), "--prompt",
+           "a photo of a dog on the beach", "--num_images", "1", "--num_inference_steps", str(GENERATE_STEPS),
+           "--seed", "0", "--quiet"]
+    cmd += [] if bits is None else ["--quantized_base", str(sd15_pipeline_base(bits))]
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd + extra + ["--out", out], capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"mode": mode, "command": " ".join(cmd[:2] + cmd[4:] + extra), "seconds": seconds,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "stderr": proc.stderr[-600:], "paths": None}
 
 
 def in_subprocess(args: list[str]) -> dict:
@@ -163,15 +240,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed UNet steps per mode after the warm-up (default 2)")
     ap.add_argument("--toy", action="store_true", help="only the embedded toy pipeline's 25-step images")
     ap.add_argument("--toy_images", type=int, default=8)
+    ap.add_argument("--generate", action="store_true",
+                    help=f"only the whole `tuneqdm generate` process on an SD-1.5-size pipeline (1 image, "
+                         f"{GENERATE_STEPS} DDIM steps), modes {', '.join(GENERATE_MODES)}")
     ap.add_argument("--rounds", type=int, default=1, help="run the modes interleaved this many times (default 1)")
     ap.add_argument("--out", type=Path, default=OUT, help="prefix of the .json/.md written (default docs/benchmarks/)")
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one mode, in this process: "unet:MODE"/"toy:MODE"
     args = ap.parse_args()
     if args.run:
         kind, mode = args.run.split(":")
-        result = run_unet_step(mode, args.steps) if kind == "unet" else run_toy(mode, args.toy_images)
+        if kind == "generate":
+            result = run_generate(mode)
+        else:
+            result = run_unet_step(mode, args.steps) if kind == "unet" else run_toy(mode, args.toy_images)
         print(json.dumps(result))
         return
+    if args.generate:
+        return generate_main(args)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -194,6 +279,25 @@ def main() -> None:
     if toy_rows:
         md += [f"Embedded toy pipeline, {args.toy_images} images x 25 steps:", "",
                *table(toy_rows, "seconds", "cpu_seconds", "s"), ""]
+    args.out.with_suffix(".table.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def generate_main(args) -> None:
+    """Every GENERATE_MODES row, each `tuneqdm generate` in its own process, interleaved over ``--rounds``."""
+    sd15_pipeline()
+    for bits in {b for b, _ in GENERATE_MODES.values()} - {None}:
+        sd15_pipeline_base(bits)
+    runs = [in_subprocess(["--run", f"generate:{m}"]) for _ in range(args.rounds) for m in GENERATE_MODES]
+    rows = mean_rows(runs)
+    result = {"command": " ".join(["python", "benchmarks/sampling_kernels.py", *sys.argv[1:]]),
+              "torch": torch.__version__, "rounds": args.rounds, "steps": GENERATE_STEPS, "generate": rows,
+              "generate_runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    md = [f"Command: `{result['command']}`", "",
+          f"The whole `tuneqdm generate` process, SD-1.5-size pipeline, 1 image 512x512, {GENERATE_STEPS} DDIM steps:",
+          "", *table(rows, "seconds", "cpu_seconds", "s"), ""]
     args.out.with_suffix(".table.md").write_text("\n".join(md))
     print("\n".join(md))
 

@@ -220,3 +220,34 @@ def test_no_function_is_longer_than_60_lines_but_the_named_exceptions():
 def test_function_lengths_are_read_with_methods_and_nested_functions():
     source = "class A:\n    def f(self):\n        def g():\n            pass\n" + "        x = 1\n" * 60
     assert function_lengths("tuneqdm.m", source) == {"tuneqdm.m.A.f": 63, "tuneqdm.m.A.f.g": 2}
+
+
+def benchmark_imports(path: Path) -> list[tuple[str, str, int]]:
+    """(module, name, line) of every ``from M import name`` in a benchmark script, function-local ones included,
+    where M is a tuneqdm module or a sibling script (``train_memory``)."""
+    siblings = {p.stem for p in path.parent.glob("*.py")}
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            top = node.module.split(".")[0]
+            if top == "tuneqdm" or top in siblings:
+                out += [(node.module, a.name, node.lineno) for a in node.names]
+    return out
+
+
+def test_benchmark_scripts_import_only_names_that_exist():
+    """A benchmark runs rarely, so a name renamed in the package (or a sibling script) breaks it silently."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        missing = []
+        for path in sorted((ROOT / "benchmarks").glob("*.py")):
+            for module, name, line in benchmark_imports(path):
+                found = importlib.import_module(module)
+                is_submodule = hasattr(found, "__path__") and importlib.util.find_spec(f"{module}.{name}") is not None
+                if not hasattr(found, name) and not is_submodule:
+                    missing.append(f"{path.name}:{line} from {module} import {name}")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert missing == []
