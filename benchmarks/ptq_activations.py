@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIB_SEED, EVAL_SEED = 40_000_000, 50_000_000
 # row suffix -> (DGQ groups or 1, attention mode), and how the table names it
 METHODS = {"dgq": (None, "log"), "dgq-log2": (None, "log2"), "baseline": (1, "uniform")}
+INT8_SUFFIX = "-int8"  # a row sampled with --kernels int8 (integer matmuls), paired with the simulated row
 METHOD_NAMES = {"dgq": "DGQ K={groups}, log attention (16 octaves)", "dgq-log2": "DGQ K={groups}, log2 attention",
                 "baseline": "layer-wise min-max K=1, uniform attention"}
 
@@ -48,7 +49,7 @@ def table(results: dict) -> str:
     rows = results["rows"]
     fp = rows.get("fp")
     order = ["fp"] + [f"W{w}{suffix}" for w in (8, 4) for suffix in
-                      [""] + [f"A{a}-{m}" for a in (8, 6) for m in METHODS]]
+                      [""] + [f"A{a}-{m}{s}" for a in (8, 6) for m in METHODS for s in ("", INT8_SUFFIX)]]
     rows = {name: rows[name] for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order))}
     lines = ["| setting | method | Frechet distance (lower better) | CLIP-T | cos to fp | PSNR to fp (dB) | s/image |",
              "|---|---|---|---|---|---|---|"]
@@ -59,7 +60,12 @@ def table(results: dict) -> str:
             setting, method = f"{name}A32", "weights only"
         else:
             setting, kind = name.split("-", 1)
-            method = METHOD_NAMES[kind].format(groups=r["groups"])
+            integer = kind.endswith(INT8_SUFFIX)
+            method = METHOD_NAMES[kind.removesuffix(INT8_SUFFIX)].format(groups=r["groups"])
+            if integer:
+                counts = r["kernel_layers"]
+                method += f", integer matmuls ({counts['int8']} layers int8 / {counts['reference']} reference)"
+
         rel = ""
         if fp and name != "fp":
             rel = f" ({100 * (r['fd'] / fp['fd'] - 1):+.0f} %)"
@@ -145,6 +151,34 @@ def paired(out: Path, ref_feats: torch.Tensor, resamples: int = 1000) -> dict:
     return stats
 
 
+def paired_integer(out: Path, ref_feats: torch.Tensor, resamples: int = 1000) -> dict:
+    """Integer-matmul row minus its simulated twin (same calibration, prompts and seeds), as :func:`paired`:
+    whether sampling with ``--kernels int8`` changes the images beyond the paired noise."""
+    stats = {}
+    rng = np.random.default_rng(0)
+    for integer in sorted(out.glob(f"*{INT8_SUFFIX}.clip_t.npy")):
+        name = integer.name.removesuffix(".clip_t.npy")
+        twin = name.removesuffix(INT8_SUFFIX)
+        if not (out / f"{twin}.clip_t.npy").is_file():
+            continue
+        d = np.load(integer).astype(np.float64) - np.load(out / f"{twin}.clip_t.npy").astype(np.float64)
+        fa, fb = (torch.from_numpy(np.load(out / f"{n}.feats.npy")) for n in (name, twin))
+        boot = []
+        for _ in range(resamples):
+            idx = torch.from_numpy(rng.integers(0, len(d), len(d)))
+            boot.append(feature_distance(fa[idx], ref_feats) - feature_distance(fb[idx], ref_feats))
+        stats[twin] = {"images": len(d), "clip_t_diff": float(d.mean()),
+                       "clip_t_diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
+                       "fd_diff": feature_distance(fa, ref_feats) - feature_distance(fb, ref_feats),
+                       "fd_diff_bootstrap_se": float(np.std(boot, ddof=1)), "bootstrap_resamples": resamples,
+                       "feature_cos": float((fa * fb).sum(-1).mean())}
+        r = stats[twin]
+        print(f"{twin} integer - simulated: CLIP-T {r['clip_t_diff']:+.5f} ± {r['clip_t_diff_se']:.5f} (SE), "
+              f"FD {r['fd_diff']:+.5f} ± {r['fd_diff_bootstrap_se']:.5f} (bootstrap SE), "
+              f"feature cosine {r['feature_cos']:.4f}", flush=True)
+    return stats
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=128, help="generated images per row (default 128)")
@@ -164,6 +198,9 @@ def main():
     ap.add_argument("--ablation", action="store_true",
                     help="only the one-step noise-prediction SQNR of K x attention settings (added to --out's JSON)")
     ap.add_argument("--ablation_wbits", type=int, default=8)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"activation rows (default {','.join(METHODS)})")
+    ap.add_argument("--int8_rows", action="store_true",
+                    help="also sample every activation row with --kernels int8 (integer matmuls), paired with it")
     ap.add_argument("--paired", action="store_true",
                     help="only the paired DGQ - baseline differences of --out's rows (added to its JSON)")
     args = ap.parse_args()
@@ -185,7 +222,9 @@ def main():
         results = json.loads(path.read_text())
         n_ref, n_img = results["settings"]["reference"], results["settings"]["images"]
         ref_images = make_dataset(EVAL_SEED, max(n_ref, n_img))[0][:n_ref]
-        results["paired"] = paired(Path(args.out), load_toy_clip().encode_images(list(ref_images)))
+        ref_feats = load_toy_clip().encode_images(list(ref_images))
+        results["paired"] = paired(Path(args.out), ref_feats)
+        results["paired_integer"] = paired_integer(Path(args.out), ref_feats)
         path.write_text(json.dumps(results, indent=1))
         return
     if args.table:
@@ -199,17 +238,19 @@ def main():
     from tuneqdm.ptq.activation_calibration import observe_activations
     from tuneqdm.ptq.activations import ActivationConfig
     from tuneqdm.ptq.calibration import toy_calibration_prompts
+    from tuneqdm.quant.paths import kernel_report, set_kernels
     from tuneqdm.sampling import pipeline_from, set_scheduler
     from tuneqdm.toy.evaluators import load_toy_clip
     from tuneqdm.toy.world import make_dataset
 
+    methods = {m: METHODS[m] for m in args.methods.split(",")} if args.methods else METHODS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "ptq_activations.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"rows": {}}
     results["settings"] = {k: getattr(args, k) for k in ("images", "reference", "calib", "groups", "steps",
                                                           "guidance", "batch", "weights", "acts", "w8_base",
-                                                          "w4_base", "threads")}
+                                                          "w4_base", "threads", "methods", "int8_rows")}
     results["settings"].update(calibration_prompts=f"toy world seed {CALIB_SEED}",
                                evaluation_prompts=f"toy world seed {EVAL_SEED}", cpu_count=os.cpu_count(),
                                note="2-core CPU, sometimes shared with other jobs: times are upper bounds")
@@ -221,7 +262,7 @@ def main():
     text_feats = clip.encode_texts(prompts)
     fp_file, fp = out / "fp_pixels.npy", {}  # the fp row's pixels and features, loaded once
 
-    def record(name, pipe, extra):
+    def record(name, pipe, extra, after=None):
         if name in results["rows"]:
             print(f"{name}: done earlier", flush=True)
             return
@@ -243,6 +284,8 @@ def main():
                "psnr_to_fp": float(10 * np.log10(255**2 / np.mean((pixels.astype(np.float64) - fp["pixels"]) ** 2)))
                if name != "fp" else None,
                "seconds_per_image": seconds / len(images), **extra}
+        if after is not None:
+            after(row)
         results["rows"][name] = row
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
@@ -266,7 +309,8 @@ def main():
         weights = given or f"W{wbits} mse round-to-nearest (tuneqdm.quantize_)"
         record(f"W{wbits}", pipe, {"weights": weights, "activations": None})
         abits = [int(a) for a in args.acts.split(",")]
-        todo = [f"W{wbits}A{a}-{m}" for a in abits for m in METHODS]
+        todo = [f"W{wbits}A{a}-{m}{s}" for a in abits for m in methods
+                for s in ("", INT8_SUFFIX)[:1 + args.int8_rows]]
         if all(n in results["rows"] for n in todo):
             continue
         start = time.perf_counter()
@@ -274,19 +318,28 @@ def main():
                                        args.guidance, CALIB_SEED, args.batch)
         calib_seconds = time.perf_counter() - start
         for a in abits:
-            for method, (groups, attention) in METHODS.items():
+            for method, (groups, attention) in methods.items():
                 groups = groups or args.groups
-                if f"W{wbits}A{a}-{method}" in results["rows"]:
+                name = f"W{wbits}A{a}-{method}"
+                if all(n in results["rows"] for n in todo if n.startswith(name)):
                     continue
                 q = observer.fit(ActivationConfig(bits=a, groups=groups, attention=attention))
                 q.install(pipe.unet)
+                extra = {"weights": weights, "activations": a, "groups": groups, "attention": attention,
+                         "calibration_seconds": round(calib_seconds, 1), "dims": q.dim_counts()}
                 try:
-                    record(f"W{wbits}A{a}-{method}", pipe, {
-                        "weights": weights, "activations": a, "groups": groups, "attention": attention,
-                        "calibration_seconds": round(calib_seconds, 1), "dims": q.dim_counts()})
+                    record(name, pipe, extra)
+                    if args.int8_rows:
+                        set_kernels(pipe.unet, "int8")
+                        try:
+                            record(name + INT8_SUFFIX, pipe, {**extra, "kernels": "int8"},
+                                   after=lambda row, unet=pipe.unet: row.update(kernel_layers=kernel_report(unet)))
+                        finally:
+                            set_kernels(pipe.unet, "auto")
                 finally:
                     q.remove()
     results["paired"] = paired(out, ref_feats)
+    results["paired_integer"] = paired_integer(out, ref_feats)
     results_path.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"results: {results_path}")
