@@ -35,19 +35,20 @@ from .packing import code_offset, unpack, unpack_codes
 KERNEL_MODES = ("auto", "int8", "reference")
 # "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
 # takes it for dynamic activations into layers of at least CPU_AUTO_MIN_MACS multiply-adds per call (input rows x
-# weight size), where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md, section 3;
-# process CPU time, 1 thread, contended): the SD-1.5-size W4A8 step took 0.90-1.05x float vs 1.30-1.35x simulated,
-# but the embedded toy pipeline (median layer 2 M multiply-adds, where the per-call passes dominate) 2.29x vs 1.98x
-# with every layer on the integer path. The smallest SD layer measured (cross-attention, 38 M) was a tie at op level. Calibrated (DGQ) quantizers, whose per-pixel k x k path needs
-# one matmul and one dequantization pass per kernel tap, measured slower than simulating them, so "auto" simulates
-# them on CPU; "int8" forces the integer path (for measuring).
+# weight size), where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md, section 4, idle
+# cores): the SD-1.5-size W4A8 step took 0.58x float vs 1.04x simulated. On the embedded toy pipeline (median layer
+# 2 M multiply-adds, where the per-call passes dominate) every-layer integer, auto and simulated tied (1.99x, 2.05x,
+# 2.08x float; 2.29x vs 1.98x for integer vs simulated in the contended section 3). Calibrated (DGQ) quantizers,
+# whose per-pixel k x k path needs one matmul and one dequantization pass per kernel tap, measured 4x slower than
+# simulating them on the toy world (0.54 vs 0.13 s/image), so "auto" simulates them on CPU; "int8" forces the
+# integer path.
 INT8_AUTO_DEVICES = ("cuda",)
 CPU_AUTO_MIN_MACS = 2**25
 INT8, GRID, REFERENCE = "int8", "int8-grid", "reference"  # the paths a layer can take
-# int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md, CPU time,
-# 1 thread): holding them made W4 sampling slower, not faster (toy 1.42x float vs 1.07x rebuilding from the packed
-# codes; SD-size step 1.55x vs 1.36x) and cost memory (SD-size W4 step 1.38 GiB peak with 256 MiB held, 1.93 GiB with
-# all 0.86 GB, 1.12 GiB without). Pass grid_bytes to sampling_kernels() to hold them anyway.
+# int8 grids held during a sampling call: none by default. Measured (docs/benchmarks/sampling_kernels.md): on idle
+# cores they gained nothing on the toy pipeline (1.53x float vs 1.52x rebuilding from the packed codes) and 5 % on
+# an SD-size W4 step (one run) for 0.34 GiB more peak RSS; contended, they were slower (toy 1.42x vs 1.07x, SD-size
+# 1.55x vs 1.36x, CPU time). Pass grid_bytes to sampling_kernels() to hold them anyway.
 DEFAULT_GRID_BYTES = 0
 
 # torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1 (seen with M = 512, N = 32); short
