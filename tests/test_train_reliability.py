@@ -141,6 +141,27 @@ def test_write_file_atomically_keeps_the_old_file_whole_when_the_write_fails(tmp
     assert target.read_bytes() == "new ü".encode() and sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
 
 
+def test_glibc_mmap_threshold_is_pinned_unless_the_user_set_it(monkeypatch):
+    """Pinning trades step time for peak memory; a user who set glibc's own MALLOC_MMAP_THRESHOLD_ chose otherwise,
+    and training must not override it (the C library is not even opened)."""
+    import ctypes
+
+    from tuneqdm import memory
+
+    opened = []
+
+    def fake_cdll(*args, **kwargs):
+        opened.append(args)
+        raise OSError("no libc in this test")
+
+    monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
+    monkeypatch.setenv(memory.MMAP_THRESHOLD_ENV, "33554432")
+    assert memory.pin_mmap_threshold() is False and opened == []
+    monkeypatch.delenv(memory.MMAP_THRESHOLD_ENV)
+    assert memory.pin_mmap_threshold() is False
+    assert len(opened) == (1 if sys.platform.startswith("linux") else 0)
+
+
 def test_atomic_dir_keeps_carried_entries_and_honours_the_umask(tmp_path):
     target = tmp_path / "out"
     _folder(target, {"adapter": "old", "log": "rows"})
