@@ -261,7 +261,9 @@ NOTES = """
   fresh float weights per op cost page faults (25 ms to allocate and convert SD's largest weight vs 2.3 ms to write
   warm memory) and scaling activations cost activation-sized temporaries.
 - Without pinning glibc's mmap threshold (`tuneqdm.memory.pin_mmap_threshold`), heap fragmentation added about
-  0.8 GiB to the TuneQDM W4 peak. Every mode here runs with it pinned.
+  0.8 GiB to the TuneQDM W4 peak when first measured; on later code 0.32 GiB (2.98 -> 3.30 GiB), for a step of
+  8.4 s instead of 11.4 s (idle cores; pinning zeroes a fresh mapping for every large temporary). Every mode here
+  runs with it pinned, as training does unless `MALLOC_MMAP_THRESHOLD_` is set.
 - The naive reference is MCSU W8 with the float weight rebuilt inside ordinary autograd (as the official code does);
   it keeps more weight-sized tensors than a PEQA-only naive layer would.
 - Timings on this 2-core machine vary by about 10 % between runs; memory figures repeat to within a few MiB.
