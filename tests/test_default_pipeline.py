@@ -151,3 +151,24 @@ def test_refine_recipe_continues_the_shipped_pipeline(tmp_path):
         loaded = default_pipeline(path=out)  # loads, digests checked
         assert {k: v for k, v in loaded.unet.config.items() if k != "_name_or_path"} == \
             {k: v for k, v in old_unet.config.items() if k != "_name_or_path"}
+
+
+def test_pretrain_checkpoint_keeps_its_step_inside_the_one_file_it_replaces(tmp_path):
+    """The recipe's resumable checkpoints: tensors and step in one atomically replaced file (no sidecar that could
+    disagree after an interruption); a checkpoint written with the old sidecar JSON still loads."""
+    from safetensors.torch import save_file
+
+    from tuneqdm.toy.pretrain import _load, _save
+
+    path = tmp_path / "unet_ckpt.safetensors"
+    tensors = {"w": torch.arange(6.0).view(2, 3)}
+    _save(path, tensors, {"step": 7, "wall": 1.5})
+    _save(path, {"w": tensors["w"] + 1}, {"step": 8, "wall": 2.5})
+    loaded, meta = _load(path)
+    assert torch.equal(loaded["w"], tensors["w"] + 1) and meta == {"step": 8, "wall": 2.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet_ckpt.safetensors"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old))
+    old.with_suffix(".json").write_text(json.dumps({"step": 3, "wall": 0.5}))
+    loaded, meta = _load(old)
+    assert torch.equal(loaded["w"], tensors["w"]) and meta == {"step": 3, "wall": 0.5}

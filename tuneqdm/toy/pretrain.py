@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TuneQDMError
+from ..files import write_file_atomically
 from .pipeline import MANIFEST, check_pipeline_folder, file_digests
 from .subjects import make_instance
 from .tokenizer import write_clip_tokenizer
@@ -102,21 +103,30 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 # ---- checkpoints (safetensors + JSON, written atomically) ----------------------------------------------------------
-def _save(path: Path, tensors: dict, meta: dict) -> None:
-    from safetensors.torch import save_file
+CHECKPOINT_META = "tuneqdm_pretrain"  # a checkpoint's step and wall time, kept inside its safetensors header
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    path.with_suffix(".json.tmp").write_text(json.dumps(meta))
-    os.replace(tmp, path)
-    os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
+
+def _save(path: Path, tensors: dict, meta: dict) -> None:
+    """One file replaced atomically, its ``meta`` in the safetensors header: an interruption can never pair new
+    tensors with an old step (as a sidecar JSON renamed after them could)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={CHECKPOINT_META: json.dumps(meta)})
+    write_file_atomically(path, data)
 
 
 def _load(path: Path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if not path.exists():
         return None, None
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    if CHECKPOINT_META in header:
+        return load_file(str(path)), json.loads(header[CHECKPOINT_META])
+    # written before the meta moved into the header: the sidecar JSON beside it
     return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
 
 
