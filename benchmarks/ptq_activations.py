@@ -123,37 +123,41 @@ def ablation(args) -> dict:
     return out
 
 
+def paired_difference(out: Path, first: str, second: str, ref_feats: torch.Tensor, rng, resamples: int) -> dict:
+    """Row ``first`` minus row ``second`` over the same prompts and seeds (their saved per-image arrays): CLIP-T
+    difference with its standard error, and the Frechet distance difference with a bootstrap standard error (the
+    generated images resampled jointly for both rows; the reference set fixed)."""
+    a, b = (np.load(out / f"{n}.clip_t.npy").astype(np.float64) for n in (first, second))
+    d = a - b
+    fa, fb = (torch.from_numpy(np.load(out / f"{n}.feats.npy")) for n in (first, second))
+    boot = []
+    for _ in range(resamples):
+        idx = torch.from_numpy(rng.integers(0, len(d), len(d)))
+        boot.append(feature_distance(fa[idx], ref_feats) - feature_distance(fb[idx], ref_feats))
+    return {"images": len(d), "clip_t_diff": float(d.mean()), "clip_t_diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "first_higher_fraction": float((d > 0).mean()),
+            "fd_diff": feature_distance(fa, ref_feats) - feature_distance(fb, ref_feats),
+            "fd_diff_bootstrap_se": float(np.std(boot, ddof=1)), "bootstrap_resamples": resamples,
+            "feature_cos": float((fa * fb).sum(-1).mean())}
+
+
 def paired(out: Path, ref_feats: torch.Tensor, resamples: int = 1000) -> dict:
-    """DGQ minus baseline per setting, paired over the same prompts and seeds (rows that saved per-image arrays):
-    CLIP-T difference with its standard error, and the Frechet distance difference with a bootstrap standard error
-    (the generated images resampled jointly for both rows, seed 0; the reference set fixed)."""
+    """DGQ minus baseline per setting (rows that saved per-image arrays; bootstrap seed 0)."""
     stats = {}
     rng = np.random.default_rng(0)
     for dgq in sorted(out.glob("*-dgq.clip_t.npy")):
         setting = dgq.name.split("-")[0]
-        base = out / f"{setting}-baseline.clip_t.npy"
-        if not base.is_file():
+        if not (out / f"{setting}-baseline.clip_t.npy").is_file():
             continue
-        d = np.load(dgq).astype(np.float64) - np.load(base).astype(np.float64)
-        fa, fb = (torch.from_numpy(np.load(out / f"{setting}-{m}.feats.npy")) for m in ("dgq", "baseline"))
-        boot = []
-        for _ in range(resamples):
-            idx = torch.from_numpy(rng.integers(0, len(d), len(d)))
-            boot.append(feature_distance(fa[idx], ref_feats) - feature_distance(fb[idx], ref_feats))
-        stats[setting] = {"images": len(d), "clip_t_diff": float(d.mean()),
-                          "clip_t_diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
-                          "clip_t_dgq_higher_fraction": float((d > 0).mean()),
-                          "fd_diff": feature_distance(fa, ref_feats) - feature_distance(fb, ref_feats),
-                          "fd_diff_bootstrap_se": float(np.std(boot, ddof=1)), "bootstrap_resamples": resamples}
-        r = stats[setting]
+        r = stats[setting] = paired_difference(out, f"{setting}-dgq", f"{setting}-baseline", ref_feats, rng, resamples)
         print(f"{setting} DGQ - baseline: CLIP-T {r['clip_t_diff']:+.5f} ± {r['clip_t_diff_se']:.5f} (SE), "
               f"FD {r['fd_diff']:+.5f} ± {r['fd_diff_bootstrap_se']:.5f} (bootstrap SE)", flush=True)
     return stats
 
 
 def paired_integer(out: Path, ref_feats: torch.Tensor, resamples: int = 1000) -> dict:
-    """Integer-matmul row minus its simulated twin (same calibration, prompts and seeds), as :func:`paired`:
-    whether sampling with ``--kernels int8`` changes the images beyond the paired noise."""
+    """Integer-matmul row minus its simulated twin (same calibration, prompts and seeds): whether sampling with
+    ``--kernels int8`` changes the images beyond the paired noise."""
     stats = {}
     rng = np.random.default_rng(0)
     for integer in sorted(out.glob(f"*{INT8_SUFFIX}.clip_t.npy")):
@@ -161,18 +165,7 @@ def paired_integer(out: Path, ref_feats: torch.Tensor, resamples: int = 1000) ->
         twin = name.removesuffix(INT8_SUFFIX)
         if not (out / f"{twin}.clip_t.npy").is_file():
             continue
-        d = np.load(integer).astype(np.float64) - np.load(out / f"{twin}.clip_t.npy").astype(np.float64)
-        fa, fb = (torch.from_numpy(np.load(out / f"{n}.feats.npy")) for n in (name, twin))
-        boot = []
-        for _ in range(resamples):
-            idx = torch.from_numpy(rng.integers(0, len(d), len(d)))
-            boot.append(feature_distance(fa[idx], ref_feats) - feature_distance(fb[idx], ref_feats))
-        stats[twin] = {"images": len(d), "clip_t_diff": float(d.mean()),
-                       "clip_t_diff_se": float(d.std(ddof=1) / np.sqrt(len(d))),
-                       "fd_diff": feature_distance(fa, ref_feats) - feature_distance(fb, ref_feats),
-                       "fd_diff_bootstrap_se": float(np.std(boot, ddof=1)), "bootstrap_resamples": resamples,
-                       "feature_cos": float((fa * fb).sum(-1).mean())}
-        r = stats[twin]
+        r = stats[twin] = paired_difference(out, name, twin, ref_feats, rng, resamples)
         print(f"{twin} integer - simulated: CLIP-T {r['clip_t_diff']:+.5f} ± {r['clip_t_diff_se']:.5f} (SE), "
               f"FD {r['fd_diff']:+.5f} ± {r['fd_diff_bootstrap_se']:.5f} (bootstrap SE), "
               f"feature cosine {r['feature_cos']:.4f}", flush=True)
