@@ -65,7 +65,6 @@ def table(results: dict) -> str:
             if integer:
                 counts = r["kernel_layers"]
                 method += f", integer matmuls ({counts['int8']} layers int8 / {counts['reference']} reference)"
-
         rel = ""
         if fp and name != "fp":
             rel = f" ({100 * (r['fd'] / fp['fd'] - 1):+.0f} %)"
@@ -302,8 +301,8 @@ def main():
         weights = given or f"W{wbits} mse round-to-nearest (tuneqdm.quantize_)"
         record(f"W{wbits}", pipe, {"weights": weights, "activations": None})
         abits = [int(a) for a in args.acts.split(",")]
-        todo = [f"W{wbits}A{a}-{m}{s}" for a in abits for m in methods
-                for s in ("", INT8_SUFFIX)[:1 + args.int8_rows]]
+        suffixes = ("", INT8_SUFFIX)[:1 + args.int8_rows]
+        todo = [f"W{wbits}A{a}-{m}{s}" for a in abits for m in methods for s in suffixes]
         if all(n in results["rows"] for n in todo):
             continue
         start = time.perf_counter()
@@ -314,7 +313,7 @@ def main():
             for method, (groups, attention) in methods.items():
                 groups = groups or args.groups
                 name = f"W{wbits}A{a}-{method}"
-                if all(n in results["rows"] for n in todo if n.startswith(name)):
+                if all(name + s in results["rows"] for s in suffixes):
                     continue
                 q = observer.fit(ActivationConfig(bits=a, groups=groups, attention=attention))
                 q.install(pipe.unet)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from tuneqdm.files import atomic_dir
 from tuneqdm.memory import reset_peak_rss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,9 +75,9 @@ def run_unet_step(mode: str, steps: int) -> dict:
     import tuneqdm
     from tuneqdm.quant.paths import kernel_report, sampling_kernels
 
-    # glibc's mmap threshold is left as `generate` leaves it: pinned (as training pins it, for a lower peak), every
-    # large temporary is a fresh mapping whose pages the kernel zeroes, which measured 1.7x slower for the W4A8 step
-    # (6.6 against 3.9 s) and 1.25x for float (8.3 against 6.6 s), for 0.17 GiB less peak RSS.
+    # glibc's mmap threshold is left alone, as `generate` leaves it. Pinned (as training pins it), every large
+    # temporary is a fresh mapping whose pages the kernel zeroes: the W4A8 step measured 1.7x slower (6.6 against
+    # 3.9 s) and float 1.25x (8.3 against 6.6 s), for 0.17 GiB less peak RSS.
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     bits = MODES[mode][0]
     unet = float_unet() if bits is None else tuneqdm.load_quantized(quantized_base(bits))
@@ -157,9 +158,8 @@ def sd15_pipeline() -> Path:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=float_unet(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    tmp = path.with_name(path.name + ".tmp")
-    pipe.save_pretrained(tmp)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        pipe.save_pretrained(tmp)
     return path
 
 
@@ -250,15 +250,13 @@ def main() -> None:
                          f"{GENERATE_STEPS} DDIM steps), modes {', '.join(GENERATE_MODES)}")
     ap.add_argument("--rounds", type=int, default=1, help="run the modes interleaved this many times (default 1)")
     ap.add_argument("--out", type=Path, default=OUT, help="prefix of the .json/.md written (default docs/benchmarks/)")
-    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one mode, in this process: "unet:MODE"/"toy:MODE"
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one mode in this process: "unet|toy|generate:MODE"
     args = ap.parse_args()
     if args.run:
         kind, mode = args.run.split(":")
-        if kind == "generate":
-            result = run_generate(mode)
-        else:
-            result = run_unet_step(mode, args.steps) if kind == "unet" else run_toy(mode, args.toy_images)
-        print(json.dumps(result))
+        runners = {"unet": lambda: run_unet_step(mode, args.steps), "toy": lambda: run_toy(mode, args.toy_images),
+                   "generate": lambda: run_generate(mode)}
+        print(json.dumps(runners[kind]()))
         return
     if args.generate:
         return generate_main(args)

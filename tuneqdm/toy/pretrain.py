@@ -102,7 +102,7 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-# ---- checkpoints (safetensors + JSON, written atomically) ----------------------------------------------------------
+# ---- checkpoints (safetensors, step in the header, written atomically) -----------------------------------------------
 CHECKPOINT_META = "tuneqdm_pretrain"  # a checkpoint's step and wall time, kept inside its safetensors header
 
 
@@ -118,16 +118,16 @@ def _save(path: Path, tensors: dict, meta: dict) -> None:
 
 def _load(path: Path):
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     if not path.exists():
         return None, None
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(path), "pt") as f:  # one read of the file: the header's meta and the tensors
         header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if CHECKPOINT_META in header:
-        return load_file(str(path)), json.loads(header[CHECKPOINT_META])
+        return tensors, json.loads(header[CHECKPOINT_META])
     # written before the meta moved into the header: the sidecar JSON beside it
-    return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())
+    return tensors, json.loads(path.with_suffix(".json").read_text())
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict:
