@@ -153,6 +153,35 @@ def test_refine_recipe_continues_the_shipped_pipeline(tmp_path):
             {k: v for k, v in old_unet.config.items() if k != "_name_or_path"}
 
 
+def test_pretrain_recipe_reuses_a_pipelines_vae_for_a_wider_unet_and_keeps_its_recipe(tmp_path):
+    """``--vae_from`` copies a finished pipeline's tokenizer and VAE (bit for bit after the fp16 round trip) so that
+    only the UNet stage is trained; ``--unet_channels`` sets the UNet's size; export rebuilds the UNet from the
+    recipe the run was started with, and resuming with another recipe fails in one line instead of loading
+    checkpoints of another shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from tuneqdm.toy.pretrain import main as pretrain
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    tiny = ["--work", str(work), "--vae_from", str(DEFAULT_PIPELINE_DIR), "--unet_channels", "16,32,64",
+            "--threads", "1", "--latent_pool", "4", "--unet_steps", "1", "--unet_batch", "2"]
+    pretrain(tiny)
+    pretrain(["--work", str(work), "--export", str(out)])
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert tuple(unet.config.block_out_channels) == (16, 32, 64)
+    shipped, copied = (AutoencoderKL.from_pretrained(d / "vae") for d in (DEFAULT_PIPELINE_DIR, out))
+    assert copied.config.scaling_factor == shipped.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), copied.state_dict().values()))
+    tokens = "tokenizer/tokenizer.json"
+    assert (out / tokens).read_bytes() == (DEFAULT_PIPELINE_DIR / tokens).read_bytes()
+    assert json.loads((out / "tuneqdm_pretrain.json").read_text())["recipe"]["unet_channels"] == "16,32,64"
+    default_pipeline(path=out)  # loads, digests checked
+    with pytest.raises(TuneQDMError) as e:
+        pretrain([*tiny[:5], "32,64,128", *tiny[6:], "--unet_steps", "2"])
+    assert str(e.value) == (f"{work} was started with --unet_channels '16,32,64', not '32,64,128': resume with the "
+                            "same flags or choose a new --work")
+
+
 def test_pretrain_checkpoint_keeps_its_step_inside_the_one_file_it_replaces(tmp_path):
     """The recipe's resumable checkpoints: tensors and step in one atomically replaced file (no sidecar that could
     disagree after an interruption); a checkpoint written with the old sidecar JSON still loads."""

@@ -56,12 +56,14 @@ SCHEDULER_CONFIG = dict(  # Stable Diffusion 1.x's noise schedule
 @dataclasses.dataclass
 class Recipe:
     seed: int = 0
+    vae_from: str = ""  # a pipeline folder whose tokenizer and VAE (upcast to fp32) replace those stages
     vae_pool: int = 20_000  # scenes the VAE trains on
     vae_steps: int = 1_500
     vae_batch: int = 24
     vae_lr: float = 1e-3
     latent_pool: int = 60_000  # scenes encoded once for the UNet
     p_instance: float = 0.2  # share of scenes showing a patterned unique instance (captioned without colour)
+    unet_channels: str = "32,64,128"  # the UNet's block_out_channels (what sets its size)
     unet_steps: int = 20_000
     unet_batch: int = 64
     unet_lr: float = 5e-4
@@ -188,6 +190,11 @@ def stage_vae(work: Path, r: Recipe, log: Log) -> None:
     final = work / "vae"
     if (final / "config.json").exists():
         return
+    if r.vae_from:  # a finished VAE (its scaling factor included): the stage is a copy, in fp32
+        check_pipeline_folder(Path(r.vae_from))
+        _atomic_save_pretrained(AutoencoderKL.from_pretrained(Path(r.vae_from) / "vae", torch_dtype=torch.float32),
+                                final)
+        return
     torch.manual_seed(r.seed)
     vae = AutoencoderKL(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
@@ -296,7 +303,7 @@ def stage_latents(work: Path, r: Recipe, log: Log) -> None:
     if (work / "latents.npy").exists():
         return
     t0 = time.perf_counter()
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     latents = np.empty((r.latent_pool, 4, 16, 16), np.float16)
     all_captions = []
@@ -318,11 +325,13 @@ def stage_latents(work: Path, r: Recipe, log: Log) -> None:
     os.replace(work / "latents.tmp.npy", work / "latents.npy")
 
 
-def _build_unet_and_text():
+def _build_unet_and_text(r: Recipe):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return UNet2DConditionModel(**UNET_CONFIG), CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    channels = tuple(int(c) for c in r.unet_channels.split(","))
+    return (UNet2DConditionModel(**UNET_CONFIG | {"block_out_channels": channels}),
+            CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))
 
 
 def _autocast_dtype() -> torch.dtype | None:
@@ -383,7 +392,7 @@ def stage_unet(work: Path, r: Recipe, log: Log, source: Path | None = None) -> N
     if (work / "unet_done.json").exists():
         return
     torch.manual_seed(r.seed)
-    unet, text = _build_unet_and_text()
+    unet, text = _build_unet_and_text(r)
     if source is not None:
         _load_source_weights(source, unet, text)
     params = list(unet.parameters()) + list(text.parameters())
@@ -436,7 +445,7 @@ def export(work: Path, out: Path, use_ema: bool = True, source: Path | None = No
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, text = _build_unet_and_text()
+    unet, text = _build_unet_and_text(Recipe(**json.loads((work / "recipe.json").read_text())))
     tensors, meta = _load(work / "unet_ckpt.safetensors")
     if tensors is None and source is None:
         raise TuneQDMError(f"no UNet checkpoint in {work}: run the unet stage first")
@@ -487,13 +496,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
+    saved = args.work / "recipe.json"
+    if saved.exists() and not args.export:  # a resumed run continues the recipe its checkpoints were made with
+        before = dataclasses.asdict(Recipe(**json.loads(saved.read_text())))
+        changed = [k for k, v in dataclasses.asdict(recipe).items() if before[k] != v]
+        if changed:
+            raise TuneQDMError(f"{args.work} was started with --{changed[0]} {before[changed[0]]!r}, not "
+                               f"{getattr(recipe, changed[0])!r}: resume with the same flags or choose a new --work")
+    if not saved.exists():
+        write_file_atomically(saved, json.dumps(dataclasses.asdict(recipe), indent=1).encode())
     log = Log(args.work / "log.jsonl")
     source = args.refine_from
     if source is not None:
         source_manifest = {k: v for k, v in check_pipeline_folder(source).items() if k != "files"}
         (args.work / "refined_from.json").write_text(json.dumps(source_manifest, indent=1, sort_keys=True))
-    stages = {"tokenizer": lambda: stage_tokenizer(args.work, source),
+    stages = {"tokenizer": lambda: stage_tokenizer(args.work, source or (Path(recipe.vae_from) if recipe.vae_from
+                                                                          else None)),
               "vae": lambda: (stage_vae(args.work, recipe, log) if source is None
                               else stage_vae_refine(args.work, source, recipe, log)),
               "latents": lambda: stage_latents(args.work, recipe, log),
