@@ -284,7 +284,7 @@ def main():
         os.replace(tmp, results_path)
         print(f"{name}: FD {row['fd']:.4f}  CLIP-T {row['clip_t']:.4f}  cos-fp {row['cos_to_fp']:.4f}  "
               f"PSNR-fp {row['psnr_to_fp']}  {row['seconds_per_image']:.2f} s/image", flush=True)
-        grid([images[r * 8:(r + 1) * 8] for r in range(min(2, len(images) // 8))]).save(out / f"{name}.png")
+        grid([images[r * 8:(r + 1) * 8] for r in range(min(2, -(-len(images) // 8)))]).save(out / f"{name}.png")
 
     pipe = pipeline_from(None)
     set_scheduler(pipe, "ddim")
