@@ -180,6 +180,10 @@ def test_pretrain_recipe_reuses_a_pipelines_vae_for_a_wider_unet_and_keeps_its_r
         pretrain([*tiny[:5], "32,64,128", *tiny[6:], "--unet_steps", "2"])
     assert str(e.value) == (f"{work} was started with --unet_channels '16,32,64', not '32,64,128': resume with the "
                             "same flags or choose a new --work")
+    (work / "recipe.json").write_text('{"unet_channels": "16,32,64", "unet_widths": 1}')  # not ours
+    with pytest.raises(TuneQDMError, match=r"recipe.json is not a recipe this version of tuneqdm wrote \(.*widths"):
+        pretrain(["--work", str(work), "--export", str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists()
 
 
 def test_pretrain_checkpoint_keeps_its_step_inside_the_one_file_it_replaces(tmp_path):

@@ -439,13 +439,26 @@ def stage_unet(work: Path, r: Recipe, log: Log, source: Path | None = None) -> N
     (work / "unet_done.json").write_text(json.dumps({"steps": step, "wall_s": time.perf_counter() - t0}))
 
 
+def saved_recipe(work: Path) -> Recipe:
+    """The recipe ``work``'s run was started with (``recipe.json``), checked before its checkpoints are trusted."""
+    path = work / "recipe.json"
+    try:
+        return Recipe(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise TuneQDMError(f"{work} holds no recipe.json: start the run there first") from None
+    except (ValueError, TypeError) as e:
+        raise TuneQDMError(f"{path} is not a recipe this version of tuneqdm wrote ({e}): start again in a new "
+                           "--work") from None
+
+
 def export(work: Path, out: Path, use_ema: bool = True, source: Path | None = None) -> Path:
     """Write the ``StableDiffusionPipeline`` folder (fp16 weights) from the latest UNet checkpoint, or, when refining
     without a UNet stage, with ``source``'s UNet and text encoder unchanged."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, text = _build_unet_and_text(Recipe(**json.loads((work / "recipe.json").read_text())))
+    recipe = saved_recipe(work)
+    unet, text = _build_unet_and_text(recipe)
     tensors, meta = _load(work / "unet_ckpt.safetensors")
     if tensors is None and source is None:
         raise TuneQDMError(f"no UNet checkpoint in {work}: run the unet stage first")
@@ -471,7 +484,7 @@ def export(work: Path, out: Path, use_ema: bool = True, source: Path | None = No
         "CLIPTokenizer in its own format.\n")
 
     manifest = {"unet_steps": meta["step"], "unet_wall_s": round(meta["wall"], 1),
-                "recipe": json.loads((work / "recipe.json").read_text())}
+                "recipe": dataclasses.asdict(recipe)}
     if (work / "refined_from.json").exists():  # the source pipeline's own manifest, less its file digests
         manifest["refined_from"] = json.loads((work / "refined_from.json").read_text())
     (tmp / MANIFEST).write_text(json.dumps(manifest | {"files": file_digests(tmp)}, indent=1, sort_keys=True))
@@ -498,7 +511,7 @@ def main(argv=None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     saved = args.work / "recipe.json"
     if saved.exists() and not args.export:  # a resumed run continues the recipe its checkpoints were made with
-        before = dataclasses.asdict(Recipe(**json.loads(saved.read_text())))
+        before = dataclasses.asdict(saved_recipe(args.work))
         changed = [k for k, v in dataclasses.asdict(recipe).items() if before[k] != v]
         if changed:
             raise TuneQDMError(f"{args.work} was started with --{changed[0]} {before[changed[0]]!r}, not "
