@@ -184,6 +184,9 @@ def test_pretrain_recipe_reuses_a_pipelines_vae_for_a_wider_unet_and_keeps_its_r
     with pytest.raises(TuneQDMError, match=r"recipe.json is not a recipe this version of tuneqdm wrote \(.*widths"):
         pretrain(["--work", str(work), "--export", str(tmp_path / "again")])
     assert not (tmp_path / "again").exists()
+    with pytest.raises(TuneQDMError, match=r"^--refine_from continues its pipeline's own VAE and UNet: drop"):
+        pretrain(["--work", str(tmp_path / "other"), "--refine_from", str(DEFAULT_PIPELINE_DIR), *tiny[4:6]])
+    assert not (tmp_path / "other").exists()
 
 
 def test_pretrain_checkpoint_keeps_its_step_inside_the_one_file_it_replaces(tmp_path):

@@ -508,6 +508,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    if args.refine_from and (recipe.vae_from or recipe.unet_channels != Recipe.unet_channels):
+        raise TuneQDMError("--refine_from continues its pipeline's own VAE and UNet: drop --vae_from and "
+                           "--unet_channels, or start a new run without --refine_from")
     args.work.mkdir(parents=True, exist_ok=True)
     saved = args.work / "recipe.json"
     if saved.exists() and not args.export:  # a resumed run continues the recipe its checkpoints were made with
