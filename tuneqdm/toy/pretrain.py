@@ -190,8 +190,7 @@ def stage_vae(work: Path, r: Recipe, log: Log) -> None:
     final = work / "vae"
     if (final / "config.json").exists():
         return
-    if r.vae_from:  # a finished VAE (its scaling factor included): the stage is a copy, in fp32
-        check_pipeline_folder(Path(r.vae_from))
+    if r.vae_from:  # a finished VAE (its scaling factor included; the folder checked by main): a copy, in fp32
         _atomic_save_pretrained(AutoencoderKL.from_pretrained(Path(r.vae_from) / "vae", torch_dtype=torch.float32),
                                 final)
         return
@@ -520,14 +519,16 @@ def main(argv=None) -> None:
             raise TuneQDMError(f"{args.work} was started with --{changed[0]} {before[changed[0]]!r}, not "
                                f"{getattr(recipe, changed[0])!r}: resume with the same flags or choose a new --work")
     if not saved.exists():
-        write_file_atomically(saved, json.dumps(dataclasses.asdict(recipe), indent=1).encode())
+        write_file_atomically(saved, json.dumps(dataclasses.asdict(recipe), indent=1))
     log = Log(args.work / "log.jsonl")
     source = args.refine_from
     if source is not None:
         source_manifest = {k: v for k, v in check_pipeline_folder(source).items() if k != "files"}
         (args.work / "refined_from.json").write_text(json.dumps(source_manifest, indent=1, sort_keys=True))
-    stages = {"tokenizer": lambda: stage_tokenizer(args.work, source or (Path(recipe.vae_from) if recipe.vae_from
-                                                                          else None)),
+    reused = Path(recipe.vae_from) if recipe.vae_from else source  # the pipeline whose tokenizer is copied
+    if recipe.vae_from:
+        check_pipeline_folder(reused)  # before its tokenizer or VAE is copied
+    stages = {"tokenizer": lambda: stage_tokenizer(args.work, reused),
               "vae": lambda: (stage_vae(args.work, recipe, log) if source is None
                               else stage_vae_refine(args.work, source, recipe, log)),
               "latents": lambda: stage_latents(args.work, recipe, log),
