@@ -303,22 +303,59 @@ def _training_record(out: Path) -> dict:
 
 
 def class_images(folder: Path | None, denoiser: str, out: Path, images: int, steps: int, resolution: int,
-                 bits: int = 4) -> dict:
+                 bits: int = 4, cache=None) -> dict:
     """Prior preservation's class images drawn by the base's float denoiser (``resident``: loaded whole; ``streamed``:
     read module by module as it runs, what ``tuneqdm train`` does) or by its quantized base (``quantized``)."""
     from tuneqdm.loading import assemble, float_denoiser, quantized_denoiser, resolve
+    from tuneqdm.memory import pin_mmap_threshold
     from tuneqdm.train.prior import ensure_class_images
     from tuneqdm.tuning import QuantConfig
 
+    pin_mmap_threshold()  # as tuneqdm train, where class images are drawn, runs
     source = resolve(None if folder is None else str(folder))
     if denoiser == "quantized":
-        model = quantized_denoiser(source, QuantConfig(bits=bits, init="mse", method="peqa"), cache=False)
+        model = quantized_denoiser(source, QuantConfig(bits=bits, init="mse", method="peqa"), cache=cache)
     else:
         model = float_denoiser(source, stream=denoiser == "streamed")
     pipe = assemble(source, model)
     t0 = time.perf_counter()
     ensure_class_images(pipe, out, "a photo of a dog", images, resolution, num_inference_steps=steps, batch_size=1)
     return {"seconds_per_image": round((time.perf_counter() - t0) / images, 2)}
+
+
+def encoder_error(folder: Path, component: str, prompts: list[str]) -> dict:
+    """The text encoder as tuneqdm runs it (streamed, float32 compute) against the encoder loaded whole in bf16 (how
+    a bf16 pipeline runs it) and streamed in bf16 (streaming itself: no difference expected): cosine similarity per
+    token of the last hidden state, and seconds per prompt of each."""
+    from tuneqdm.loading import resolve
+    from tuneqdm.loading.components import resident, streamed
+
+    source = resolve(str(folder))
+    from diffusers import DiffusionPipeline
+
+    tokenizer = DiffusionPipeline.from_pretrained(str(folder), **{n: None for n in source.model_components()})
+    tokenizer = getattr(tokenizer, component.replace("text_encoder", "tokenizer"))
+    ids = [tokenizer(p, padding="max_length", max_length=min(tokenizer.model_max_length, 512), truncation=True,
+                     return_tensors="pt").input_ids for p in prompts]
+    outputs, seconds = {}, {}
+    for name, build in (("streamed_fp32", lambda: streamed(source, component, "cpu")),
+                        ("resident_bf16", lambda: resident(source, component, "cpu", torch.bfloat16)),
+                        ("streamed_bf16", lambda: streamed(source, component, "cpu", torch.bfloat16))):
+        model = build()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            outputs[name] = [model(i)[0].float()[0] for i in ids]
+        seconds[name] = round((time.perf_counter() - t0) / len(ids), 2)
+        del model
+
+    def cosines(a, b):
+        c = torch.cat([torch.nn.functional.cosine_similarity(x, y, dim=-1) for x, y in zip(outputs[a], outputs[b])])
+        return {"min": round(float(c.min()), 6), "mean": round(float(c.mean()), 6)}
+
+    return {"component": component, "prompts": len(prompts), "seconds_per_prompt": seconds,
+            "cosine_fp32_vs_bf16": cosines("streamed_fp32", "resident_bf16"),
+            "streamed_bf16_equals_resident_bf16": all(torch.equal(x, y) for x, y in
+                                                      zip(outputs["streamed_bf16"], outputs["resident_bf16"]))}
 
 
 def compare_images(a: Path, b: Path) -> float:
@@ -330,6 +367,83 @@ def compare_images(a: Path, b: Path) -> float:
              for p in sorted(a.glob("*.png"))]
     mse = np.mean([np.mean((x - y) ** 2) for x, y in pairs])
     return float(10 * np.log10(255**2 / mse)) if mse > 0 else float("inf")
+
+
+DOC = ROOT / "docs" / "benchmarks" / "real_size"
+
+
+def run_all(models: list[str], work: Path, flux_blocks, t5_layers: int) -> dict:
+    """Every row of ``models`` (one process per command, one after another), merged into docs/.../real_size.json:
+    train from an empty cache (the quantization is part of what is measured), generate and evaluate the adapter,
+    train again without checkpointing (the cache hit), and for SD-1.5 size the class images of prior preservation by
+    each kind of denoiser; for the FLUX width the T5 encoder's error in float32 against bf16."""
+    path = DOC.with_suffix(".json")
+    result = json.loads(path.read_text()) if path.is_file() else {"rows": [], "class_images": [], "encoders": []}
+    for model in models:
+        folder = work / model
+        if not (folder / "params.json").is_file():
+            make(model, folder, flux_blocks, t5_layers)
+        runs = work / f"runs-{model}"
+        shutil.rmtree(runs / "cache", ignore_errors=True)
+        result["rows"] = [r for r in result["rows"] if r["model"] != model]
+        commands = [("train", True), ("generate", True), ("train", False)]
+        if model == "sd15":
+            commands.insert(2, ("evaluate", True))
+        for command, checkpointing in commands:
+            row = run(model, folder, command, runs, checkpointing=checkpointing or command != "train")
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            path.write_text(json.dumps(result, indent=1))
+        if model == "sd15":
+            result["class_images"] = class_image_rows(folder, runs)
+        if model == "flux-width":
+            result["encoders"] = [encoder_error(folder, "text_encoder_2", PROMPTS)]
+        path.write_text(json.dumps(result, indent=1))
+    DOC.with_suffix(".table.md").write_text(table(result))
+    return result
+
+
+def class_image_rows(folder: Path, runs: Path) -> list[dict]:
+    """Time per image and whole-process peak of drawing class images with each kind of denoiser, at SD-1.5 size,
+    and how far the quantized base's images are from the float model's on the embedded toy model (PSNR)."""
+    rows = []
+    script = [sys.executable, str(Path(__file__).resolve()), "class-images"]
+    for denoiser in ("resident", "streamed", "quantized"):
+        out = runs / f"class-{denoiser}"
+        shutil.rmtree(out, ignore_errors=True)
+        measured = measure([*script, "--folder", str(folder), "--denoiser", denoiser, "--out", str(out)],
+                           {**os.environ, "TUNEQDM_CACHE": str(runs / "cache")}, runs, f"class-{denoiser}")
+        rows.append({"model": "sd15", "denoiser": denoiser, **measured,
+                     **json.loads((runs / f"class-{denoiser}.log").read_text().splitlines()[-1])})
+    toy = {}
+    for denoiser, bits in (("resident", 4), ("streamed", 4), ("quantized", 4), ("quantized", 2)):
+        out = runs / f"toy-{denoiser}-{bits}"
+        shutil.rmtree(out, ignore_errors=True)
+        class_images(None, denoiser, out, 8, 25, 64, bits, cache=False)
+        toy[(denoiser, bits)] = out
+    for (denoiser, bits), out in toy.items():
+        if denoiser != "resident":
+            rows.append({"model": "toy", "denoiser": denoiser, "bits": bits if denoiser == "quantized" else None,
+                         "psnr_db_vs_float": round(compare_images(out, toy[("resident", 4)]), 2)})
+    return rows
+
+
+PROMPTS = ["a sks dog on the beach", "a photo of a dog", "a sks dog in the snow, wearing a red hat",
+           "an oil painting of a sks dog in a field of sunflowers at sunset"]
+
+
+def table(result: dict) -> str:
+    lines = ["| model | command | checkpointing | whole-process peak RSS (GiB) | anon / file pages at the peak (GiB) | "
+             "the loop's own peak (GiB) | whole / loop | peak phase | s | quantize s |", "|" + "---|" * 10]
+    for r in result["rows"]:
+        phases = r.get("phases_gib") or {}
+        top = max(phases, key=phases.get) if phases else "-"
+        ratio = f"{r['peak_rss_gib'] / r['loop_peak_gib']:.2f}" if r.get("loop_peak_gib") else "-"
+        quantize = (r.get("phases_seconds") or {}).get("denoiser", "-")
+        lines.append(f"| {r['model']} | {r['command']} | {'yes' if r['checkpointing'] else 'no'} | "
+                     f"{r['peak_rss_gib']:.2f} | {r['anon_at_peak_gib']:.2f} / {r['file_at_peak_gib']:.2f} | "
+                     f"{r.get('loop_peak_gib', '-')} | {ratio} | {top} | {r['seconds']:.0f} | {quantize} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -359,7 +473,21 @@ def main() -> None:
     ci.add_argument("--resolution", type=int, default=512)
     ci.add_argument("--bits", type=int, default=4)
     ci.add_argument("--compare", type=Path, default=None, help="another --out: print the PSNR between the two")
+    al = sub.add_parser("all")
+    al.add_argument("--models", nargs="+", choices=list(NATIVE), required=True)
+    al.add_argument("--work", type=Path, required=True)
+    al.add_argument("--flux_blocks", type=int, nargs=2, default=(1, 2))
+    al.add_argument("--t5_layers", type=int, default=2)
+    ee = sub.add_parser("encoder-error")
+    ee.add_argument("--folder", type=Path, required=True)
+    ee.add_argument("--component", default="text_encoder_2")
     args = parser.parse_args()
+    if args.what == "all":
+        run_all(args.models, args.work, tuple(args.flux_blocks), args.t5_layers)
+        return
+    if args.what == "encoder-error":
+        print(json.dumps(encoder_error(args.folder, args.component, PROMPTS)))
+        return
     if args.what == "class-images":
         if args.compare is not None:
             print(json.dumps({"psnr_db": round(compare_images(args.out, args.compare), 2)}))

@@ -42,12 +42,15 @@ def test_streamed_text_encoders_give_the_resident_numbers_one_module_at_a_time(f
         encoder = getattr(streamed, n)
         assert is_streamed(encoder) and not is_streamed(getattr(resident, n))
         largest = max(p.numel() for p in getattr(resident, n).parameters())
-        first = next(encoder.parameters())
-        assert [p is first for p in encoder.parameters() if not p.is_meta] == [True]  # only its first one stays
+
+        def held_now():  # float values held: every parameter is on the meta device or a one-value placeholder
+            return sum(p.untyped_storage().nbytes() // p.element_size() for p in encoder.parameters() if not p.is_meta)
+
+        assert held_now() == 1 and next(encoder.parameters()).device == torch.device("cpu")
         held = []
 
-        def count(module, args, held=held, encoder=encoder):
-            held.append(sum(p.numel() for p in encoder.parameters() if not p.is_meta and p is not first))
+        def count(module, args, held=held):
+            held.append(held_now())
 
         handles = [m.register_forward_pre_hook(count) for m in encoder.modules()]
         ids = torch.tensor([[1, 5, 7, 3, 2, 9]])
@@ -56,8 +59,8 @@ def test_streamed_text_encoders_give_the_resident_numbers_one_module_at_a_time(f
         for h in handles:
             h.remove()
         assert torch.equal(got, want)  # the same weights through the same operations
-        assert 0 < max(held) <= largest  # never more than one module's weights (the first parameter aside)
-        assert [p is first for p in encoder.parameters() if not p.is_meta] == [True]  # dropped again after the call
+        assert 1 < max(held) <= largest + 1  # never more than one module's weights at a time
+        assert held_now() == 1  # dropped again after the call
     assert streamed._execution_device == torch.device("cpu")
 
 

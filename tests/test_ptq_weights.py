@@ -123,6 +123,22 @@ def test_split_conv_is_exact_and_gets_a_quantizer_per_slice(base, calib, tmp_pat
         torch.testing.assert_close(loaded(**kw).sample, unet(**kw).sample, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("calibrate", ["minmax", "mse"])
+def test_round_to_nearest_with_splits_streams_the_integers_of_the_float_unet(base, prompts, tmp_path, calibrate):
+    """`tuneqdm quantize --calibrate minmax|mse` never builds the float UNet (its splits come from one step of the
+    UNet streamed module by module, its integers straight from the files) and gives the in-memory path's model."""
+    assert main(["quantize", "--pretrained_model_name_or_path", str(base), "--calibrate", calibrate,
+                 "--calib_prompts", str(prompts), "--num_inference_steps", "2", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
+    meta = json.loads((tmp_path / "q" / QUANT_MAP).read_text())
+    pipe = pipeline_from(base)
+    one_row = collect_calibration_set(pipe, ["a red box"], 1, num_inference_steps=2, steps=1)
+    report = calibrate_weights(pipe.unet, one_row, WeightCalibrationConfig(bits=4, calibrate=calibrate))
+    assert meta["splits"] == report["splits"] and len(report["splits"]) == 8
+    assert meta["calibration"]["streamed_from"] == str((base / "unet").resolve())
+    assert tuneqdm.fingerprint(tuneqdm.load_quantized(tmp_path / "q")) == tuneqdm.fingerprint(pipe.unet)
+
+
 def _photos(folder):
     folder.mkdir()
     for i in range(3):

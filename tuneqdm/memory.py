@@ -56,91 +56,100 @@ def reset_peak_rss() -> None:
 
 
 class PhaseMemory:
-    """The peak memory of each phase of a command (loading, encoding, quantizing, the loop, saving) and of the whole
+    """The peak memory of each phase of a command (encoding, building the denoiser, the loop, saving) and of the whole
     process, measured without ever resetting the kernel's peak counter: a reset (``reset_peak_rss``) would hide every
     earlier phase from ``/usr/bin/time``, from a parent's ``wait4`` and from this record alike.
 
     On CPU a phase's peak is exact when the process reached a new high-water mark (VmHWM) during it; otherwise it is
-    the largest resident set a sampler thread saw every ``interval`` seconds (a lower bound: a spike shorter than the
-    interval can be missed). The whole-process peak is VmHWM itself. On CUDA each phase has the allocator's peak
-    (``max_memory_allocated``, reset per phase: that counter is the process's own) and the whole is their maximum;
-    the process's CPU peak is recorded beside it. Where a lazy reader's file pages count in the resident set
-    (``RssFile``: clean mmap'd checkpoint pages the kernel may drop), their size at the sampled peak is kept too.
+    the largest resident set a sampler thread saw every ``interval`` seconds while the phase ran (a lower bound: a
+    spike shorter than the interval can be missed). The whole-process peak is VmHWM itself. On CUDA each phase has
+    the allocator's peak (``max_memory_allocated``, reset per phase: that counter is the process's own) and the whole
+    is their maximum; the process's CPU peak is recorded beside it. The file-backed part of the sampled peak
+    (``RssFile``: clean mmap'd pages the kernel may drop) is kept too. Phases nest: an inner one pauses its outer one.
     """
 
     def __init__(self, device="cpu", interval: float = 0.02):
-        import threading
-
-        self.cuda = str(device).startswith("cuda")
+        self.cuda, self.interval = str(device).startswith("cuda"), interval
         self.phases: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._start_hwm = self._sampled = 0
+        self._highest = self._file_at_highest = 0  # the highest sample of the whole run, and its file-backed part
         self._started = 0.0
-        self._name, self._start_hwm, self._sampled, self._file_at_peak = None, 0, 0, 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._stop = None
         self._thread = None
-        if not self.cuda and proc_status_bytes("VmRSS") is not None:
-            self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
-            self._thread.start()
 
-    def _sample(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+    def _sample(self, stop) -> None:
+        while not stop.wait(self.interval):
             rss, file = proc_status_bytes("VmRSS") or 0, proc_status_bytes("RssFile") or 0
-            with self._lock:
-                if rss > self._sampled:
-                    self._sampled, self._file_at_peak = rss, file
+            self._sampled = max(self._sampled, rss)
+            if rss > self._highest:
+                self._highest, self._file_at_highest = rss, file
 
-    def start(self, name: str) -> None:
-        """Phase ``name`` begins (the previous one, if any, ends)."""
+    def _begin(self, name: str) -> None:
+        import threading
         import time
 
-        self.end()
-        self._started = time.perf_counter()
-        with self._lock:
-            self._name, self._start_hwm = name, proc_status_bytes("VmHWM") or 0
-            self._sampled = proc_status_bytes("VmRSS") or 0
+        self._name, self._started = name, time.perf_counter()
+        self._start_hwm, self._sampled = proc_status_bytes("VmHWM") or 0, proc_status_bytes("VmRSS") or 0
         if self.cuda:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+        elif self._sampled:  # Linux: a sampler for the phase's own peak
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, args=(self._stop,), daemon=True)
+            self._thread.start()
+
+    def _finish(self) -> None:
+        import time
+
+        peak = self.current()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.phases[self._name] = max(self.phases.get(self._name, 0), peak)
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._started
+        self._name = None
 
     def current(self) -> int:
-        """The running phase's peak so far, in bytes."""
+        """The running phase's peak so far, in bytes (0 outside a phase)."""
+        if self._name is None:
+            return 0
         if self.cuda:
             import torch
 
             return int(torch.cuda.max_memory_allocated())
         hwm = proc_status_bytes("VmHWM") or 0
-        with self._lock:
-            return hwm if hwm > self._start_hwm else max(self._sampled, proc_status_bytes("VmRSS") or 0)
-
-    def end(self) -> None:
-        import time
-
-        if self._name is not None:
-            self.phases[self._name] = max(self.phases.get(self._name, 0), self.current())
-            self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._started
-            self._name = None
+        return hwm if hwm > self._start_hwm else max(self._sampled, proc_status_bytes("VmRSS") or 0)
 
     def phase(self, name: str):
-        """A context manager around phase ``name``."""
+        """A context manager around phase ``name``; an inner phase pauses the running one until it ends."""
         import contextlib
 
         @contextlib.contextmanager
         def scope():
-            self.start(name)
+            outer = self._name
+            if outer is not None:
+                self._finish()
+            self._begin(name)
             try:
                 yield self
             finally:
-                self.end()
+                self._finish()
+                if outer is not None:
+                    self._begin(outer)
 
         return scope()
 
     def record(self) -> dict:
         """``{"peak_mib", "phases_mib", "phases_seconds", "measured", ...}`` for training.json (MiB, one decimal; the
-        seconds of the phases that ended)."""
+        running phase's peak so far and the seconds of the phases that ended)."""
         mib = lambda b: round(b / 2**20, 1)  # noqa: E731
-        phases = {**self.phases, **({self._name: self.current()} if self._name else {})}
+        phases = dict(self.phases)
+        if self._name is not None:
+            phases[self._name] = max(phases.get(self._name, 0), self.current())
         out = {"measured": "cuda" if self.cuda else "rss", "phases_mib": {k: mib(v) for k, v in phases.items()},
                "phases_seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
         hwm = proc_status_bytes("VmHWM")
@@ -149,9 +158,5 @@ class PhaseMemory:
             out["process_rss_peak_mib"] = mib(hwm) if hwm is not None else None
         else:
             out["peak_mib"] = mib(hwm) if hwm is not None else mib(max(phases.values(), default=0))
-            out["rss_file_mib_at_sampled_peak"] = mib(self._file_at_peak)
+            out["rss_file_mib_at_sampled_peak"] = mib(self._file_at_highest)
         return out
-
-    def close(self) -> None:
-        self.end()
-        self._stop.set()

@@ -5,9 +5,9 @@ in float32 for that costs 19 GB. A streamed model is built on the meta device fr
 that holds weights gets two PyTorch forward hooks: before it runs, its tensors are read from the model's own
 safetensors files (``tuneqdm.shards.read_tensor``: one short mapping per tensor), cast to the compute dtype and put
 on the execution device; after it ran they go back to the meta device. At most one module's float weights (e.g. one
-4096x10240 Linear) are resident at a time, plus the model's first parameter (usually its token embedding), which
-stays: transformers and diffusers models report their device from their first parameter, and pipelines create their
-tensors on that device. The numbers are those of the whole model loaded in the compute dtype: the same weights go
+4096x10240 Linear) are resident at a time. Between calls the model's first parameter is a one-value NaN placeholder on
+the execution device rather than on the meta device: transformers and diffusers models report their device and dtype
+from their first parameter, and pipelines create their tensors there. The numbers are those of the whole model loaded in the compute dtype: the same weights go
 through the same operations. Like tuneqdm's other hooks, these leave ``forward`` and the module tree untouched.
 """
 
@@ -47,10 +47,13 @@ def stored_names(model: nn.Module, files: dict[Path, list[str]], where) -> dict[
 
 
 class _Weights:
-    """One module's own parameters, read from the files before it runs and dropped to the meta device after."""
+    """One module's own parameters, read from the files before it runs and dropped after: to the meta device, or
+    (``placeholders``: the model's first parameter) to a one-value NaN view of the right shape on the device."""
 
-    def __init__(self, entries: list[tuple[str, Path, str]], device, dtype: torch.dtype):
+    def __init__(self, entries: list[tuple[str, Path, str]], device, dtype: torch.dtype, placeholders=(),
+                 kept: nn.Parameter | None = None):
         self.entries, self.device, self.dtype = entries, torch.device(device), dtype
+        self.placeholders, self.kept = set(placeholders), kept
 
     def load(self, module: nn.Module, args) -> None:
         for leaf, shard, key in self.entries:
@@ -59,33 +62,38 @@ class _Weights:
 
     def drop(self, module: nn.Module, args, output) -> None:
         for leaf, _, _ in self.entries:
-            old = getattr(module, leaf)
-            setattr(module, leaf, nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
-                                               requires_grad=False))
+            shape = getattr(module, leaf).shape
+            setattr(module, leaf, self.kept if leaf in self.placeholders else
+                    nn.Parameter(torch.empty(shape, dtype=self.dtype, device="meta"), requires_grad=False))
+
+
+def placeholder(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor of ``shape`` on ``device`` holding one value, NaN (a stride-0 view): the device and dtype a model
+    reports from its first parameter, at no memory, and loud if its values are ever read outside its module's call."""
+    return torch.full((), float("nan"), dtype=dtype, device=device).expand(shape)
 
 
 def stream(model: nn.Module, files: dict[Path, list[str]], device, dtype: torch.dtype, where) -> nn.Module:
     """``model`` (built on the meta device, in ``dtype``) made to run on ``device`` with each module's weights read
-    from ``files`` as it runs; its first parameter and its buffers (small) are loaded now and stay."""
+    from ``files`` as it runs; its buffers (small) are loaded now and stay. Between calls every parameter is on the
+    meta device, but the first one, which is a one-value placeholder on ``device`` (see ``placeholder``)."""
     names = stored_names(model, files, where)
     shards = tensor_files(files)
     _load_buffers(model, shards, device, dtype, where)
-    own = {prefix: [(leaf, p, names[f"{prefix}.{leaf}" if prefix else leaf])
-                    for leaf, p in module.named_parameters(recurse=False)] for prefix, module in model.named_modules()}
     first = next(model.parameters(), None)
-    if first is not None:  # resident, on every module that holds it (tied): the model's device is read from it
-        key = next(key for entries in own.values() for _, p, key in entries if p is first)
-        resident = nn.Parameter(read_tensor(shards[key], key).to(device, dtype), requires_grad=False)
-        for prefix, entries in own.items():
-            for leaf, p, _ in entries:
-                if p is first:
-                    setattr(model.get_submodule(prefix), leaf, resident)
+    kept = None if first is None else nn.Parameter(placeholder(first.shape, dtype, device), requires_grad=False)
     handles: list[RemovableHandle] = []
-    for prefix, entries in own.items():
-        streamed = [(leaf, shards[key], key) for leaf, p, key in entries if p is not first]
-        if streamed:
-            weights, module = _Weights(streamed, device, dtype), model.get_submodule(prefix)
-            handles += [module.register_forward_pre_hook(weights.load), module.register_forward_hook(weights.drop)]
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        entries = [(leaf, shards[names[f"{prefix}.{leaf}" if prefix else leaf]],
+                    names[f"{prefix}.{leaf}" if prefix else leaf]) for leaf, _ in own]
+        firsts = [leaf for leaf, p in own if p is first]
+        weights = _Weights(entries, device, dtype, firsts, kept)
+        for leaf in firsts:  # tied: every module holding the first parameter holds the one placeholder
+            setattr(module, leaf, kept)
+        handles += [module.register_forward_pre_hook(weights.load), module.register_forward_hook(weights.drop)]
     setattr(model, STREAMED_ATTR, handles)
     return model.eval().requires_grad_(False)
 

@@ -434,7 +434,6 @@ class Trainer:
                 yield
         finally:
             setattr(pipe, self.source.denoiser, skeleton)
-            self.memory.start("encode")
 
     def _settings_identity(self, subjects: list[Subject]) -> dict:
         """The resolved settings that shape the result, the subjects included (their photos by content): what a
@@ -559,9 +558,8 @@ class Trainer:
             return self.out
         bar = progress(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step", disable=not self.main)
         log = self._open_log()
-        self.memory.start("loop")  # the log's peak is the loop's; training.json has every phase's and the whole's
-        with _Signals() as signals:
-            with self._closing(bar, log), self._checkpoint_on_signal(signals, bar):
+        with _Signals() as signals:  # the log's peak is the loop's; training.json has every phase's and the whole's
+            with self.memory.phase("loop"), self._closing(bar, log), self._checkpoint_on_signal(signals, bar):
                 while self.step < cfg.max_train_steps:
                     loss, lr = self._step(signals, log)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -576,7 +574,6 @@ class Trainer:
             with signals.held(deliver=False), self.memory.phase("save"):
                 self._save_result()
         self.acc.end_training()
-        self.memory.close()
         return self.out
 
     def _step(self, signals, log) -> tuple[float, float]:
