@@ -273,3 +273,64 @@ def test_bad_input_is_one_line_and_writes_nothing(base, mcsu, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"tuneqdm: error: {damaged}: tensor ") and "does not match its SHA-256 digest" in err
     assert err.count("\n") == 1 and not out.exists()
+
+
+def test_kohya_file_of_an_sdxl_unet_reads_back_whole(tmp_path):
+    from tiny_pipelines import tiny_sdxl_pipeline
+
+    base = tiny_sdxl_pipeline(tmp_path / "sdxl")
+    adapter = _adapter(base, tmp_path / "adapter", "peqa")
+    assert main(["export", "--adapter", str(adapter), "--to", "lora", "--format", "kohya", "--energy", "1", "--out",
+                 str(tmp_path / "k"), "--quiet"]) == 0
+    assert "lora_unet_label_emb_0_0.lora_down.weight" in load_file(tmp_path / "k" / LORA)  # add_embedding.linear_1
+    layers = tuneqdm.quantized_layers(tuneqdm.load_pipeline(adapter=adapter).unet)
+    pipe = tuneqdm.load_pipeline(base)
+    pipe.load_lora_weights(str(tmp_path / "k"), adapter_name="k")
+    deltas = _peft_deltas(pipe.unet, "k")
+    assert sorted(deltas) == sorted(layers)
+    assert all(torch.allclose(d, layer_delta(layers[n], {0: 1.0}), atol=1e-5) for n, d in deltas.items())
+
+
+def test_s1_switch_runs_the_tuned_lora_inside_its_interval_only(base, tmp_path):
+    adapter = _adapter(base, tmp_path / "adapter", "s1", intervals=((0, 500),))
+    assert main(["export", "--adapter", str(adapter), "--to", "lora", "--out", str(tmp_path / "lora"),
+                 "--quiet"]) == 0
+    record = json.loads((tmp_path / "lora" / "lora_export.json").read_text())
+    assert record["merged"]["weights"] == {"-1": 0.5, "0": 0.5}
+    assert record["schedule"]["intervals"] == [{"from": 0.0, "to": 500.0, "route": 0}, {"rest": True, "route": -1}]
+    pipe = tuneqdm.load_pipeline(base)
+    use_lora_experts(pipe, tmp_path / "lora")
+    seen = []
+    pipe.unet.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((float(kwargs.get("timestep", args[1] if len(args) > 1 else None)),
+                                                  any(not layer.disable_adapters for layer in m.modules()
+                                                      if hasattr(layer, "lora_A")))), with_kwargs=True)
+    _sample(pipe, steps=6)
+    assert {on for t, on in seen if t < 500} == {True} and {on for t, on in seen if t >= 500} == {False}
+
+
+def test_a_lora_result_is_copied_into_kohya_keys_with_the_same_deltas(base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tuneqdm.load_pipeline(base)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    result = tmp_path / "lora-result"
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(result, unet_lora_layers=layers, safe_serialization=True)
+    (result / "training.json").write_text(json.dumps({"tuneqdm_method": "lora", "base_id": str(base)}))
+    original = _peft_deltas(pipe.unet, "default")
+    assert main(["export", "--adapter", str(result), "--to", "lora", "--format", "kohya", "--out",
+                 str(tmp_path / "k"), "--quiet"]) == 0
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / "k" / LORA))
+    fresh = tuneqdm.load_pipeline(base)
+    fresh.load_lora_weights(str(tmp_path / "k"), adapter_name="k")
+    copied = _peft_deltas(fresh.unet, "k")
+    assert sorted(copied) == sorted(original)
+    assert all(torch.allclose(copied[n], original[n], atol=1e-6) for n in original)

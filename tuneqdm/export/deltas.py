@@ -52,12 +52,16 @@ def route_weight(layer: QuantizedLayer, route: int) -> torch.Tensor:
 def layer_delta(layer: QuantizedLayer, weights: dict[int, float]) -> torch.Tensor:
     """``Σ_k w_k Ŵ_k − Ŵ_base`` (float32, the weight's shape): one expert's delta for ``{k: 1.0}``, a blend's for
     several (``weights`` add up to 1; ``BASE`` contributes nothing)."""
-    base = layer.dequantized_weight(BASE)
-    delta = torch.zeros_like(base)
-    for k, w in weights.items():
-        if k != BASE and w:
+    tuned = {k: w for k, w in weights.items() if k != BASE and w}
+    if not tuned:
+        return torch.zeros(layer.weight_shape)
+    if list(tuned.values()) == [1.0]:  # one expert: two weight-sized tensors at most
+        delta = layer.dequantized_weight(next(iter(tuned)))
+    else:
+        delta = torch.zeros(layer.weight_shape)
+        for k, w in tuned.items():
             delta.add_(layer.dequantized_weight(k), alpha=w)
-    return delta.sub_(base * sum(w for k, w in weights.items() if k != BASE))
+    return delta.sub_(layer.dequantized_weight(BASE), alpha=sum(tuned.values()))
 
 
 def full_rank(layer: QuantizedLayer) -> int:

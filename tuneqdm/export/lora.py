@@ -129,7 +129,7 @@ def to_format(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Ten
     if fmt == "kohya":
         from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-        tensors = convert_state_dict_to_kohya(tensors)
+        tensors = convert_state_dict_to_kohya({_kohya_module(k): v for k, v in tensors.items()})
         for key in [k for k in tensors if k.endswith(".alpha")]:  # one alpha for all: see KOHYA_ALPHA
             up = key[: -len(".alpha")] + ".lora_up.weight"
             tensors[up] = (tensors[up].float() * (int(tensors[key]) / KOHYA_ALPHA)).to(tensors[up].dtype)
@@ -205,11 +205,25 @@ def export_lora(model, out, cfg: dict, component: str, fmt: str = "diffusers", r
     return write_lora_files(Path(out), files, pairs, stats, component, fmt, record)
 
 
+# SDXL's added-conditioning MLP under its LDM name: diffusers' kohya reader maps ``label_emb`` back to
+# ``add_embedding`` but drops ``add_embedding`` itself; ComfyUI and A1111 read the LDM name.
+_KOHYA_RENAMES = {"unet.add_embedding.linear_1.": "unet.label_emb.0.0.", "unet.add_embedding.linear_2.": "unet.label_emb.0.2."}
+
+
+def _kohya_module(key: str) -> str:
+    for old, new in _KOHYA_RENAMES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def convert_lora_file(path: Path, out: Path, fmt: str, dtype: str, info: dict) -> dict:
     """A ``lora``/``qlora`` result's diffusers LoRA file (PEFT keys, alpha = rank) written into ``out`` in ``fmt``."""
     from safetensors.torch import save_file
 
-    tensors = load_tensors(path, "LoRA")
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    tensors = convert_unet_state_dict_to_peft(load_tensors(path, "LoRA"))  # diffusers' .lora.down -> PEFT's lora_A
     components = {k.split(".", 1)[0] for k in tensors}
     if len(components) != 1 or not components <= {"unet", "transformer"}:
         raise TuneQDMError(f"{path} holds LoRA weights for {sorted(components)}, not for one UNet or transformer: "
