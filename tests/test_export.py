@@ -334,3 +334,26 @@ def test_a_lora_result_is_copied_into_kohya_keys_with_the_same_deltas(base, tmp_
     copied = _peft_deltas(fresh.unet, "k")
     assert sorted(copied) == sorted(original)
     assert all(torch.allclose(copied[n], original[n], atol=1e-6) for n in original)
+
+
+def test_the_documented_plain_diffusers_switch_runs_as_written_and_matches_use_lora_experts(base, tmp_path):
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    [snippet] = re.findall(r"^```python\n(.*?)^```", doc, flags=re.MULTILINE | re.DOTALL)
+    first, rest = snippet.split("\n", 1)
+    assert first.startswith("BASE, EXPORT = ")
+    adapter = _adapter(base, tmp_path / "adapter", "tas", experts=2)
+    assert main(["export", "--adapter", str(adapter), "--to", "lora", "--out", str(tmp_path / "lora"),
+                 "--quiet"]) == 0
+    namespace = {"BASE": str(base), "EXPORT": str(tmp_path / "lora")}
+    exec(compile(rest, "docs/export.md python block", "exec"), namespace)
+    pipe = tuneqdm.load_pipeline(base)
+    use_lora_experts(pipe, tmp_path / "lora")
+    expected = pipe("a sks dog on the beach", num_inference_steps=25,
+                    generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(namespace["image"]), np.asarray(expected))
+    plain = tuneqdm.load_pipeline(base)("a sks dog on the beach", num_inference_steps=25,
+                                        generator=torch.Generator().manual_seed(0)).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(expected))
