@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 import tuneqdm
 from tuneqdm.cli import main
-from tuneqdm.export.checkpoint import export_checkpoint
 from tuneqdm.export.deltas import layer_delta, low_rank, route_weights
 from tuneqdm.export.lora import KOHYA_ALPHA, export_lora
 from tuneqdm.export.schedule import use_lora_experts
@@ -221,6 +220,17 @@ def test_flux_lora_loads_in_diffusers_and_routes_by_its_timestep_scale(flux, tmp
     deltas = _peft_deltas(pipe.transformer, "e1")
     assert sorted(deltas) == sorted(layers)
     assert all(torch.allclose(d, layer_delta(layers[n], {1: 1.0}), atol=1e-5) for n, d in deltas.items())
+    from diffusers import FluxTransformer2DModel
+
+    assert main(["export", "--adapter", str(adapter), "--to", "checkpoint", "--dtype", "bf16", "--out",
+                 str(tmp_path / "ckpt"), "--quiet"]) == 0
+    merged = FluxTransformer2DModel.from_pretrained(tmp_path / "ckpt")  # read back in float32
+    assert {t.dtype for t in load_file(tmp_path / "ckpt" / "diffusion_pytorch_model.safetensors").values()} == \
+        {torch.bfloat16}
+    blend = {0: 0.5, 1: 0.5}  # the default for K experts: each weighted by the share of timesteps it serves
+    for name, layer in layers.items():
+        want = sum(w * layer.dequantized_weight(k) for k, w in blend.items()).to(torch.bfloat16).float()
+        assert torch.equal(merged.get_submodule(name).weight, want), name
     with pytest.raises(tuneqdm.TuneQDMError, match="^--single_file writes the original"):
         main_args = ["export", "--adapter", str(adapter), "--to", "checkpoint", "--single_file", "--out",
                      str(tmp_path / "c")]

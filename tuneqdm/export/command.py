@@ -22,7 +22,7 @@ from ..sampling import DEFAULT_BASE_ID, load_pipeline
 from ..serialization import read_adapter
 from .checkpoint import export_checkpoint
 from .deltas import check_rank_choice
-from .lora import DTYPES, FORMATS, check_dtype, check_format, convert_lora_file, export_lora
+from .lora import FORMATS, check_dtype, check_format, convert_lora_file, export_lora
 from .schedule import schedule
 
 TARGETS = ("lora", "checkpoint")
@@ -114,6 +114,3 @@ def _export_lora_result(args, adapter: Path, out: Path) -> dict:
     print(f"{args.format} LoRA of the {record['method']} result in {out}: {record['files'][LORA_WEIGHTS]['bytes']:,} "
           "bytes")
     return record
-
-
-__all__ = ["DTYPES", "TARGETS", "check_args", "run_export"]

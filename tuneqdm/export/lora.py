@@ -138,7 +138,7 @@ def to_format(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Ten
 
 
 def summary(stats: dict) -> dict:
-    """Ranks per layer, the fraction of the delta's energy kept per layer and over the whole model, parameters."""
+    """Ranks per layer, the fraction of the delta's energy kept per layer and over the whole model."""
     total = sum(s["energy"] for s in stats.values())
     kept = sum(s["energy"] * s["kept"] for s in stats.values())
     return {"energy_kept": kept / total if total else 1.0,
