@@ -257,8 +257,8 @@ def test_bad_input_is_one_line_and_writes_nothing(base, mcsu, tmp_path, capsys):
         "--rank 5000 is larger than every layer of this model (the largest holds rank 128): give --rank 128 or less "
         "(each layer is capped at its own full rank)")
     assert error("--to", "lora", "--format", "comfy") == "unknown LoRA format 'comfy': choose diffusers or kohya"
-    assert error("--to", "safetensors") == \
-        "--to 'safetensors': choose lora (LoRA files) or checkpoint (a merged model folder)"
+    assert error("--to", "safetensors") == ("--to 'safetensors': choose lora (LoRA files), checkpoint (a merged model "
+                                            "folder) or quantized (a quanto model folder)")
     assert error("--to", "lora", "--energy", "1.5") == \
         "--energy 1.5: give a fraction in (0, 1], e.g. 0.9 keeps 90 % of each delta's energy"
     assert error("--to", "checkpoint", "--expert", "3") == (
@@ -367,3 +367,25 @@ def test_the_documented_plain_diffusers_switch_runs_as_written_and_matches_use_l
     plain = tuneqdm.load_pipeline(base)("a sks dog on the beach", num_inference_steps=25,
                                         generator=torch.Generator().manual_seed(0)).images[0]
     assert not np.array_equal(np.asarray(plain), np.asarray(expected))
+
+
+def test_quantized_export_keeps_tuneqdm_integers_bit_for_bit_through_diffusers_and_quanto(flux, tmp_path, capsys):
+    from diffusers import FluxTransformer2DModel
+
+    adapter = _adapter(flux, tmp_path / "peqa", "peqa", component="transformer")
+    assert main(["export", "--adapter", str(adapter), "--to", "quantized", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
+    layers = tuneqdm.quantized_layers(tuneqdm.load_pipeline(adapter=adapter).transformer)
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "q")  # diffusers' own quanto loading
+    for name, layer in layers.items():
+        weight = model.get_submodule(name).weight
+        assert type(weight).__name__ == "WeightQBitsTensor" and torch.equal(weight.dequantize(),
+                                                                            layer.dequantized_weight(0)), name
+    capsys.readouterr()
+    mcsu = _adapter(flux, tmp_path / "mcsu", "mcsu", component="transformer")
+    assert main(["export", "--adapter", str(mcsu), "--to", "quantized", "--out", str(tmp_path / "m"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tuneqdm: error: --to quantized: this mcsu adapter scales the input channels of ")
+    assert err.endswith("(s_in), which no per-row quantized format holds: use --to checkpoint or --to lora\n")
+    assert not (tmp_path / "m").exists()

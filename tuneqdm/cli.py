@@ -570,7 +570,8 @@ def _add_export_parser(sub) -> None:
                                     "folder.")
     a = ex.add_argument
     a("--adapter", required=True, help="a `tuneqdm train` --output_dir")
-    a("--to", required=True, help="lora or checkpoint")
+    a("--to", required=True, help="lora, checkpoint, or quantized (peqa-style W2/W4 adapters: an optimum-quanto "
+                                  "model folder that diffusers loads, tuneqdm's integers kept bit for bit)")
     a("--out", required=True, help="output folder (written whole, or not at all)")
     a("--format", default="diffusers",
       help="lora: diffusers (pytorch_lora_weights.safetensors, PEFT keys: pipe.load_lora_weights) or kohya "
@@ -581,7 +582,7 @@ def _add_export_parser(sub) -> None:
            "neither --rank nor --energy is given)")
     a("--dtype", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
     a("--expert", default=None,
-      help="checkpoint: an expert index, 'blend' (every expert weighted by the share of timesteps it serves) or "
+      help="checkpoint, quantized: an expert index, 'blend' (every expert weighted by the share of timesteps it serves) or "
            "'base' (the dequantized base) (default: expert 0 of a one-expert adapter, else blend)")
     a("--single_file", action="store_true",
       help="checkpoint: also one .safetensors in the original LDM layout that from_single_file, ComfyUI and A1111 "

@@ -25,19 +25,24 @@ from .deltas import check_rank_choice
 from .lora import FORMATS, check_dtype, check_format, convert_lora_file, export_lora
 from .schedule import schedule
 
-TARGETS = ("lora", "checkpoint")
+TARGETS = ("lora", "checkpoint", "quantized")
 
 
 def check_args(args) -> None:
     """One line for every setting that cannot work, before anything is loaded."""
     if args.to not in TARGETS:
-        raise TuneQDMError(f"--to {args.to!r}: choose lora (LoRA files) or checkpoint (a merged model folder)")
+        raise TuneQDMError(f"--to {args.to!r}: choose lora (LoRA files), checkpoint (a merged model folder) or "
+                           "quantized (a quanto model folder)")
     if args.format not in FORMATS:
         raise TuneQDMError(f"unknown LoRA format {args.format!r}: choose diffusers or kohya")
     check_dtype(args.dtype)
     check_rank_choice(args.rank, args.energy)
-    if args.to == "checkpoint" and (args.rank is not None or args.energy is not None or args.format != "diffusers"):
-        raise TuneQDMError("--rank, --energy and --format apply to --to lora; a checkpoint holds the whole weights")
+    if args.to != "lora" and (args.rank is not None or args.energy is not None or args.format != "diffusers"):
+        raise TuneQDMError(f"--rank, --energy and --format apply to --to lora; --to {args.to} holds the whole "
+                           "weights")
+    if args.to == "quantized" and (args.single_file or args.dtype != "fp32"):
+        raise TuneQDMError("--single_file and --dtype apply to --to checkpoint; --to quantized keeps tuneqdm's "
+                           "integers and float32 scales")
     if args.to == "lora" and (args.single_file or args.expert is not None):
         raise TuneQDMError("--single_file and --expert apply to --to checkpoint; --to lora writes every expert")
 
@@ -77,7 +82,16 @@ def run_export(args) -> dict:
               + (f", {kept:.3f} of the delta's energy kept" if kept is not None else ""))
         return record
     if kind == "fp":
+        if args.to == "quantized":
+            raise TuneQDMError(f"{adapter} is a fine-tuned float model (method fp): it has no integers to keep")
         cfg = _fp_config(adapter)
+    if args.to == "quantized":
+        from .quantized import export_quantized
+
+        record = export_quantized(model, out, cfg, args.expert, extra)
+        print(f"quanto {record['weights_dtype']} {component} of the {cfg['method']} adapter in {out} "
+              f"({record['exact_linears']} Linear layers bit for bit; load it with from_pretrained)")
+        return record
     record = export_checkpoint(model, out, cfg, args.expert, args.dtype, args.single_file, extra)
     print(f"{args.dtype} {component} of the {cfg['method']} result in {out} (weights {record['weights']})"
           + (f", single file {record['single_file']}" if record.get("single_file") else ""))
