@@ -72,11 +72,13 @@ def full_rank(layer: QuantizedLayer) -> int:
 
 @dataclass
 class LowRank:
-    """``up @ down`` (down: (r, in x kernel), up: (out, r)) holding ``kept`` of the delta's energy."""
+    """``up @ down`` (down: (r, in x kernel), up: (out, r)) holding ``kept`` of the delta's energy ``energy``
+    (``‖delta‖²``, the sum of its squared singular values)."""
 
     down: torch.Tensor
     up: torch.Tensor
     kept: float
+    energy: float
 
     @property
     def rank(self) -> int:
@@ -113,4 +115,4 @@ def low_rank(delta: torch.Tensor, rank: int | None = None, energy: float | None 
     r = max(1, min(r, len(s)))
     root = s[:r].sqrt()
     return LowRank(down=(root[:, None] * vh[:r]).float().contiguous(), up=(u[:, :r] * root).float().contiguous(),
-                   kept=float(cumulative[r - 1]))
+                   kept=float(cumulative[r - 1]), energy=total)

@@ -102,14 +102,11 @@ def factorize_layers(model, files: dict[str, dict[int, float]], rank: int | None
                 warn(f"layer {name} is a grouped conv, which LoRA formats do not hold: its delta is left out")
             continue
         for file, weights in files.items():
-            delta = layer_delta(layer, weights)
-            norm2 = float(delta.double().square().sum())
-            factors = low_rank(delta, rank=rank, energy=energy)
-            del delta
+            factors = low_rank(layer_delta(layer, weights), rank=rank, energy=energy)  # the delta is freed here
             if factors is None:
                 continue
             pairs[file][name] = _pair(layer, factors, dtype)
-            stats[file][name] = {"rank": factors.rank, "kept": factors.kept, "energy": norm2}
+            stats[file][name] = {"rank": factors.rank, "kept": factors.kept, "energy": factors.energy}
     return pairs, stats
 
 
