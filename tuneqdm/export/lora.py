@@ -87,7 +87,7 @@ def _pair(layer: QuantizedLayer, factors, dtype: torch.dtype) -> tuple[torch.Ten
     if isinstance(layer, QConv2d):
         down = down.reshape(factors.rank, *layer.weight_shape[1:])
         up = up.reshape(*up.shape, 1, 1)
-    return down.to(dtype).contiguous(), up.to(dtype).contiguous()
+    return down.to("cpu", dtype).contiguous(), up.to("cpu", dtype).contiguous()  # (the SVD may run on a GPU)
 
 
 def factorize_layers(model, files: dict[str, dict[int, float]], rank: int | None, energy: float | None,
