@@ -567,7 +567,8 @@ def _add_export_parser(sub) -> None:
                                     "quantized layer's personalization delta (tuned minus base dequantized weight) "
                                     "as a LoRA by truncated SVD (one file per timestep expert, a schedule and a "
                                     "merged file); --to checkpoint merges the scales into a float diffusers model "
-                                    "folder.")
+                                    "folder; --to quantized keeps a PEQA-style model's integers in optimum-quanto's "
+                                    "format. docs/export.md says what each holds.")
     a = ex.add_argument
     a("--adapter", required=True, help="a `tuneqdm train` --output_dir")
     a("--to", required=True, help="lora, checkpoint, or quantized (peqa-style W2/W4 adapters: an optimum-quanto "
