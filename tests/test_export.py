@@ -389,3 +389,22 @@ def test_quantized_export_keeps_tuneqdm_integers_bit_for_bit_through_diffusers_a
     assert err.startswith("tuneqdm: error: --to quantized: this mcsu adapter scales the input channels of ")
     assert err.endswith("(s_in), which no per-row quantized format holds: use --to checkpoint or --to lora\n")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_fine_tuned_result_is_rewritten_as_a_checkpoint_and_refused_as_a_lora(base, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    result = tmp_path / "fp-result"
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    with torch.no_grad():
+        unet.conv_in.weight.add_(0.5)  # "fine-tuned"
+    unet.save_pretrained(result / "unet")
+    (result / "training.json").write_text(json.dumps({"tuneqdm_method": "fp", "base_id": str(base)}))
+    assert main(["export", "--adapter", str(result), "--to", "lora", "--out", str(tmp_path / "l"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: {result} is a fine-tuned model (method fp), not a scale "
+                                       "adapter: export it with --to checkpoint, without --expert\n")
+    assert main(["export", "--adapter", str(result), "--to", "checkpoint", "--dtype", "fp16", "--single_file",
+                 "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    back = UNet2DConditionModel.from_single_file(str(tmp_path / "c" / "unet.safetensors"), config=str(base),
+                                                 subfolder="unet", torch_dtype=torch.float16)
+    assert torch.equal(back.conv_in.weight, unet.conv_in.weight.half())
