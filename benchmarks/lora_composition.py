@@ -35,7 +35,7 @@ def make_lora(folder: Path, std: float, seed: int) -> tuple[Path, int]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from tuneqdm.sampling import load_pipeline
+    from tuneqdm.loading import load_pipeline
     from tuneqdm.train.methods import LORA_TARGETS, add_lora
 
     pipe = load_pipeline()
@@ -65,7 +65,7 @@ def variant(bits: int | None, lora: Path | None):
     if bits is not None:
         tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=bits, method="peqa", init="mse"))
     if lora is not None:
-        from tuneqdm.sampling import add_lora_file
+        from tuneqdm.loading import add_lora_file
 
         add_lora_file(pipe, lora)
     return pipe

@@ -56,7 +56,7 @@ def main() -> None:
 
     from tuneqdm.cli import main as cli
     from tuneqdm.eval.encoders import zero_shot_classify
-    from tuneqdm.sampling import load_pipeline, pipeline_from
+    from tuneqdm.loading import load_pipeline, pipeline_from
     from tuneqdm.serialization import read_adapter_config
     from tuneqdm.toy.evaluators import load_toy_clip, load_toy_dino, place_prompts
     from tuneqdm.toy.world import PLACES

@@ -83,7 +83,8 @@ def ablation(args) -> dict:
     from tuneqdm.ptq.activation_calibration import observe_activations
     from tuneqdm.ptq.activations import ActivationConfig
     from tuneqdm.ptq.calibration import toy_calibration_prompts
-    from tuneqdm.sampling import generator, pipeline_from, set_scheduler
+    from tuneqdm.sampling import generator, set_scheduler
+    from tuneqdm.loading import pipeline_from
     from tuneqdm.toy.world import make_dataset
 
     pipe = pipeline_from(None)
@@ -231,7 +232,8 @@ def main():
     from tuneqdm.ptq.activations import ActivationConfig
     from tuneqdm.ptq.calibration import toy_calibration_prompts
     from tuneqdm.quant.paths import kernel_report, set_kernels
-    from tuneqdm.sampling import pipeline_from, set_scheduler
+    from tuneqdm.sampling import set_scheduler
+    from tuneqdm.loading import pipeline_from
     from tuneqdm.toy.evaluators import load_toy_clip
     from tuneqdm.toy.world import make_dataset
 

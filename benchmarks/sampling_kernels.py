@@ -102,7 +102,8 @@ def run_unet_step(mode: str, steps: int) -> dict:
 def run_toy(mode: str, images: int) -> dict:
     import tuneqdm
     from tuneqdm.quant.paths import kernel_report, sampling_kernels
-    from tuneqdm.sampling import generate, load_pipeline
+    from tuneqdm.sampling import generate
+    from tuneqdm.loading import load_pipeline
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     pipe = load_pipeline()
@@ -140,7 +141,7 @@ def sd15_pipeline() -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tuneqdm.sampling import load_pipeline
+    from tuneqdm.loading import load_pipeline
 
     path = CACHE / "sd15-pipeline"
     if (path / "model_index.json").is_file():

@@ -8,6 +8,14 @@ from tiny_pipelines import tiny_sd_pipeline
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _quantized_cache(tmp_path_factory):
+    """The cache of quantized bases (tuneqdm.loading.cache) in a folder of this session, never the user's."""
+    import os
+
+    os.environ["TUNEQDM_CACHE"] = str(tmp_path_factory.mktemp("tuneqdm-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -104,7 +104,7 @@ def test_negative_and_huge_seeds_work_and_wrap_like_torch(pipe):
                                              ("0.40.0", "dtype"), ("0.40.0.dev0", "torch_dtype"),
                                              ("0.42.1", "dtype"), ("1.0.0", "dtype")])
 def test_the_dtype_argument_follows_the_diffusers_version(installed, name):
-    from tuneqdm.loading import dtype_kwarg
+    from tuneqdm.libraries import dtype_kwarg
 
     assert dtype_kwarg(torch.float16, installed) == {name: torch.float16}
 

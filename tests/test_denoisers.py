@@ -6,7 +6,8 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pi
 
 from tuneqdm.denoisers import PIPELINES, denoiser, denoiser_component, family, native_size
 from tuneqdm.errors import TuneQDMError
-from tuneqdm.sampling import generate, pipeline_from
+from tuneqdm.sampling import generate
+from tuneqdm.loading import pipeline_from
 
 
 @pytest.mark.parametrize("build, attribute, model", [

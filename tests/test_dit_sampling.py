@@ -11,7 +11,8 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pi
 import tuneqdm
 from tuneqdm.cli import main
 from tuneqdm.denoisers import denoiser, family
-from tuneqdm.sampling import base_id, generate, pipeline_from
+from tuneqdm.sampling import generate
+from tuneqdm.loading import base_id, pipeline_from
 from tuneqdm.serialization import fingerprint, load_quantized
 from tuneqdm.tuning import QuantConfig, quantize_
 from tuneqdm.tuning.model import quant_state, quantized_layers
@@ -264,7 +265,8 @@ def _damage(folder, how: str) -> str:
         (transformer / shards[1]).unlink()
         return f"shard {transformer / shards[1]} is missing: download the model again"
     _set_dtype(transformer / shards[1], key, "Q7")  # a dtype safetensors cannot read
-    return f"{transformer / shards[1]} is not a readable safetensors file (Error while deserializing header"
+    return (f"{transformer / shards[1]}: tensor {key!r} is stored as 'Q7', which tuneqdm cannot read (weights: F64, "
+            "F32, F16, BF16, F8_E4M3, F8_E5M2): download the model again")
 
 
 DAMAGES = ["index names a tensor missing from its shard", "shard holds a tensor the index does not list",

@@ -70,7 +70,7 @@ def test_a_changed_base_is_refused_not_mixed(base, tmp_path, capsys):
     import torch
     from diffusers import AutoencoderKL
 
-    from tuneqdm.sampling import pipeline_fingerprint, pipeline_from
+    from tuneqdm.loading import pipeline_fingerprint, resolve
 
     assert main(_args(base, tmp_path, "floor", "--subjects", "0")) == 0
     other = tmp_path / "other"
@@ -79,7 +79,7 @@ def test_a_changed_base_is_refused_not_mixed(base, tmp_path, capsys):
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(0.1)
     vae.save_pretrained(other / "vae")
-    before, after = (pipeline_fingerprint(pipeline_from(str(b))) for b in (base, other))
+    before, after = (pipeline_fingerprint(resolve(str(b))) for b in (base, other))
     assert before != after
     capsys.readouterr()
     assert main(_args(other, tmp_path, "floor", "--subjects", "0")) == 2

@@ -218,7 +218,7 @@ def test_generate_kernels_flag_reports_paths_and_matches_the_reference(tmp_path,
 
     from tuneqdm.cli import main
     from tuneqdm.quant import QConv2d, QuantizedLayer
-    from tuneqdm.sampling import pipeline_from
+    from tuneqdm.loading import pipeline_from
 
     pipe = pipeline_from(str(tiny_sd_pipeline(tmp_path / "sd")))
     tuneqdm.quantize_(pipe.unet, tuneqdm.QuantConfig(bits=4, method="peqa"))

@@ -16,7 +16,8 @@ from tuneqdm.ptq.activation_calibration import (calibrate_activations, folder_na
 from tuneqdm.ptq.activations import (CHANNEL, POSITION, ActivationConfig, ActivationObserver, ActivationQuantizer,
                                      LayerParams, fake_quantize, fit_grouping, input_ranges, kmeans, uniform_params)
 from tuneqdm.ptq.attention import LOG_OCTAVES, QuantizedAttnProcessor, log_quantize, quantize_probabilities
-from tuneqdm.sampling import generate, pipeline_from
+from tuneqdm.sampling import generate
+from tuneqdm.loading import pipeline_from
 
 from tiny_models import tiny_unet
 from tiny_pipelines import tiny_sd_pipeline

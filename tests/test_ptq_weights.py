@@ -17,7 +17,7 @@ from tuneqdm.ptq.weights import (AdaRoundConfig, WeightCalibrationConfig, _Layer
 from tuneqdm.quant.packing import qrange
 from tuneqdm.quant.quantizer import quantize_weight
 from tuneqdm.quant.split import SplitConv2d
-from tuneqdm.sampling import pipeline_from
+from tuneqdm.loading import pipeline_from
 from tuneqdm.serialization import QUANT_MAP
 
 

@@ -245,7 +245,7 @@ def test_a_float_lora_on_the_w8_model_gives_the_float_model_with_it(base, float_
     w8 = tuneqdm.load_pipeline(base=str(base))
     tuneqdm.quantize_(w8.unet, tuneqdm.QuantConfig(bits=8, method="peqa", init="minmax"))
     plain = [np.asarray(i) for i in images(w8)]
-    from tuneqdm.sampling import add_lora_file
+    from tuneqdm.loading import add_lora_file
 
     add_lora_file(w8, float_lora)
     reference, with_lora = images(fp), images(w8)
@@ -280,7 +280,7 @@ def test_generate_composes_a_lora_with_a_tuneqdm_adapter(scales_adapter, float_l
 
 def test_bad_loras_fail_in_one_line(base, tmp_path, capsys):
     from tuneqdm.cli import main
-    from tuneqdm.sampling import add_lora_file
+    from tuneqdm.loading import add_lora_file
 
     other = save_random_lora(tiny_unet(block_out_channels=(16, 32), norm_num_groups=8), tmp_path)
     w8 = tuneqdm.load_pipeline(base=str(base))

@@ -220,14 +220,14 @@ def test_memory_savers_release_the_vae_and_text_encoder(base, photos, tmp_path, 
     import tuneqdm.train.loop as loop
 
     refs = []
-    real = loop.pipeline_from
+    real = loop.assemble
 
     def spy(*args, **kwargs):
         pipe = real(*args, **kwargs)
         refs.append((weakref.ref(pipe.vae), weakref.ref(pipe.text_encoder)))
         return pipe
 
-    monkeypatch.setattr(loop, "pipeline_from", spy)  # where training loads its pipelines
+    monkeypatch.setattr(loop, "assemble", spy)  # where training assembles its pipelines
     trainer = Trainer(cfg(base, photos, tmp_path / "on")).setup()
     gc.collect()
     assert refs and all(r() is None for r in refs[-1])  # quantized method: savers on by default

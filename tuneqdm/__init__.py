@@ -1,7 +1,7 @@
 """tuneqdm: personalize a diffusion model by training only the quantization scales of its low-bit weights."""
 
 from .errors import TuneQDMError
-from .sampling import load_pipeline
+from .loading import load_pipeline
 from .serialization import fingerprint, load_adapter, load_quantized, save_adapter, save_quantized
 from .tuning import (METHODS, QuantConfig, configure_, dequantize_, expert_for_timestep, quantize_, quantize_pretrained,
                      quantized_layers, scale_param_groups, scale_parameters, set_expert, set_timesteps, weight_bytes)

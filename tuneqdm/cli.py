@@ -19,7 +19,8 @@ from .quant.packing import SUPPORTED_BITS
 from .quant.paths import kernel_report
 from .quant.quantizer import INITS
 from .results import read_training_json
-from .sampling import check_base, generate, load_pipeline, pipeline_fingerprint, pipeline_from, set_scheduler
+from .loading import check_base, load_pipeline, pipeline_fingerprint, resolve
+from .sampling import generate, set_scheduler
 
 
 def _demo(args) -> None:
@@ -55,7 +56,7 @@ def _generate(args) -> None:
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
-                         lora_scale=args.lora_scale, kernels=args.kernels, **_version(args))
+                         lora_scale=args.lora_scale, kernels=args.kernels, **_version(args), **_loading(args))
     scheduler = set_scheduler(pipe, args.scheduler)
     model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
@@ -154,7 +155,7 @@ def _evaluate(args) -> None:
         subject_enc = DinoEncoder(args.dino_id, device=args.device)
         clip_enc = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device, **_version(args))
+                         quantized_base=args.quantized_base, device=args.device, **_version(args), **_loading(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             "instance_data_dir": str(args.instance_data_dir), "prompts": spec, "evaluator": evaluator,
             "class_word": class_word, **_version(args)}
@@ -179,7 +180,7 @@ def _evaluate_fid(args, out: Path) -> None:
 
         encoder = ClipEncoder(args.clip_id, device=args.device)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device, **_version(args))
+                         quantized_base=args.quantized_base, device=args.device, **_version(args), **_loading(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             **_version(args)}
     m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
@@ -198,7 +199,7 @@ def _quantize_activations(args) -> None:
                               args.force)
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
     pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
-                         **_version(args))
+                         **_version(args), **_loading(args))
     set_scheduler(pipe, args.scheduler)
     q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
                         samples=args.calib_samples, base=args.pretrained_model_name_or_path,
@@ -222,6 +223,23 @@ def _add_version_flags(parser, adapter: bool = False) -> None:
     parser.add_argument("--variant", default=None,
                         help="load the model's files of this variant, e.g. fp16 for *.fp16.safetensors "
                              f"(default: {trained}the files without a variant)")
+
+
+def _add_loading_flags(parser, train: bool = False) -> None:
+    """How a model is read from its files (tuneqdm.loading): the text encoders, and the cache of quantized bases."""
+    parser.add_argument("--text_encoders", choices=("stream", "resident"), default=None if train else "stream",
+                        help="stream: each module's weights read from the files as it runs (the least memory: a T5-XXL "
+                             "is one Linear at a time); resident: loaded whole (faster for many prompts) (default: "
+                             + ("stream with the memory savers, else resident)" if train else "stream)"))
+    parser.add_argument("--quantized_cache", default=None, metavar="DIR",
+                        help="reuse quantized bases from DIR, and add the ones quantized now (default: $TUNEQDM_CACHE, "
+                             "else ~/.cache/tuneqdm)")
+    parser.add_argument("--no_quantized_cache", dest="quantized_cache", action="store_const", const=False,
+                        help="quantize the base from its files every time, and write no cache entry")
+
+
+def _loading(args) -> dict:
+    return {"text_encoders": args.text_encoders, "quantized_cache": args.quantized_cache}
 
 
 def _add_activation_flags(parser, calibrate_only: bool) -> None:
@@ -300,9 +318,8 @@ def _benchmark_fidelity(args) -> None:
         encoders = (DinoEncoder(args.dino_id), ClipEncoder(args.clip_id))
     kw = {"prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
           "num_inference_steps": args.num_inference_steps, "seed": args.seed}
-    base = pipeline_from(args.pretrained_model_name_or_path)
-    total, base_fingerprint = sum(p.numel() for p in denoiser(base).parameters()), pipeline_fingerprint(base)
-    del base
+    source = resolve(args.pretrained_model_name_or_path)
+    total, base_fingerprint = _denoiser_parameters(source), pipeline_fingerprint(source)
     todo = cells(methods, args.bits, subjects)[shard::shards]
     for i, (m, b, s) in enumerate(progress(todo, desc="benchmark fidelity: cells", unit="cell")):
         cell = out / "cells" / cell_name(m, b) / s
@@ -314,6 +331,13 @@ def _benchmark_fidelity(args) -> None:
     print(f"table: {out / 'fidelity.md'}")
 
 
+def _denoiser_parameters(source) -> int:
+    """The denoiser's parameter count, read from its files' headers (no model is built)."""
+    from .shards import parameter_count
+
+    return parameter_count(source.weight_files(source.denoiser))
+
+
 def _fidelity_table_only(args, methods: list[str], out: Path) -> None:
     """The table of the finished cells of every (method, bits) asked for, missing ones left out; nothing trains."""
     from .eval.fidelity import table
@@ -323,7 +347,7 @@ def _fidelity_table_only(args, methods: list[str], out: Path) -> None:
         raise TuneQDMError(f"--table_only: {out} holds no finished cells; run the benchmark into it first")
     check_writable(out)
     subjects = [f"s{seed}" for seed in parse_seeds(args.subjects)]
-    total = sum(p.numel() for p in denoiser(pipeline_from(args.pretrained_model_name_or_path)).parameters())
+    total = _denoiser_parameters(resolve(args.pretrained_model_name_or_path))
     result = table(out, methods, args.bits, subjects, total)
     print(f"table: {out / 'fidelity.md'} ({len(result['rows'])} rows)")
 
@@ -385,6 +409,7 @@ def _add_train_parser(sub) -> None:
     a("--s1_intervals", default=None, help="method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
     a("--quant_init", choices=INITS, default="mse", help="quantizer initialisation (default mse)")
     a("--quantized_base", default=None, help="a folder of tuneqdm.save_quantized to start from (skips quantizing)")
+    _add_loading_flags(tr, train=True)
     a("--rank", type=int, default=4, help="LoRA rank (methods lora and qlora, default 4)")
     a("--lora_targets", default=None, help="LoRA target modules, comma-separated (default: to_k,to_q,to_v,to_out.0)")
     a("--instance_data_dir", default=None, help="folder of 3-6 photos of the subject")
@@ -645,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pretrained_model_name_or_path", default=None,
                      help="a local diffusers folder or hub id (default: the embedded toy pipeline)")
     _add_version_flags(gen, adapter=True)
+    _add_loading_flags(gen)
     gen.add_argument("--adapter", default=None, help="a `tuneqdm train` output folder (scales, LoRA or fp UNet)")
     gen.add_argument("--quantized_base", default=None,
                      help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
@@ -675,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the quantized base's, or the embedded one)")
     _add_version_flags(qa)
+    _add_loading_flags(qa)
     _add_activation_flags(qa, calibrate_only=True)
     qa.add_argument("--num_inference_steps", type=int, default=25, help="the sampling schedule calibrated (25)")
     qa.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
@@ -700,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pretrained_model_name_or_path", default=None,
                     help="a local diffusers folder or hub id (default: the adapter's base or the embedded pipeline)")
     _add_version_flags(ev, adapter=True)
+    _add_loading_flags(ev)
     ev.add_argument("--quantized_base", default=None,
                     help="a quantized base folder (tuneqdm.save_quantized; default: the one the adapter was trained "
                          "on, if its folder still exists, else none)")

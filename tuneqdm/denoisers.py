@@ -83,7 +83,11 @@ def denoiser(pipe) -> nn.Module:
 
 def denoiser_word(pipe) -> str:
     """How messages name the denoiser: "UNet" or "transformer"."""
-    attribute = family(pipe).attribute
+    return attribute_word(family(pipe).attribute)
+
+
+def attribute_word(attribute: str) -> str:
+    """How messages name the denoiser kept in the pipeline attribute ``attribute``: "UNet" or "transformer"."""
     return "UNet" if attribute == "unet" else attribute
 
 

@@ -53,3 +53,105 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+class PhaseMemory:
+    """The peak memory of each phase of a command (loading, encoding, quantizing, the loop, saving) and of the whole
+    process, measured without ever resetting the kernel's peak counter: a reset (``reset_peak_rss``) would hide every
+    earlier phase from ``/usr/bin/time``, from a parent's ``wait4`` and from this record alike.
+
+    On CPU a phase's peak is exact when the process reached a new high-water mark (VmHWM) during it; otherwise it is
+    the largest resident set a sampler thread saw every ``interval`` seconds (a lower bound: a spike shorter than the
+    interval can be missed). The whole-process peak is VmHWM itself. On CUDA each phase has the allocator's peak
+    (``max_memory_allocated``, reset per phase: that counter is the process's own) and the whole is their maximum;
+    the process's CPU peak is recorded beside it. Where a lazy reader's file pages count in the resident set
+    (``RssFile``: clean mmap'd checkpoint pages the kernel may drop), their size at the sampled peak is kept too.
+    """
+
+    def __init__(self, device="cpu", interval: float = 0.02):
+        import threading
+
+        self.cuda = str(device).startswith("cuda")
+        self.phases: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self._started = 0.0
+        self._name, self._start_hwm, self._sampled, self._file_at_peak = None, 0, 0, 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = None
+        if not self.cuda and proc_status_bytes("VmRSS") is not None:
+            self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+            self._thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            rss, file = proc_status_bytes("VmRSS") or 0, proc_status_bytes("RssFile") or 0
+            with self._lock:
+                if rss > self._sampled:
+                    self._sampled, self._file_at_peak = rss, file
+
+    def start(self, name: str) -> None:
+        """Phase ``name`` begins (the previous one, if any, ends)."""
+        import time
+
+        self.end()
+        self._started = time.perf_counter()
+        with self._lock:
+            self._name, self._start_hwm = name, proc_status_bytes("VmHWM") or 0
+            self._sampled = proc_status_bytes("VmRSS") or 0
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def current(self) -> int:
+        """The running phase's peak so far, in bytes."""
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        hwm = proc_status_bytes("VmHWM") or 0
+        with self._lock:
+            return hwm if hwm > self._start_hwm else max(self._sampled, proc_status_bytes("VmRSS") or 0)
+
+    def end(self) -> None:
+        import time
+
+        if self._name is not None:
+            self.phases[self._name] = max(self.phases.get(self._name, 0), self.current())
+            self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._started
+            self._name = None
+
+    def phase(self, name: str):
+        """A context manager around phase ``name``."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            self.start(name)
+            try:
+                yield self
+            finally:
+                self.end()
+
+        return scope()
+
+    def record(self) -> dict:
+        """``{"peak_mib", "phases_mib", "phases_seconds", "measured", ...}`` for training.json (MiB, one decimal; the
+        seconds of the phases that ended)."""
+        mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+        phases = {**self.phases, **({self._name: self.current()} if self._name else {})}
+        out = {"measured": "cuda" if self.cuda else "rss", "phases_mib": {k: mib(v) for k, v in phases.items()},
+               "phases_seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+        hwm = proc_status_bytes("VmHWM")
+        if self.cuda:
+            out["peak_mib"] = mib(max(phases.values(), default=0))
+            out["process_rss_peak_mib"] = mib(hwm) if hwm is not None else None
+        else:
+            out["peak_mib"] = mib(hwm) if hwm is not None else mib(max(phases.values(), default=0))
+            out["rss_file_mib_at_sampled_peak"] = mib(self._file_at_peak)
+        return out
+
+    def close(self) -> None:
+        self.end()
+        self._stop.set()

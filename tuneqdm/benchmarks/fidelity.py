@@ -18,16 +18,15 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..denoisers import denoiser, denoiser_word
 from ..errors import TuneQDMError
 from ..eval.evaluate import METRICS, evaluate, read_photos
 from ..eval.fidelity import FLOOR
 from ..eval.prompts import evaluation_prompts
-from ..progress import is_quiet, stage
-from ..sampling import base_id, load_pipeline, pipeline_from
+from ..loading import assemble, base_id, load_pipeline, quantized_denoiser, resolve
+from ..progress import is_quiet
 from ..train import TrainConfig, train
 from ..train.config import DEFAULT_LR
-from ..tuning import QuantConfig, quantize_
+from ..tuning import QuantConfig
 
 
 def _numel(path: Path) -> int:
@@ -91,11 +90,8 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
     token, class_word = meta["instance_prompt"].split()[1], meta["class"]
     info = {"method": method, "bits": bits, "subject": subject_dir.name, "settings": settings}
     if method == FLOOR:
-        pipe = pipeline_from(base)
-        model = denoiser(pipe)
-        with stage(f"quantizing the {denoiser_word(pipe)} to {bits} bits"):
-            quantize_(model, QuantConfig(bits=bits, method="peqa", init="mse"))
-        model.eval()
+        source = resolve(base)
+        pipe = assemble(source, quantized_denoiser(source, QuantConfig(bits=bits, method="peqa", init="mse")))
         info.update(trainable_params=0, adapter_bytes=0, train_s=0.0, train_peak_mib=None)
     else:
         run = cell / "run"

@@ -18,7 +18,7 @@ from ..denoisers import denoiser, denoiser_component, family_named
 from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import check_output_folder, read_json
 from ..results import LORA_WEIGHTS, adapter_kind, read_training_json
-from ..sampling import DEFAULT_BASE_ID, load_pipeline
+from ..loading import DEFAULT_BASE_ID, load_pipeline
 from ..serialization import read_adapter
 from .checkpoint import export_checkpoint
 from .deltas import check_rank_choice

@@ -26,7 +26,8 @@ from ..denoisers import call_kwargs, denoiser, family
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from ..progress import progress, stage
-from ..sampling import float_fingerprint, generator
+from ..loading import float_fingerprint
+from ..sampling import generator
 from ..serialization import fingerprint
 from ..tuning.model import STATE_ATTR
 from .activations import ActivationObserver, ActivationQuantizer, LayerParams

@@ -7,18 +7,18 @@ folder is written only when calibration has finished (temporary folder + rename)
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from ..denoisers import denoiser, family
+from ..denoisers import denoiser
 from ..errors import TuneQDMError
-from ..files import check_output_folder
-from ..sampling import base_id, check_base, pipeline_from
+from ..files import check_output_folder, read_json
+from ..loading import assemble, base_id, float_denoiser, pipeline_from, resolve
 from ..serialization import save_quantized
+from ..tuning.model import layers_to_quantize
 from ..tuning.streaming import quantize_pretrained
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
-from .weights import AdaRoundConfig, WeightCalibrationConfig, calibrate_weights
+from .weights import AdaRoundConfig, WeightCalibrationConfig, calibrate_weights, trace_unet
 
 
 def calibration_prompts(base, prompts_file, n: int) -> tuple[list[str], str]:
@@ -31,27 +31,13 @@ def calibration_prompts(base, prompts_file, n: int) -> tuple[list[str], str]:
     return toy_calibration_prompts(n), "toy world captions, seed 40000000"
 
 
-def streamable_denoiser(base, calibrate: str, split_shortcuts: bool) -> Path | None:
-    """The local denoiser folder to quantize tensor by tensor (tuning.streaming), or None for the calibrated path:
-    AdaRound needs the float model's outputs, and a UNet's shortcut splits are found from one forward pass. A
-    pipeline folder's class is checked first (one line for an unsupported one, before any work)."""
-    from ..denoisers import family_named
-    from ..files import read_json
-
-    if base is None or calibrate == "adaround":
+def model_folder(base) -> Path | None:
+    """``base`` when it is one diffusers model's folder (``MODEL/transformer``: a config.json naming a model class and
+    safetensors weights, no model_index.json), which is quantized as it is; None for a pipeline."""
+    folder = Path(base) if base is not None else None
+    if folder is None or (folder / "model_index.json").is_file() or not (folder / "config.json").is_file():
         return None
-    candidates = [Path(base), Path(base) / "transformer", Path(base) / "unet"]
-    if (Path(base) / "model_index.json").is_file():
-        name = read_json(Path(base) / "model_index.json", "diffusers pipeline").get("_class_name")
-        candidates = [Path(base) / family_named(str(name)).attribute]
-    for folder in candidates:
-        if (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model*.safetensors*")):
-            try:
-                is_unet = "UNet" in str(json.loads((folder / "config.json").read_text()).get("_class_name"))
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                return None  # the diffusers path reports the broken file
-            return None if is_unet and split_shortcuts else folder
-    return None
+    return folder if any(folder.glob("diffusion_pytorch_model*.safetensors*")) else None
 
 
 def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround", calib_prompts=None,
@@ -60,41 +46,69 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
                       adaround: AdaRoundConfig | None = None, force: bool = False, device="cpu",
                       progress=None, revision: str | None = None, variant: str | None = None) -> dict:
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
-    quantization.json (``"calibration"``)."""
+    quantization.json (``"calibration"``).
+
+    ``minmax`` and ``mse`` never build the float denoiser: its files are quantized tensor by tensor (a UNet's
+    shortcut splits are found first by one sampling step of the float UNet streamed module by module); ``adaround``
+    reconstructs blocks against the float model's outputs, held in memory."""
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
     out = check_output_folder(out, force)
-    check_base(base, revision, variant)  # an unsupported or damaged base before any work
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     t0 = time.perf_counter()
-    folder = streamable_denoiser(base, calibrate, split_shortcuts)
-    if folder is not None:
-        model = quantize_pretrained(folder, config.quant_config(), variant=variant)
+    folder = model_folder(base) if calibrate != "adaround" else None
+    if folder is not None and not (split_shortcuts and "UNet" in str(read_json(folder / "config.json", "model")
+                                                                         .get("_class_name"))):
+        model = quantize_pretrained(folder, config.quant_config(), variant=variant, device=device)
         record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "rows": 0, "splits": {}, "blocks": [],
                   "seconds": time.perf_counter() - t0}
         save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
         return record
-    prompts, source = calibration_prompts(base, calib_prompts, calib_samples)
-    pipe = pipeline_from(base, device, revision=revision, variant=variant)
-    model = denoiser(pipe)
-    guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
-    data_free = calibrate != "adaround"  # round-to-nearest needs one row only, to find the shortcut splits
-    n, steps = (1, 1) if data_free else (calib_samples, calib_steps)
-    calib = None
-    if not data_free or split_shortcuts:
-        calib = collect_calibration_set(pipe, prompts, n, num_inference_steps=num_inference_steps, steps=steps,
-                                        guidance_scale=guidance_scale, seed=seed)
+    source = resolve(base, revision, variant)  # an unsupported or damaged base before any work
+    guidance_scale = source.family.guidance if guidance_scale is None else guidance_scale
+    sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
+    if calibrate != "adaround":
+        return _streamed(out, source, config, calib_prompts, sampling, device, t0)
+    prompts, where = calibration_prompts(base, calib_prompts, calib_samples)
+    pipe = pipeline_from(source=source, device=device)
+    calib = collect_calibration_set(pipe, prompts, calib_samples, steps=calib_steps, **sampling)
     t_collect = time.perf_counter() - t0
-    report = calibrate_weights(model, calib, config, progress=progress)
-    record = {
-        **config.to_dict(),
-        "prompts": source, "num_prompts": len(prompts),
-        "samples_per_step": n, "steps": sorted(set(calib.steps.tolist())) if calib is not None else [],
-        "rows": len(calib) if calib is not None else 0, "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale, "seed": seed, "revision": revision, "variant": variant,
-        "collect_seconds": t_collect, "calibrate_seconds": report["seconds"],
-        "seconds": time.perf_counter() - t0, "splits": report["splits"], "blocks": report["blocks"],
-    }
-    save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
+    report = calibrate_weights(denoiser(pipe), calib, config, progress=progress)
+    record = {**config.to_dict(), **_calibration_record(calib, prompts, where, calib_samples, sampling, source),
+              "collect_seconds": t_collect, "calibrate_seconds": report["seconds"],
+              "seconds": time.perf_counter() - t0, "splits": report["splits"], "blocks": report["blocks"]}
+    save_quantized(denoiser(pipe), out, base_id=source.base_id, extra={"calibration": record})
     return record
+
+
+def _streamed(out, source, config: WeightCalibrationConfig, prompts_file, sampling: dict, device, t0) -> dict:
+    """Round to nearest (minmax, mse) straight from the denoiser's files, split where a UNet's up blocks read
+    ``concat(hidden, skip)`` (found by one step of the streamed float UNet on one calibration prompt)."""
+    calib, splits = None, {}
+    if config.split_shortcuts and source.denoiser == "unet":
+        prompts, where = calibration_prompts(source.name, prompts_file, 1)
+        pipe = assemble(source, float_denoiser(source, device, stream=True), device)
+        calib = collect_calibration_set(pipe, prompts, 1, steps=1, **sampling)
+        found, _ = trace_unet(denoiser(pipe), calib)
+        names = set(layers_to_quantize(denoiser(pipe), config.quant_config()))
+        splits = {k: v for k, v in found.items() if k in names}
+        del pipe
+    t_collect = time.perf_counter() - t0
+    folder = source.component_folder(source.denoiser)
+    model = quantize_pretrained(folder, config.quant_config(), variant=source.variant, device=device, splits=splits)
+    record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "collect_seconds": t_collect,
+              "calibrate_seconds": time.perf_counter() - t0 - t_collect, "seconds": time.perf_counter() - t0,
+              "splits": splits, "blocks": []}
+    if calib is not None:
+        record.update(_calibration_record(calib, prompts, where, 1, sampling, source))
+    else:
+        record["rows"] = 0
+    save_quantized(model, out, base_id=source.base_id, extra={"calibration": record})
+    return record
+
+
+def _calibration_record(calib, prompts, where: str, samples: int, sampling: dict, source) -> dict:
+    return {"prompts": where, "num_prompts": len(prompts), "samples_per_step": samples,
+            "steps": sorted(set(calib.steps.tolist())), "rows": len(calib), **sampling,
+            "revision": source.revision, "variant": source.variant}

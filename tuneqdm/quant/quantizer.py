@@ -40,10 +40,15 @@ def _params_for_range(lo: torch.Tensor, hi: torch.Tensor, bits: int):
     return scale, zero
 
 
-def _fake_quant(w2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def _squared_error(w2d: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   buffer: torch.Tensor) -> torch.Tensor:
+    """Per row, ``Σ (w − ŵ)²`` with ``ŵ = (clamp(round(w / s) + z) − z) · s``, every operation in place in ``buffer``:
+    the numbers of the out-of-place expression bit for bit, without a weight-sized allocation per operation (41
+    candidates x 7 operations for each block the mse init searches)."""
     qmin, qmax = qrange(bits)
-    q = torch.clamp(torch.round(w2d / scale[:, None]) + zero[:, None], qmin, qmax)
-    return (q - zero[:, None]) * scale[:, None]
+    torch.div(w2d, scale[:, None], out=buffer)
+    buffer.round_().add_(zero[:, None]).clamp_(qmin, qmax).sub_(zero[:, None]).mul_(scale[:, None])
+    return torch.sub(w2d, buffer, out=buffer).pow_(2).sum(dim=1)
 
 
 @torch.no_grad()
@@ -62,10 +67,11 @@ def quantize_weight(weight: torch.Tensor, bits: int, init: str = "minmax") -> Qu
     hi = w2d.amax(dim=1).clamp(min=0)
     scale, zero = _params_for_range(lo, hi, bits)
     if init == "mse":
-        best = (w2d - _fake_quant(w2d, scale, zero, bits)).pow_(2).sum(dim=1)
+        buffer = torch.empty_like(w2d)  # one buffer for every candidate
+        best = _squared_error(w2d, scale, zero, bits, buffer)
         for ratio in MSE_GRID[1:]:
             s, z = _params_for_range(lo * ratio, hi * ratio, bits)
-            err = (w2d - _fake_quant(w2d, s, z, bits)).pow_(2).sum(dim=1)
+            err = _squared_error(w2d, s, z, bits, buffer)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneQDMError
-from ..loading import dtype_kwarg, quiet_loading
+from ..libraries import dtype_kwarg, quiet_loading
 
 DEFAULT_PIPELINE_DIR = Path(__file__).resolve().parent / "default_pipeline"
 MANIFEST = "tuneqdm_pretrain.json"

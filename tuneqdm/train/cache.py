@@ -19,8 +19,10 @@ from .objective import Denoising, encode_prompt
 
 
 @torch.no_grad()
-def encode_pixels(vae, pixels: torch.Tensor, device, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior of each image, unscaled: (mean, std), each (N, C, h, w) float32."""
+def encode_pixels(vae, pixels: torch.Tensor, device, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of each image, unscaled: (mean, std), each (N, C, h, w) float32. One image at a time by
+    default: the encoder's activations of one 1024 px image are 0.5 GB per tensor in float32, so a batch of photos
+    would make encoding the peak of a whole training run."""
     means, stds = [], []
     dtype = next(vae.parameters()).dtype
     for start in range(0, pixels.shape[0], batch_size):

@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
+from ..loading.pipeline import check_text_encoders
 from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
 QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
@@ -39,6 +40,7 @@ POLYNOMIAL_LR_END = 1e-7  # diffusers' get_scheduler: the polynomial schedule de
 HARMLESS = ("output_dir", "resume_from_checkpoint", "force", "quiet", "report_to", "checkpointing_steps",
             "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
             "validation_inference_steps", "gradient_checkpointing", "sample_batch_size", "quantized_base",
+            "quantized_cache", "text_encoders",
             "instance_data_dir", "subjects", "pretrained_model_name_or_path")
 # settings that shape only some models' runs: the trainer records them for the bases they apply to
 MODEL_SETTINGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
@@ -59,6 +61,7 @@ class TrainConfig:
     s1_intervals: str | None = None  # "0-250" or "0-250,600-800" (method s1)
     quant_init: str = "mse"
     quantized_base: str | None = None
+    quantized_cache: str | bool | None = None  # where quantized bases are reused (None: the default folder; False: none)
     rank: int = 4  # LoRA rank
     lora_targets: str | None = None  # comma-separated module names (PEFT target_modules); None: diffusers' four
     # data
@@ -75,6 +78,7 @@ class TrainConfig:
     resolution: int | None = None  # None: the pipeline's native size
     center_crop: bool = False
     memory_savers: bool | None = None  # None: on for the quantized methods, off for fp/lora
+    text_encoders: str | None = None  # stream | resident (None: stream with the memory savers, else resident)
     max_sequence_length: int | None = None  # T5 tokens of a prompt (None: the pipeline's own, e.g. Flux 512)
     # flow-matching objective (FlowMatchEulerDiscreteScheduler: Flux, SD3); ignored by DDPM-family schedulers
     weighting_scheme: str = "logit_normal"
@@ -132,6 +136,8 @@ class TrainConfig:
         if self.report_to not in (None, "none", *REPORT_TO):
             raise TuneQDMError(f"--report_to {self.report_to!r}: choose {', '.join(REPORT_TO)} (train_log.jsonl "
                                "is always written)")
+        if self.text_encoders is not None:
+            check_text_encoders(self.text_encoders)
         self._check_optimizer()
         self._check_flow()
         self._check_schedule()
@@ -291,6 +297,12 @@ class TrainConfig:
     @property
     def savers(self) -> bool:
         return self.memory_savers if self.memory_savers is not None else self.quantized
+
+    @property
+    def encoders(self) -> str:
+        """How the text encoders are held: streamed from their files when they encode each prompt once (the memory
+        savers), resident when they encode every batch."""
+        return self.text_encoders or ("stream" if self.savers else "resident")
 
     @property
     def intervals(self) -> tuple[tuple[int, int], ...]:

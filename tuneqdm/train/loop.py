@@ -26,14 +26,16 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import PIPELINES, denoiser, is_flow_matching, native_size
+from ..denoisers import denoiser, is_flow_matching, native_size
 from ..errors import TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
-from ..memory import pin_mmap_threshold, proc_status_bytes, reset_peak_rss
+from ..loading import (QuantizedCache, Source, assemble, denoiser_skeleton, float_denoiser, float_fingerprint,
+                       quantized_denoiser, resolve)
+from ..memory import PhaseMemory, pin_mmap_threshold
 from ..photos import TrainWarning
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from ..results import PRODUCTS, read_training_json
-from ..sampling import base_id, base_source, float_fingerprint, generate, pipeline_from
+from ..sampling import generate
 from ..serialization import fingerprint
 from ..tuning.config import interval_problem
 from . import checkpoint as ckpt
@@ -80,26 +82,6 @@ def permutation_index(seed: int, stream: int, n: int, position: int) -> int:
     return int(torch.randperm(n, generator=g)[within])
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the peak over: CUDA's allocator statistics, or the process's VmHWM (Linux: ``5 > clear_refs``)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    reset_peak_rss()
-
-
-def peak_memory(device: torch.device) -> tuple[float, str]:
-    """Peak memory in MiB so far: CUDA's allocator peak on a GPU, the process's peak RSS (VmHWM) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda"
-    peak = proc_status_bytes("VmHWM")
-    if peak is not None:
-        return peak / 2**20, "rss"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
-
-
 @dataclass
 class Examples:
     """Instance photos (with the prompt and class group of each) and class images (by group)."""
@@ -132,7 +114,8 @@ class Trainer:
         self.main = True  # this process writes the files and the messages
         self.base_id: str | None = None
         self.identity: dict = {}  # the resolved settings a resume must share (see _settings_identity)
-        self.version = {"revision": cfg.revision, "variant": cfg.variant}  # of the base's hub id or folder
+        self._source: Source | None = None  # the base's checked files (tuneqdm.loading): see ``source``
+        self.memory: PhaseMemory | None = None  # the peak of every phase and of the whole process
         # the base model and the data
         self.pipeline_class: type | None = None
         self.pipe = None  # the base pipeline, kept for validation when the memory savers are off
@@ -211,7 +194,6 @@ class Trainer:
                 warn(problem)
             if cfg.with_prior_preservation and not s.class_prompt:
                 raise TuneQDMError("--with_prior_preservation needs --class_prompt (e.g. \"a dog\")")
-        self._check_intervals()
         if cfg.report_to == "tensorboard":
             from importlib.util import find_spec
 
@@ -219,26 +201,19 @@ class Trainer:
                 raise TuneQDMError("--report_to tensorboard needs TensorBoard, which is not installed: "
                                    "pip install tensorboard")
 
-    def _base_config(self, subfolder: str | None = None) -> dict:
-        """The base's ``model_index.json`` (or a component's config), read without loading a model; {} when it cannot
-        be read (the base then fails to load later, with its own one-line error)."""
-        from diffusers import DDPMScheduler, DiffusionPipeline
+    @property
+    def source(self) -> Source:
+        """The base, resolved to its checked files on first use (no model is built)."""
+        if self._source is None:
+            cfg = self.cfg
+            self._source = resolve(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+        return self._source
 
-        source, extra = base_source(self.cfg.pretrained_model_name_or_path, self.cfg.revision, self.cfg.variant)
-        reader = DDPMScheduler if subfolder else DiffusionPipeline  # load_config only reads the JSON file
-        try:
-            return dict(reader.load_config(source, **({"subfolder": subfolder} if subfolder else {}), **extra))
-        except (OSError, ValueError):
-            return {}
-
-    def _check_intervals(self):
-        """--s1_intervals against the base's timesteps, read from its scheduler config (no model needed)."""
-        if not self.cfg.intervals:
-            return
-        T = self._base_config("scheduler").get("num_train_timesteps")
-        if not isinstance(T, int):
-            return
-        for a, b in self.cfg.intervals:
+    def _check_base(self):
+        """The base's files checked (one line for an unsupported, missing or damaged one) and --s1_intervals against
+        its timesteps, read from its scheduler config: no model is built."""
+        T = self.source.config("scheduler").get("num_train_timesteps")
+        for a, b in self.cfg.intervals if isinstance(T, int) else ():
             if interval_problem(a, b, T) == "beyond":
                 raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
                                    f"interval must end at {T} or below")
@@ -247,11 +222,10 @@ class Trainer:
         """The settings that shape only some models' runs, resolved for this base: the flow-matching ones when its
         scheduler is one, the T5 prompt length when it has a T5 encoder (so other runs record neither)."""
         c, out = self.cfg, {}
-        if is_flow_matching(self._base_config("scheduler").get("_class_name", "")):
+        if is_flow_matching(self.source.config("scheduler").get("_class_name", "")):
             out.update(weighting_scheme=c.weighting_scheme, logit_mean=c.logit_mean, logit_std=c.logit_std,
                        mode_scale=c.mode_scale if c.weighting_scheme == "mode" else None)
-        family_ = PIPELINES.get(self._base_config().get("_class_name"))
-        if family_ is not None and family_.t5_tokenizer is not None:
+        if self.source.family.t5_tokenizer is not None:
             out["max_sequence_length"] = c.max_sequence_length  # None: the pipeline's own default
         return out
 
@@ -274,12 +248,16 @@ class Trainer:
             raise TuneQDMError(f"cannot set up training ({first_line(e, None)})") from None
 
     def setup(self):
-        """Check what needs no model, then build the pipeline, the examples and the optimizer, and resume."""
+        """Check what needs no model; then, one phase at a time so that each phase's memory is freed before the next
+        one's is taken: encode the photos and prompts (text encoders streamed from their files, the VAE, the
+        denoiser only as a skeleton; class images by the float denoiser streamed module by module), release those,
+        build the denoiser (packed integers streamed from its files or the cache), the optimizer, and resume."""
         cfg = self.cfg
         pin_mmap_threshold()
         self._check_before_accelerate()
         self._start_accelerator()
-        self.base_id = base_id(cfg.pretrained_model_name_or_path)
+        self.memory = PhaseMemory(self.acc.device)
+        self.base_id = self.source.base_id
         self.identity = self._settings_identity(self.subjects)
         self.finished = self._check_before_loading()
         if self.finished:
@@ -287,19 +265,23 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        pipe = self._build_pipeline()
-        self._build_examples(pipe)
-        self._encode_examples(pipe)
-        unet = denoiser(pipe)
+        with self.memory.phase("encode"):
+            pipe = self._build_pipeline()
+            self._build_examples(pipe)
+            self._encode_examples(pipe)
         if cfg.savers:  # memory savers: the VAE and the text encoders go, the examples live on as latents/embeddings
             release(pipe)
             self.examples.instance_pixels = self.examples.class_pixels = None
             del pipe
             gc.collect()
-        else:
+        with self.memory.phase("denoiser"):
+            unet = self._denoiser()
+        if not cfg.savers:
+            setattr(pipe, self.source.denoiser, unet)
             self.pipe = pipe
-        self._build_optimizer(unet)
-        self._resume()
+        with self.memory.phase("prepare"):
+            self._build_optimizer(unet)
+            self._resume()
         return self
 
     def _check_before_accelerate(self):
@@ -310,6 +292,7 @@ class Trainer:
         self.resume_path = ckpt.resolve(self.out, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
         self.subjects = self._subjects()
         self._check_inputs(self.subjects)
+        self._check_base()
 
     def _start_accelerator(self):
         self.acc = self._accelerator()
@@ -318,9 +301,10 @@ class Trainer:
             _quiet_libraries()
 
     def _build_pipeline(self):
-        """The base pipeline on this process's device, checked against the method; the resolution it trains at."""
+        """The base pipeline on this process's device for encoding (its denoiser a skeleton on the meta device),
+        checked against the method; the resolution it trains at."""
         cfg = self.cfg
-        pipe = self._load_pipeline(self.acc.device)
+        pipe = assemble(self.source, denoiser_skeleton(self.source), self.acc.device, text_encoders=cfg.encoders)
         self.pipeline_class = type(pipe)
         if cfg.method in LORA_METHODS and not hasattr(self.pipeline_class, "save_lora_weights"):
             raise TuneQDMError(f"--method {cfg.method}: diffusers has no LoRA loader for {self.pipeline_class.__name__}"
@@ -345,7 +329,7 @@ class Trainer:
         rate, from ``prepare``) and the lr schedule, all prepared by accelerate."""
         cfg, acc = self.cfg, self.acc
         float_print = float_fingerprint(unet) if cfg.method == "lora" else None  # before PEFT renames the layers
-        with stage(f"quantizing the {kind(unet)} to {cfg.bits} bits" if cfg.quantized else f"preparing {cfg.method}"):
+        with stage(f"preparing {cfg.method} on the {kind(unet)}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -369,25 +353,17 @@ class Trainer:
         else:
             self.fingerprint = float_print
 
-    def _load_pipeline(self, device):
-        """The base pipeline, its denoiser replaced by a saved quantized base when one is given."""
-        cfg = self.cfg
-        source, extra = base_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-        if not cfg.quantized_base:
-            return pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version)
-        import diffusers
-        from diffusers import DiffusionPipeline
-
-        try:
-            index = DiffusionPipeline.load_config(source, **extra)
-            family_ = PIPELINES.get(index.get("_class_name"))
-            component = family_.attribute if family_ else "unet"
-            model_class = getattr(diffusers, index[component][1])
-            float_config = model_class.load_config(source, subfolder=component, **extra)
-        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            raise TuneQDMError(f"cannot read the denoiser config of {source}: {first_line(e, None)}") from None
-        model = load_quantized_base(cfg.quantized_base, float_config)
-        return pipeline_from(cfg.pretrained_model_name_or_path, device, **self.version, **{component: model})
+    def _denoiser(self):
+        """The denoiser to train: a saved quantized base; for the scale methods and qlora the base's packed integers
+        (streamed from its files on this process's device, or read from the cache of quantized bases); the float
+        denoiser for fp and lora, which train or wrap it."""
+        cfg, device = self.cfg, self.acc.device
+        if cfg.quantized_base:
+            return load_quantized_base(cfg.quantized_base, self.source.config(self.source.denoiser), device)
+        if cfg.method in ("fp", "lora"):  # float32, as their results' fingerprints and every earlier run had it
+            return float_denoiser(self.source, device)
+        return quantized_denoiser(self.source, cfg.quant_config(self.T), device, QuantizedCache.of(cfg.quantized_cache),
+                                  store=self.main)
 
     def _resolution(self, pipe) -> int:
         """--resolution, or the model's native size; refused when the denoiser cannot take it."""
@@ -438,13 +414,27 @@ class Trainer:
         the base on the main process first."""
         cfg, made = self.cfg, 0
         if self.main:
-            made = ensure_class_images(pipe, folder, prompt, cfg.num_class_images, self.resolution, cfg.seed,
-                                       cfg.prior_inference_steps, cfg.sample_batch_size)
+            with self._float_denoiser_in(pipe):
+                made = ensure_class_images(pipe, folder, prompt, cfg.num_class_images, self.resolution, cfg.seed,
+                                           cfg.prior_inference_steps, cfg.sample_batch_size)
         self.acc.wait_for_everyone()
         if made and self.main and not cfg.quiet:
             print(f"generated {made} class images of '{prompt}' in {folder}", file=sys.stderr)
         photos = load_folder(folder, self.resolution, True, cfg.seed, what="--class_data_dir")
         return photos[:max(cfg.num_class_images, 1)]
+
+    @contextlib.contextmanager
+    def _float_denoiser_in(self, pipe):
+        """The base's float denoiser in ``pipe`` for the block, streamed from its files module by module (class images
+        are the float model's own, as they always were, without the float model in memory)."""
+        skeleton = denoiser(pipe)
+        setattr(pipe, self.source.denoiser, float_denoiser(self.source, self.acc.device, stream=True))
+        try:
+            with self.memory.phase("class_images"):
+                yield
+        finally:
+            setattr(pipe, self.source.denoiser, skeleton)
+            self.memory.start("encode")
 
     def _settings_identity(self, subjects: list[Subject]) -> dict:
         """The resolved settings that shape the result, the subjects included (their photos by content): what a
@@ -569,7 +559,7 @@ class Trainer:
             return self.out
         bar = progress(total=cfg.max_train_steps, initial=self.step, desc="train", unit="step", disable=not self.main)
         log = self._open_log()
-        reset_peak_memory(self.acc.device)  # the log's peak is the training loop's, not quantization's or loading's
+        self.memory.start("loop")  # the log's peak is the loop's; training.json has every phase's and the whole's
         with _Signals() as signals:
             with self._closing(bar, log), self._checkpoint_on_signal(signals, bar):
                 while self.step < cfg.max_train_steps:
@@ -583,9 +573,10 @@ class Trainer:
                             self.save_checkpoint()
                     if self._validation_due():
                         self.validate()
-            with signals.held(deliver=False):
+            with signals.held(deliver=False), self.memory.phase("save"):
                 self._save_result()
         self.acc.end_training()
+        self.memory.close()
         return self.out
 
     def _step(self, signals, log) -> tuple[float, float]:
@@ -629,9 +620,9 @@ class Trainer:
     def _log_step(self, log, loss: float, lr: float, seconds: float) -> None:
         """The step's row of ``train_log.jsonl`` (main process) and of the tracker (``--report_to``)."""
         if self.main:
-            mem, measured = peak_memory(self.acc.device)
             row = {"step": self.step, "loss": round(loss, 6), "lr": lr, "s_per_step": round(seconds, 4),
-                   "peak_mem_mib": round(mem, 1), "peak_mem": measured}
+                   "peak_mem_mib": round(self.memory.current() / 2**20, 1),
+                   "peak_mem": "cuda" if self.memory.cuda else "rss"}
             try:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -716,7 +707,7 @@ class Trainer:
                 "validation_prompt": self.validation_prompt, "resolution": self.resolution,
                 "quantized_base": str(Path(cfg.quantized_base).resolve()) if cfg.quantized_base else None,
                 "learning_rate": cfg.lr, "lr_is_relative": cfg.trains_scales, "settings": cfg.to_dict(),
-                "identity": self._identity()}
+                "identity": self._identity(), "memory": self.memory.record()}
 
     def save_checkpoint(self) -> Path | None:
         """Write the state after ``self.step`` completed steps (main process); others wait."""
@@ -801,8 +792,7 @@ class Trainer:
         try:
             pipe = self.pipe
             if pipe is None:
-                pipe = pipeline_from(cfg.pretrained_model_name_or_path, self.acc.device, **self.version,
-                                     **{PIPELINES[self.pipeline_class.__name__].attribute: model})
+                pipe = assemble(self.source, model, self.acc.device, text_encoders=cfg.encoders)
             pipeline_progress(pipe, f"validation at step {self.step}")
             images = generate(pipe, self.validation_prompt, cfg.num_validation_images, cfg.validation_inference_steps,
                               seed=cfg.seed, height=self.resolution, width=self.resolution)

@@ -28,10 +28,10 @@ def kind(model: nn.Module) -> str:
     return "UNet" if "UNet" in type(model).__name__ else "transformer"
 
 
-def load_quantized_base(directory, float_unet_config: dict | None = None) -> nn.Module:
-    """A saved quantized base, checked against the pipeline's UNet config when one is given."""
+def load_quantized_base(directory, float_unet_config: dict | None = None, device="cpu") -> nn.Module:
+    """A saved quantized base on ``device``, checked against the pipeline's UNet config when one is given."""
     directory = Path(directory)
-    unet = load_quantized(directory)
+    unet = load_quantized(directory, device=device)
     if float_unet_config is not None:
         ignore = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
         mine = {k: v for k, v in dict(unet.config).items() if k not in ignore}

@@ -14,21 +14,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import TuneQDMError
 from ..files import first_line
 from ..memory import pin_mmap_threshold
+from ..progress import progress
 from ..quant.layers import QuantizedLayer
 from ..quant.packing import pack, values_per_byte
 from ..quant.quantizer import quantize_weight
+from ..quant.split import SplitConv2d
+from ..shards import header, read_tensor, weight_files
 from .config import QuantConfig
-from .model import attach, empty_quantized_
+from .model import attach, empty_quantized_, replace_module
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-_READABLE_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 BLOCK_ELEMENTS = 1 << 22  # rows quantized together: float temporaries stay ~16 MB whatever the layer's size
 
 
@@ -44,62 +43,6 @@ def diffusers_model_class(name) -> type[nn.Module] | None:
     except (ImportError, RuntimeError):  # an export whose optional dependency is missing
         return None
     return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
-
-
-def weight_files(folder: Path, variant: str | None = None) -> dict[str, list[str]]:
-    """``{shard file: [tensor names]}`` of a diffusers model folder, checked against its index when sharded."""
-    def named(name: str) -> str:
-        stem, dot, ext = name.partition(".")
-        return f"{stem}.{variant}.{ext}" if variant else name
-
-    index = folder / named(INDEX_NAME)
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise TuneQDMError(f"{index} is not a safetensors index (no weight_map): download the model again")
-        shards: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            if Path(shard).name != shard:
-                raise TuneQDMError(f"{index} names a shard outside the folder ({shard!r}): download the model again")
-            shards.setdefault(shard, []).append(key)
-        for shard, keys in shards.items():
-            present = set(_header_keys(folder / shard))
-            if present != set(keys):
-                odd = sorted(present ^ set(keys))
-                raise TuneQDMError(f"shard {folder / shard} does not match {index.name} (e.g. {odd[0]!r}): "
-                                   "download the model again")
-        return shards
-    single = folder / named(WEIGHTS_NAME)
-    if single.is_file():
-        return {single.name: list(_header_keys(single))}
-    raise TuneQDMError(f"{folder} holds no {named(WEIGHTS_NAME)} nor {named(INDEX_NAME)}: "
-                       "pass a diffusers model folder saved with safetensors")
-
-
-def _header_keys(path: Path) -> list[str]:
-    if not path.is_file():
-        raise TuneQDMError(f"shard {path} is missing: download the model again")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise TuneQDMError(f"{path} is not a readable safetensors file ({first_line(e)}): "
-                           "download the model again") from None
-
-
-def _read_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor, read through its own short-lived mapping (see the module docstring)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            t = f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError, TypeError) as e:
-        raise TuneQDMError(f"{path}: tensor {key!r} cannot be read ({first_line(e)}): "
-                           "download the model again") from None
-    if t.dtype not in _READABLE_DTYPES:
-        raise TuneQDMError(f"{path}: tensor {key!r} is {t.dtype}, not a float weight: download the model again")
-    return t
 
 
 def empty_model(cls: type[nn.Module], config: dict, config_file: Path, fix: str) -> nn.Module:
@@ -147,41 +90,82 @@ def _quantize_into(layer: QuantizedLayer, weight: torch.Tensor, bits: int, init:
 
 @torch.no_grad()
 def quantize_pretrained(folder, config: QuantConfig | None = None, variant: str | None = None,
-                        dtype: torch.dtype = torch.float32, **kwargs) -> nn.Module:
-    """Quantize the diffusers model in ``folder`` (e.g. ``MODEL/transformer``) tensor by tensor.
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        splits: dict[str, int] | None = None, **kwargs) -> nn.Module:
+    """Quantize the diffusers model in ``folder`` (e.g. ``MODEL/transformer``) tensor by tensor, on ``device``.
 
     The result equals ``quantize_(cls.from_pretrained(folder), config)`` (same integers, scales and other tensors,
-    the latter cast to ``dtype``), at a fraction of the memory.
+    the latter cast to ``dtype``), at a fraction of the memory: on a GPU each tensor is moved there as it is read and
+    quantized there, so only packed weights and scales ever live on it. ``splits``: ``{conv: input channel}`` of the
+    convs quantized as two slices (Q-Diffusion's shortcut splitting, ``tuneqdm.quant.split``), as ``tuneqdm
+    quantize`` finds them. A bar shows the tensors and bytes read.
     """
-    folder = Path(folder)
+    folder, device = Path(folder), torch.device(device)
     pin_mmap_threshold()  # every freed temporary goes straight back to the OS (see tuneqdm.memory)
     config = replace(config, **kwargs) if config is not None else QuantConfig(**kwargs)
-    shards = weight_files(folder, variant)
+    files = weight_files(folder, variant)
     model = _skeleton(folder)
+    for name, split in (splits or {}).items():
+        replace_module(model, name, SplitConv2d.from_conv(_conv(model, name, folder), split, device="meta"))
     layers = empty_quantized_(model, config)
-    expected = dict(model.named_parameters()) | dict(model.named_buffers())
-    rest: dict[str, torch.Tensor] = {}
-    for shard, keys in shards.items():
-        for key in keys:
-            owner, _, leaf = key.rpartition(".")
-            t = _read_tensor(folder / shard, key)
-            if owner in layers and leaf == "weight":
-                layer = layers[owner]
-                if t.shape != layer.weight_shape:
-                    raise TuneQDMError(f"{folder / shard}: {key} has shape {tuple(t.shape)}, the model's config "
-                                       f"implies {tuple(layer.weight_shape)}: the folder's files do not match")
-                _quantize_into(layer, t, config.bits, config.init)
-            elif key in expected:
-                if t.shape != expected[key].shape:
-                    raise TuneQDMError(f"{folder / shard}: {key} has shape {tuple(t.shape)}, the model's config "
-                                       f"implies {tuple(expected[key].shape)}: the folder's files do not match")
-                rest[key] = t.to(torch.float32 if owner in layers else dtype)
-            else:
-                raise TuneQDMError(f"{folder / shard} holds {key!r}, which the model of config.json does not have")
-            del t
+    rest = _stream_into(model, layers, files, folder, config, dtype, device, splits or {})
     model.load_state_dict(rest, strict=False, assign=True)
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
         raise TuneQDMError(f"{folder} lacks tensors for {missing[:3]}: download the model again")
     attach(model, config)
     return model.eval()
+
+
+def _conv(model: nn.Module, name: str, folder: Path) -> nn.Conv2d:
+    try:
+        conv = model.get_submodule(name)
+    except AttributeError:
+        conv = None
+    if type(conv) is not nn.Conv2d:
+        raise TuneQDMError(f"cannot split {name!r} of {folder}: it is not a Conv2d of the model")
+    return conv
+
+
+def _stream_into(model, layers, files, folder, config, dtype, device, splits) -> dict[str, torch.Tensor]:
+    """Read every tensor once: a quantized layer's weight into its packed integers (a split conv's into its two
+    slices), every other tensor returned (in ``dtype``; a quantized layer's bias in float32) for ``load_state_dict``."""
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    total = sum(_nbytes(info) for shard, keys in files.items() for info in map(header(shard).get, keys))
+    rest: dict[str, torch.Tensor] = {}
+    kind = "UNet" if "UNet" in type(model).__name__ else "transformer"
+    bar = progress(desc=f"quantizing the {kind} to {config.bits} bits ({config.init})", total=total, unit="B",
+                   unit_scale=True, unit_divisor=1024, mininterval=1.0)
+    with bar:
+        for shard, keys in files.items():
+            for key in keys:
+                owner, _, leaf = key.rpartition(".")
+                t = read_tensor(shard, key).to(device)
+                bar.update(t.numel() * t.element_size())
+                if owner in splits and leaf == "weight":  # the two input-channel slices, each its own quantizer
+                    for part, piece in (("hidden", t[:, :splits[owner]]), ("skip", t[:, splits[owner]:])):
+                        _check_shape(shard, f"{key} ({part})", piece.shape, layers[f"{owner}.{part}"].weight_shape)
+                        _quantize_into(layers[f"{owner}.{part}"], piece, config.bits, config.init)
+                elif owner in splits and leaf == "bias":  # held by the hidden half
+                    rest[f"{owner}.hidden.bias"] = t.to(torch.float32)
+                elif owner in layers and leaf == "weight":
+                    _check_shape(shard, key, t.shape, layers[owner].weight_shape)
+                    _quantize_into(layers[owner], t, config.bits, config.init)
+                elif key in expected:
+                    _check_shape(shard, key, t.shape, expected[key].shape)
+                    rest[key] = t.to(torch.float32 if owner in layers else dtype)
+                else:
+                    raise TuneQDMError(f"{shard} holds {key!r}, which the model of config.json does not have")
+                del t
+    return rest
+
+
+def _check_shape(where, key: str, shape, implied) -> None:
+    if tuple(shape) != tuple(implied):
+        raise TuneQDMError(f"{where}: {key} has shape {tuple(shape)}, the model's config implies {tuple(implied)}: "
+                           "the folder's files do not match")
+
+
+def _nbytes(info: dict) -> int:
+    start, end = info["data_offsets"]
+    return end - start

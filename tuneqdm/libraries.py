@@ -1,4 +1,4 @@
-"""Loading diffusers components: quietly (no per-component bars) and with this diffusers version's dtype argument.
+"""Calls into diffusers and transformers made quiet (no per-component bars) and version-proof (the dtype argument).
 
 One home below both ``tuneqdm.sampling`` and the embedded toy pipeline (``tuneqdm.toy.pipeline``), which load
 pipelines the same way. diffusers and transformers are imported on use: they are slow to import and ``tuneqdm

@@ -1,0 +1,83 @@
+"""One component of a pipeline (a text encoder, the VAE, a float denoiser) built from its folder: on the meta device
+(a skeleton: its config only), streamed (weights read per module as it runs: ``streamed``), or resident (loaded
+whole, in the compute dtype, by its library's ``from_pretrained``).
+
+Files name their classes (``model_index.json``: ``["transformers", "T5EncoderModel"]``); a class is taken only from
+the exports of diffusers or transformers, and only when it is a model class, so a crafted file never gets an
+arbitrary module imported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TuneQDMError
+from ..files import first_line
+from ..libraries import dtype_kwarg, quiet_loading
+from ..tuning.streaming import diffusers_model_class, empty_model
+from .source import Source
+from .streamed import stream
+
+
+def transformers_model_class(name) -> type[nn.Module] | None:
+    """The model class transformers exports under exactly ``name`` (None when there is none)."""
+    import transformers
+
+    if not (isinstance(name, str) and name.isidentifier()):
+        return None
+    try:
+        cls = getattr(transformers, name, None)
+    except (ImportError, RuntimeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
+def model_class(source: Source, name: str) -> type[nn.Module]:
+    library, class_name = source.components()[name]
+    cls = {"diffusers": diffusers_model_class, "transformers": transformers_model_class}.get(library, lambda _: None)(
+        class_name)
+    if cls is None:
+        raise TuneQDMError(f"{source.folder}/model_index.json names {library}.{class_name} for {name}, which is no "
+                           "diffusers or transformers model: download the model again")
+    return cls
+
+
+def skeleton(source: Source, name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The component built from its config on the meta device (no weight allocated), in ``dtype``, in eval mode."""
+    cls, folder = model_class(source, name), source.component_folder(name)
+    fix = "download the model again"
+    if hasattr(cls, "config_class"):  # transformers
+        from accelerate import init_empty_weights
+
+        try:
+            config = cls.config_class.from_pretrained(folder)
+            with init_empty_weights():
+                model = cls(config)
+        except Exception as e:  # noqa: BLE001 -- a foreign config.json can fail inside the model's constructor
+            raise TuneQDMError(f"{folder}/config.json does not describe a {cls.__name__} ({first_line(e)}): {fix}"
+                               ) from None
+        model.tie_weights()
+    else:
+        model = empty_model(cls, source.config(name), folder / "config.json", fix)
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()  # built in float32
+
+
+def streamed(source: Source, name: str, device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The component with its weights read from its files module by module as it runs (``tuneqdm.loading.streamed``)."""
+    return stream(skeleton(source, name, dtype), source.weight_files(name), device, dtype,
+                  source.component_folder(name))
+
+
+def resident(source: Source, name: str, device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The component loaded whole by its library, in ``dtype``, on ``device``."""
+    cls = model_class(source, name)
+    quiet_loading()
+    kwargs = dtype_kwarg(dtype) if not hasattr(cls, "config_class") else {"dtype": dtype}
+    variant = {"variant": source.variant} if source.variant else {}
+    try:
+        model = cls.from_pretrained(source.component_folder(name), **kwargs, **variant)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise TuneQDMError(f"cannot load {source.component_folder(name)} ({first_line(e, None)}): download the model "
+                           "again") from None
+    return model.to(device).eval()

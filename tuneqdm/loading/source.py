@@ -1,0 +1,179 @@
+"""What the user named as a model, resolved once to a checked local pipeline folder.
+
+``--pretrained_model_name_or_path`` is the embedded toy pipeline (nothing given), a local diffusers folder or a hub
+id (downloaded by diffusers into its cache, then read like a folder). A :class:`Source` answers everything the
+commands ask before any model is built: which pipeline class and family, where each component's files are, which of
+its tensors are in which shard (checked: a missing, truncated or foreign shard is one line here, not half-way
+through loading), what the denoiser's content fingerprint is, how the base is recorded in adapters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..denoisers import Family, family_named
+from ..errors import TuneQDMError
+from ..files import first_line, read_json
+from ..shards import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, content_fingerprint, weight_files
+
+DEFAULT_BASE_ID = "tuneqdm-toy-default"  # the base id recorded for the embedded default pipeline
+LIBRARY_WEIGHTS = {"diffusers": DIFFUSERS_WEIGHTS, "transformers": TRANSFORMERS_WEIGHTS}
+
+
+@dataclass
+class Source:
+    """A resolved base model: ``folder`` holds its ``model_index.json`` and one subfolder per component."""
+
+    name: str | None  # as the user gave it (None: the embedded pipeline)
+    folder: Path
+    revision: str | None = None
+    variant: str | None = None
+    index: dict = field(default_factory=dict)  # model_index.json
+    _files: dict = field(default_factory=dict, repr=False)
+    _fingerprints: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.index.get("_class_name"))
+
+    @property
+    def family(self) -> Family:
+        return family_named(self.pipeline_class)
+
+    @property
+    def denoiser(self) -> str:
+        """The denoiser's component name: ``unet`` or ``transformer``."""
+        return self.family.attribute
+
+    @property
+    def base_id(self) -> str:
+        return base_id(self.name)
+
+    @property
+    def title(self) -> str:
+        """How messages name it."""
+        return "the embedded toy pipeline" if self.name is None else self.name
+
+    def components(self) -> dict[str, tuple[str, str]]:
+        """``{component: (library, class name)}`` of the pipeline's index, the ones it leaves empty left out."""
+        return {name: (spec[0], spec[1]) for name, spec in self.index.items()
+                if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[0] and spec[1]}
+
+    def component_folder(self, name: str) -> Path:
+        return self.folder / name
+
+    def config(self, name: str) -> dict:
+        """A component's ``config.json`` (diffusers models and schedulers: ``scheduler_config.json``)."""
+        folder = self.component_folder(name)
+        path = folder / "config.json"
+        if not path.is_file() and (folder / "scheduler_config.json").is_file():
+            path = folder / "scheduler_config.json"
+        return read_json(path, f"{name} configuration")
+
+    def weight_files(self, name: str) -> dict[Path, list[str]]:
+        """``{shard: [tensor names]}`` of a model component, checked (see ``tuneqdm.shards.weight_files``)."""
+        if name not in self._files:
+            library = self.components().get(name, ("diffusers", ""))[0]
+            self._files[name] = weight_files(self.component_folder(name), self.variant,
+                                             LIBRARY_WEIGHTS.get(library, DIFFUSERS_WEIGHTS))
+        return self._files[name]
+
+    def fingerprint(self, name: str) -> str:
+        """A component's content fingerprint (``tuneqdm.shards.content_fingerprint``)."""
+        if name not in self._fingerprints:
+            self._fingerprints[name] = content_fingerprint(self.weight_files(name))
+        return self._fingerprints[name]
+
+    def model_components(self) -> list[str]:
+        """The components that are models with weight files (denoiser, VAE, text encoders, ...)."""
+        return [name for name in self.components() if self.has_weights(name)]
+
+    def has_weights(self, name: str) -> bool:
+        folder = self.component_folder(name)
+        return folder.is_dir() and any(folder.glob("*.safetensors*"))
+
+    def check(self) -> Source:
+        """The pipeline class is supported and every model component's shards are whole: one line otherwise."""
+        self.family  # noqa: B018 -- one line naming the supported classes for another pipeline
+        for name in self.model_components():
+            self.weight_files(name)
+        if not self.has_weights(self.denoiser):
+            raise TuneQDMError(f"{self.folder / self.denoiser} holds no safetensors weights: pass a diffusers "
+                               "pipeline saved with safetensors (e.g. save_pretrained(..., safe_serialization=True))")
+        return self
+
+
+def base_id(base: str | Path | None) -> str:
+    """How a base is recorded in adapters: the embedded default by name, a local folder by absolute path, a hub id
+    as given."""
+    if base is None:
+        return DEFAULT_BASE_ID
+    path = Path(base)
+    return str(path.resolve()) if path.exists() else str(base)
+
+
+def resolve(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> Source:
+    """The checked :class:`Source` of what ``--pretrained_model_name_or_path`` names (None: the embedded pipeline),
+    at ``revision`` (a hub id's branch, tag or commit) and in ``variant`` (``*.fp16.safetensors``)."""
+    if base is None:
+        if revision is not None or variant is not None:
+            raise TuneQDMError("--revision and --variant apply to the model of --pretrained_model_name_or_path; the "
+                               "embedded pipeline has one version: drop them or name the model")
+        from ..toy.pipeline import DEFAULT_PIPELINE_DIR, check_pipeline_folder  # on use: toy/ loads PIL
+
+        check_pipeline_folder(DEFAULT_PIPELINE_DIR)
+        folder = DEFAULT_PIPELINE_DIR
+    elif Path(base).exists():
+        if revision is not None:
+            raise TuneQDMError(f"--revision {revision} names a version of a hub repository, but {base} is a local "
+                               "folder: drop --revision (the folder holds one version)")
+        folder = Path(base)
+        if not folder.is_dir():
+            raise TuneQDMError(f"{base} is a file: pass a diffusers pipeline folder (with model_index.json) or a "
+                               "hub id")
+    elif _looks_local(str(base)):
+        raise TuneQDMError(f"cannot load the pipeline {base}: no such folder (check --pretrained_model_name_or_path)")
+    else:
+        folder = _download(str(base), revision, variant)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise TuneQDMError(f"cannot tell which pipeline {base} is (no model_index.json in {folder}): pass a "
+                           "diffusers pipeline folder or hub id")
+    source = Source(None if base is None else str(base), folder, revision, variant,
+                    read_json(index_file, "diffusers pipeline"))
+    return source.check()
+
+
+def _looks_local(name: str) -> bool:
+    """A name that can only be a path (a hub id is ``name`` or ``namespace/name``)."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _download(repo: str, revision: str | None, variant: str | None) -> Path:
+    """A hub pipeline's files in the local hub cache (fetched by diffusers where missing), as a folder."""
+    from diffusers import DiffusionPipeline
+
+    from ..libraries import quiet_loading
+
+    quiet_loading()
+    try:
+        return Path(DiffusionPipeline.download(repo, revision=revision, variant=variant))
+    except (OSError, ValueError) as e:
+        raise TuneQDMError(f"cannot load the pipeline {repo}: {first_line(e, None)} (check "
+                           "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
+
+
+def read_base_id(quantized_base) -> str | None:
+    """The base id a quantized base folder records (None when it cannot be read: loading reports why)."""
+    try:
+        recorded = json.loads((Path(quantized_base) / "quantization.json").read_text()).get("base_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
+def base_from_id(base_id: str | None) -> str | None:
+    """The ``--pretrained_model_name_or_path`` an adapter's recorded base id stands for (None: the embedded one)."""
+    return None if not isinstance(base_id, str) or base_id == DEFAULT_BASE_ID else base_id
