@@ -17,8 +17,8 @@ from pathlib import Path
 from ..denoisers import denoiser, denoiser_component, family_named
 from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import check_output_folder, read_json
-from ..results import LORA_WEIGHTS, adapter_kind, read_training_json
 from ..loading import DEFAULT_BASE_ID, load_pipeline
+from ..results import LORA_WEIGHTS, adapter_kind, read_training_json
 from ..serialization import read_adapter
 from .checkpoint import export_checkpoint
 from .deltas import check_rank_choice
