@@ -580,6 +580,49 @@ SCHEDULER_HELP = ("sampler of a UNet or PixArt pipeline (default: ddim); flow-ma
                   "their own")
 
 
+def _export(args) -> None:
+    from .export.command import run_export
+
+    run_export(args)
+
+
+def _add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="a trained result as LoRA files (diffusers, kohya) or a merged checkpoint",
+                        description="Export a `tuneqdm train` result for other tools: --to lora writes each "
+                                    "quantized layer's personalization delta (tuned minus base dequantized weight) "
+                                    "as a LoRA by truncated SVD (one file per timestep expert, a schedule and a "
+                                    "merged file); --to checkpoint merges the scales into a float diffusers model "
+                                    "folder; --to quantized keeps a PEQA-style model's integers in optimum-quanto's "
+                                    "format. docs/export.md says what each holds.")
+    a = ex.add_argument
+    a("--adapter", required=True, help="a `tuneqdm train` --output_dir")
+    a("--to", required=True, help="lora, checkpoint, or quantized (peqa-style W2/W4 adapters: an optimum-quanto "
+                                  "model folder that diffusers loads, tuneqdm's integers kept bit for bit)")
+    a("--out", required=True, help="output folder (written whole, or not at all)")
+    a("--format", default="diffusers",
+      help="lora: diffusers (pytorch_lora_weights.safetensors, PEFT keys: pipe.load_lora_weights) or kohya "
+           "(lora_unet_* keys: ComfyUI, A1111/Forge; UNet pipelines) (default: diffusers)")
+    a("--rank", type=int, default=None, help="lora: one rank for every layer (capped at each layer's full rank)")
+    a("--energy", type=float, default=None,
+      help="lora: per layer, the smallest rank keeping this fraction of the delta's energy (default 0.9 when "
+           "neither --rank nor --energy is given)")
+    a("--dtype", default="fp32", help="fp32, fp16 or bf16 (default: fp32)")
+    a("--expert", default=None,
+      help="checkpoint, quantized: an expert index, 'blend' (every expert weighted by the share of timesteps it serves) or "
+           "'base' (the dequantized base) (default: expert 0 of a one-expert adapter, else blend)")
+    a("--single_file", action="store_true",
+      help="checkpoint: also one .safetensors in the original LDM layout that from_single_file, ComfyUI and A1111 "
+           "read (SD/SDXL UNets)")
+    a("--pretrained_model_name_or_path", default=None,
+      help="the base (default: the adapter's own)")
+    a("--quantized_base", default=None, help="the adapter's quantized base folder (default: the one it records)")
+    _add_version_flags(ex, adapter=True)
+    a("--device", default="cpu")
+    a("--force", action="store_true", help="replace a non-empty output folder")
+    a("--quiet", action="store_true", help="no progress bars or stage lines on stderr")
+    ex.set_defaults(func=_export)
+
+
 class _Parser(argparse.ArgumentParser):
     """Every option's help ends with its default (subcommands inherit the class), unless the help already names
     which default applies; an option without a default says "none"."""
@@ -610,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_quantize_parser(sub)
+    _add_export_parser(sub)
 
     gen = sub.add_parser("generate", help="sample a pipeline (the embedded default unless a model is named)")
     gen.add_argument("--prompt", required=True)
