@@ -20,13 +20,13 @@ PACKAGE = ROOT / "tuneqdm"
 README = ROOT / "README.md"
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    return {module_name(p, root): p for p in sorted((root / "tuneqdm").rglob("*.py"))}
 
 
 def _type_checking_only(node: ast.AST) -> bool:
@@ -56,11 +56,13 @@ def imported_names(name: str, path: Path) -> list[tuple[str, int]]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """tuneqdm module -> the tuneqdm modules it imports (``from pkg import name`` resolved to ``pkg.name`` when that
-    is a module, else to ``pkg``)."""
-    mods = modules()
-    graph = {}
+    is a module, else to ``pkg``), and what importing them runs implicitly: importing ``tuneqdm.a.b`` first runs the
+    package ``tuneqdm.a``'s ``__init__``, so the modules that ``__init__`` imports count as imported too (the root
+    ``tuneqdm/__init__.py``, the public API that Python runs before any submodule, aside)."""
+    mods = modules(root)
+    direct = {}
     for name, path in mods.items():
         targets = set()
         for dotted, _ in imported_names(name, path):
@@ -68,13 +70,23 @@ def import_graph() -> dict[str, set[str]]:
                 dotted = dotted.rpartition(".")[0]
             if dotted and dotted != name:
                 targets.add(dotted)
-        graph[name] = targets
+        direct[name] = targets
+    graph = {}
+    for name, targets in direct.items():
+        implied = set(targets)
+        for target in targets:
+            package = target.rpartition(".")[0]
+            while package.count("."):  # the packages above the target, the root left out
+                if not name.startswith(package + ".") and package != name:
+                    implied |= {t for t in direct.get(package, ()) if t != name and not t.startswith(name + ".")}
+                package = package.rpartition(".")[0]
+        graph[name] = implied
     return graph
 
 
-def readme_layers() -> list[list[str]]:
+def readme_layers(readme: Path = README) -> list[list[str]]:
     """The layer line of the README's layout paragraph, lowest first, as lists of dotted unit names."""
-    lines = [line for line in README.read_text().splitlines() if line.startswith("`errors` <")]
+    lines = [line for line in readme.read_text().splitlines() if line.startswith("`errors` <")]
     assert len(lines) == 1, "the README's layout paragraph must hold one line `errors` < ... < `__init__`"
     layers = []
     for layer in lines[0].split(" < "):
@@ -85,7 +97,9 @@ def readme_layers() -> list[list[str]]:
 
 
 def unit_of(module: str, units: list[str]) -> str | None:
-    matches = [u for u in units if module == u or module.startswith(u + ".")]
+    """The longest unit that is ``module`` or a package above it; the root package (``__init__``) is a unit of one
+    module, so that a module the README does not place belongs to no unit rather than to the top floor."""
+    matches = [u for u in units if module == u or (module.startswith(u + ".") and u != "tuneqdm")]
     return max(matches, key=len) if matches else None
 
 
@@ -128,11 +142,15 @@ def layering_violations(graph: dict[str, set[str]], layers: list[list[str]]) -> 
     return problems
 
 
-def test_every_module_is_in_a_readme_layer():
-    units = [u for layer in readme_layers() for u in layer]
+def unplaced_modules(root: Path = ROOT, readme: Path = README) -> list[str]:
+    units = [u for layer in readme_layers(readme) for u in layer]
     assert len(units) == len(set(units)), "a module is named twice in the README's layer line"
-    assert [m for m in modules() if unit_of(m, units) is None] == []
-    assert [u for u in units if not any(m == u or m.startswith(u + ".") for m in modules())] == []
+    assert [u for u in units if not any(m == u or m.startswith(u + ".") for m in modules(root))] == []
+    return [m for m in modules(root) if unit_of(m, units) is None]
+
+
+def test_every_module_is_in_a_readme_layer():
+    assert unplaced_modules() == []
 
 
 def test_import_graph_has_no_cycle():
@@ -141,6 +159,38 @@ def test_import_graph_has_no_cycle():
 
 def test_imports_respect_the_readme_layers():
     assert layering_violations(import_graph(), readme_layers()) == []
+
+
+def _planted_copy(tmp_path: Path, files: dict[str, str]) -> Path:
+    """The package and README copied into ``tmp_path``, with ``files`` (paths under tuneqdm/) added or replaced."""
+    import shutil
+
+    shutil.copytree(PACKAGE, tmp_path / "tuneqdm", ignore=shutil.ignore_patterns("__pycache__", "default_pipeline",
+                                                                               "weights"))
+    shutil.copy(README, tmp_path / "README.md")
+    for rel, text in files.items():
+        (tmp_path / "tuneqdm" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tuneqdm" / rel).write_text(text)
+    return tmp_path
+
+
+def test_a_planted_upward_import_an_unknown_package_and_an_init_that_imports_upward_fail(tmp_path):
+    """Test the test on a copy of the real package: each planted fault is found, and only it."""
+    root = _planted_copy(tmp_path / "up", {"quant/leak.py": "from ..train import loop\n"})
+    problems = layering_violations(import_graph(root), readme_layers(root / "README.md"))
+    assert "tuneqdm.quant.leak -> tuneqdm.train.loop: tuneqdm.train is above tuneqdm.quant" in problems
+    assert all(p.startswith("tuneqdm.quant.leak -> ") for p in problems), problems  # and train/__init__'s imports
+    root = _planted_copy(tmp_path / "unknown", {"newpkg/__init__.py": "", "newpkg/thing.py": "X = 1\n"})
+    assert unplaced_modules(root, root / "README.md") == ["tuneqdm.newpkg", "tuneqdm.newpkg.thing"]
+    # toy/ imports eval/encoders, which is below it; were eval/__init__ to import eval.evaluate (above toy/), that
+    # import of eval/encoders would run it: the implicit import is an upward one
+    init = (PACKAGE / "eval" / "__init__.py").read_text() + "\nfrom .evaluate import evaluate  # noqa\n"
+    root = _planted_copy(tmp_path / "init", {"eval/__init__.py": init})
+    problems = layering_violations(import_graph(root), readme_layers(root / "README.md"))
+    assert problems and all(p.startswith(("tuneqdm.toy.", "tuneqdm.eval.encoders")) or "eval.evaluate" in p
+                            for p in problems), problems
+    assert any(p.startswith("tuneqdm.toy.") and "tuneqdm.eval.evaluate: tuneqdm.eval is above tuneqdm.toy" in p
+               for p in problems), problems
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_or_sideways_import():
