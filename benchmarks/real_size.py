@@ -372,7 +372,7 @@ def compare_images(a: Path, b: Path) -> float:
 DOC = ROOT / "docs" / "benchmarks" / "real_size"
 
 
-def run_all(models: list[str], work: Path, flux_blocks, t5_layers: int) -> dict:
+def run_all(models: list[str], work: Path, flux_blocks, t5_layers: int, only: list[str] | None = None) -> dict:
     """Every row of ``models`` (one process per command, one after another), merged into docs/.../real_size.json:
     train from an empty cache (the quantization is part of what is measured), generate and evaluate the adapter,
     train again without checkpointing (the cache hit), and for SD-1.5 size the class images of prior preservation by
@@ -389,14 +389,16 @@ def run_all(models: list[str], work: Path, flux_blocks, t5_layers: int) -> dict:
         commands = [("train", True), ("generate", True), ("train", False)]
         if model == "sd15":
             commands.insert(2, ("evaluate", True))
+        if only:  # e.g. FLUX.1-dev size: the checkpointed train and generate only (an hour each on a CPU)
+            commands = [(c, k) for c, k in commands if c in only and k]
         for command, checkpointing in commands:
             row = run(model, folder, command, runs, checkpointing=checkpointing or command != "train")
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             path.write_text(json.dumps(result, indent=1))
-        if model == "sd15":
+        if model == "sd15" and not only:
             result["class_images"] = class_image_rows(folder, runs)
-        if model == "flux-width":
+        if model == "flux-width" and not only:
             result["encoders"] = [encoder_error(folder, "text_encoder_2", PROMPTS)]
         path.write_text(json.dumps(result, indent=1))
     DOC.with_suffix(".table.md").write_text(table(result))
@@ -478,12 +480,14 @@ def main() -> None:
     al.add_argument("--work", type=Path, required=True)
     al.add_argument("--flux_blocks", type=int, nargs=2, default=(1, 2))
     al.add_argument("--t5_layers", type=int, default=2)
+    al.add_argument("--commands", nargs="+", choices=("train", "generate", "evaluate"), default=None,
+                    help="only these (checkpointed) rows; default: every row")
     ee = sub.add_parser("encoder-error")
     ee.add_argument("--folder", type=Path, required=True)
     ee.add_argument("--component", default="text_encoder_2")
     args = parser.parse_args()
     if args.what == "all":
-        run_all(args.models, args.work, tuple(args.flux_blocks), args.t5_layers)
+        run_all(args.models, args.work, tuple(args.flux_blocks), args.t5_layers, args.commands)
         return
     if args.what == "encoder-error":
         print(json.dumps(encoder_error(args.folder, args.component, PROMPTS)))

@@ -14,7 +14,7 @@ import torch
 import tuneqdm
 from tuneqdm.cli import main
 from tuneqdm.train import TrainConfig, Trainer, train
-from tuneqdm.photos import TrainWarning
+from tuneqdm.errors import TrainWarning
 from tuneqdm.train.objective import Denoising, FlowObjective, encode_prompt
 from tuneqdm.tuning import expert_for_timestep
 from tuneqdm.tuning.model import quant_state

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from .denoisers import denoiser, family
-from .errors import TuneQDMError, TuneQDMWarning, either
+from .errors import TrainWarning, TuneQDMError, TuneQDMWarning, either
 from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
 from .progress import is_quiet, progress, set_quiet
 from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
@@ -816,7 +816,6 @@ def _one_line_warnings():
     """tuneqdm's data warnings as one line each (``tuneqdm: warning: ...``) during one CLI call; other warnings as
     Python shows them. ``catch_warnings`` gives the previous ``showwarning`` back on exit, so a program that calls
     ``main`` keeps its own."""
-    from .photos import TrainWarning
 
     with warnings.catch_warnings():
         default = warnings.showwarning

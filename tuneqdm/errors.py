@@ -13,3 +13,7 @@ class TuneQDMError(ValueError):
 
 class TuneQDMWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints it as one line)."""
+
+
+class TrainWarning(UserWarning):
+    """A problem with the training data that tuneqdm worked around (printed as one line)."""

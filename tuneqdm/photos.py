@@ -12,13 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import TrainWarning
 from .files import first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-class TrainWarning(UserWarning):
-    """A problem with the training data that tuneqdm worked around (printed as one line)."""
 
 
 def warn(message: str) -> None:

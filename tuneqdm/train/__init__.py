@@ -5,7 +5,7 @@ savers), ``methods`` (what trains), ``checkpoint`` (resumable state), ``loop`` (
 (the adapter folder).
 """
 
-from ..photos import TrainWarning
+from ..errors import TrainWarning
 from .config import METHOD_CHOICES, QUANTIZED_METHODS, TrainConfig
 from .loop import Trainer, TrainingInterrupted, train
 

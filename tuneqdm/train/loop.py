@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 from ..denoisers import denoiser, is_flow_matching, native_size
-from ..errors import TuneQDMError
+from ..errors import TrainWarning, TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..loading import (QuantizedCache, Source, assemble, denoiser_skeleton, float_denoiser, float_fingerprint,
                        quantized_denoiser, resolve)
 from ..memory import PhaseMemory, pin_mmap_threshold
-from ..photos import TrainWarning
 from ..progress import pipeline_progress, progress, quiet_while, stage
 from ..results import PRODUCTS, read_training_json
 from ..sampling import generate
