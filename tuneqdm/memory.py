@@ -35,6 +35,19 @@ def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
         return False
 
 
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the OS (glibc's ``malloc_trim``; False elsewhere). Sampling leaves the
+    mmap threshold alone for speed, so the activations its steps freed stay in the heap: trimmed before the VAE
+    decodes, they are not counted twice at the command's peak (measured on an SD-1.5-size generate: 0.45 GiB)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def proc_status_bytes(field: str) -> int | None:
     """A size from ``/proc/self/status`` in bytes (``VmHWM``: peak resident set, ``VmRSS``: current), or None where
     the file or the field is missing (not Linux)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 
 from .denoisers import call_kwargs, denoiser, family, is_flow_matching, t5_overflow, without_truncation_logs
 from .errors import TuneQDMError, TuneQDMWarning
+from .hooks import on_call
+from .memory import trim_heap
 from .progress import progress
 from .quant import cached_weights
 from .quant.paths import sampling_kernels
@@ -63,7 +66,8 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     extra = call_kwargs(pipe, height, width, max_sequence_length)
     images = []
     bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
-    with cached_weights(model, weight_cache_bytes), sampling_kernels(model), bar, without_truncation_logs(pipe):
+    with cached_weights(model, weight_cache_bytes), sampling_kernels(model), bar, without_truncation_logs(pipe), \
+            _trimmed_before_decoding(pipe):
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]
@@ -73,6 +77,19 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
             images += out.images
             bar.update(n)
     return images
+
+
+@contextlib.contextmanager
+def _trimmed_before_decoding(pipe):
+    """The heap trimmed each time the VAE's decoder starts (``tuneqdm.memory.trim_heap``): the denoising steps'
+    freed activations are not held while the decoder's own are made."""
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    handle = on_call(decoder, lambda call: trim_heap()) if isinstance(decoder, torch.nn.Module) else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -> None:
