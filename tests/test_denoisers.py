@@ -4,7 +4,7 @@ import pytest
 from diffusers import DDPMPipeline, UNet2DModel
 from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
-from tuneqdm.denoisers import PIPELINES, denoiser, denoiser_component, family, native_size
+from tuneqdm.families import PIPELINES, denoiser, denoiser_component, family, native_size
 from tuneqdm.errors import TuneQDMError
 from tuneqdm.sampling import generate
 from tuneqdm.loading import pipeline_from

@@ -10,7 +10,7 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pi
 
 import tuneqdm
 from tuneqdm.cli import main
-from tuneqdm.denoisers import denoiser, family
+from tuneqdm.families import denoiser, family
 from tuneqdm.sampling import generate
 from tuneqdm.loading import base_id, pipeline_from
 from tuneqdm.serialization import fingerprint, load_quantized
@@ -305,7 +305,7 @@ def test_a_weight_of_a_dtype_that_is_no_float_is_refused_by_streaming(sharded, t
 def test_an_unsupported_pipeline_is_refused_by_every_command_before_any_work(tmp_path, capsys):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from tuneqdm.denoisers import PIPELINES
+    from tuneqdm.families import PIPELINES
     from tuneqdm.toy.subjects import write_subject
 
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
@@ -358,7 +358,7 @@ def test_pixart_bins_sizes_only_where_its_bins_are_defined_and_flow_pipelines_ke
                                                                                                    tmp_path):
     from types import SimpleNamespace
 
-    from tuneqdm.denoisers import _in_resolution_bins
+    from tuneqdm.families.pixart import in_resolution_bins as _in_resolution_bins
 
     def pixart(sample_size):
         return SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)),

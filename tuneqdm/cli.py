@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .denoisers import denoiser, family
+from .families import denoiser, family, guidance_defaults
 from .errors import TrainWarning, TuneQDMError, TuneQDMWarning, either
 from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
 from .progress import is_quiet, progress, set_quiet
@@ -571,13 +571,12 @@ def _toy_scenes(args) -> None:
         print(text)
 
 
-GUIDANCE_HELP = ("classifier-free guidance scale; Flux: its distilled guidance (default: the pipeline family's, "
-                 "7.5 for SD/SDXL, 3.5 for Flux, 7.0 for SD3, 4.5 for PixArt)")
-MAX_SEQUENCE_LENGTH_HELP = ("T5 tokens of a prompt (Flux, SD3, PixArt; default: the pipeline's own: 512, 256, 300); a "
+GUIDANCE_HELP = ("classifier-free guidance scale; a guidance-distilled model's distilled guidance (default: the "
+                 f"pipeline family's: {guidance_defaults()})")
+MAX_SEQUENCE_LENGTH_HELP = ("tokens of a prompt for the T5 and language-model encoders (default: the pipeline's own); a "
                             "longer prompt is cut, with a warning")
 SCHEDULER_CHOICES = ("ddim", "dpm++", "euler")
-SCHEDULER_HELP = ("sampler of a UNet or PixArt pipeline (default: ddim); flow-matching pipelines (Flux, SD3) keep "
-                  "their own")
+SCHEDULER_HELP = ("sampler of a DDPM-family pipeline (default: ddim); flow-matching pipelines keep their own")
 
 
 def _export(args) -> None:

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from .denoisers import call_kwargs, denoiser, family, is_flow_matching, t5_overflow, without_truncation_logs
+from .families import call_kwargs, denoiser, family, is_flow_matching, t5_overflow, without_truncation_logs
 from .errors import TuneQDMError, TuneQDMWarning
 from .hooks import on_call
 from .memory import trim_heap
@@ -28,7 +28,7 @@ def set_scheduler(pipe, name: str | None) -> str:
     import diffusers
 
     own = type(pipe.scheduler).__name__
-    if is_flow_matching(own):
+    if is_flow_matching(pipe.scheduler.config):
         if name is not None:
             raise TuneQDMError(f"--scheduler {name} does not apply to {type(pipe).__name__}, a flow-matching pipeline "
                                f"(it samples with its {own}): drop --scheduler")
@@ -94,7 +94,7 @@ def _trimmed_before_decoding(pipe):
 
 def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -> None:
     """One warning when ``prompt`` is longer than what the pipeline's T5 encoder reads (diffusers' own notices, one
-    per text encoder, are dropped by ``denoisers.without_truncation_logs``)."""
+    per text encoder, are dropped by ``families.without_truncation_logs``)."""
     overflow = t5_overflow(pipe, prompt, max_sequence_length)
     if overflow is not None:
         tokens, limit, _ = overflow

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from ..denoisers import family
+from ..families import family
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir
 from ..photos import IMAGE_SUFFIXES, read_photo

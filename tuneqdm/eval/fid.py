@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..denoisers import call_kwargs, family
+from ..families import call_kwargs, family
 from ..errors import TuneQDMError
 from ..files import atomic_dir
 from ..progress import progress, stage

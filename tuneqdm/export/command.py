@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..denoisers import denoiser, denoiser_component, family_named
+from ..families import denoiser, denoiser_component, family_named
 from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import check_output_folder, read_json
 from ..loading import DEFAULT_BASE_ID, load_pipeline

@@ -2,7 +2,7 @@
 
 tuneqdm routes a denoiser call with timestep ``t`` (its own argument) to expert ``min(floor(t·c·K/T), K−1)``, where
 ``c`` converts the denoiser's timestep into training timesteps (FLUX.1 passes t/1000: c = 1000; see
-``tuneqdm.denoisers.timestep_scale``), or, for S1, to the tuned set inside its intervals and the base elsewhere. The
+``tuneqdm.families.timestep_scale``), or, for S1, to the tuned set inside its intervals and the base elsewhere. The
 schedule written beside exported expert LoRAs states that rule as intervals of the denoiser's own timestep argument,
 and lists the route of every step of the base pipeline's own scheduler at its default step count.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import denoiser, denoiser_component, timestep_scale
+from ..families import denoiser, denoiser_component, timestep_scale
 from ..errors import TuneQDMError
 from ..files import read_json
 from ..hooks import on_timestep

@@ -12,17 +12,17 @@ from __future__ import annotations
 import torch
 
 from ..errors import TuneQDMError
+from ..families import family_of_model
 
 LDM_PREFIX = "model.diffusion_model."
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
            ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
-SUPPORTED = ("UNet2DConditionModel",)
 
 
 def check_single_file(model) -> None:
     """One line for a denoiser whose original single-file layout tuneqdm does not write."""
-    name = type(model).__name__
-    if name not in SUPPORTED:
+    name, fam = type(model).__name__, family_of_model(model)
+    if fam is None or not fam.single_file:
         raise TuneQDMError(f"--single_file writes the original (LDM) layout of SD 1.x/2.x and SDXL UNets; this "
                            f"denoiser is a {name}: use the model folder (from_pretrained) instead")
     lpb = model.config.layers_per_block

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import denoiser, denoiser_component
+from ..families import denoiser, denoiser_component, family
 from ..errors import TuneQDMError
 from ..files import read_json
 from ..quant.kernels import check_kernels
@@ -159,7 +159,10 @@ def _load_lora_adapter(pipe, adapter, info: dict, chosen_base: bool) -> None:
     if expected and expected != actual:
         raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
                            f"but this model's fingerprint is {actual}: {_base_fix(info.get('base_id'), chosen_base)}")
-    pipe.load_lora_weights(str(adapter))
+    if qlora:
+        family(pipe).load_lora_on_quantized(pipe, adapter)
+    else:
+        pipe.load_lora_weights(str(adapter))
 
 
 def _check_adapter_base(model, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:

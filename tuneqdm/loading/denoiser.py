@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..denoisers import attribute_word
+from ..families import attribute_word
 from ..progress import progress, stage
 from ..tuning.config import QuantConfig
 from ..tuning.model import quant_state

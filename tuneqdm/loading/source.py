@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..denoisers import Family, family_named
+from ..families import Family, family_named
 from ..errors import TuneQDMError
 from ..files import first_line, read_json
 from ..shards import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, content_fingerprint, weight_files

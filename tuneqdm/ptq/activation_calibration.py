@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..denoisers import call_kwargs, denoiser, family
+from ..families import call_kwargs, denoiser, family
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from ..progress import progress, stage

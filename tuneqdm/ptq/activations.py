@@ -250,7 +250,7 @@ class ActivationQuantizer:
 
     # -- hooks
     def install(self, model: nn.Module, family=None) -> ActivationQuantizer:
-        """Attach to ``model``; ``family`` (``tuneqdm.denoisers.family(pipe)``; None: a UNet) says how its attention
+        """Attach to ``model``; ``family`` (``tuneqdm.families.family(pipe)``; None: a UNet) says how its attention
         is quantized."""
         if self._model is not None:
             raise TuneQDMError("these activation parameters are already installed on a model: remove() them first")
@@ -277,7 +277,7 @@ class ActivationQuantizer:
         """A UNet's processors are replaced by the quantized ``AttnProcessor`` (its ``<start>`` is cross-attention's key
         0); any other denoiser's are wrapped, keeping their own computation (see ``WrappedAttnProcessor``)."""
         bits, mode = self.config.bits, self.config.attention
-        if family is None or family.attribute == "unet":
+        if family is None or family.own_attention:
             return QuantizedAttnProcessor(bits, mode, owner=self)
         return {name: WrappedAttnProcessor(p, name, bits, mode, self, family.start_token, family.text_last)
                 for name, p in self._processors.items()}

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..denoisers import call_kwargs, denoiser, family
+from ..families import call_kwargs, denoiser, family
 from ..errors import TuneQDMError
 from ..hooks import CallArguments, forward_signature, on_call
 from ..progress import progress

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..denoisers import denoiser
+from ..families import denoiser, family_of_denoiser_class
 from ..errors import TuneQDMError
 from ..files import check_output_folder, read_json
 from ..loading import assemble, base_id, float_denoiser, pipeline_from, resolve
@@ -40,6 +40,12 @@ def model_folder(base) -> Path | None:
     return folder if any(folder.glob("diffusion_pytorch_model*.safetensors*")) else None
 
 
+def _concat_shortcuts(folder: Path) -> bool:
+    """Whether the model in ``folder`` (by its config's class) has up blocks that read concat(hidden, skip)."""
+    fam = family_of_denoiser_class(read_json(folder / "config.json", "model").get("_class_name"))
+    return fam is not None and fam.concat_shortcuts
+
+
 def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround", calib_prompts=None,
                       calib_samples: int = 32, calib_steps: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float | None = None, seed: int = 0, split_shortcuts: bool = True,
@@ -58,8 +64,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     t0 = time.perf_counter()
     folder = model_folder(base) if calibrate != "adaround" else None
-    if folder is not None and not (split_shortcuts and "UNet" in str(read_json(folder / "config.json", "model")
-                                                                         .get("_class_name"))):
+    if folder is not None and not (split_shortcuts and _concat_shortcuts(folder)):
         model = quantize_pretrained(folder, config.quant_config(), variant=variant, device=device)
         record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "rows": 0, "splits": {}, "blocks": [],
                   "seconds": time.perf_counter() - t0}
@@ -86,7 +91,7 @@ def _streamed(out, source, config: WeightCalibrationConfig, prompts_file, sampli
     """Round to nearest (minmax, mse) straight from the denoiser's files, split where a UNet's up blocks read
     ``concat(hidden, skip)`` (found by one step of the streamed float UNet on one calibration prompt)."""
     calib, splits = None, {}
-    if config.split_shortcuts and source.denoiser == "unet":
+    if config.split_shortcuts and source.family.concat_shortcuts:
         prompts, where = calibration_prompts(source.name, prompts_file, 1)
         pipe = assemble(source, float_denoiser(source, device, stream=True), device)
         calib = collect_calibration_set(pipe, prompts, 1, steps=1, **sampling)

@@ -13,22 +13,29 @@ import gc
 
 import torch
 
-from ..denoisers import t5_overflow, without_truncation_logs
+from ..families import t5_overflow, without_truncation_logs
 from .data import warn
 from .objective import Denoising, encode_prompt
 
 
 @torch.no_grad()
-def encode_pixels(vae, pixels: torch.Tensor, device, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior of each image, unscaled: (mean, std), each (N, C, h, w) float32. One image at a time by
-    default: the encoder's activations of one 1024 px image are 0.5 GB per tensor in float32, so a batch of photos
-    would make encoding the peak of a whole training run."""
+def encode_pixels(vae, pixels: torch.Tensor, device, batch_size: int = 1, family=None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of each image, unscaled: (mean, std), each (N, C, h, w) float32 (``family``: how its VAE
+    encodes; None: a KL VAE's ``latent_dist``). One image at a time by default: the encoder's activations of one
+    1024 px image are 0.5 GB per tensor in float32, so a batch of photos would make encoding the peak of a whole
+    training run."""
     means, stds = [], []
     dtype = next(vae.parameters()).dtype
     for start in range(0, pixels.shape[0], batch_size):
-        dist = vae.encode(pixels[start:start + batch_size].to(device, dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+        chunk = pixels[start:start + batch_size].to(device, dtype)
+        if family is None:
+            dist = vae.encode(chunk).latent_dist
+            mean, std = dist.mean, dist.std
+        else:
+            mean, std = family.encode_latents(vae, chunk)
+        means.append(mean.float())
+        stds.append(std.float())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -38,16 +45,14 @@ class TrainingTensors:
     def __init__(self, pipe, instance_pixels: torch.Tensor, class_pixels: torch.Tensor | None, prompts: list[str],
                  resolution: int, device, memory_savers: bool = True, max_sequence_length: int | None = None):
         self.device, self.resolution, self.max_sequence_length = device, resolution, max_sequence_length
-        self.scaling_factor = float(pipe.vae.config.scaling_factor)
-        shift = getattr(pipe.vae.config, "shift_factor", None)
-        self.shift_factor = float(shift) if shift is not None else 0.0
+        self.denoising = Denoising(pipe, resolution)
+        self.shift_factor, self.scaling_factor = self.denoising.family.latent_scaling(pipe.vae)
         self.prompts = list(prompts)
         self.memory_savers = memory_savers
-        self.denoising = Denoising(pipe, resolution)
         self._warn_truncated(pipe)
         self.pixels = {"instance": instance_pixels, "class": class_pixels}
         if memory_savers:
-            self.dists = {k: (None if v is None else encode_pixels(pipe.vae, v, device))
+            self.dists = {k: (None if v is None else encode_pixels(pipe.vae, v, device, family=self.denoising.family))
                           for k, v in self.pixels.items()}
             self.conds = [self._encode(pipe, p) for p in self.prompts]
             self.pipe = None
@@ -76,7 +81,7 @@ class TrainingTensors:
         if self.dists is not None:
             mean, std = self.dists[kind]
             return mean[idx.to(mean.device)], std[idx.to(std.device)]
-        return encode_pixels(self.pipe.vae, self.pixels[kind][idx], self.device)
+        return encode_pixels(self.pipe.vae, self.pixels[kind][idx], self.device, family=self.denoising.family)
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """A sample of the posterior, scaled as the denoiser sees it (``noise`` is a standard normal draw)."""
@@ -92,8 +97,8 @@ class TrainingTensors:
 
 
 def release(pipe) -> None:
-    """Drop the pipeline's VAE and text encoders (the caller drops its own references too)."""
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
-        if hasattr(pipe, name):
+    """Drop the pipeline's VAE, text encoders and tokenizers (the caller drops its own references too)."""
+    for name in list(pipe.components):
+        if name == "vae" or name.startswith(("text_encoder", "tokenizer")):
             setattr(pipe, name, None)
     gc.collect()

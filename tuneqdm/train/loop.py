@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import denoiser, is_flow_matching, native_size
+from ..families import denoiser, is_flow_matching, native_size
 from ..errors import TrainWarning, TuneQDMError
 from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
 from ..loading import (QuantizedCache, Source, assemble, denoiser_skeleton, float_denoiser, float_fingerprint,
@@ -221,7 +221,7 @@ class Trainer:
         """The settings that shape only some models' runs, resolved for this base: the flow-matching ones when its
         scheduler is one, the T5 prompt length when it has a T5 encoder (so other runs record neither)."""
         c, out = self.cfg, {}
-        if is_flow_matching(self.source.config("scheduler").get("_class_name", "")):
+        if is_flow_matching(self.source.config("scheduler")):
             out.update(weighting_scheme=c.weighting_scheme, logit_mean=c.logit_mean, logit_std=c.logit_std,
                        mode_scale=c.mode_scale if c.weighting_scheme == "mode" else None)
         if self.source.family.t5_tokenizer is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..denoisers import PIPELINES
+from ..families import PIPELINES
 from ..errors import TuneQDMError
 from ..files import atomic_dir, write_error_reason
 from ..results import FP_UNET, PRODUCTS, TRAINING_JSON

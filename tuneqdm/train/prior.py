@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import denoiser
+from ..families import denoiser
 from ..errors import TuneQDMError
 from ..progress import progress
 from ..sampling import generator

@@ -4,8 +4,9 @@ TAS gives expert ``k = min(floor(t·K/T), K−1)`` to a sample at timestep ``t``
 ``num_train_timesteps``). The S1 strategy uses its one tuned set (index 0) inside chosen intervals and the original
 quantization scales (index -1) elsewhere. A forward pre-hook on the denoiser reads its ``timestep`` argument, so a
 plain ``unet(x, t, emb)`` routes every sample by its own ``t`` in training and in any diffusers pipeline. A denoiser
-whose ``timestep`` is not in training-timestep units (FLUX.1 takes t/1000) is routed by ``timestep x`` its scale from
-``tuneqdm.denoisers.timestep_scale``: one rule for every architecture, in training and in sampling alike.
+whose ``timestep`` is not in training-timestep units (sigma, 1 - sigma, t·scale) is routed by its family's
+conversion back to them (``tuneqdm.families.training_timesteps``): one rule for every architecture, in training and in
+sampling alike.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..denoisers import timestep_scale
+from ..families import training_timesteps
 from ..errors import TuneQDMError
 from ..hooks import CallArguments, on_timestep
 from .config import QuantConfig
@@ -106,16 +107,14 @@ class Router:
 
 
 def install_timestep_hook(model: torch.nn.Module, router: Router):
-    """Route by the ``timestep`` argument of ``model.forward`` (times the model's timestep scale, see
-    ``tuneqdm.denoisers.timestep_scale``); returns the hook handle (None if it has none)."""
-    scale = timestep_scale(model)
+    """Route by the ``timestep`` argument of ``model.forward`` (in training timesteps, see
+    ``tuneqdm.families.training_timesteps``); returns the hook handle (None if it has none)."""
 
     def route(t, call: CallArguments) -> None:
         if t is None:
             router.route = None
             return
-        if scale != 1:
-            t = torch.as_tensor(t).detach().to("cpu", torch.float64) * scale
+        t = training_timesteps(model, torch.as_tensor(t).detach().to("cpu", torch.float64))
         sample = call.get("sample", "hidden_states", "x")
         if sample is None and call.args:
             sample = call.args[0]

@@ -1,0 +1,165 @@
+"""The pipelines tuneqdm personalizes, each family's behaviour in its own module.
+
+A family (``base.Family``) answers everything that differs between pipelines: how prompts are encoded, how latents
+are laid out, how the denoiser is called and what timestep it takes, its default guidance, native size, LoRA targets
+and full-precision layers. Everything above this package asks here instead of naming a pipeline or a model class;
+adding a family is one module listed in ``MODULES`` (and one tiny test pipeline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+
+from torch import nn
+
+from ..errors import TuneQDMError
+from .base import Family
+
+MODULES = ("sd", "flux", "sd3", "pixart")  # one module per family (or group sharing a layout), in this order
+
+
+def _registry() -> dict[str, Family]:
+    found: dict[str, Family] = {}
+    for module in MODULES:
+        for fam in importlib.import_module(f"{__name__}.{module}").FAMILIES:
+            found.update(dict.fromkeys(fam.pipelines, fam))
+    return found
+
+
+PIPELINES: dict[str, Family] = _registry()  # pipeline class name -> its family
+FAMILIES: tuple[Family, ...] = tuple(dict.fromkeys(PIPELINES.values()))
+_BY_DENOISER = {name: fam for fam in FAMILIES for name in fam.denoisers}
+
+
+def supported() -> str:
+    """The supported pipeline classes, as messages list them."""
+    return ", ".join(PIPELINES)
+
+
+def guidance_defaults() -> str:
+    """Each family's default guidance scale, as help texts list them (``distilled``: fed to a guidance embedding)."""
+    return ", ".join(f"{f.guidance:g} for {f.label}" + (" (distilled)" if f.distilled_guidance else "")
+                     for f in FAMILIES)
+
+
+def family_named(name: str) -> Family:
+    """The family of the pipeline class ``name``, or one line naming the supported pipeline classes."""
+    if name not in PIPELINES:
+        raise TuneQDMError(f"{name} is not supported: tuneqdm personalizes {supported()} "
+                           "(pass a folder or hub id of one of them)")
+    return PIPELINES[name]
+
+
+def family(pipe) -> Family:
+    """The family of ``pipe``'s class, or one line naming the supported pipeline classes."""
+    return family_named(type(pipe).__name__)
+
+
+def family_of_model(model: nn.Module) -> Family | None:
+    """The family a denoiser model belongs to, by its class (None: not one of theirs, e.g. a test's own UNet)."""
+    return _BY_DENOISER.get(type(model).__name__)
+
+
+def family_of_denoiser_class(name) -> Family | None:
+    """The family whose denoiser model class is named ``name`` (a model folder's ``_class_name``), or None."""
+    return _BY_DENOISER.get(name) if isinstance(name, str) else None
+
+
+def denoiser(pipe) -> nn.Module:
+    """The pipeline's denoiser (its UNet or transformer)."""
+    return getattr(pipe, family(pipe).attribute)
+
+
+def attribute_word(attribute: str) -> str:
+    """How messages name the denoiser kept in the pipeline attribute ``attribute``: "UNet" or "transformer"."""
+    return "UNet" if attribute == "unet" else attribute
+
+
+def denoiser_word(pipe) -> str:
+    """How messages name the denoiser: "UNet" or "transformer"."""
+    return attribute_word(family(pipe).attribute)
+
+
+def denoiser_component(pipe) -> str:
+    """The name of the denoiser's component, for ``DiffusionPipeline.from_pretrained(..., <name>=model)``."""
+    return family(pipe).attribute
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """(the image size the model was made for, the multiple every image size must be): the one rule for training and
+    sampling."""
+    return family(pipe).native_size(pipe)
+
+
+def call_kwargs(pipe, height: int | None = None, width: int | None = None,
+                max_sequence_length: int | None = None) -> dict:
+    """The keyword arguments of ``pipe(...)`` that differ by family (see ``Family.call_kwargs``)."""
+    return family(pipe).call_kwargs(pipe, height, width, max_sequence_length)
+
+
+def is_flow_matching(scheduler_config) -> bool:
+    """Whether a scheduler (by its configuration) solves a flow-matching ODE: training then uses rectified flow and
+    sampling keeps it (the DDPM-family samplers solve another). Read from the configuration, not the class: SANA's
+    ``DPMSolverMultistepScheduler`` is one when it predicts flow (``prediction_type="flow_prediction"``,
+    ``use_flow_sigmas``); the ``FlowMatch*`` schedulers have no noise betas at all."""
+    config = dict(scheduler_config)
+    if config.get("prediction_type") == "flow_prediction" or config.get("use_flow_sigmas"):
+        return True
+    return "beta_schedule" not in config and "trained_betas" not in config and "shift" in config
+
+
+def timestep_scale(model: nn.Module) -> float:
+    """How many training timesteps one unit of ``model``'s ``timestep`` argument is (1 for a model of no family)."""
+    fam = family_of_model(model)
+    return 1.0 if fam is None else fam.timestep_scale(model)
+
+
+def training_timesteps(model: nn.Module, t):
+    """``model``'s ``timestep`` argument in units of the scheduler's training timesteps 0..T (routing reads it)."""
+    fam = family_of_model(model)
+    return t if fam is None else fam.from_model_timestep(model, t)
+
+
+# ---- prompt length limits (T5 and language-model encoders) -------------------------------------------------------
+def t5_limit(pipe, max_sequence_length: int | None = None) -> int | None:
+    """The number of tokens the pipeline encodes (None: no limit of its own)."""
+    return family(pipe).prompt_limit(pipe, max_sequence_length)
+
+
+def t5_overflow(pipe, prompt: str, max_sequence_length: int | None = None) -> tuple[int, int, str] | None:
+    """(tokens, limit, the text the encoder will not see) when ``prompt`` is longer than the pipeline's limit; None
+    when it fits or the pipeline has none."""
+    limit = t5_limit(pipe, max_sequence_length)
+    if limit is None:
+        return None
+    tok = getattr(pipe, family(pipe).t5_tokenizer)
+    ids = tok(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
+    if len(ids) <= limit:
+        return None
+    return len(ids), limit, tok.decode(ids[limit - 1:], skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def without_truncation_logs(pipe):
+    """diffusers logs a multi-line notice per text encoder for a cut prompt; tuneqdm says it once, in one line, so
+    those notices are dropped while ``pipe`` encodes (pipelines with a prompt limit only)."""
+    handlers = logging.getLogger("diffusers").handlers if family(pipe).t5_tokenizer is not None else []
+
+    def not_truncation(record) -> bool:
+        return "was truncated" not in record.getMessage()
+
+    for handler in handlers:
+        handler.addFilter(not_truncation)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(not_truncation)
+
+
+__all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
+           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults", "is_flow_matching",
+           "native_size",
+           "supported", "t5_limit", "t5_overflow", "timestep_scale", "training_timesteps", "without_truncation_logs"]

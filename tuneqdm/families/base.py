@@ -1,0 +1,137 @@
+"""What every family answers, with the answers most pipelines share; a family module overrides what it does its own
+way. Families are stateless: whatever depends on one pipeline (its sizes, ids, the guidance it trains with) is
+computed from the pipeline and handed back as a ``context`` dict, resolved once by the caller and passed along."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA scripts
+
+
+class Family:
+    """One pipeline layout.
+
+    ``pipelines``: the diffusers pipeline classes of the family (by name). ``denoisers``: its denoiser model classes
+    (by name): routing and export see only the model, and find its timestep convention through them. ``attribute``:
+    the pipeline attribute holding the denoiser. ``guidance``: the pipeline's own default guidance scale;
+    ``distilled_guidance``: it is fed to a guidance embedding (one denoiser call per step) rather than used for
+    classifier-free guidance. ``t5_tokenizer``: the tokenizer whose prompts the pipeline's ``max_sequence_length``
+    limits (None: no such limit), ``encoder_word`` how messages name that encoder. ``start_token``: the prompt's
+    attention keys begin with CLIP's ``<start>``; ``text_last``: in joint attention the prompt's keys follow the
+    image's (DGQ keeps ``<start>`` exact). ``size_from_vae``: the native size is the VAE's ``sample_size``.
+    ``resolution_bins``: the pipeline snaps sizes to aspect-ratio bins. ``call``: fixed keyword arguments of every
+    pipeline call. ``first_last``: the input and output layers, whose activations stay in full precision.
+    ``lora_targets``: the modules LoRA wraps by default.
+    """
+
+    name = ""
+    label = ""  # how help texts and docs name it
+    pipelines: tuple[str, ...] = ()
+    denoisers: tuple[str, ...] = ()
+    attribute = "transformer"
+    guidance = 7.5
+    distilled_guidance = False
+    t5_tokenizer: str | None = None
+    encoder_word = "T5"
+    start_token = True
+    text_last = False
+    size_from_vae = False
+    resolution_bins = False
+    call: tuple[tuple[str, object], ...] = ()
+    first_last: tuple[str, ...] = ("pos_embed.proj", "proj_out")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    own_attention = False  # DGQ replaces its attention processors by its own (a UNet's); else wraps them
+    concat_shortcuts = False  # up blocks read concat(hidden, skip): PTQ gives each slice its own quantizer
+    single_file = False  # ``tuneqdm export --single_file`` writes its denoiser in the original (LDM) layout
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # ---- sizes and the pipeline call -------------------------------------------------------------------------------
+    def vae_factor(self, pipe) -> int:
+        """How many pixels one latent cell spans."""
+        return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def native_size(self, pipe) -> tuple[int, int]:
+        """(the image size the model was made for, the multiple every size must be): a transformer's
+        ``sample_size`` latents (its patches) in pixels."""
+        model, vae = getattr(pipe, self.attribute), self.vae_factor(pipe)
+        if self.size_from_vae:
+            return pipe.vae.config.sample_size, vae * 2
+        return model.config.sample_size * vae, vae * model.config.patch_size
+
+    def call_kwargs(self, pipe, height: int | None = None, width: int | None = None,
+                    max_sequence_length: int | None = None) -> dict:
+        """The keyword arguments of ``pipe(...)`` that differ by family: image size (None: the native one), the
+        prompt length (None: the pipeline's default) and the family's fixed ones."""
+        if self.size_from_vae:
+            native, _ = self.native_size(pipe)
+            height, width = height or native, width or native
+        kwargs = {**dict(self.call), "height": height, "width": width}
+        if self.t5_tokenizer is not None and max_sequence_length is not None:
+            kwargs["max_sequence_length"] = max_sequence_length
+        return kwargs
+
+    def prompt_limit(self, pipe, max_sequence_length: int | None = None) -> int | None:
+        """The tokens of a prompt the pipeline encodes (None: no limit of its own): ``max_sequence_length``, else
+        the default of the pipeline's call."""
+        if self.t5_tokenizer is None:
+            return None
+        if max_sequence_length is not None:
+            return max_sequence_length
+        default = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+        return default.default if default is not None else None
+
+    # ---- training: conditioning, latents, the denoiser's call -----------------------------------------------------
+    def encode_prompt(self, pipe, prompt: str, resolution: int, device, max_sequence_length: int | None) -> dict:
+        """One prompt's conditioning without a batch dimension, as the pipeline computes it at sampling time."""
+        raise NotImplementedError
+
+    def encode_latents(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior of a batch of images, unscaled: (mean, std)."""
+        dist = vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
+
+    def latent_scaling(self, vae) -> tuple[float, float]:
+        """(shift, scale) of the latents the denoiser sees: ``(latent - shift) * scale``."""
+        shift = getattr(vae.config, "shift_factor", None)
+        return (float(shift) if shift is not None else 0.0), float(vae.config.scaling_factor)
+
+    def training_context(self, pipe, resolution: int) -> dict:
+        """What every training call of this pipeline at ``resolution`` shares (ids, guidance, output layout)."""
+        return {}
+
+    def to_model_layout(self, latents: torch.Tensor, context: dict):
+        """Latents (B, C, h, w) as the denoiser reads them (and its output is compared)."""
+        return latents
+
+    def batch_kwargs(self, rows: list[dict], device, context: dict) -> dict:
+        """The denoiser's keyword arguments for a batch of prompt conditionings (one dict per sample)."""
+        return {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+
+    # ---- timesteps ------------------------------------------------------------------------------------------------
+    def timestep_scale(self, model) -> float:
+        """How many training timesteps one unit of the denoiser's ``timestep`` argument is."""
+        return 1.0
+
+    def to_model_timestep(self, model, t: torch.Tensor) -> torch.Tensor:
+        """Training timesteps (units of 0..T, T = the scheduler's training timesteps) as the denoiser takes them."""
+        scale = self.timestep_scale(model)
+        return t / scale if scale != 1 else t
+
+    def from_model_timestep(self, model, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's ``timestep`` argument in training timesteps: the inverse of ``to_model_timestep``, what
+        routing reads in sampling and training alike."""
+        scale = self.timestep_scale(model)
+        return t * scale if scale != 1 else t
+
+    def load_lora_on_quantized(self, pipe, path) -> None:
+        """Load a LoRA result (tuneqdm qlora's) into the pipeline whose denoiser is tuneqdm-quantized."""
+        pipe.load_lora_weights(str(path))
+
+    def predict(self, model, x, t: torch.Tensor, cond: dict, context: dict) -> torch.Tensor:
+        """The denoiser's prediction (in the training target's sign and channels) at training timesteps ``t``."""
+        return model(x, timestep=self.to_model_timestep(model, t), **cond, return_dict=False)[0]
