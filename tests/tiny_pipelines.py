@@ -171,3 +171,22 @@ def tiny_pixart_pipeline(folder: Path, seed: int = 0) -> Path:
                                transformer=transformer, scheduler=_scheduler())
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_chroma_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``ChromaPipeline`` (FLUX.1's packed layout without CLIP or a guidance embedding: T5 (32) and a
+    ``ChromaTransformer2DModel`` of 1 double + 1 single block with a 1-layer guidance approximator; 32 px images ->
+    16x16x4 latents -> 64 packed tokens of 16 channels)."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    folder = Path(folder)
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=1)
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed),
+                          text_encoder=_t5(len(tok), 32, seed=seed + 1), tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

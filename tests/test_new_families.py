@@ -1,0 +1,238 @@
+"""The families added after FLUX.1/SD3/PixArt (Chroma, SANA, ...), each through every command on a tiny random
+pipeline built offline: training's denoiser call is the pipeline's own, timestep experts route by each family's
+timestep convention (a table below) in sampling and training, and train (prior preservation included), byte-identical
+resume, generate, evaluate, quantize, quantize-activations and qlora (where diffusers has a LoRA loader) run through
+the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import perturb_scales
+from tiny_pipelines import tiny_chroma_pipeline
+
+import tuneqdm
+from tuneqdm.cli import main
+from tuneqdm.families import denoiser, family
+from tuneqdm.loading import pipeline_from
+from tuneqdm.sampling import generate
+from tuneqdm.serialization import fingerprint, load_quantized
+from tuneqdm.train import Trainer
+from tuneqdm.train.objective import Denoising, encode_prompt
+from tuneqdm.tuning import QuantConfig, expert_for_timestep, quantize_
+from tuneqdm.tuning.model import quant_state
+
+L = 32  # prompt tokens: the tiny tokenizers spell prompts letter by letter
+# family -> (builder, what its denoiser receives for the scheduler's timestep t (units of 0..1000), denoiser calls
+# per sampling step with classifier-free guidance on)
+FAMILIES = {
+    "chroma": (tiny_chroma_pipeline, lambda t: t / 1000, 2),  # sigma; guidance by two calls
+}
+NAMES = list(FAMILIES)
+PROMPT = "a red box"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {name: build(tmp_path_factory.mktemp(name)) for name, (build, _, _) in FAMILIES.items()}
+
+
+def quantized(folder, experts=4):
+    pipe = pipeline_from(str(folder))
+    quantize_(denoiser(pipe), QuantConfig(bits=4, method="tuneqdm", experts=experts, init="minmax"))
+    perturb_scales(denoiser(pipe))
+    return pipe
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_training_call_is_the_pipelines_own(folders, name):
+    """What training feeds the denoiser (prompt conditioning, layout, timestep) gives the output the pipeline's own
+    first denoiser call gave, from the same latent."""
+    pipe = pipeline_from(str(folders[name]))
+    model, calls = denoiser(pipe), []
+    model.register_forward_hook(lambda m, a, k, out: calls.append((a, k, out[0])), with_kwargs=True)
+    pipe(prompt=PROMPT, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=L, height=32, width=32,
+         output_type="latent", generator=torch.Generator().manual_seed(0))
+    args, kwargs, out = calls[0]
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    fam, d = family(pipe), Denoising(pipe, 32)
+    t = fam.from_model_timestep(model, kwargs["timestep"])
+    with torch.no_grad():
+        mine = d.predict(model, x, t, d.kwargs([encode_prompt(pipe, PROMPT, 32, "cpu", L)], "cpu"))
+    torch.testing.assert_close(mine, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampling_routes_each_step_by_the_familys_timestep_convention(folders, name):
+    _, convention, calls_per_step = FAMILIES[name]
+    pipe = quantized(folders[name])
+    model, router, seen = denoiser(pipe), quant_state(denoiser(pipe)).router, []
+    model.register_forward_hook(lambda m, a, k, out: seen.append((k["timestep"], router.route.experts)),
+                                with_kwargs=True)
+    pipe(prompt=PROMPT, num_inference_steps=8, height=32, width=32, max_sequence_length=L, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **dict(family(pipe).call))
+    t = pipe.scheduler.timesteps.double()
+    assert len(seen) == calls_per_step * len(t)
+    received = torch.stack([s[0][0].double() for s in seen]).reshape(len(t), calls_per_step)
+    torch.testing.assert_close(received, convention(t)[:, None].expand(-1, calls_per_step).to(received.dtype))
+    expected = expert_for_timestep(t, 4, 1000).tolist()  # K = 4 equal intervals of the training noise range
+    assert len(set(expected)) >= 2
+    routed = [s[1] for s in seen]
+    assert all(len(set(r)) == 1 for r in routed)  # the guidance halves: one expert
+    assert [r[0] for r in routed[::calls_per_step]] == expected == [r[0] for r in routed[calls_per_step - 1::calls_per_step]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_mixed_timestep_batch_equals_each_sample_alone(folders, name):
+    pipe = quantized(folders[name])
+    model, d = denoiser(pipe), Denoising(pipe, 32)
+    rows = [encode_prompt(pipe, p, 32, "cpu", L) for p in ("a box", "a red cat")]
+    x = d.to_model_layout(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)))
+    t = torch.tensor([900.0, 100.0])  # training timesteps: experts 3 and 0
+    router = quant_state(model).router
+    with torch.no_grad():
+        both = d.predict(model, x, t, d.kwargs(rows, "cpu"))
+        assert router.route.experts == [3, 0]
+        alone = [d.predict(model, x[i:i + 1], t[i:i + 1], d.kwargs(rows[i:i + 1], "cpu")) for i in range(2)]
+        other = d.predict(model, x, torch.tensor([600.0, 350.0]), d.kwargs(rows, "cpu"))  # experts 2 and 1
+    torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both, other, atol=1e-4)
+
+
+def _run(capsys, *argv) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    code = main([*argv, "--quiet"])
+    return code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_with_prior_preservation_resumes_byte_identically_samples_and_evaluates_through_the_cli(
+        folders, photos, tmp_path, monkeypatch, capsys, name):
+    def argv(out, *more):
+        return ["train", "--pretrained_model_name_or_path", str(folders[name]), "--instance_data_dir", str(photos),
+                "--instance_prompt", "a sks box", "--output_dir", str(out), "--resolution", "32",
+                "--max_train_steps", "3", "--checkpointing_steps", "2", "--quiet", "--quant_init", "minmax",
+                "--max_sequence_length", str(L), "--with_prior_preservation", "--class_prompt", "a box",
+                "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "2", "--prior_inference_steps",
+                "2", *more]
+
+    assert main(argv(tmp_path / "a")) == 0
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2  # drawn by the base pipeline
+    reference = (tmp_path / "a" / "adapter.safetensors").read_bytes()
+    real_batch = Trainer.batch
+
+    def interrupted(self, micro_step):
+        if micro_step == 2:
+            raise KeyboardInterrupt
+        return real_batch(self, micro_step)
+
+    monkeypatch.setattr(Trainer, "batch", interrupted)
+    assert main(argv(tmp_path / "b")) == 130
+    monkeypatch.setattr(Trainer, "batch", real_batch)
+    assert main(argv(tmp_path / "b", "--resume_from_checkpoint", "latest")) == 0
+    assert (tmp_path / "b" / "adapter.safetensors").read_bytes() == reference
+    capsys.readouterr()
+
+    sample = ["--prompt", "a sks box on the beach", "--num_images", "1", "--num_inference_steps", "2",
+              "--max_sequence_length", str(L)]
+    assert _run(capsys, "generate", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "tuned"), *sample)[0] == 0
+    assert _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--out",
+                str(tmp_path / "base"), *sample)[0] == 0
+    tuned, untuned = (Image.open(tmp_path / d / "000.png") for d in ("tuned", "base"))
+    assert tuned.size == (32, 32)  # the native size
+    assert tuned.tobytes() != untuned.tobytes()  # the adapter is in the samples
+    meta = json.loads((tmp_path / "base" / "generate.json").read_text())
+    assert meta["guidance_scale"] == family(pipeline_from(str(folders[name]))).guidance
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    code, err = _run(capsys, "evaluate", "--adapter", str(tmp_path / "a"), "--instance_data_dir", str(photos),
+                     "--prompts", str(prompts), "--class_word", "box", "--evaluator", "toy", "--images_per_prompt",
+                     "1", "--num_inference_steps", "2", "--max_sequence_length", str(L), "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert all(-1 <= metrics[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_untrained_w8_adapter_samples_within_45_db_of_the_float_pipeline(folders, tmp_path, capsys, name):
+    """The issue's target: ``tuneqdm generate`` of an untrained W8 adapter (the base quantized as training does, its
+    scales as initialised, written by the training result writer) against the float pipeline's images."""
+    from tuneqdm.loading import base_id
+    from tuneqdm.train.outputs import save_result
+
+    pipe = pipeline_from(str(folders[name]))
+    quantize_(denoiser(pipe), QuantConfig(bits=8, method="tuneqdm", experts=4, init="mse"))
+    quant_state(denoiser(pipe)).base_id = base_id(folders[name])
+    save_result(denoiser(pipe), tmp_path / "adapter", "tuneqdm", type(pipe),
+                {"base_id": base_id(folders[name]), "tuneqdm_method": "tuneqdm"})
+    sample = ["--prompt", PROMPT, "--num_images", "2", "--num_inference_steps", "2", "--max_sequence_length", str(L)]
+    assert _run(capsys, "generate", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "w8"),
+                *sample)[0] == 0
+    assert _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--out",
+                str(tmp_path / "fp"), *sample)[0] == 0
+    w8, floating = (_pixels([Image.open(tmp_path / d / f"{i:03d}.png") for i in range(2)]) for d in ("w8", "fp"))
+    assert psnr(w8, floating) >= 45
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quantize_and_quantize_activations_through_the_cli(folders, tmp_path, capsys, name):
+    out = tmp_path / "q"
+    assert _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders[name]), "--bits", "8",
+                "--calibrate", "mse", "--out", str(out)) == (0, [])
+    in_memory = pipeline_from(str(folders[name]))
+    quantize_(denoiser(in_memory), QuantConfig(bits=8, method="peqa", init="mse"))
+    assert fingerprint(load_quantized(out)) == fingerprint(denoiser(in_memory))  # streamed: the same integers
+    code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--quantized_base",
+                     str(out), "--prompt", PROMPT, "--num_images", "1", "--num_inference_steps", "2",
+                     "--max_sequence_length", str(L), "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    images = _pixels([Image.open(tmp_path / "g" / "000.png")])
+    assert np.array_equal(images, _pixels(generate(in_memory, PROMPT, num_inference_steps=2, max_sequence_length=L)))
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red box\n")
+    code, err = _run(capsys, "quantize-activations", "--pretrained_model_name_or_path", str(folders[name]),
+                     "--calib_prompts", str(prompts), "--num_inference_steps", "2", "--max_sequence_length", str(L),
+                     "--groups", "2", "--out", str(tmp_path / "act"))
+    assert code == 0, err
+    meta = json.loads((tmp_path / "act" / "activations.json").read_text())
+    assert len(meta["timesteps"]) == 2 and meta["exclude"] == list(family(in_memory).first_last)
+    code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--activation_bits",
+                     "8", "--groups", "2", "--activations", str(tmp_path / "act"), "--prompt", PROMPT,
+                     "--num_images", "1", "--num_inference_steps", "2", "--max_sequence_length", str(L), "--out",
+                     str(tmp_path / "a8"))
+    assert (code, err) == (0, [])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qlora_where_diffusers_has_a_lora_loader(folders, photos, tmp_path, capsys, name):
+    from safetensors.torch import load_file
+
+    pipeline_class = type(pipeline_from(str(folders[name])))
+    out = tmp_path / "qlora"
+    code, err = _run(capsys, "train", "--pretrained_model_name_or_path", str(folders[name]), "--instance_data_dir",
+                     str(photos), "--instance_prompt", "a sks box", "--output_dir", str(out), "--method", "qlora",
+                     "--max_train_steps", "2", "--quant_init", "minmax", "--max_sequence_length", str(L))
+    if not hasattr(pipeline_class, "save_lora_weights"):
+        assert code == 2 and err[-1].endswith("train a scale method (e.g. --method tuneqdm) or fp")
+        return
+    assert code == 0, err
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("transformer.") for k in weights)
+    pipe = tuneqdm.load_pipeline(adapter=out)  # the quantized base of training, the LoRA beside its integers
+    assert "default_0" in pipe.get_list_adapters()["transformer"]
+    code, err = _run(capsys, "generate", "--adapter", str(out), "--prompt", PROMPT, "--num_images", "1",
+                     "--num_inference_steps", "2", "--max_sequence_length", str(L), "--out", str(tmp_path / "g"))
+    assert code == 0, err
