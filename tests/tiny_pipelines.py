@@ -190,3 +190,46 @@ def tiny_chroma_pipeline(folder: Path, seed: int = 0) -> Path:
                           text_encoder=_t5(len(tok), 32, seed=seed + 1), tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_gemma_tokenizer(text: str = ""):
+    """A ``GemmaTokenizer`` (BPE without merges) over the single characters of ``text``, letters and digits: every
+    prompt and the pipeline's own templates tokenize, one token per character."""
+    from transformers import GemmaTokenizer
+
+    chars = sorted(set(text + string.ascii_letters + string.digits + " .,!?'-<>:") - {" "})
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(specials + ["▁"] + chars)}, merges=[])
+
+
+def tiny_sana_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``SanaPipeline``: a 2-layer Gemma 2 encoder (32) whose tokenizer holds every character of the pipeline's
+    default instruction, a deep-compression autoencoder (4 latent channels, 2x down: 32 px -> 16x16x4), a
+    ``SanaTransformer2DModel`` of 1 block, and the flow-matching DPM-Solver SANA ships."""
+    import inspect
+
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    folder = Path(folder)
+    instruction = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    tok = tiny_gemma_tokenizer("\n".join(instruction))
+    torch.manual_seed(seed)
+    encoder = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                         cross_attention_dim=16, caption_channels=32, sample_size=16, patch_size=1)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder

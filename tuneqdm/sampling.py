@@ -98,6 +98,7 @@ def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -
     overflow = t5_overflow(pipe, prompt, max_sequence_length)
     if overflow is not None:
         tokens, limit, _ = overflow
-        warnings.warn(f"the prompt is {tokens} T5 tokens, longer than max_sequence_length {limit}: the model reads "
+        warnings.warn(f"the prompt is {tokens} {family(pipe).encoder_word} tokens, longer than max_sequence_length "
+                      f"{limit}: the model reads "
                       f"only its first {limit} (shorten it, or raise --max_sequence_length)", TuneQDMWarning,
                       stacklevel=3)

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import TuneQDMError
 from .base import Family
 
-MODULES = ("sd", "flux", "sd3", "pixart", "chroma")  # one module per family (or group sharing a layout), in this order
+MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana")  # one module per family (or group sharing a layout), in this order
 
 
 def _registry() -> dict[str, Family]:

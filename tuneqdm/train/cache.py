@@ -13,7 +13,7 @@ import gc
 
 import torch
 
-from ..families import t5_overflow, without_truncation_logs
+from ..families import family, t5_overflow, without_truncation_logs
 from .data import warn
 from .objective import Denoising, encode_prompt
 
@@ -67,7 +67,8 @@ class TrainingTensors:
             overflow = t5_overflow(pipe, prompt, self.max_sequence_length)
             if overflow is not None:
                 _, limit, cut = overflow
-                warn(f"the prompt {prompt!r} is longer than the T5 limit of {limit} tokens (--max_sequence_length): "
+                warn(f"the prompt {prompt!r} is longer than the {family(pipe).encoder_word} limit of {limit} tokens "
+                     "(--max_sequence_length): "
                      f"it is truncated, the encoder does not see {cut!r}")
                 self.truncated.add(prompt)
 
