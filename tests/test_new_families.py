@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import perturb_scales
-from tiny_pipelines import tiny_chroma_pipeline, tiny_sana_pipeline
+from tiny_pipelines import tiny_chroma_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline
 
 import tuneqdm
 from tuneqdm.cli import main
@@ -30,7 +30,9 @@ L = 32  # prompt tokens: the tiny tokenizers spell prompts letter by letter
 FAMILIES = {
     "chroma": (tiny_chroma_pipeline, lambda t: t / 1000, 2),  # sigma; guidance by two calls
     "sana": (tiny_sana_pipeline, lambda t: t, 1),  # raw t (x the config's timestep_scale, 1 here); a batch of two
+    "zimage": (tiny_zimage_pipeline, lambda t: (1000 - t) / 1000, 1),  # 1 - sigma, as ``t``; a batch of two
 }
+NO_GUIDANCE = {"zimage": 0.0}  # the guidance scale that turns classifier-free guidance off (others: 1.0)
 NAMES = list(FAMILIES)
 # what generate says with DGQ activations: SANA's self-attention is linear (no softmax to quantize), reported in one line
 DGQ_WARNINGS = {"sana": ["tuneqdm: warning: attention left in full precision in 1 layers whose processors compute no "
@@ -60,42 +62,58 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+# how the pipeline turns the denoiser's latent input and output into (B, C, h, w) latents and the flow velocity
+LATENT_IN = {"zimage": lambda x: torch.stack(x).squeeze(2)}  # a list of [C, 1, H, W]
+VELOCITY_OUT = {"zimage": lambda out: -torch.stack(out).squeeze(2)}  # negated by the pipeline
+
+
+def _calls(model):
+    """Every call of ``model``: (its arguments by name, its first output)."""
+    import inspect
+
+    signature, calls = inspect.signature(model.forward), []
+    model.register_forward_hook(
+        lambda m, a, k, out: calls.append((signature.bind(*a, **k).arguments, out[0])), with_kwargs=True)
+    return calls
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_the_training_call_is_the_pipelines_own(folders, name):
     """What training feeds the denoiser (prompt conditioning, layout, timestep) gives the output the pipeline's own
     first denoiser call gave, from the same latent."""
     pipe = pipeline_from(str(folders[name]))
-    model, calls = denoiser(pipe), []
-    model.register_forward_hook(lambda m, a, k, out: calls.append((a, k, out[0])), with_kwargs=True)
-    pipe(prompt=PROMPT, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=L, height=32, width=32,
-         output_type="latent", generator=torch.Generator().manual_seed(0))
-    args, kwargs, out = calls[0]
-    x = kwargs.get("hidden_states", args[0] if args else None)
+    model = denoiser(pipe)
+    calls = _calls(model)
+    pipe(prompt=PROMPT, num_inference_steps=1, guidance_scale=NO_GUIDANCE.get(name, 1.0), max_sequence_length=L,
+         height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0))
+    arguments, out = calls[0]
     fam, d = family(pipe), Denoising(pipe, 32)
-    t = fam.from_model_timestep(model, kwargs["timestep"])
+    x = next(iter(arguments.values()))  # the latent comes first
+    x = LATENT_IN.get(name, lambda v: v)(x)
+    t = fam.from_model_timestep(model, arguments[fam.timestep_argument])
     with torch.no_grad():
         mine = d.predict(model, x, t, d.kwargs([encode_prompt(pipe, PROMPT, 32, "cpu", L)], "cpu"))
-    torch.testing.assert_close(mine, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine, VELOCITY_OUT.get(name, lambda v: v)(out), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sampling_routes_each_step_by_the_familys_timestep_convention(folders, name):
     _, convention, calls_per_step = FAMILIES[name]
     pipe = quantized(folders[name])
-    model, router, seen = denoiser(pipe), quant_state(denoiser(pipe)).router, []
-    model.register_forward_hook(lambda m, a, k, out: seen.append((k["timestep"], router.route.experts)),
-                                with_kwargs=True)
+    model, router = denoiser(pipe), quant_state(denoiser(pipe)).router
+    argument, calls, routed = family(pipe).timestep_argument, _calls(model), []
+    model.register_forward_hook(lambda m, a, out: routed.append(router.route.experts))
     pipe(prompt=PROMPT, num_inference_steps=8, height=32, width=32, max_sequence_length=L, output_type="latent",
          generator=torch.Generator().manual_seed(0), **dict(family(pipe).call))
     t = pipe.scheduler.timesteps.double()
-    assert len(seen) == calls_per_step * len(t)
-    received = torch.stack([s[0][0].double() for s in seen]).reshape(len(t), calls_per_step)
+    assert len(calls) == calls_per_step * len(t)
+    received = torch.stack([c[0][argument][0].double() for c in calls]).reshape(len(t), calls_per_step)
     torch.testing.assert_close(received, convention(t)[:, None].expand(-1, calls_per_step).to(received.dtype))
     expected = expert_for_timestep(t, 4, 1000).tolist()  # K = 4 equal intervals of the training noise range
     assert len(set(expected)) >= 2
-    routed = [s[1] for s in seen]
     assert all(len(set(r)) == 1 for r in routed)  # the guidance halves: one expert
-    assert [r[0] for r in routed[::calls_per_step]] == expected == [r[0] for r in routed[calls_per_step - 1::calls_per_step]]
+    for call in range(calls_per_step):
+        assert [r[0] for r in routed[call::calls_per_step]] == expected
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -105,10 +123,11 @@ def test_a_mixed_timestep_batch_equals_each_sample_alone(folders, name):
     rows = [encode_prompt(pipe, p, 32, "cpu", L) for p in ("a box", "a red cat")]
     x = d.to_model_layout(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)))
     t = torch.tensor([900.0, 100.0])  # training timesteps: experts 3 and 0
-    router = quant_state(model).router
+    router, routes = quant_state(model).router, []
+    model.register_forward_hook(lambda m, a, out: routes.append(list(router.route.experts)))
     with torch.no_grad():
         both = d.predict(model, x, t, d.kwargs(rows, "cpu"))
-        assert router.route.experts == [3, 0]
+        assert sorted(e for r in routes for e in r) == [0, 3]  # each sample its own expert (in one call or one each)
         alone = [d.predict(model, x[i:i + 1], t[i:i + 1], d.kwargs(rows[i:i + 1], "cpu")) for i in range(2)]
         other = d.predict(model, x, torch.tensor([600.0, 350.0]), d.kwargs(rows, "cpu"))  # experts 2 and 1
     torch.testing.assert_close(both, torch.cat(alone), rtol=1e-5, atol=1e-5)
@@ -241,3 +260,16 @@ def test_qlora_where_diffusers_has_a_lora_loader(folders, photos, tmp_path, caps
     code, err = _run(capsys, "generate", "--adapter", str(out), "--prompt", PROMPT, "--num_images", "1",
                      "--num_inference_steps", "2", "--max_sequence_length", str(L), "--out", str(tmp_path / "g"))
     assert code == 0, err
+
+
+def test_a_tokenizer_without_the_chat_template_its_family_reads_is_one_line(tmp_path, photos, capsys):
+    from tiny_pipelines import tiny_zimage_pipeline as build
+
+    folder = build(tmp_path / "z", chat_template=None)
+    expected = ["tuneqdm: error: the tokenizer of this ZImagePipeline has no chat template, which its prompts are read "
+                "in: use the tokenizer the model was published with (tokenizer/chat_template.jinja)"]
+    assert _run(capsys, "generate", "--pretrained_model_name_or_path", str(folder), "--prompt", PROMPT,
+                "--out", str(tmp_path / "g")) == (2, expected)
+    assert _run(capsys, "train", "--pretrained_model_name_or_path", str(folder), "--instance_data_dir", str(photos),
+                "--instance_prompt", "a sks box", "--output_dir", str(tmp_path / "t")) == (2, expected)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "t" / "adapter.safetensors").exists()

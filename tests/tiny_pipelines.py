@@ -233,3 +233,48 @@ def tiny_sana_pipeline(folder: Path, seed: int = 0) -> Path:
     pipe = SanaPipeline(tokenizer=tok, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     pipe.save_pretrained(folder)
     return folder
+
+
+# A chat template of the shape Qwen3's has (user turns, then the assistant's turn opened; thinking switchable),
+# written for these tests: the pipelines that read prompts in a chat template only need one that renders.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+                 "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def tiny_qwen_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level ``Qwen2Tokenizer`` (BPE without merges: one token per byte) with Qwen's chat special tokens."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {t: i for i, t in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = chat_template
+    return tok
+
+
+def _qwen3(vocab_size, hidden=16, layers=2, seed=0):
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    return Qwen3Model(Qwen3Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                  max_position_embeddings=512))
+
+
+def tiny_zimage_pipeline(folder: Path, seed: int = 0, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """A ``ZImagePipeline``: a 2-layer Qwen3 (16; the pipeline reads its second-to-last hidden layer) with a chat
+    template, a ``ZImageTransformer2DModel`` of 1 layer + 1 refiner layer each side over 16x16x4 latents (patch 2)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    folder = Path(folder)
+    tok = tiny_qwen_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                                           axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed),
+                          text_encoder=_qwen3(len(tok), seed=seed + 1), tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

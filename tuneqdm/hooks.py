@@ -15,6 +15,8 @@ from collections.abc import Callable
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .families import timestep_argument
+
 
 class CallArguments:
     """The arguments of one ``forward`` call, readable by parameter name whether passed by position or keyword."""
@@ -61,11 +63,11 @@ def on_call(module: nn.Module, callback: Callable[[CallArguments], object]) -> R
 def on_timestep(module: nn.Module, callback: Callable[[object, CallArguments], object]) -> RemovableHandle | None:
     """Run ``callback(timestep, call_arguments)`` before every forward of ``module`` (``timestep`` None for a call
     that leaves it out); the handle that removes it, or None (nothing installed) when ``module.forward`` has no
-    ``timestep`` parameter."""
-    signature = forward_signature(module)
-    if signature is None or "timestep" not in signature.parameters:
+    timestep parameter (``timestep``, or the one its family names: ``families.timestep_argument``)."""
+    signature, name = forward_signature(module), timestep_argument(module)
+    if signature is None or name not in signature.parameters:
         return None
-    return on_call(module, lambda call: callback(call.get("timestep"), call))
+    return on_call(module, lambda call: callback(call.get(name), call))
 
 
 def given_timesteps(callback: Callable[[object], object]) -> Callable[[object, CallArguments], None]:

@@ -37,7 +37,7 @@ from .quant.layers import QUANTIZED_CLASSES
 from .quant.split import SplitConv2d, split_convs
 from .tuning.config import METHODS, QuantConfig
 from .tuning.model import attach, configure_, quant_state, quantized_layers, replace_module
-from .tuning.streaming import diffusers_model_class, empty_model
+from .tuning.streaming import diffusers_model_class, empty_model, own_float_storage
 
 QUANT_MAP, QUANT_WEIGHTS = "quantization.json", "quantized.safetensors"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
@@ -208,6 +208,7 @@ def load_quantized(directory, model: nn.Module | None = None, device: str | torc
     _quantize_skeleton(model, meta, directory)
     _check_base_tensors(model, tensors, directory)
     model.load_state_dict(tensors, strict=False, assign=True)
+    own_float_storage(model)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise TuneQDMError(f"{directory} lacks tensors for {still_meta[:3]}: {_SAVE_BASE}")

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import TuneQDMError
 from .base import Family
 
-MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana")  # one module per family (or group sharing a layout), in this order
+MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage")  # one module per family (or group sharing a layout), in this order
 
 
 def _registry() -> dict[str, Family]:
@@ -116,6 +116,12 @@ def timestep_scale(model: nn.Module) -> float:
     return 1.0 if fam is None else fam.timestep_scale(model)
 
 
+def timestep_argument(model: nn.Module) -> str:
+    """The name of ``model.forward``'s timestep parameter (``timestep`` unless its family says otherwise)."""
+    fam = family_of_model(model)
+    return "timestep" if fam is None else fam.timestep_argument
+
+
 def training_timesteps(model: nn.Module, t):
     """``model``'s ``timestep`` argument in units of the scheduler's training timesteps 0..T (routing reads it)."""
     fam = family_of_model(model)
@@ -162,4 +168,4 @@ def without_truncation_logs(pipe):
 __all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
            "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults", "is_flow_matching",
            "native_size",
-           "supported", "t5_limit", "t5_overflow", "timestep_scale", "training_timesteps", "without_truncation_logs"]
+           "supported", "t5_limit", "timestep_argument", "t5_overflow", "timestep_scale", "training_timesteps", "without_truncation_logs"]

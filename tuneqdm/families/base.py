@@ -43,12 +43,17 @@ class Family:
     call: tuple[tuple[str, object], ...] = ()
     first_last: tuple[str, ...] = ("pos_embed.proj", "proj_out")
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    float_layers: tuple[str, ...] = ()  # never quantized (fnmatch patterns): the model reads their float weight
     own_attention = False  # DGQ replaces its attention processors by its own (a UNet's); else wraps them
     concat_shortcuts = False  # up blocks read concat(hidden, skip): PTQ gives each slice its own quantizer
     single_file = False  # ``tuneqdm export --single_file`` writes its denoiser in the original (LDM) layout
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+    def check(self, pipe) -> None:
+        """One line when the assembled pipeline lacks something the family reads (a chat template, deep enough
+        encoder layers); every command's pipeline passes here before any work."""
 
     # ---- sizes and the pipeline call -------------------------------------------------------------------------------
     def vae_factor(self, pipe) -> int:
@@ -113,6 +118,8 @@ class Family:
         return {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
 
     # ---- timesteps ------------------------------------------------------------------------------------------------
+    timestep_argument = "timestep"  # the name of the denoiser's forward parameter that takes it
+
     def timestep_scale(self, model) -> float:
         """How many training timesteps one unit of the denoiser's ``timestep`` argument is."""
         return 1.0

@@ -63,6 +63,7 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
     except (OSError, ValueError) as e:
         raise TuneQDMError(f"cannot load the pipeline {source.name or source.folder}: {first_line(e, None)} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
+    source.family.check(pipe)
     pipeline_progress(pipe)
     return pipe
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import TuneQDMError
+from ..families import family_of_model
 from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
 from .config import QuantConfig
 from .routing import Router, install_timestep_hook
@@ -38,8 +39,12 @@ def quant_state(model: nn.Module) -> _QuantState:
 
 def layers_to_quantize(model: nn.Module, config: QuantConfig) -> list[str]:
     """Names of the Linear/Conv2d modules ``config`` selects (include, then exclude; one-line error for a pattern
-    that matches nothing or an empty selection): what ``quantize_`` and the PTQ and streaming builds replace."""
-    candidates = [name for name, m in model.named_modules() if type(m) in QUANTIZED_CLASSES and name]
+    that matches nothing or an empty selection): what ``quantize_`` and the PTQ and streaming builds replace. Layers
+    whose float weight the model itself reads (its family's ``float_layers``) are never candidates."""
+    fam = family_of_model(model)
+    kept = fam.float_layers if fam is not None else ()
+    candidates = [name for name, m in model.named_modules() if type(m) in QUANTIZED_CLASSES and name
+                  and not any(fnmatch.fnmatchcase(name, p) for p in kept)]
     for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
         for p in patterns or ():
             if not any(fnmatch.fnmatchcase(n, p) for n in candidates):

@@ -110,11 +110,25 @@ def quantize_pretrained(folder, config: QuantConfig | None = None, variant: str 
     layers = empty_quantized_(model, config)
     rest = _stream_into(model, layers, files, folder, config, dtype, device, splits or {})
     model.load_state_dict(rest, strict=False, assign=True)
+    own_float_storage(model)
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing:
         raise TuneQDMError(f"{folder} lacks tensors for {missing[:3]}: download the model again")
     attach(model, config)
     return model.eval()
+
+
+def own_float_storage(model: nn.Module) -> None:
+    """Give every float (unquantized) Linear and Conv2d weight its own freshly allocated storage: tensors read from a
+    file sit at whatever offset the file put them, and a matmul's rounding follows the alignment, so the same weights
+    read by two paths (streamed from the model's files, or from the cache of quantized bases) would compute
+    differently by an ulp, and a resumed run would no longer repeat its first run bit for bit."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) in (nn.Linear, nn.Conv2d):
+                for name, p in list(module.named_parameters(recurse=False)):
+                    if not p.is_meta:
+                        p.data = p.data.clone()
 
 
 def _conv(model: nn.Module, name: str, folder: Path) -> nn.Conv2d:
