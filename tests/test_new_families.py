@@ -1,8 +1,9 @@
-"""The families added after FLUX.1/SD3/PixArt (Chroma, SANA, ...), each through every command on a tiny random
-pipeline built offline: training's denoiser call is the pipeline's own, timestep experts route by each family's
-timestep convention (a table below) in sampling and training, and train (prior preservation included), byte-identical
-resume, generate, evaluate, quantize, quantize-activations and qlora (where diffusers has a LoRA loader) run through
-the CLI."""
+"""Every family on a tiny random pipeline built offline, table-driven: training's denoiser call is the pipeline's own,
+timestep experts route by each family's timestep convention (the table below) in sampling, and a mixed-timestep batch
+equals each sample alone. The families added after FLUX.1/SD3/PixArt (Chroma, SANA, Z-Image) also go through every
+command here: train (prior preservation included), byte-identical resume, generate, evaluate, quantize,
+quantize-activations and qlora (where diffusers has a LoRA loader), through the CLI (the older families' command tests
+are in test_train_dit.py, test_dit_sampling.py and the UNet modules)."""
 
 import json
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import perturb_scales
-from tiny_pipelines import tiny_chroma_pipeline, tiny_sana_pipeline, tiny_zimage_pipeline
+from tiny_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline,
+                            tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_zimage_pipeline)
 
 import tuneqdm
 from tuneqdm.cli import main
@@ -28,12 +30,17 @@ L = 32  # prompt tokens: the tiny tokenizers spell prompts letter by letter
 # family -> (builder, what its denoiser receives for the scheduler's timestep t (units of 0..1000), denoiser calls
 # per sampling step with classifier-free guidance on)
 FAMILIES = {
+    "sd": (tiny_sd_pipeline, lambda t: t, 1),  # integer DDIM timesteps; both guidance halves in one call
+    "sdxl": (tiny_sdxl_pipeline, lambda t: t, 1),
+    "flux": (tiny_flux_pipeline, lambda t: t / 1000, 1),  # sigma; distilled guidance: one call
+    "sd3": (tiny_sd3_pipeline, lambda t: t, 1),  # sigma x 1000
+    "pixart": (tiny_pixart_pipeline, lambda t: t, 1),
     "chroma": (tiny_chroma_pipeline, lambda t: t / 1000, 2),  # sigma; guidance by two calls
     "sana": (tiny_sana_pipeline, lambda t: t, 1),  # raw t (x the config's timestep_scale, 1 here); a batch of two
     "zimage": (tiny_zimage_pipeline, lambda t: (1000 - t) / 1000, 1),  # 1 - sigma, as ``t``; a batch of two
 }
 NO_GUIDANCE = {"zimage": 0.0}  # the guidance scale that turns classifier-free guidance off (others: 1.0)
-NAMES = list(FAMILIES)
+NEW = ["chroma", "sana", "zimage"]  # through every command here
 # what generate says with DGQ activations: SANA's self-attention is linear (no softmax to quantize), reported in one line
 DGQ_WARNINGS = {"sana": ["tuneqdm: warning: attention left in full precision in 1 layers whose processors compute no "
                          "scaled_dot_product_attention (e.g. transformer_blocks.0.attn1.processor "
@@ -64,7 +71,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 # how the pipeline turns the denoiser's latent input and output into (B, C, h, w) latents and the flow velocity
 LATENT_IN = {"zimage": lambda x: torch.stack(x).squeeze(2)}  # a list of [C, 1, H, W]
-VELOCITY_OUT = {"zimage": lambda out: -torch.stack(out).squeeze(2)}  # negated by the pipeline
+VELOCITY_OUT = {"zimage": lambda out: -torch.stack(out).squeeze(2),  # negated by the pipeline
+                "pixart": lambda out: out.chunk(2, dim=1)[0]}  # its learned variance dropped
 
 
 def _calls(model):
@@ -77,17 +85,18 @@ def _calls(model):
     return calls
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_the_training_call_is_the_pipelines_own(folders, name):
     """What training feeds the denoiser (prompt conditioning, layout, timestep) gives the output the pipeline's own
     first denoiser call gave, from the same latent."""
     pipe = pipeline_from(str(folders[name]))
     model = denoiser(pipe)
     calls = _calls(model)
-    pipe(prompt=PROMPT, num_inference_steps=1, guidance_scale=NO_GUIDANCE.get(name, 1.0), max_sequence_length=L,
-         height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0))
-    arguments, out = calls[0]
     fam, d = family(pipe), Denoising(pipe, 32)
+    guidance = fam.guidance if fam.distilled_guidance else NO_GUIDANCE.get(name, 1.0)  # training's distilled guidance
+    pipe(prompt=PROMPT, num_inference_steps=1, guidance_scale=guidance, output_type="latent",
+         generator=torch.Generator().manual_seed(0), **fam.call_kwargs(pipe, 32, 32, L))
+    arguments, out = calls[0]
     x = next(iter(arguments.values()))  # the latent comes first
     x = LATENT_IN.get(name, lambda v: v)(x)
     t = fam.from_model_timestep(model, arguments[fam.timestep_argument])
@@ -96,18 +105,19 @@ def test_the_training_call_is_the_pipelines_own(folders, name):
     torch.testing.assert_close(mine, VELOCITY_OUT.get(name, lambda v: v)(out), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_sampling_routes_each_step_by_the_familys_timestep_convention(folders, name):
     _, convention, calls_per_step = FAMILIES[name]
     pipe = quantized(folders[name])
     model, router = denoiser(pipe), quant_state(denoiser(pipe)).router
     argument, calls, routed = family(pipe).timestep_argument, _calls(model), []
     model.register_forward_hook(lambda m, a, out: routed.append(router.route.experts))
-    pipe(prompt=PROMPT, num_inference_steps=8, height=32, width=32, max_sequence_length=L, output_type="latent",
-         generator=torch.Generator().manual_seed(0), **dict(family(pipe).call))
+    pipe(prompt=PROMPT, num_inference_steps=8, output_type="latent", generator=torch.Generator().manual_seed(0),
+         **family(pipe).call_kwargs(pipe, 32, 32, L))
     t = pipe.scheduler.timesteps.double()
     assert len(calls) == calls_per_step * len(t)
-    received = torch.stack([c[0][argument][0].double() for c in calls]).reshape(len(t), calls_per_step)
+    first = [torch.as_tensor(c[0][argument]).reshape(-1)[0].double() for c in calls]  # UNets: a scalar
+    received = torch.stack(first).reshape(len(t), calls_per_step)
     torch.testing.assert_close(received, convention(t)[:, None].expand(-1, calls_per_step).to(received.dtype))
     expected = expert_for_timestep(t, 4, 1000).tolist()  # K = 4 equal intervals of the training noise range
     assert len(set(expected)) >= 2
@@ -116,7 +126,7 @@ def test_sampling_routes_each_step_by_the_familys_timestep_convention(folders, n
         assert [r[0] for r in routed[call::calls_per_step]] == expected
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_a_mixed_timestep_batch_equals_each_sample_alone(folders, name):
     pipe = quantized(folders[name])
     model, d = denoiser(pipe), Denoising(pipe, 32)
@@ -140,7 +150,7 @@ def _run(capsys, *argv) -> tuple[int, list[str]]:
     return code, capsys.readouterr().err.splitlines()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NEW)
 def test_trains_with_prior_preservation_resumes_byte_identically_samples_and_evaluates_through_the_cli(
         folders, photos, tmp_path, monkeypatch, capsys, name):
     def argv(out, *more):
@@ -189,7 +199,7 @@ def test_trains_with_prior_preservation_resumes_byte_identically_samples_and_eva
     assert all(-1 <= metrics[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NEW)
 def test_an_untrained_w8_adapter_samples_within_45_db_of_the_float_pipeline(folders, tmp_path, capsys, name):
     """The issue's target: ``tuneqdm generate`` of an untrained W8 adapter (the base quantized as training does, its
     scales as initialised, written by the training result writer) against the float pipeline's images."""
@@ -210,7 +220,7 @@ def test_an_untrained_w8_adapter_samples_within_45_db_of_the_float_pipeline(fold
     assert psnr(w8, floating) >= 45
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NEW)
 def test_quantize_and_quantize_activations_through_the_cli(folders, tmp_path, capsys, name):
     out = tmp_path / "q"
     assert _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders[name]), "--bits", "8",
@@ -240,7 +250,7 @@ def test_quantize_and_quantize_activations_through_the_cli(folders, tmp_path, ca
     assert (code, err) == (0, DGQ_WARNINGS.get(name, []))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NEW)
 def test_qlora_where_diffusers_has_a_lora_loader(folders, photos, tmp_path, capsys, name):
     from safetensors.torch import load_file
 
