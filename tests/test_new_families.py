@@ -41,7 +41,7 @@ FAMILIES = {
 }
 NO_GUIDANCE = {"zimage": 0.0}  # the guidance scale that turns classifier-free guidance off (others: 1.0)
 NEW = ["chroma", "sana", "zimage"]  # through every command here
-# what generate says with DGQ activations: SANA's self-attention is linear (no softmax to quantize), reported in one line
+# what generate says with DGQ activations: SANA's self-attention is linear (no softmax to quantize): one line
 DGQ_WARNINGS = {"sana": ["tuneqdm: warning: attention left in full precision in 1 layers whose processors compute no "
                          "scaled_dot_product_attention (e.g. transformer_blocks.0.attn1.processor "
                          "(SanaLinearAttnProcessor2_0))"]}

@@ -573,8 +573,8 @@ def _toy_scenes(args) -> None:
 
 GUIDANCE_HELP = ("classifier-free guidance scale; a guidance-distilled model's distilled guidance (default: the "
                  f"pipeline family's: {guidance_defaults()})")
-MAX_SEQUENCE_LENGTH_HELP = ("tokens of a prompt for the T5 and language-model encoders (default: the pipeline's own); a "
-                            "longer prompt is cut, with a warning")
+MAX_SEQUENCE_LENGTH_HELP = ("tokens of a prompt for the T5 and language-model encoders (default: the pipeline's "
+                            "own); a longer prompt is cut, with a warning")
 SCHEDULER_CHOICES = ("ddim", "dpm++", "euler")
 SCHEDULER_HELP = ("sampler of a DDPM-family pipeline (default: ddim); flow-matching pipelines keep their own")
 

@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import TuneQDMError
 from .base import Family
 
-MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage")  # one module per family (or group sharing a layout), in this order
+# one module per family (or group sharing a layout), in the order messages list them
+MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage")
 
 
 def _registry() -> dict[str, Family]:
@@ -166,6 +167,6 @@ def without_truncation_logs(pipe):
 
 
 __all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
-           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults", "is_flow_matching",
-           "native_size",
-           "supported", "t5_limit", "timestep_argument", "t5_overflow", "timestep_scale", "training_timesteps", "without_truncation_logs"]
+           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
+           "is_flow_matching", "native_size", "supported", "t5_limit", "t5_overflow", "timestep_argument",
+           "timestep_scale", "training_timesteps", "without_truncation_logs"]
