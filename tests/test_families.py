@@ -75,3 +75,11 @@ def test_every_pipeline_class_has_one_family_and_every_family_its_module():
 ])
 def test_flow_matching_is_read_from_the_schedulers_configuration(config, flow):
     assert families.is_flow_matching(config) is flow
+
+
+def test_the_readme_lists_every_supported_pipeline_class():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("### Supported pipelines"):]
+    rows = re.findall(r"^\| `(\w+Pipeline)` \| ([^|]+) \|", table, flags=re.MULTILINE)
+    assert [cls for cls, _ in rows] == list(families.PIPELINES)
+    assert [label.strip() for _, label in rows] == [families.family_named(cls).label for cls, _ in rows]
