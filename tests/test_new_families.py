@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from tiny_models import perturb_scales
 from tiny_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline,
-                            tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_zimage_pipeline)
+                            tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline,
+                            tiny_zimage_pipeline)
 
 import tuneqdm
 from tuneqdm.cli import main
-from tuneqdm.families import denoiser, family
+from tuneqdm.families import denoiser, family, guidance_kwargs
 from tuneqdm.loading import pipeline_from
 from tuneqdm.sampling import generate
 from tuneqdm.serialization import fingerprint, load_quantized
@@ -38,9 +39,10 @@ FAMILIES = {
     "chroma": (tiny_chroma_pipeline, lambda t: t / 1000, 2),  # sigma; guidance by two calls
     "sana": (tiny_sana_pipeline, lambda t: t, 1),  # raw t (x the config's timestep_scale, 1 here); a batch of two
     "zimage": (tiny_zimage_pipeline, lambda t: (1000 - t) / 1000, 1),  # 1 - sigma, as ``t``; a batch of two
+    "qwenimage": (tiny_qwenimage_pipeline, lambda t: t / 1000, 2),  # sigma; true CFG by two calls
 }
 NO_GUIDANCE = {"zimage": 0.0}  # the guidance scale that turns classifier-free guidance off (others: 1.0)
-NEW = ["chroma", "sana", "zimage"]  # through every command here
+NEW = ["chroma", "sana", "zimage", "qwenimage"]  # through every command here
 # what generate says with DGQ activations: SANA's self-attention is linear (no softmax to quantize): one line
 DGQ_WARNINGS = {"sana": ["tuneqdm: warning: attention left in full precision in 1 layers whose processors compute no "
                          "scaled_dot_product_attention (e.g. transformer_blocks.0.attn1.processor "
@@ -113,7 +115,7 @@ def test_sampling_routes_each_step_by_the_familys_timestep_convention(folders, n
     argument, calls, routed = family(pipe).timestep_argument, _calls(model), []
     model.register_forward_hook(lambda m, a, out: routed.append(router.route.experts))
     pipe(prompt=PROMPT, num_inference_steps=8, output_type="latent", generator=torch.Generator().manual_seed(0),
-         **family(pipe).call_kwargs(pipe, 32, 32, L))
+         **guidance_kwargs(pipe, None, 1), **family(pipe).call_kwargs(pipe, 32, 32, L))  # the family's own guidance
     t = pipe.scheduler.timesteps.double()
     assert len(calls) == calls_per_step * len(t)
     first = [torch.as_tensor(c[0][argument]).reshape(-1)[0].double() for c in calls]  # UNets: a scalar
@@ -179,12 +181,12 @@ def test_trains_with_prior_preservation_resumes_byte_identically_samples_and_eva
     capsys.readouterr()
 
     sample = ["--prompt", "a sks box on the beach", "--num_images", "1", "--num_inference_steps", "2",
-              "--max_sequence_length", str(L)]
+              "--max_sequence_length", str(L), "--height", "32", "--width", "32"]
     assert _run(capsys, "generate", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "tuned"), *sample)[0] == 0
     assert _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--out",
                 str(tmp_path / "base"), *sample)[0] == 0
     tuned, untuned = (Image.open(tmp_path / d / "000.png") for d in ("tuned", "base"))
-    assert tuned.size == (32, 32)  # the native size
+    assert tuned.size == (32, 32)
     assert tuned.tobytes() != untuned.tobytes()  # the adapter is in the samples
     meta = json.loads((tmp_path / "base" / "generate.json").read_text())
     assert meta["guidance_scale"] == family(pipeline_from(str(folders[name]))).guidance

@@ -242,14 +242,28 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def tiny_qwen_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
-    """A byte-level ``Qwen2Tokenizer`` (BPE without merges: one token per byte) with Qwen's chat special tokens."""
-    from tokenizers import pre_tokenizers
+def tiny_qwen_tokenizer(chat_template: str | None = CHAT_TEMPLATE, words_of: str = ""):
+    """A byte-level ``Qwen2Tokenizer`` with Qwen's chat special tokens: one token per byte, except the words of
+    ``words_of`` (e.g. a pipeline's prompt template), which get BPE merges into one token each, as Qwen's own
+    tokenizer has them, so that a template's token count is the real one."""
+    from tokenizers import Regex, pre_tokenizers
     from transformers import Qwen2Tokenizer
 
+    specials = ["<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    merges = []
+    plain = words_of
+    for special in specials:
+        plain = plain.replace(special, "\n")
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\s+|[^\sA-Za-z]"), "isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    for word, _ in split.pre_tokenize_str(plain):
+        for i in range(1, len(word)):
+            if word[:i + 1] not in vocab:
+                merges.append((word[:i], word[i]))
+                vocab[word[:i + 1]] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=specials)
     tok.chat_template = chat_template
     return tok
 
@@ -276,5 +290,37 @@ def tiny_zimage_pipeline(folder: Path, seed: int = 0, chat_template: str | None 
                                            axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
     pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed),
                           text_encoder=_qwen3(len(tok), seed=seed + 1), tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_qwenimage_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A ``QwenImagePipeline``: a 2-layer Qwen2.5-VL (16; its 1-block vision tower unused) whose tokenizer has the
+    words of the pipeline's prompt template as single tokens (the template's 34 dropped tokens are the real 34), a
+    video VAE (2x down: 32 px -> 16x16x4, per-channel mean and std), a ``QwenImageTransformer2DModel`` of 1 block
+    over 64 packed tokens of 16 channels."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    template = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+                "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
+    tok = tiny_qwen_tokenizer(words_of=template)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, patch_size=2,
+                  temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0])
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                             tokenizer=tok, transformer=transformer)
+    pipe.default_sample_size = 16  # not saved: the pipeline's 128 (1024 px) is the family's native size
     pipe.save_pretrained(folder)
     return folder

@@ -7,7 +7,8 @@ import warnings
 
 import torch
 
-from .families import call_kwargs, denoiser, family, is_flow_matching, t5_overflow, without_truncation_logs
+from .families import (call_kwargs, denoiser, family, guidance_kwargs, is_flow_matching, t5_overflow,
+                       without_truncation_logs)
 from .errors import TuneQDMError, TuneQDMWarning
 from .hooks import on_call
 from .memory import trim_heap
@@ -71,9 +72,8 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]
-            negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * n}
-            out = pipe([prompt] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       generator=gens, output_type="pil", **negative, **extra)
+            out = pipe([prompt] * n, num_inference_steps=num_inference_steps, generator=gens, output_type="pil",
+                       **guidance_kwargs(pipe, guidance_scale, n, negative_prompt), **extra)
             images += out.images
             bar.update(n)
     return images

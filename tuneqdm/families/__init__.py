@@ -18,7 +18,7 @@ from ..errors import TuneQDMError
 from .base import Family
 
 # one module per family (or group sharing a layout), in the order messages list them
-MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage")
+MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage", "qwenimage")
 
 
 def _registry() -> dict[str, Family]:
@@ -100,6 +100,13 @@ def call_kwargs(pipe, height: int | None = None, width: int | None = None,
     return family(pipe).call_kwargs(pipe, height, width, max_sequence_length)
 
 
+def guidance_kwargs(pipe, scale: float | None, n: int, negative_prompt: str | None = None) -> dict:
+    """How ``pipe(...)`` takes guidance ``scale`` (None: the family's default) for ``n`` prompts: classifier-free,
+    distilled, or (Qwen-Image) a true CFG scale with a negative prompt."""
+    fam = family(pipe)
+    return fam.guidance_kwargs(pipe, fam.guidance if scale is None else scale, n, negative_prompt)
+
+
 def is_flow_matching(scheduler_config) -> bool:
     """Whether a scheduler (by its configuration) solves a flow-matching ODE: training then uses rectified flow and
     sampling keeps it (the DDPM-family samplers solve another). Read from the configuration, not the class: SANA's
@@ -167,6 +174,6 @@ def without_truncation_logs(pipe):
 
 
 __all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
-           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
+           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults", "guidance_kwargs",
            "is_flow_matching", "native_size", "supported", "t5_limit", "t5_overflow", "timestep_argument",
            "timestep_scale", "training_timesteps", "without_truncation_logs"]

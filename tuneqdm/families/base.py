@@ -43,6 +43,7 @@ class Family:
     call: tuple[tuple[str, object], ...] = ()
     first_last: tuple[str, ...] = ("pos_embed.proj", "proj_out")
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    streams_encoders = True  # its text encoders can run streamed from their files (see qwenimage.py for one that cannot)
     float_layers: tuple[str, ...] = ()  # never quantized (fnmatch patterns): the model reads their float weight
     own_attention = False  # DGQ replaces its attention processors by its own (a UNet's); else wraps them
     concat_shortcuts = False  # up blocks read concat(hidden, skip): PTQ gives each slice its own quantizer
@@ -79,6 +80,12 @@ class Family:
         if self.t5_tokenizer is not None and max_sequence_length is not None:
             kwargs["max_sequence_length"] = max_sequence_length
         return kwargs
+
+    def guidance_kwargs(self, pipe, scale: float, n: int, negative_prompt: str | None = None) -> dict:
+        """The keyword arguments of ``pipe(...)`` for a batch of ``n`` prompts at guidance ``scale`` (with
+        ``negative_prompt``, when one is given)."""
+        negative = {} if negative_prompt is None else {"negative_prompt": [negative_prompt] * n}
+        return {"guidance_scale": scale, **negative}
 
     def prompt_limit(self, pipe, max_sequence_length: int | None = None) -> int | None:
         """The tokens of a prompt the pipeline encodes (None: no limit of its own): ``max_sequence_length``, else

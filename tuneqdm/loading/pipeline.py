@@ -49,7 +49,7 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
         if name == source.denoiser or not source.has_weights(name):
             continue  # components without safetensors weights (tokenizers, schedulers, .bin-only models): diffusers'
         if name.startswith("text_encoder"):
-            build = streamed if text_encoders == "stream" else resident
+            build = streamed if text_encoders == "stream" and source.family.streams_encoders else resident
             parts[name] = build(source, name, device, dtype)
         elif name == "vae":
             parts[name] = resident(source, name, device, dtype) if vae else None

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..families import call_kwargs, denoiser, family
+from ..families import call_kwargs, denoiser, family, guidance_kwargs
 from ..errors import TuneQDMError
 from ..files import FORMAT_VERSION, atomic_dir, check_version, load_tensors, read_json
 from ..progress import progress, stage
@@ -75,7 +75,7 @@ def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25,
     try:
         for i in progress(range(0, len(prompts), batch_size), desc="observing activations", unit="batch"):
             chunk = prompts[i:i + batch_size]
-            pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            pipe(chunk, num_inference_steps=num_inference_steps, **guidance_kwargs(pipe, guidance_scale, len(chunk)),
                  generator=[generator(seed + i + j) for j in range(len(chunk))], output_type="latent", **extra)
     finally:
         observer.remove()

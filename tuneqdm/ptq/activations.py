@@ -414,9 +414,13 @@ class ActivationObserver:
                 at[name] = list(new)
             else:
                 old = at[name]
-                if old[2].shape != new[2].shape:
+                if old[2].shape != new[2].shape and conv:
                     raise TuneQDMError(f"layer {name!r} saw inputs of different sizes during calibration: "
                                        "calibrate at one resolution")
+                if old[2].shape != new[2].shape:  # tokens of prompts of several lengths (Qwen-Image's text stream):
+                    none = torch.zeros(0)  # no position has ranges of its own, so the groups are per channel
+                    at[name] = [torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1]), none, none]
+                    return None
                 at[name] = [torch.minimum(old[0], new[0]), torch.maximum(old[1], new[1]),
                             torch.minimum(old[2], new[2]), torch.maximum(old[3], new[3])]
             return None

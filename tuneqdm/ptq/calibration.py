@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..families import call_kwargs, denoiser, family
+from ..families import call_kwargs, denoiser, family, guidance_kwargs
 from ..errors import TuneQDMError
 from ..hooks import CallArguments, forward_signature, on_call
 from ..progress import progress
@@ -189,8 +189,9 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
             n = min(batch_size, samples_per_step - start)
             recorder.start(n)
             pipe([prompts[(start + i) % len(prompts)] for i in range(n)], num_inference_steps=num_inference_steps,
-                 guidance_scale=guidance_scale, generator=[generator(seed + start + i) for i in range(n)],
-                 output_type="latent", **call_kwargs(pipe, max_sequence_length=max_sequence_length))
+                 generator=[generator(seed + start + i) for i in range(n)], output_type="latent",
+                 **guidance_kwargs(pipe, guidance_scale, n),
+                 **call_kwargs(pipe, max_sequence_length=max_sequence_length))
     finally:
         handle.remove()
     return recorder.result()

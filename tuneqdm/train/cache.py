@@ -86,7 +86,8 @@ class TrainingTensors:
 
     def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """A sample of the posterior, scaled as the denoiser sees it (``noise`` is a standard normal draw)."""
-        return ((mean + std * noise) - self.shift_factor) * self.scaling_factor
+        shift, scale = (v.to(mean.device) if torch.is_tensor(v) else v for v in (self.shift_factor, self.scaling_factor))
+        return ((mean + std * noise) - shift) * scale  # per channel where the VAE normalises so (Qwen-Image)
 
     def conditioning(self, prompt_ids: list[int]) -> dict:
         """The denoiser's keyword arguments for a batch (``encoder_hidden_states`` and the family's others)."""
