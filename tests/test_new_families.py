@@ -133,7 +133,8 @@ def test_a_mixed_timestep_batch_equals_each_sample_alone(folders, name):
     pipe = quantized(folders[name])
     model, d = denoiser(pipe), Denoising(pipe, 32)
     rows = [encode_prompt(pipe, p, 32, "cpu", L) for p in ("a box", "a red cat")]
-    x = d.to_model_layout(torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)))
+    shape = family(pipe).encode_latents(pipe.vae, torch.zeros(1, 3, 32, 32))[0].shape[1:]  # the family's latent
+    x = d.to_model_layout(torch.randn(2, *shape, generator=torch.Generator().manual_seed(1)))
     t = torch.tensor([900.0, 100.0])  # training timesteps: experts 3 and 0
     router, routes = quant_state(model).router, []
     model.register_forward_hook(lambda m, a, out: routes.append(list(router.route.experts)))

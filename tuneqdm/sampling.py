@@ -72,7 +72,7 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]
-            out = pipe([prompt] * n, num_inference_steps=num_inference_steps, generator=gens, output_type="pil",
+            out = pipe(prompt=[prompt] * n, num_inference_steps=num_inference_steps, generator=gens, output_type="pil",
                        **guidance_kwargs(pipe, guidance_scale, n, negative_prompt), **extra)
             images += out.images
             bar.update(n)

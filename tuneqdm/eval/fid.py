@@ -78,7 +78,8 @@ def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25
     bar = progress(desc="sampling captions", total=len(captions), unit="image")
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])
-        out = pipe(batch, num_inference_steps=num_inference_steps, **guidance_kwargs(pipe, guidance_scale, len(batch)),
+        out = pipe(prompt=batch, num_inference_steps=num_inference_steps,
+                   **guidance_kwargs(pipe, guidance_scale, len(batch)),
                    generator=[generator(seed + start + i) for i in range(len(batch))], output_type="pil",
                    **call_kwargs(pipe))
         images += out.images

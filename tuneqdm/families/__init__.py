@@ -174,6 +174,6 @@ def without_truncation_logs(pipe):
 
 
 __all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
-           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults", "guidance_kwargs",
-           "is_flow_matching", "native_size", "supported", "t5_limit", "t5_overflow", "timestep_argument",
-           "timestep_scale", "training_timesteps", "without_truncation_logs"]
+           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
+           "guidance_kwargs", "is_flow_matching", "native_size", "supported", "t5_limit", "t5_overflow",
+           "timestep_argument", "timestep_scale", "training_timesteps", "without_truncation_logs"]

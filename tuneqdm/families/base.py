@@ -43,7 +43,7 @@ class Family:
     call: tuple[tuple[str, object], ...] = ()
     first_last: tuple[str, ...] = ("pos_embed.proj", "proj_out")
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    streams_encoders = True  # its text encoders can run streamed from their files (see qwenimage.py for one that cannot)
+    streams_encoders = True  # its text encoders can run streamed from their files (qwenimage.py: one that cannot)
     float_layers: tuple[str, ...] = ()  # never quantized (fnmatch patterns): the model reads their float weight
     own_attention = False  # DGQ replaces its attention processors by its own (a UNet's); else wraps them
     concat_shortcuts = False  # up blocks read concat(hidden, skip): PTQ gives each slice its own quantizer

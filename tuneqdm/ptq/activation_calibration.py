@@ -75,7 +75,8 @@ def observe_activations(pipe, prompts: list[str], num_inference_steps: int = 25,
     try:
         for i in progress(range(0, len(prompts), batch_size), desc="observing activations", unit="batch"):
             chunk = prompts[i:i + batch_size]
-            pipe(chunk, num_inference_steps=num_inference_steps, **guidance_kwargs(pipe, guidance_scale, len(chunk)),
+            pipe(prompt=chunk, num_inference_steps=num_inference_steps,
+                 **guidance_kwargs(pipe, guidance_scale, len(chunk)),
                  generator=[generator(seed + i + j) for j in range(len(chunk))], output_type="latent", **extra)
     finally:
         observer.remove()

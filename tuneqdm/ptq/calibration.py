@@ -188,7 +188,8 @@ def collect_calibration_set(pipe, prompts: Sequence[str], samples_per_step: int,
         for start in progress(range(0, samples_per_step, batch_size), desc="calibration inputs", unit="batch"):
             n = min(batch_size, samples_per_step - start)
             recorder.start(n)
-            pipe([prompts[(start + i) % len(prompts)] for i in range(n)], num_inference_steps=num_inference_steps,
+            pipe(prompt=[prompts[(start + i) % len(prompts)] for i in range(n)],
+                 num_inference_steps=num_inference_steps,
                  generator=[generator(seed + start + i) for i in range(n)], output_type="latent",
                  **guidance_kwargs(pipe, guidance_scale, n),
                  **call_kwargs(pipe, max_sequence_length=max_sequence_length))

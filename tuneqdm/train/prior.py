@@ -66,7 +66,7 @@ def ensure_class_images(pipe, folder, prompt: str, num_images: int, resolution: 
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             gens = [generator(seed + i) for i in chunk]
-            images = pipe([prompt] * len(chunk), num_inference_steps=num_inference_steps, height=resolution,
+            images = pipe(prompt=[prompt] * len(chunk), num_inference_steps=num_inference_steps, height=resolution,
                           width=resolution, generator=gens, output_type="pil", **_exact_size(pipe)).images
             for i, image in zip(chunk, images):
                 final = folder / _name(prompt, i)
