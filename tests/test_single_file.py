@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import tuneqdm
 from tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from tuneqdm.cli import main
-from tuneqdm.errors import TuneQDMError
+from tuneqdm.errors import TuneQDMError, TuneQDMWarning
 from tuneqdm.export.single_file import unet_to_ldm
 from tuneqdm.loading import quantized_denoiser, resolve
 from tuneqdm.loading import single_file as sf
@@ -61,6 +61,16 @@ def test_the_converted_components_hold_exactly_the_folders_tensors(sd):
         got, want = load_file(got_file), load_file(want_file)
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
     assert source.fingerprint("unet") == resolve(folder).fingerprint("unet")
+
+
+def test_weights_no_component_takes_are_named_with_where_the_rest_comes_from(sd, tmp_path, monkeypatch):
+    folder, file = sd
+    monkeypatch.setenv("TUNEQDM_CACHE", str(tmp_path / "cache"))
+    save_file({**load_file(file), "extra.proj.weight": torch.zeros(2, 2), "extra.bias": torch.zeros(2)},
+              tmp_path / "extra.safetensors")
+    with pytest.warns(TuneQDMWarning, match="^extra.safetensors holds 1 weights no component took \\(e.g. "
+                                                    f"extra.proj.weight\\); its vae comes from {folder}$"):
+        resolve(tmp_path / "extra.safetensors", single_file_config=str(folder))
 
 
 def test_train_and_generate_from_a_single_file_equal_the_folders(sd, photos, tmp_path):

@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..errors import TuneQDMError
+from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import atomic_dir, first_line, read_json
 from ..progress import progress
 from ..shards import FLOAT_DTYPES, INDEX_SUFFIX, OTHER_DTYPES, content_fingerprint, header, read_tensor
@@ -150,6 +151,24 @@ def convert_component(library: str, class_name: str, checkpoint: dict, skeleton,
     return {}
 
 
+def _leaves(t, out: set) -> set:
+    """The file's tensor names a lazy tensor is made from."""
+    if isinstance(t, LazyTensor):
+        where, index = t.recipe
+        if where == "file":
+            out.add(index)
+        else:
+            _leaves(where[1], out)
+            _leaves(where[2], out)
+    elif isinstance(t, (list, tuple)):
+        for v in t:
+            _leaves(v, out)
+    elif isinstance(t, dict):
+        for v in t.values():
+            _leaves(v, out)
+    return out
+
+
 def _expected(skeleton) -> dict[str, torch.Tensor]:
     """The tensors a component's files must hold: its state dict, tied parameters once."""
     seen, out = set(), {}
@@ -249,7 +268,14 @@ def single_file_source(path: Path, config: str | None, variant: str | None = Non
     entry = default_cache_dir() / "single-file" / key.hexdigest()[:24]
     if not all((entry / name / "config.json").is_file() for name in parts):
         _convert(path, entry, config_folder, parts)
-    lacking = [name for name in configs if name not in parts and not base.has_weights(name)]
+    taken = _leaves([tensors for _, tensors in parts.values()], set())
+    unused = [k for k, t in checkpoint.items() if k not in taken and t.dim() >= 2 and not k.startswith("model_ema.")]
+    elsewhere = [name for name in configs if name not in parts]
+    if unused and elsewhere:  # e.g. a component diffusers could not convert: say where it comes from instead
+        warnings.warn(f"{path.name} holds {len(unused)} weights no component took (e.g. {unused[0]}); its "
+                      f"{', '.join(elsewhere)} come{'s' if len(elsewhere) == 1 else ''} from {config_folder}",
+                      TuneQDMWarning, stacklevel=2)
+    lacking = [name for name in elsewhere if not base.has_weights(name)]
     if lacking and repo is not None:  # as from_single_file: the components the file lacks, from the repository
         _download(path, repo, [f"{name}/*" for name in lacking])
         lacking = [name for name in lacking if not base.has_weights(name)]
