@@ -10,6 +10,7 @@ peak is made of. Beside it: the training loop's own peak (``train_log.jsonl``) a
     python benchmarks/real_size.py make --model sd15 --out /data/sd15          # generate a pipeline folder
     python benchmarks/real_size.py run --model sd15 --folder /data/sd15 --command train   # one row, JSON on stdout
     python benchmarks/real_size.py all --models sd15 flux-width sdxl --work /data   # every row; docs/ JSON + table
+    python benchmarks/real_size.py quantize-time --folder /data/flux-dev/transformer  # s per billion, alone
 
 Models: ``sd15`` (SD-1.5's UNet, CLIP-L, VAE), ``sdxl`` (SDXL's UNet, CLIP-L + OpenCLIP-bigG, VAE), ``flux-width``
 (FLUX.1-dev's transformer width with ``--flux_blocks`` double/single blocks, T5-XXL's width with ``--t5_layers``
@@ -361,6 +362,19 @@ def encoder_error(folder: Path, component: str, prompts: list[str]) -> dict:
                                                       zip(outputs["streamed_bf16"], outputs["resident_bf16"]))}
 
 
+def quantize_time(folder: Path) -> dict:
+    """The streamed mse W4 quantization of one model folder, timed alone (no cache, nothing written)."""
+    from tuneqdm.shards import parameter_count, weight_files
+    from tuneqdm.tuning import QuantConfig, quantize_pretrained
+
+    params = parameter_count(weight_files(folder))
+    t0 = time.perf_counter()
+    quantize_pretrained(folder, QuantConfig(bits=4, init="mse"))
+    seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 1), "params": params, "seconds_per_billion": round(seconds / params * 1e9, 1),
+            "threads": torch.get_num_threads()}
+
+
 def compare_images(a: Path, b: Path) -> float:
     """PSNR (dB) between two folders of the same class images."""
     import numpy as np
@@ -485,12 +499,17 @@ def main() -> None:
     al.add_argument("--t5_layers", type=int, default=2)
     al.add_argument("--commands", nargs="+", choices=("train", "generate", "evaluate"), default=None,
                     help="only these (checkpointed) rows; default: every row")
+    qt = sub.add_parser("quantize-time", help="seconds per billion parameters of the streamed mse quantization alone")
+    qt.add_argument("--folder", type=Path, required=True, help="a model folder, e.g. /data/flux-dev/transformer")
     ee = sub.add_parser("encoder-error")
     ee.add_argument("--folder", type=Path, required=True)
     ee.add_argument("--component", default="text_encoder_2")
     args = parser.parse_args()
     if args.what == "all":
         run_all(args.models, args.work, tuple(args.flux_blocks), args.t5_layers, args.commands)
+        return
+    if args.what == "quantize-time":
+        print(json.dumps(quantize_time(args.folder)))
         return
     if args.what == "encoder-error":
         print(json.dumps(encoder_error(args.folder, args.component, PROMPTS)))
