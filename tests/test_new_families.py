@@ -1,6 +1,7 @@
 """Every family on a tiny random pipeline built offline, table-driven: training's denoiser call is the pipeline's own,
 timestep experts route by each family's timestep convention (the table below) in sampling, and a mixed-timestep batch
-equals each sample alone. The families added after FLUX.1/SD3/PixArt (Chroma, SANA, Z-Image) also go through every
+equals each sample alone. The families added after FLUX.1/SD3/PixArt (Chroma, SANA, Z-Image, Qwen-Image,
+FLUX.2 [klein]) also go through every
 command here: train (prior preservation included), byte-identical resume, generate, evaluate, quantize,
 quantize-activations and qlora (where diffusers has a LoRA loader), through the CLI (the older families' command tests
 are in test_train_dit.py, test_dit_sampling.py and the UNet modules)."""
@@ -12,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 from tiny_models import perturb_scales
-from tiny_pipelines import (tiny_chroma_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline,
-                            tiny_qwenimage_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline,
-                            tiny_zimage_pipeline)
+from tiny_pipelines import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_pixart_pipeline,
+                            tiny_qwenimage_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline,
+                            tiny_sdxl_pipeline, tiny_zimage_pipeline)
 
 import tuneqdm
 from tuneqdm.cli import main
@@ -40,9 +41,10 @@ FAMILIES = {
     "sana": (tiny_sana_pipeline, lambda t: t, 1),  # raw t (x the config's timestep_scale, 1 here); a batch of two
     "zimage": (tiny_zimage_pipeline, lambda t: (1000 - t) / 1000, 1),  # 1 - sigma, as ``t``; a batch of two
     "qwenimage": (tiny_qwenimage_pipeline, lambda t: t / 1000, 2),  # sigma; true CFG by two calls
+    "flux2klein": (tiny_flux2_klein_pipeline, lambda t: t / 1000, 2),  # sigma; guidance by two calls
 }
 NO_GUIDANCE = {"zimage": 0.0}  # the guidance scale that turns classifier-free guidance off (others: 1.0)
-NEW = ["chroma", "sana", "zimage", "qwenimage"]  # through every command here
+NEW = ["chroma", "sana", "zimage", "qwenimage", "flux2klein"]  # through every command here
 # what generate says with DGQ activations: SANA's self-attention is linear (no softmax to quantize): one line
 DGQ_WARNINGS = {"sana": ["tuneqdm: warning: attention left in full precision in 1 layers whose processors compute no "
                          "scaled_dot_product_attention (e.g. transformer_blocks.0.attn1.processor "
@@ -286,3 +288,12 @@ def test_a_tokenizer_without_the_chat_template_its_family_reads_is_one_line(tmp_
     assert _run(capsys, "train", "--pretrained_model_name_or_path", str(folder), "--instance_data_dir", str(photos),
                 "--instance_prompt", "a sks box", "--output_dir", str(tmp_path / "t")) == (2, expected)
     assert not (tmp_path / "g").exists() and not (tmp_path / "t" / "adapter.safetensors").exists()
+
+
+def test_a_text_encoder_shallower_than_the_layers_its_family_taps_is_one_line(tmp_path, capsys):
+    folder = tiny_flux2_klein_pipeline(tmp_path / "klein", encoder_layers=18)
+    expected = ["tuneqdm: error: the text encoder of this Flux2KleinPipeline has 18 layers, but its prompts are read at "
+                "hidden layers 9, 18, 27: use the encoder the model was published with"]
+    assert _run(capsys, "generate", "--pretrained_model_name_or_path", str(folder), "--prompt", PROMPT,
+                "--out", str(tmp_path / "g")) == (2, expected)
+    assert not (tmp_path / "g").exists()

@@ -324,3 +324,35 @@ def tiny_qwenimage_pipeline(folder: Path, seed: int = 0) -> Path:
     pipe.default_sample_size = 16  # not saved: the pipeline's 128 (1024 px) is the family's native size
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, encoder_layers: int = 27,
+                              chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """A ``Flux2KleinPipeline``: a Qwen3 causal LM of width 16 and ``encoder_layers`` layers (the pipeline reads hidden
+    layers 9, 18 and 27, so 27 deep by default), a VAE with 4 latent channels and batch-norm statistics (2x down,
+    patchified: 32 px -> 8x8x16), a ``Flux2Transformer2DModel`` of 1 double + 1 single block over 64 tokens."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    folder = Path(folder)
+    tok = tiny_qwen_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=encoder_layers, num_attention_heads=2,
+                                           num_key_value_heads=1,
+                                           head_dim=8, max_position_embeddings=512, tie_word_embeddings=True))
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                             sample_size=32, layers_per_block=1)
+    with torch.no_grad():  # the batch norm's statistics as a trained VAE has them (not 0 and 1)
+        vae.bn.running_mean.copy_(0.2 * torch.randn(16))
+        vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=16, guidance_embeds=False,
+                                          axes_dims_rope=(4, 4, 4, 4))
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                              tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder

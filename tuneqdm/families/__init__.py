@@ -18,7 +18,7 @@ from ..errors import TuneQDMError
 from .base import Family
 
 # one module per family (or group sharing a layout), in the order messages list them
-MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage", "qwenimage")
+MODULES = ("sd", "flux", "sd3", "pixart", "chroma", "sana", "zimage", "qwenimage", "flux2")
 
 
 def _registry() -> dict[str, Family]:
