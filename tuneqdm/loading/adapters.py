@@ -22,7 +22,7 @@ from ..results import FP_UNET, adapter_kind, read_training_json
 from ..serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
 from ..tuning.config import QuantConfig
 from ..tuning.streaming import diffusers_model_class
-from ..libraries import dtype_kwarg
+from ..libraries import dtype_kwarg, load_lora_weights
 from .cache import QuantizedCache
 from .denoiser import float_denoiser, quantized_denoiser
 from .pipeline import assemble, float_fingerprint
@@ -159,7 +159,7 @@ def _load_lora_adapter(pipe, adapter, info: dict, chosen_base: bool) -> None:
     if expected and expected != actual:
         raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
                            f"but this model's fingerprint is {actual}: {_base_fix(info.get('base_id'), chosen_base)}")
-    pipe.load_lora_weights(str(adapter))
+    load_lora_weights(pipe, str(adapter))
 
 
 def _check_adapter_base(model, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
@@ -205,7 +205,7 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
     level = dlog.get_verbosity()
     dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
     try:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        load_lora_weights(pipe, str(path), adapter_name=name)
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
         raise TuneQDMError(f"--lora {path} does not fit this model's UNet ({first[:200]}): "
