@@ -321,18 +321,25 @@ def check_digests(recorded, tensors: dict[str, torch.Tensor], path: Path, fix: s
     every earlier adapter and quantized base, and the loaders' structural checks (schema, dtypes, shapes, finite
     scales) still apply to it. Digests guard against damage, not against a deliberate forger.
     """
+    check_digest_values(recorded, {k: (lambda t=t: tensor_digest(t)) for k, t in tensors.items()}, path, fix, parts)
+
+
+def check_digest_values(recorded, actual: dict, path: Path, fix: str, parts: dict | None = None) -> None:
+    """``check_digests`` with the tensors' digests given (``{name: sha256}``, or a function returning it: computed
+    only when the names agree), for files read one tensor at a time (``file_tensor_digests``)."""
     if recorded is None:
         return
     damaged = f"{path}: its SHA-256 digests are damaged: {fix}"
     if not isinstance(recorded, dict) or not isinstance(recorded.get("tensors"), dict):
         raise TuneQDMError(damaged)
     names = set(recorded["tensors"])
-    if names != set(tensors):
-        odd = min(names ^ set(tensors))
+    if names != set(actual):
+        odd = min(names ^ set(actual))
         where = "its file" if odd in names else "its digests"
         raise TuneQDMError(f"{path}: tensor {odd!r} is missing from {where}: {fix}")
-    for name in sorted(tensors):
-        if recorded["tensors"][name] != tensor_digest(tensors[name]):
+    for name in sorted(actual):
+        digest = actual[name]() if callable(actual[name]) else actual[name]
+        if recorded["tensors"][name] != digest:
             raise TuneQDMError(f"{path}: tensor {name!r} does not match its SHA-256 digest (the file is damaged): "
                                f"{fix}")
     for part, value in (parts or {}).items():
@@ -340,3 +347,31 @@ def check_digests(recorded, tensors: dict[str, torch.Tensor], path: Path, fix: s
             raise TuneQDMError(damaged)
         if recorded[part] != json_digest(value):
             raise TuneQDMError(f"{path}: {part} was changed after saving (it does not match its SHA-256 digest): {fix}")
+
+
+def file_tensor_digests(paths, what: str, fix: str) -> dict[str, str]:
+    """``{name: sha256}`` of every tensor of the safetensors files ``paths``, read one tensor at a time (a whole
+    fine-tuned UNet is never held twice); one line naming ``what`` for a missing, unreadable or truncated file, a
+    name found in two files, or a floating tensor holding NaN or infinite values (a result nothing should sample
+    from), ending in ``fix``."""
+    from safetensors import safe_open
+
+    found: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise TuneQDMError(f"no {what} at {path.parent}: {path.name} is missing: {fix}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if name in found:
+                        raise TuneQDMError(f"{path}: tensor {name!r} is in two files of the {what}: {fix}")
+                    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                        raise TuneQDMError(f"{path}: tensor {name!r} holds NaN or infinite values: {fix}")
+                    found[name] = tensor_digest(t)
+        except TuneQDMError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+            raise TuneQDMError(f"{path} is corrupt or truncated ({first_line(e, None)}): {fix}") from None
+    return found

@@ -18,7 +18,7 @@ from ..denoisers import denoiser, denoiser_component, family_named
 from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import check_output_folder, read_json
 from ..loading import DEFAULT_BASE_ID, load_pipeline
-from ..results import LORA_WEIGHTS, adapter_kind, read_training_json
+from ..results import LORA_WEIGHTS, check_result, read_training_json
 from ..serialization import read_adapter
 from .checkpoint import export_checkpoint
 from .deltas import check_rank_choice
@@ -55,7 +55,7 @@ def run_export(args) -> dict:
     """The command: returns what the export recorded (and prints one summary line)."""
     check_args(args)
     adapter = Path(args.adapter)
-    kind = adapter_kind(adapter)
+    kind = check_result(adapter)[0]  # a damaged result is refused before anything is written
     out = check_output_folder(args.out, args.force)
     if kind == "lora":
         return _export_lora_result(args, adapter, out)

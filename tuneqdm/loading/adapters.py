@@ -15,10 +15,10 @@ import torch
 
 from ..denoisers import denoiser, denoiser_component
 from ..errors import TuneQDMError
-from ..files import read_json
+from ..files import file_tensor_digests, read_json
 from ..quant.kernels import check_kernels
 from ..quant.paths import set_kernels
-from ..results import FP_UNET, adapter_kind, read_training_json
+from ..results import FP_UNET, LORA_WEIGHTS, check_result
 from ..serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
 from ..tuning.config import QuantConfig
 from ..tuning.streaming import diffusers_model_class
@@ -124,8 +124,7 @@ def _fine_tuned(adapter, dtype) -> torch.nn.Module:
 def _read_adapter(adapter) -> tuple[str, dict, dict]:
     """(kind, adapter_config.json of a scale adapter, training.json) of a ``tuneqdm train`` result, checked before
     any loading."""
-    kind = adapter_kind(adapter)
-    info = read_training_json(adapter)
+    kind, info = check_result(adapter)
     return kind, read_adapter_config(adapter) if kind == "scales" else {}, info
 
 
@@ -202,6 +201,9 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
     scale, path = check_lora_scale(scale), Path(path)
     if not path.exists():
         raise TuneQDMError(f"--lora {path} does not exist")
+    weights = path if path.is_file() else path / LORA_WEIGHTS
+    if weights.suffix == ".safetensors" and weights.is_file():  # readable and finite before it is loaded
+        file_tensor_digests([weights], "LoRA", "use an undamaged copy of the LoRA")
     level = dlog.get_verbosity()
     dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
     try:

@@ -456,7 +456,7 @@ class Trainer:
         checkpoint to resume come from the same settings? A changed setting is refused with one line naming it."""
         cfg = self.cfg
         if cfg.resume_from_checkpoint == "latest":
-            done = read_training_json(self.out)
+            done = read_training_json(self.out, "start over with --force, or choose another --output_dir")
             same = isinstance(done.get("identity"), dict) and all(
                 done["identity"].get(k, object()) == v for k, v in self.identity.items())
             steps = done.get("steps")
