@@ -20,7 +20,7 @@ from .quant.paths import kernel_report
 from .quant.quantizer import INITS
 from .results import read_training_json
 from .loading import check_base, load_pipeline, pipeline_fingerprint, resolve
-from .sampling import generate, set_scheduler
+from .sampling import check_sampling, generate, set_scheduler
 
 
 def _demo(args) -> None:
@@ -32,13 +32,13 @@ def _demo(args) -> None:
 
 def _generate(args) -> None:
     out = check_output_folder(args.out, args.force)
-    if args.num_images < 1 or args.num_inference_steps < 1:
-        raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
-    for flag in ("height", "width"):
-        size = getattr(args, flag)
-        if size is not None and (size < 8 or size % 8):
-            raise TuneQDMError(f"--{flag} {size}: give a positive multiple of 8 (the VAE's latent grid), or leave it "
-                               "out for the model's native size")
+    if args.num_images < 1:
+        raise TuneQDMError("--num_images must be at least 1")
+    check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
+    if args.lora is None and args.lora_scale is not None:
+        raise TuneQDMError("--lora_scale weights a --lora file: add --lora FILE, or drop --lora_scale")
+    if args.lora is not None and args.lora_scale is None:
+        args.lora_scale = 1.0
     if args.lora is not None and args.activation_bits is not None:
         raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
                            "for the layers without LoRA")
@@ -56,7 +56,8 @@ def _generate(args) -> None:
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
-                         lora_scale=args.lora_scale, kernels=args.kernels, **_version(args), **_loading(args))
+                         lora_scale=1.0 if args.lora_scale is None else args.lora_scale, kernels=args.kernels,
+                         **_version(args), **_loading(args))
     scheduler = set_scheduler(pipe, args.scheduler)
     model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
@@ -114,8 +115,12 @@ def _evaluate(args) -> None:
     from .eval.prompts import evaluation_prompts
     from .train.data import subject_metadata, words
 
-    if args.images_per_prompt < 1 or args.num_inference_steps < 1:
-        raise TuneQDMError("--images_per_prompt and --num_inference_steps must be at least 1")
+    if args.images_per_prompt < 1:
+        raise TuneQDMError("--images_per_prompt must be at least 1")
+    check_sampling(args.guidance_scale, args.num_inference_steps, max_sequence_length=args.max_sequence_length)
+    if args.metric == "fid" and args.max_sequence_length is not None:
+        raise TuneQDMError("--metric fid samples the embedded toy pipeline, which has no T5 encoder: drop "
+                           "--max_sequence_length")
     if args.metric == "fid" and args.fid_images < 2:
         raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {args.fid_images}")
     out = Path(args.out)
@@ -193,6 +198,7 @@ def _evaluate_fid(args, out: Path) -> None:
 def _quantize_activations(args) -> None:
     from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
+    check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
     if args.out is None and args.quantized_base is None:
         raise TuneQDMError("name the output folder with --out (or pass --quantized_base to write next to it)")
     out = check_output_folder(args.out or Path(args.quantized_base) / folder_name(args.activation_bits, args.groups),
@@ -677,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on, if its folder still exists, else none)")
     gen.add_argument("--lora", default=None, help="a diffusers/PEFT LoRA .safetensors (or folder) to add on top of "
                      "the model and any --adapter; works on the quantized UNet")
-    gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora")
+    gen.add_argument("--lora_scale", type=float, default=None, help="weight of --lora (default 1)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--kernels", choices=("auto", "int8", "reference"), default="auto",
