@@ -110,11 +110,12 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     assert err(_args(setup, used)) == \
         f"tuneqdm: error: output folder {used} is not empty: choose another --out or pass --force"
     assert err(_args(setup, used, "--force")) == \
-        f"tuneqdm: error: --force replaces only an earlier evaluation, and {used} holds no metrics.json"
+        f"tuneqdm: error: output folder {used} holds files that are not an evaluation (keep.txt): --force only " \
+        "replaces an evaluation, choose another --out"
     assert (used / "keep.txt").read_text() == "mine"
     assert not out.exists()  # nothing half-written
     missing = ["--pretrained_model_name_or_path", str(tmp_path / "no-model")]  # checked before any loading
     assert err(_args(setup, out, *missing, "--images_per_prompt", "0")) == \
-        "tuneqdm: error: --images_per_prompt and --num_inference_steps must be at least 1"
+        "tuneqdm: error: --images_per_prompt must be at least 1"
     assert err(_args(setup, out, *missing, "--metric", "fid", "--fid_images", "1")) == \
         "tuneqdm: error: --fid_images must be at least 2 (a covariance needs two images), got 1"

@@ -24,14 +24,17 @@ from .sampling import check_sampling, generate, set_scheduler
 
 
 def _demo(args) -> None:
-    from .demo import run_demo
+    from .demo import DEMO_FILES, run_demo
 
-    out = check_output_folder(args.out, args.force)
+    out = check_output_folder(args.out, args.force, DEMO_FILES, "a demo")
     print(json.dumps(run_demo(out, steps=args.steps, bits=args.bits, seed=args.seed), indent=2))
 
 
+GENERATED = ("[0-9][0-9][0-9]*.png", "generate.json")  # what `tuneqdm generate` writes into --out
+
+
 def _generate(args) -> None:
-    out = check_output_folder(args.out, args.force)
+    out = check_output_folder(args.out, args.force, GENERATED, "generated images")
     if args.num_images < 1:
         raise TuneQDMError("--num_images must be at least 1")
     check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
@@ -111,7 +114,7 @@ def _report_kernels(unet, mode: str) -> None:
 
 
 def _evaluate(args) -> None:
-    from .eval.evaluate import METRICS, evaluate, read_photos
+    from .eval.evaluate import EVALUATION_FILES, METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
     from .train.data import subject_metadata, words
 
@@ -126,11 +129,7 @@ def _evaluate(args) -> None:
     out = Path(args.out)
     check_writable(out)  # before any sampling
     check_base(args.pretrained_model_name_or_path, **_version(args))  # before the evaluators load
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
-        if not (out / METRICS).is_file():
-            raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
+    check_output_folder(out, args.force, EVALUATION_FILES, "an evaluation")
     if args.metric == "fid":
         return _evaluate_fid(args, out)
     if args.instance_data_dir is None:
@@ -196,13 +195,14 @@ def _evaluate_fid(args, out: Path) -> None:
 
 
 def _quantize_activations(args) -> None:
-    from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
+    from .ptq.activation_calibration import (ACTIVATION_FILES, activations_for, calibration_prompts, folder_name,
+                                             save_activations)
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
     check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
     if args.out is None and args.quantized_base is None:
         raise TuneQDMError("name the output folder with --out (or pass --quantized_base to write next to it)")
     out = check_output_folder(args.out or Path(args.quantized_base) / folder_name(args.activation_bits, args.groups),
-                              args.force)
+                              args.force, ACTIVATION_FILES, "activation parameters")
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
     pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
                          **_version(args), **_loading(args))

@@ -10,6 +10,7 @@ SHA-256 digests of their tensors and settings (``digests``) and readers check th
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -175,14 +176,30 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
     return removed
 
 
-def check_output_folder(out: str | os.PathLike, force: bool) -> Path:
-    """``out`` as a Path; a one-line error when it is a file, a non-empty folder (unless ``force``) or cannot be
-    written (see ``check_writable``): called before the long work, not after it."""
+def check_output_folder(out: str | os.PathLike, force: bool, ours: tuple[str, ...] = (),
+                        what: str = "a tuneqdm output") -> Path:
+    """``out`` as a Path; a one-line error when it is a file, the folder the process runs in (or one holding it), a
+    non-empty folder (unless ``force``) or cannot be written (see ``check_writable``): called before the long work,
+    not after it.
+
+    One rule for every command's ``--force``: it replaces only a folder of what that command writes, ``ours`` (the
+    fnmatch patterns of the names it puts there, ``what`` naming the kind); one entry of anything else and the
+    folder is refused, so ``--out ~ --force`` never wipes a home folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TuneQDMError(f"--out {out} is a file: give a folder name")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise TuneQDMError(f"--out {out} is the folder this command runs in (or holds it), which it cannot replace: "
+                           "give a new subfolder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        if not force:
+            raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+        foreign = [name for name in entries if not any(fnmatch.fnmatchcase(name, p) for p in ours)]
+        if foreign:
+            raise TuneQDMError(f"output folder {out} holds files that are not {what} ({foreign[0]}): --force only "
+                               f"replaces {what}, choose another --out")
     check_writable(out)
     return out
 

@@ -23,6 +23,7 @@ from ..sampling import generate
 from .encoders import ImageEncoder, ImageTextEncoder, clip_i_score, clip_t_score, dino_score
 
 METRICS = "metrics.json"
+EVALUATION_FILES = (METRICS, "grid.png", "images")  # what evaluate (and --metric fid) write into --out
 
 
 def read_photos(folder) -> list[Image.Image]:
