@@ -1,0 +1,45 @@
+"""Damaged pipeline folders end in one line before any model loads (issue 31): a folder missing a tokenizer's
+vocabulary made transformers build an empty tokenizer, and generate and train exited 0 having dropped every prompt
+(Flux without tokenizer_2, SD3 without tokenizer_2/3, PixArt without tokenizer; Flux without its CLIP tokenizer
+crashed instead)."""
+
+import shutil
+
+import pytest
+
+from tuneqdm.cli import main
+
+from tiny_pipelines import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+
+BUILDERS = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline,
+            "pixart": tiny_pixart_pipeline}
+CASES = [("sd", "tokenizer"), ("flux", "tokenizer"), ("flux", "tokenizer_2"), ("sd3", "tokenizer_2"),
+         ("sd3", "tokenizer_3"), ("pixart", "tokenizer")]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {name: build(tmp_path_factory.mktemp(name)) for name, build in BUILDERS.items()}
+
+
+@pytest.mark.parametrize("family, tokenizer", CASES)
+@pytest.mark.parametrize("how", ("folder", "vocabulary"))
+@pytest.mark.parametrize("command", ("generate", "train"))
+def test_a_missing_tokenizer_is_one_line_before_loading(family, tokenizer, how, command, folders, photos, tmp_path,
+                                                        capsys):
+    folder = tmp_path / family
+    shutil.copytree(folders[family], folder)
+    if how == "folder":
+        shutil.rmtree(folder / tokenizer)
+    else:  # the config left, the vocabulary gone
+        (folder / tokenizer / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    argv = {"generate": ["generate", "--prompt", "a red dog", "--out", str(out)],
+            "train": ["train", "--instance_data_dir", str(photos), "--instance_prompt", "a sks dog",
+                      "--output_dir", str(out)]}[command]
+    assert main([*argv, "--pretrained_model_name_or_path", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"tuneqdm: error: the pipeline {folder} lacks the vocabulary of its {tokenizer} "
+                   f"({folder / tokenizer} holds none of tokenizer.json, vocab.json, spiece.model, ...): without it "
+                   "every prompt would be dropped; download or save the pipeline again\n")
+    assert not out.exists()
