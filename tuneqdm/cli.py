@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .denoisers import denoiser, family
 from .errors import TrainWarning, TuneQDMError, TuneQDMWarning, either
-from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
+from .files import atomic_dir, check_output_folder, check_writable, check_writable_file, output_lock
 from .progress import is_quiet, progress, set_quiet
 from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
 from .quant.packing import SUPPORTED_BITS
@@ -836,6 +836,17 @@ def _one_line_warnings():
         yield
 
 
+def _output_folder(args) -> str | None:
+    """The folder a command writes, held for it by ``output_lock`` (train holds its own --output_dir; the fidelity
+    benchmark's shards share their --out by design; report and toy scenes write one file)."""
+    if args.command in ("generate", "quantize", "evaluate", "export", "demo") or (
+            args.command == "toy" and args.toy_command == "subject"):
+        return args.out
+    if args.command == "quantize-activations":
+        return args.out or args.quantized_base  # by default written inside the quantized base's folder
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers warns on import that torchvision is missing (it falls back to PIL, which is all we need)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -843,7 +854,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_before = is_quiet()
     set_quiet(quiet_before or getattr(args, "quiet", False))
     try:
-        with _one_line_warnings():
+        folder = _output_folder(args)
+        with _one_line_warnings(), output_lock(folder) if folder is not None else contextlib.nullcontext():
             args.func(args)
     except TuneQDMError as e:
         print(f"tuneqdm: error: {e}", file=sys.stderr)

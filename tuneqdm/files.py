@@ -176,6 +176,51 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
     return removed
 
 
+def lock_file(target: str | os.PathLike) -> Path:
+    """The lock file of an output folder (see ``output_lock``): its pid while a tuneqdm process writes there."""
+    folder = Path(os.environ.get("TUNEQDM_LOCKS") or Path(tempfile.gettempdir()) / f"tuneqdm-locks-{os.getuid()}")
+    return folder / f"{hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:24]}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, flag: str = "--out"):
+    """Hold ``target`` for this process while it writes there: a second tuneqdm process given the same folder is
+    refused in one line naming the first one's pid, instead of both reporting success while one result is lost.
+
+    An exclusive ``flock`` on a file named by the folder's resolved path, in a per-user folder of the temporary
+    directory (``$TUNEQDM_LOCKS`` to choose another): nothing is created beside the output, a folder that does not
+    exist yet is locked as well, and the kernel drops the lock when its holder dies, so a killed run never leaves a
+    stale one. Where no lock file can be made, nothing is locked (the command runs as before)."""
+    import fcntl
+
+    path = lock_file(target)
+    fd = None
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TuneQDMError(f"{flag} {target} is being written by another tuneqdm process (pid {holder}): wait "
+                               "for it to finish, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # the file stays (removing it would race with a process opening it): 0 bytes
+
+
 def check_output_folder(out: str | os.PathLike, force: bool, ours: tuple[str, ...] = (),
                         what: str = "a tuneqdm output") -> Path:
     """``out`` as a Path; a one-line error when it is a file, the folder the process runs in (or one holding it), a
