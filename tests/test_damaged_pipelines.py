@@ -43,3 +43,27 @@ def test_a_missing_tokenizer_is_one_line_before_loading(family, tokenizer, how, 
                    f"({folder / tokenizer} holds none of tokenizer.json, vocab.json, spiece.model, ...): without it "
                    "every prompt would be dropped; download or save the pipeline again\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
+@pytest.mark.parametrize("family", ("sd", "flux"))
+def test_a_checkpoint_with_a_non_finite_weight_is_refused_at_quantize_time_naming_it(value, family, folders, tmp_path,
+                                                                                    capsys):
+    """Before, one NaN streamed into a quantized base that every later command refused ("save the quantized base
+    again", which cannot help)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / family
+    shutil.copytree(folders[family], folder)
+    component = "unet" if family == "sd" else "transformer"
+    path = next((folder / component).glob("*.safetensors"))
+    tensors = load_file(path)
+    name = sorted(k for k in tensors if k.endswith(".weight") and tensors[k].dim() == 2)[0]
+    tensors[name].view(-1)[5] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+    out = tmp_path / "q"
+    assert main(["quantize", "--pretrained_model_name_or_path", str(folder), "--calibrate", "minmax",
+                 "--no-split_shortcuts", "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: {path}: tensor {name!r} holds NaN or infinite values, which "
+                                       "no model could be built from: download the model again\n")
+    assert not out.exists()
