@@ -50,6 +50,7 @@ def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
     it, synced, then renamed over it; removed if the write fails). ``str`` is written as UTF-8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_name(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -130,9 +131,12 @@ def atomic_dir(target: str | os.PathLike, carry=None):
     ``carry(name) -> bool``: entries of the old ``target`` the writer did not make that the new folder keeps (hard
     links, so nothing is copied), e.g. a training run's checkpoints beside its new adapter. Files and folders get
     the modes the umask asks for (mkdtemp alone would make them private). On an exception ``target`` is untouched.
+    Temporaries of ``target`` that writers which died left beside it (a kill -9, a power cut: gigabytes at FLUX size)
+    are removed first (``remove_stale_temporaries``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)  # every writer cleans up after its own dead runs
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent))
     try:
         yield tmp
