@@ -54,7 +54,9 @@ def test_metrics_are_those_of_the_saved_images(setup, tmp_path):
         assert m[k] == pytest.approx(np.mean([r[k] for r in m["per_prompt"]]), abs=1e-9)
     assert (m["real_images"], m["token"], m["clip_t_keeps_token"]) == (3, "sks", False)
     assert Image.open(out / "grid.png").size == (2 * 64, 2 * 64)
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metrics.json", "photos"]
+    kept = [np.asarray(Image.open(p)) for p in sorted((out / "photos").iterdir())]  # the photos scored against
+    assert len(kept) == 3 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(kept, real))
     # --force that fails before writing (here: no such model) keeps the earlier evaluation
     assert main(_args(setup, out, "--force", "--pretrained_model_name_or_path", str(tmp_path / "no-model"))) == 2
     assert json.loads((out / "metrics.json").read_text()) == m and len(list((out / "images").iterdir())) == 4
