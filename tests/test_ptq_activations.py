@@ -282,7 +282,7 @@ def test_error_messages(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(TuneQDMError) as e:
         read_prompts(tmp_path / "empty.txt")
-    assert str(e.value) == f"calibration prompts file {tmp_path / 'empty.txt'} is empty: write one prompt per line"
+    assert str(e.value) == f"--calib_prompts {tmp_path / 'empty.txt'} has no prompts: write one prompt per line"
     q = _two_step_quantizer()
     with pytest.raises(TuneQDMError) as e:
         q.install(nn.Sequential(nn.Linear(4, 4)))

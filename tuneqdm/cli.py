@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .denoisers import denoiser, family
 from .errors import TrainWarning, TuneQDMError, TuneQDMWarning, either
-from .files import atomic_dir, check_output_folder, check_writable, check_writable_file, output_lock
+from .files import (atomic_dir, check_output_folder, check_prompt, check_writable, check_writable_file,
+                    output_lock)
 from .progress import is_quiet, progress, set_quiet
 from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
 from .quant.packing import SUPPORTED_BITS
@@ -37,6 +38,8 @@ def _generate(args) -> None:
     out = check_output_folder(args.out, args.force, GENERATED, "generated images")
     if args.num_images < 1:
         raise TuneQDMError("--num_images must be at least 1")
+    check_prompt(args.prompt, "--prompt")
+    check_prompt(args.negative_prompt, "--negative_prompt")
     check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
     if args.lora is None and args.lora_scale is not None:
         raise TuneQDMError("--lora_scale weights a --lora file: add --lora FILE, or drop --lora_scale")

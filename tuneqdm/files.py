@@ -312,6 +312,35 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise TuneQDMError(f"{path} is corrupt or truncated ({first_line(e, None)}): save the {what} again") from None
 
 
+def check_prompt(text: str | None, flag: str) -> str | None:
+    """A prompt that is text: a command-line byte that is not UTF-8 arrives as a lone surrogate, which every
+    tokenizer refuses with a TypeError (at the first validation, after training ran, for --validation_prompt)."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TuneQDMError(f"{flag} holds a byte that is not UTF-8 text (at character {e.start}): pass the prompt "
+                               "as UTF-8") from None
+    return text
+
+
+def read_prompt_file(path: str | os.PathLike, flag: str) -> list[str]:
+    """The one reader of prompt files (evaluate --prompts, quantize and quantize-activations --calib_prompts): one
+    prompt per non-empty line of UTF-8 text; one line when it is not UTF-8 or holds no prompt (the caller says what
+    to do about a missing file)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TuneQDMError(f"{flag} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise TuneQDMError(f"cannot read {flag} {path} ({e.strerror or e}): check its permissions") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise TuneQDMError(f"{flag} {path} has no prompts: write one prompt per line")
+    return prompts
+
+
 def check_version(cfg: dict, path: Path, message: str | None = None) -> None:
     """Refuse a file written in another format version (``message``: the one-line error to give instead)."""
     if cfg.get("format_version") != FORMAT_VERSION:

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from ..denoisers import call_kwargs, denoiser, family
 from ..errors import TuneQDMError
 from ..files import (FORMAT_VERSION, atomic_dir, check_digests, check_fields, check_version, digests, load_tensors,
-                     read_json)
+                     read_json, read_prompt_file)
 from ..progress import progress, stage
 from ..loading import float_fingerprint
 from ..sampling import check_sampling, finite_sampling, generator
@@ -49,11 +49,7 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise TuneQDMError(f"calibration prompts file {path} does not exist: pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise TuneQDMError(f"calibration prompts file {path} is empty: write one prompt per line")
-    return prompts
+    return read_prompt_file(path, "--calib_prompts")
 
 
 def model_fingerprint(model) -> str:
