@@ -67,3 +67,30 @@ def test_a_checkpoint_with_a_non_finite_weight_is_refused_at_quantize_time_namin
     assert capsys.readouterr().err == (f"tuneqdm: error: {path}: tensor {name!r} holds NaN or infinite values, which "
                                        "no model could be built from: download the model again\n")
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def flux_base(folders, tmp_path_factory):
+    """A quantized base of the tiny Flux transformer."""
+    import tuneqdm
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(folders["flux"] / "transformer")
+    tuneqdm.quantize_(model, tuneqdm.QuantConfig(bits=4, init="minmax"))
+    return tuneqdm.save_quantized(model, tmp_path_factory.mktemp("flux-w4") / "base")
+
+
+@pytest.mark.parametrize("command", ("generate", "evaluate", "quantize-activations"))
+def test_a_quantized_base_of_another_architecture_is_one_line(command, folders, flux_base, photos, tmp_path, capsys):
+    argv = {"generate": ["generate", "--prompt", "a box"],
+            "evaluate": ["evaluate", "--instance_data_dir", str(photos), "--class_word", "box", "--evaluator", "toy"],
+            "quantize-activations": ["quantize-activations", "--calib_prompts", str(photos / "p.txt")]}[command]
+    (photos / "p.txt").write_text("a box\n")
+    out = tmp_path / "out"
+    assert main([*argv, "--pretrained_model_name_or_path", str(folders["sd"]), "--quantized_base", str(flux_base),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tuneqdm: error: --quantized_base {flux_base} was made from another transformer than the "
+                          "pipeline's (config differs in ") and err.endswith(
+        "pass the quantized base of this model, or this base's own --pretrained_model_name_or_path\n"), err
+    assert err.count("\n") == 1 and not out.exists()

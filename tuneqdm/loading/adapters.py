@@ -19,12 +19,12 @@ from ..files import file_tensor_digests, read_json
 from ..quant.kernels import check_kernels
 from ..quant.paths import set_kernels
 from ..results import FP_UNET, LORA_WEIGHTS, check_result
-from ..serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
+from ..serialization import check_timesteps, fingerprint, load_adapter, read_adapter_config
 from ..tuning.config import QuantConfig
 from ..tuning.streaming import diffusers_model_class
 from ..libraries import dtype_kwarg, load_lora_weights
 from .cache import QuantizedCache
-from .denoiser import float_denoiser, quantized_denoiser
+from .denoiser import float_denoiser, quantized_denoiser, saved_quantized_denoiser
 from .pipeline import assemble, float_fingerprint
 from .source import DEFAULT_BASE_ID, base_from_id, read_base_id, resolve
 
@@ -88,7 +88,7 @@ def _denoiser(source, kind, cfg: dict, info: dict, adapter, quantized_base, devi
     """The denoiser a result samples with: its quantized base; a fine-tuned one; the base quantized as trained
     (scales, qlora: cached or streamed packed integers); the float base's own."""
     if quantized_base is not None:
-        return load_quantized(quantized_base, device=device)
+        return saved_quantized_denoiser(quantized_base, source.config(source.denoiser), device)
     if kind == "fp":
         return _fine_tuned(adapter, dtype).to(device)
     if kind == "scales" or (kind == "lora" and info.get("tuneqdm_method") == "qlora"):
