@@ -91,6 +91,10 @@ def check_result(directory) -> tuple[str, dict]:
     readability and finiteness only."""
     kind = adapter_kind(directory)
     info = read_training_json(directory)
+    if kind in ("lora", "fp") and not info:  # its base, method and digests are there: no guessing
+        raise TuneQDMError(f"--adapter {directory} lacks {TRAINING_JSON}, which tuneqdm train writes beside the "
+                           "weights: point --adapter at a tuneqdm train --output_dir (a LoRA from elsewhere goes in "
+                           "--lora)")
     if kind in ("lora", "fp"):
         actual = file_tensor_digests(weight_files(directory, kind), f"{kind} result", RETRAIN)
         recorded = info.get("digests")

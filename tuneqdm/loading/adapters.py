@@ -15,7 +15,7 @@ import torch
 
 from ..denoisers import denoiser, denoiser_component
 from ..errors import TuneQDMError
-from ..files import file_tensor_digests, read_json
+from ..files import file_tensor_digests, first_line, read_json
 from ..quant.kernels import check_kernels
 from ..quant.paths import set_kernels
 from ..results import FP_UNET, LORA_WEIGHTS, check_result
@@ -90,7 +90,7 @@ def _denoiser(source, kind, cfg: dict, info: dict, adapter, quantized_base, devi
     if quantized_base is not None:
         return saved_quantized_denoiser(quantized_base, source.config(source.denoiser), device)
     if kind == "fp":
-        return _fine_tuned(adapter, dtype).to(device)
+        return fine_tuned_denoiser(adapter, dtype).to(device)
     if kind == "scales" or (kind == "lora" and info.get("tuneqdm_method") == "qlora"):
         return quantized_denoiser(source, _base_config(kind, cfg, info), device, QuantizedCache.of(quantized_cache))
     return float_denoiser(source, device, dtype)
@@ -109,16 +109,24 @@ def _base_config(kind: str, cfg: dict, info: dict) -> QuantConfig:
     return QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa")
 
 
-def _fine_tuned(adapter, dtype) -> torch.nn.Module:
+def fine_tuned_denoiser(adapter, dtype=torch.float32) -> torch.nn.Module:
     """The whole fine-tuned denoiser of an ``fp`` result, of the class its config names (diffusers' own model
-    classes only)."""
+    classes only); a config diffusers cannot build (an edited result written before digests) is one line."""
     folder = Path(adapter) / FP_UNET
     name = read_json(folder / "config.json", "fine-tuned model").get("_class_name")
     cls = diffusers_model_class(name)
     if cls is None:
         raise TuneQDMError(f"{folder}/config.json names the model class {name!r}, which is no diffusers model: "
                            "train the adapter again")
-    return cls.from_pretrained(folder, **dtype_kwarg(dtype))
+    try:
+        model = cls.from_pretrained(folder, **dtype_kwarg(dtype))
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, AttributeError) as e:
+        raise TuneQDMError(f"cannot build the fine-tuned model of {folder} ({first_line(e)}): train the adapter "
+                           "again") from None
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:  # diffusers leaves a weight its files lack on the meta device, with a warning only
+        raise TuneQDMError(f"{folder} lacks the weight {missing[0]!r} of its model: train the adapter again")
+    return model
 
 
 def _read_adapter(adapter) -> tuple[str, dict, dict]:
