@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KINDS = ("adapter", "quantized_base", "checkpoint")
+KINDS = ("adapter", "quantized_base", "checkpoint", "lora_result", "fp_result", "activations")
 MUTATIONS = ("payload_bit", "header_bit", "truncate", "append", "json_delete", "json_retype", "json_change",
              "extra_file", "missing_file")
 FAILURES = ("different", "crash", "multiline")
@@ -149,6 +149,82 @@ class Subject:
         return {"step": int(meta["step"]), "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_states(),
                 "info": {"identity": meta.get("identity"), "settings": meta.get("settings")}}
+
+    # lora / fp results: the weight files and training.json that generate --adapter checks before diffusers reads them
+    def _result(self, kind: str):
+        from safetensors.torch import save_file
+
+        from tuneqdm.results import LORA_WEIGHTS, TRAINING_JSON, result_digests
+
+        folder = self.root / "pristine"
+        folder.mkdir()
+        if kind == "lora":
+            g = torch.Generator().manual_seed(2)
+            tensors = {f"unet.down_blocks.0.attentions.0.{p}.lora.{d}.weight": torch.randn(s, generator=g)
+                       for p in ("to_q", "to_k") for d, s in (("down", (4, 8)), ("up", (8, 4)))}
+            save_file(tensors, folder / LORA_WEIGHTS, metadata={"format": "pt"})
+        else:
+            tiny_unet().save_pretrained(folder / "unet", safe_serialization=True)
+        info = {"tuneqdm_method": kind, "base_id": "tiny", "steps": 3, "instance_prompts": ["a sks box"],
+                "classes": ["box"], "settings": {"learning_rate": 1e-4}}
+        (folder / TRAINING_JSON).write_text(json.dumps({**info, "digests": result_digests(folder, kind, info)}))
+        self.folder = folder
+        self.want = self._load_result(folder)
+
+    def _setup_lora_result(self):
+        self._result("lora")
+
+    def _setup_fp_result(self):
+        self._result("fp")
+
+    @staticmethod
+    def _load_result(folder):
+        from safetensors.torch import load_file
+
+        from tuneqdm.files import read_json
+        from tuneqdm.results import check_result, weight_files
+
+        kind, info = check_result(folder)
+        tensors = {k: v for f in weight_files(folder, kind) for k, v in load_file(f).items()}
+        config = read_json(folder / "unet" / "config.json", "fine-tuned model") if kind == "fp" else None
+        if kind == "fp":  # what load_pipeline builds from the files it checked
+            from tuneqdm.loading.adapters import fine_tuned_denoiser
+
+            tensors = {"out": _outputs(fine_tuned_denoiser(folder).eval())}
+        return {"kind": kind, "tensors": tensors, "config": config,
+                "info": {k: v for k, v in info.items() if k != "digests"}}
+
+    _load_lora_result = _load_fp_result = _load_result
+
+    # DGQ activation parameters of two layers and two steps, one grouping channels and one positions
+    def _setup_activations(self):
+        from tuneqdm.ptq.activation_calibration import save_activations
+        from tuneqdm.ptq.activations import ActivationQuantizer, LayerParams
+        from tuneqdm.ptq.config import ActivationConfig
+
+        g = torch.Generator().manual_seed(4)
+        lo = -torch.rand(2, 2, generator=g) - 0.1
+        layers = {
+            "a": LayerParams(False, torch.tensor([0, 0], dtype=torch.int8),
+                             torch.randint(0, 2, (2, 6), generator=g, dtype=torch.uint8),
+                             torch.zeros(2, 0, dtype=torch.uint8), lo, -lo),
+            "b": LayerParams(True, torch.tensor([1, 0], dtype=torch.int8),
+                             torch.randint(0, 2, (2, 3), generator=g, dtype=torch.uint8),
+                             torch.randint(0, 2, (2, 5), generator=g, dtype=torch.uint8), 2 * lo, -3 * lo),
+        }
+        q = ActivationQuantizer(ActivationConfig(bits=8, groups=2, exclude=()), [900.0, 100.0], layers,
+                                {"fingerprint": "0123456789abcdef"})
+        self.folder = save_activations(q, self.root / "pristine")
+        self.want = self._load_activations(self.folder)
+
+    @staticmethod
+    def _load_activations(folder):
+        from tuneqdm.ptq.activation_calibration import load_activations
+
+        q = load_activations(folder)
+        return {"config": (q.config.bits, q.config.groups, q.config.exclude), "timesteps": q.timesteps,
+                "info": q.info, "layers": {n: (p.conv, p.dims, p.channel_labels, p.position_labels, p.lo, p.hi)
+                                            for n, p in q.layers.items()}}
 
     def load(self, folder):
         return getattr(self, f"_load_{self.kind}")(folder)

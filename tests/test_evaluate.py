@@ -54,7 +54,9 @@ def test_metrics_are_those_of_the_saved_images(setup, tmp_path):
         assert m[k] == pytest.approx(np.mean([r[k] for r in m["per_prompt"]]), abs=1e-9)
     assert (m["real_images"], m["token"], m["clip_t_keeps_token"]) == (3, "sks", False)
     assert Image.open(out / "grid.png").size == (2 * 64, 2 * 64)
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "metrics.json", "photos"]
+    kept = [np.asarray(Image.open(p)) for p in sorted((out / "photos").iterdir())]  # the photos scored against
+    assert len(kept) == 3 and all(np.array_equal(a, np.asarray(b)) for a, b in zip(kept, real))
     # --force that fails before writing (here: no such model) keeps the earlier evaluation
     assert main(_args(setup, out, "--force", "--pretrained_model_name_or_path", str(tmp_path / "no-model"))) == 2
     assert json.loads((out / "metrics.json").read_text()) == m and len(list((out / "images").iterdir())) == 4
@@ -110,11 +112,12 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     assert err(_args(setup, used)) == \
         f"tuneqdm: error: output folder {used} is not empty: choose another --out or pass --force"
     assert err(_args(setup, used, "--force")) == \
-        f"tuneqdm: error: --force replaces only an earlier evaluation, and {used} holds no metrics.json"
+        f"tuneqdm: error: output folder {used} holds files that are not an evaluation (keep.txt): --force only " \
+        "replaces an evaluation, choose another --out"
     assert (used / "keep.txt").read_text() == "mine"
     assert not out.exists()  # nothing half-written
     missing = ["--pretrained_model_name_or_path", str(tmp_path / "no-model")]  # checked before any loading
     assert err(_args(setup, out, *missing, "--images_per_prompt", "0")) == \
-        "tuneqdm: error: --images_per_prompt and --num_inference_steps must be at least 1"
+        "tuneqdm: error: --images_per_prompt must be at least 1"
     assert err(_args(setup, out, *missing, "--metric", "fid", "--fid_images", "1")) == \
         "tuneqdm: error: --fid_images must be at least 2 (a covariance needs two images), got 1"

@@ -197,8 +197,8 @@ def test_height_and_width_default_to_the_native_size(base, tmp_path, capsys):
     assert np.array_equal(_pixels([Image.open(tmp_path / "wide" / "000.png")]), _pixels(expected))
     capsys.readouterr()
     assert run("bad", "--width", "20") == 2
-    assert capsys.readouterr().err == ("tuneqdm: error: --width 20: give a positive multiple of 8 (the VAE's latent "
-                                       "grid), or leave it out for the model's native size\n")
+    assert capsys.readouterr().err == ("tuneqdm: error: --width 20: give a positive multiple of 8 up to 8192 (the "
+                                       "VAE's latent grid), or leave it out for the model's native size\n")
 
 
 @pytest.fixture(scope="module")

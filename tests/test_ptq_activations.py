@@ -256,6 +256,10 @@ def test_calibrate_save_load_round_trip(w8_pipe, tmp_path):
     meta = json.loads((folder / "activations.json").read_text())
     meta["groups"] = 16
     (folder / "activations.json").write_text(json.dumps(meta))
+    with pytest.raises(TuneQDMError, match="activations.json was changed after saving"):
+        load_activations(folder)
+    del meta["digests"]  # a folder written before digests: the shapes still tell
+    (folder / "activations.json").write_text(json.dumps(meta))
     with pytest.raises(TuneQDMError, match="implies"):
         load_activations(folder)
 
@@ -278,7 +282,7 @@ def test_error_messages(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(TuneQDMError) as e:
         read_prompts(tmp_path / "empty.txt")
-    assert str(e.value) == f"calibration prompts file {tmp_path / 'empty.txt'} is empty: write one prompt per line"
+    assert str(e.value) == f"--calib_prompts {tmp_path / 'empty.txt'} has no prompts: write one prompt per line"
     q = _two_step_quantizer()
     with pytest.raises(TuneQDMError) as e:
         q.install(nn.Sequential(nn.Linear(4, 4)))

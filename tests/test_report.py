@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -72,8 +73,14 @@ def test_single_evaluation_report(bench, tmp_path):
     for f in (ev / "images").iterdir():
         (single / "images" / f.name).write_bytes(f.read_bytes())
     (single / "metrics.json").write_text(json.dumps(metrics))
-    assert main(["report", str(single)]) == 0
+    assert main(["report", str(single)]) == 0  # an evaluation without its photos/ (written before it kept them)
     text = (single / "report.html").read_text()
+    assert len(re.findall(r"<img ", text)) == 2 and "reference photos not found" in text  # never read from elsewhere
+    (single / "photos").mkdir()
+    for f in sorted((bench / "subjects" / "s0").glob("*.png")):
+        (single / "photos" / f.name).write_bytes(f.read_bytes())
+    assert main(["report", str(single), "--out", str(tmp_path / "r.html")]) == 0
+    text = (tmp_path / "r.html").read_text()
     assert len(re.findall(r"<img ", text)) == 1 + 2 and "reference photos of s0" in text
     assert f"<td>{metrics['dino']:.3f}</td>" in text
 
@@ -110,10 +117,14 @@ def _mark(field: str) -> str:
     return f"<img src=x onerror=alert('{field}') class=\"{field}\">"
 
 
-def _plant(value, field: str):
-    """``value`` with every leaf (numbers, strings, booleans) replaced by markup naming its field."""
+SCORED = ("dino", "clip_i", "clip_t")  # a metrics.json's scores: numbers, checked before the page is made
+
+
+def _plant(value, field: str, keep=()):
+    """``value`` with every leaf (numbers, strings, booleans) replaced by markup naming its field (``keep``: keys
+    left as they are)."""
     if isinstance(value, dict):
-        return {k: _plant(v, k) for k, v in value.items()}
+        return {k: v if k in keep else _plant(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_plant(v, f"{field}.{i}") for i, v in enumerate(value)]
     return _mark(field)
@@ -128,11 +139,13 @@ def _crafted_benchmark(root, rows_fields, metric_fields):
     (root / "fidelity.json").write_text(json.dumps({"table_version": 2, "rows": [row]}))
     eval_dir = root / "cells" / f"{row['method']}-w{row['bits']}" / subject.name / "eval"
     (eval_dir / "images").mkdir(parents=True)
-    metrics = _plant(metric_fields, "metrics")
-    metrics.update(format_version=1, per_prompt=[{**_plant(metric_fields["per_prompt"][0], "p"), "seeds": [0]}])
+    metrics = _plant(metric_fields, "metrics", SCORED)
+    metrics.update(format_version=1, per_prompt=[{**_plant(metric_fields["per_prompt"][0], "p", SCORED),
+                                                  "seeds": [0]}])
     (eval_dir / "metrics.json").write_text(json.dumps(metrics))
     Image.new("RGB", (8, 8), "blue").save(eval_dir / "images" / "000_0.png")
-    return [_mark(f) for f in (*rows_fields, *metric_fields, *metric_fields["per_prompt"][0], "subject")]
+    return [_mark(f) for f in (*rows_fields, "subject")] + [
+        _mark(f) for f in (*metric_fields, *metric_fields["per_prompt"][0]) if f not in SCORED]
 
 
 def test_markup_planted_in_every_results_field_reaches_the_page_only_escaped(bench, tmp_path):
@@ -153,13 +166,13 @@ def test_markup_planted_in_every_results_field_reaches_the_page_only_escaped(ben
     single = tmp_path / "single"
     (single / "images").mkdir(parents=True)
     Image.new("RGB", (8, 8), "blue").save(single / "images" / "000_0.png")
-    planted = {**_plant({**metrics, "adapter": 0, "instance_data_dir": 0}, "metrics"), "format_version": 1,
-               "per_prompt": [{**_plant(metrics["per_prompt"][0], "p"), "seeds": [0]}]}
+    planted = {**_plant({**metrics, "adapter": 0, "instance_data_dir": 0}, "metrics", SCORED), "format_version": 1,
+               "per_prompt": [{**_plant(metrics["per_prompt"][0], "p", SCORED), "seeds": [0]}]}
     (single / "metrics.json").write_text(json.dumps(planted))
     assert main(["report", str(single)]) == 0
     text = (single / "report.html").read_text()
     assert "<img src=x" not in text
-    assert all(html.escape(_mark(f)) in text for f in ("adapter", "instance_data_dir", "dino", "prompt", "seed"))
+    assert all(html.escape(_mark(f)) in text for f in ("adapter", "instance_data_dir", "prompt", "seed"))
 
 
 def _browser_available() -> bool:
@@ -203,3 +216,48 @@ def test_the_browser_check_reports_console_errors_and_broken_images(tmp_path):
                     "<script>console.error('boom')</script><img src='data:image/png;base64,AAAA'></body></html>")
     problems = open_in_chromium(page)
     assert "console error: boom" in problems and "1 image(s) failed to load" in problems
+
+
+def test_photos_outside_the_results_folder_never_reach_the_page(bench, tmp_path):
+    """Issue 31: a results folder from someone else named any absolute instance_data_dir, and the report embedded
+    every image of it (the user's own pictures) into a page meant for sharing."""
+    private = tmp_path / "my-pictures"
+    private.mkdir()
+    Image.new("RGB", (8, 8), (250, 1, 2)).save(private / "me.png")
+    ev = bench / "cells" / "peqa-w4" / "s0" / "eval"
+    crafted = tmp_path / "from-someone"
+    shutil.copytree(ev, crafted)
+    metrics = json.loads((crafted / "metrics.json").read_text())
+    metrics["instance_data_dir"] = str(private)
+    (crafted / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(crafted / "photos")
+    (crafted / "photos").symlink_to(private)  # nor through a link
+    assert main(["report", str(crafted)]) == 0
+    text = (crafted / "report.html").read_text()
+    assert "reference photos not found (only photos inside the results folder are shown)" in text
+    assert len(re.findall(r"<img ", text)) == len(metrics["per_prompt"])
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda m: m.pop("per_prompt"), "lacks the key 'per_prompt'"),
+    (lambda m: m.update(per_prompt=[]), "'per_prompt' is empty"),
+    (lambda m: m.update(per_prompt={"a": 1}), "'per_prompt' must be a list"),
+    (lambda m: m["per_prompt"].__setitem__(0, "p"), r"\(per_prompt\[0\]\) is not a JSON object"),
+    (lambda m: m["per_prompt"][0].pop("seeds"), "lacks the key 'seeds'"),
+    (lambda m: m["per_prompt"][0].update(seeds=["0"]), "'seeds' must be 1 to 64 integers"),
+    (lambda m: m["per_prompt"][0].update(seeds=list(range(10**5))), "'seeds' must be 1 to 64 integers"),
+    (lambda m: m["per_prompt"][0].update(prompt=5), "'prompt' must be a string"),
+    (lambda m: m.update(dino="high"), "'dino' must be a number or null"),
+    (lambda m: m.update(metric="fid"), "is a --metric fid evaluation"),
+    (lambda m: m.update(format_version="1"), "was written by another tuneqdm version"),
+])
+def test_a_damaged_metrics_json_is_one_line(edit, error, bench, tmp_path, capsys):
+    crafted = tmp_path / "ev"
+    shutil.copytree(bench / "cells" / "peqa-w4" / "s0" / "eval", crafted)
+    metrics = json.loads((crafted / "metrics.json").read_text())
+    edit(metrics)
+    (crafted / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(crafted)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(error, err), err
+    assert not (crafted / "report.html").exists()

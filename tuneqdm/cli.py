@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .families import denoiser, family, guidance_defaults
 from .errors import TrainWarning, TuneQDMError, TuneQDMWarning, either
-from .files import atomic_dir, check_output_folder, check_writable, check_writable_file
+from .files import (atomic_dir, check_output_folder, check_prompt, check_writable, check_writable_file,
+                    output_lock)
 from .progress import is_quiet, progress, set_quiet
 from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
 from .quant.packing import SUPPORTED_BITS
@@ -20,25 +21,30 @@ from .quant.paths import kernel_report
 from .quant.quantizer import INITS
 from .results import read_training_json
 from .loading import check_base, load_pipeline, pipeline_fingerprint, resolve
-from .sampling import generate, set_scheduler
+from .sampling import check_sampling, generate, set_scheduler
 
 
 def _demo(args) -> None:
-    from .demo import run_demo
+    from .demo import DEMO_FILES, run_demo
 
-    out = check_output_folder(args.out, args.force)
+    out = check_output_folder(args.out, args.force, DEMO_FILES, "a demo")
     print(json.dumps(run_demo(out, steps=args.steps, bits=args.bits, seed=args.seed), indent=2))
 
 
+GENERATED = ("[0-9][0-9][0-9]*.png", "generate.json")  # what `tuneqdm generate` writes into --out
+
+
 def _generate(args) -> None:
-    out = check_output_folder(args.out, args.force)
-    if args.num_images < 1 or args.num_inference_steps < 1:
-        raise TuneQDMError("--num_images and --num_inference_steps must be at least 1")
-    for flag in ("height", "width"):
-        size = getattr(args, flag)
-        if size is not None and (size < 8 or size % 8):
-            raise TuneQDMError(f"--{flag} {size}: give a positive multiple of 8 (the VAE's latent grid), or leave it "
-                               "out for the model's native size")
+    out = check_output_folder(args.out, args.force, GENERATED, "generated images")
+    if args.num_images < 1:
+        raise TuneQDMError("--num_images must be at least 1")
+    check_prompt(args.prompt, "--prompt")
+    check_prompt(args.negative_prompt, "--negative_prompt")
+    check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
+    if args.lora is None and args.lora_scale is not None:
+        raise TuneQDMError("--lora_scale weights a --lora file: add --lora FILE, or drop --lora_scale")
+    if args.lora is not None and args.lora_scale is None:
+        args.lora_scale = 1.0
     if args.lora is not None and args.activation_bits is not None:
         raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
                            "for the layers without LoRA")
@@ -56,7 +62,8 @@ def _generate(args) -> None:
         prompt = prompt.replace("<class>", classes.pop())
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
-                         lora_scale=args.lora_scale, kernels=args.kernels, **_version(args), **_loading(args))
+                         lora_scale=1.0 if args.lora_scale is None else args.lora_scale, kernels=args.kernels,
+                         **_version(args), **_loading(args))
     scheduler = set_scheduler(pipe, args.scheduler)
     model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
@@ -111,22 +118,22 @@ def _report_kernels(unet, mode: str) -> None:
 
 
 def _evaluate(args) -> None:
-    from .eval.evaluate import METRICS, evaluate, read_photos
+    from .eval.evaluate import EVALUATION_FILES, METRICS, evaluate, read_photos
     from .eval.prompts import evaluation_prompts
     from .train.data import subject_metadata, words
 
-    if args.images_per_prompt < 1 or args.num_inference_steps < 1:
-        raise TuneQDMError("--images_per_prompt and --num_inference_steps must be at least 1")
+    if args.images_per_prompt < 1:
+        raise TuneQDMError("--images_per_prompt must be at least 1")
+    check_sampling(args.guidance_scale, args.num_inference_steps, max_sequence_length=args.max_sequence_length)
+    if args.metric == "fid" and args.max_sequence_length is not None:
+        raise TuneQDMError("--metric fid samples the embedded toy pipeline, which has no T5 encoder: drop "
+                           "--max_sequence_length")
     if args.metric == "fid" and args.fid_images < 2:
         raise TuneQDMError(f"--fid_images must be at least 2 (a covariance needs two images), got {args.fid_images}")
     out = Path(args.out)
     check_writable(out)  # before any sampling
     check_base(args.pretrained_model_name_or_path, **_version(args))  # before the evaluators load
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
-        if not (out / METRICS).is_file():
-            raise TuneQDMError(f"--force replaces only an earlier evaluation, and {out} holds no {METRICS}")
+    check_output_folder(out, args.force, EVALUATION_FILES, "an evaluation")
     if args.metric == "fid":
         return _evaluate_fid(args, out)
     if args.instance_data_dir is None:
@@ -192,12 +199,14 @@ def _evaluate_fid(args, out: Path) -> None:
 
 
 def _quantize_activations(args) -> None:
-    from .ptq.activation_calibration import activations_for, calibration_prompts, folder_name, save_activations
+    from .ptq.activation_calibration import (ACTIVATION_FILES, activations_for, calibration_prompts, folder_name,
+                                             save_activations)
     ActivationConfig(bits=args.activation_bits, groups=args.groups)  # one-line errors before any loading
+    check_sampling(args.guidance_scale, args.num_inference_steps, args.height, args.width, args.max_sequence_length)
     if args.out is None and args.quantized_base is None:
         raise TuneQDMError("name the output folder with --out (or pass --quantized_base to write next to it)")
     out = check_output_folder(args.out or Path(args.quantized_base) / folder_name(args.activation_bits, args.groups),
-                              args.force)
+                              args.force, ACTIVATION_FILES, "activation parameters")
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
     pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
                          **_version(args), **_loading(args))
@@ -681,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on, if its folder still exists, else none)")
     gen.add_argument("--lora", default=None, help="a diffusers/PEFT LoRA .safetensors (or folder) to add on top of "
                      "the model and any --adapter; works on the quantized UNet")
-    gen.add_argument("--lora_scale", type=float, default=1.0, help="weight of --lora")
+    gen.add_argument("--lora_scale", type=float, default=None, help="weight of --lora (default 1)")
     gen.add_argument("--negative_prompt", default=None)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--kernels", choices=("auto", "int8", "reference"), default="auto",
@@ -834,6 +843,17 @@ def _one_line_warnings():
         yield
 
 
+def _output_folder(args) -> str | None:
+    """The folder a command writes, held for it by ``output_lock`` (train holds its own --output_dir; the fidelity
+    benchmark's shards share their --out by design; report and toy scenes write one file)."""
+    if args.command in ("generate", "quantize", "evaluate", "export", "demo") or (
+            args.command == "toy" and args.toy_command == "subject"):
+        return args.out
+    if args.command == "quantize-activations":
+        return args.out or args.quantized_base  # by default written inside the quantized base's folder
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers warns on import that torchvision is missing (it falls back to PIL, which is all we need)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -841,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_before = is_quiet()
     set_quiet(quiet_before or getattr(args, "quiet", False))
     try:
-        with _one_line_warnings():
+        folder = _output_folder(args)
+        with _one_line_warnings(), output_lock(folder) if folder is not None else contextlib.nullcontext():
             args.func(args)
     except TuneQDMError as e:
         print(f"tuneqdm: error: {e}", file=sys.stderr)

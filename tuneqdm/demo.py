@@ -36,6 +36,9 @@ def tiny_pipeline_parts(seed: int = 0):
     return unet, vae, scheduler
 
 
+DEMO_FILES = ("quantized-base", "adapter", "sample.png", "summary.json")  # what run_demo writes into its folder
+
+
 def run_demo(out: Path, steps: int = 40, bits: int = 4, seed: int = 0) -> dict:
     from diffusers import StableDiffusionPipeline
 

@@ -10,6 +10,7 @@ SHA-256 digests of their tensors and settings (``digests``) and readers check th
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ def write_file_atomically(path: str | os.PathLike, data: bytes | str) -> Path:
     it, synced, then renamed over it; removed if the write fails). ``str`` is written as UTF-8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_name(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -129,9 +131,12 @@ def atomic_dir(target: str | os.PathLike, carry=None):
     ``carry(name) -> bool``: entries of the old ``target`` the writer did not make that the new folder keeps (hard
     links, so nothing is copied), e.g. a training run's checkpoints beside its new adapter. Files and folders get
     the modes the umask asks for (mkdtemp alone would make them private). On an exception ``target`` is untouched.
+    Temporaries of ``target`` that writers which died left beside it (a kill -9, a power cut: gigabytes at FLUX size)
+    are removed first (``remove_stale_temporaries``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)  # every writer cleans up after its own dead runs
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(target, "tmp"), dir=target.parent))
     try:
         yield tmp
@@ -175,14 +180,75 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None)
     return removed
 
 
-def check_output_folder(out: str | os.PathLike, force: bool) -> Path:
-    """``out`` as a Path; a one-line error when it is a file, a non-empty folder (unless ``force``) or cannot be
-    written (see ``check_writable``): called before the long work, not after it."""
+def lock_file(target: str | os.PathLike) -> Path:
+    """The lock file of an output folder (see ``output_lock``): its pid while a tuneqdm process writes there."""
+    folder = Path(os.environ.get("TUNEQDM_LOCKS") or Path(tempfile.gettempdir()) / f"tuneqdm-locks-{os.getuid()}")
+    return folder / f"{hashlib.sha256(str(Path(target).resolve()).encode()).hexdigest()[:24]}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, flag: str = "--out"):
+    """Hold ``target`` for this process while it writes there: a second tuneqdm process given the same folder is
+    refused in one line naming the first one's pid, instead of both reporting success while one result is lost.
+
+    An exclusive ``flock`` on a file named by the folder's resolved path, in a per-user folder of the temporary
+    directory (``$TUNEQDM_LOCKS`` to choose another): nothing is created beside the output, a folder that does not
+    exist yet is locked as well, and the kernel drops the lock when its holder dies, so a killed run never leaves a
+    stale one. Where no lock file can be made, nothing is locked (the command runs as before)."""
+    import fcntl
+
+    path = lock_file(target)
+    fd = None
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TuneQDMError(f"{flag} {target} is being written by another tuneqdm process (pid {holder}): wait "
+                               "for it to finish, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # the file stays (removing it would race with a process opening it): 0 bytes
+
+
+def check_output_folder(out: str | os.PathLike, force: bool, ours: tuple[str, ...] = (),
+                        what: str = "a tuneqdm output") -> Path:
+    """``out`` as a Path; a one-line error when it is a file, the folder the process runs in (or one holding it), a
+    non-empty folder (unless ``force``) or cannot be written (see ``check_writable``): called before the long work,
+    not after it.
+
+    One rule for every command's ``--force``: it replaces only a folder of what that command writes, ``ours`` (the
+    fnmatch patterns of the names it puts there, ``what`` naming the kind); one entry of anything else and the
+    folder is refused, so ``--out ~ --force`` never wipes a home folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TuneQDMError(f"--out {out} is a file: give a folder name")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise TuneQDMError(f"--out {out} is the folder this command runs in (or holds it), which it cannot replace: "
+                           "give a new subfolder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        if not force:
+            raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
+        foreign = [name for name in entries if not any(fnmatch.fnmatchcase(name, p) for p in ours)]
+        if foreign:
+            raise TuneQDMError(f"output folder {out} holds files that are not {what} ({foreign[0]}): --force only "
+                               f"replaces {what}, choose another --out")
     check_writable(out)
     return out
 
@@ -244,6 +310,35 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise TuneQDMError(f"{path} is corrupt or truncated ({first_line(e, None)}): save the {what} again") from None
+
+
+def check_prompt(text: str | None, flag: str) -> str | None:
+    """A prompt that is text: a command-line byte that is not UTF-8 arrives as a lone surrogate, which every
+    tokenizer refuses with a TypeError (at the first validation, after training ran, for --validation_prompt)."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TuneQDMError(f"{flag} holds a byte that is not UTF-8 text (at character {e.start}): pass the prompt "
+                               "as UTF-8") from None
+    return text
+
+
+def read_prompt_file(path: str | os.PathLike, flag: str) -> list[str]:
+    """The one reader of prompt files (evaluate --prompts, quantize and quantize-activations --calib_prompts): one
+    prompt per non-empty line of UTF-8 text; one line when it is not UTF-8 or holds no prompt (the caller says what
+    to do about a missing file)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TuneQDMError(f"{flag} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise TuneQDMError(f"cannot read {flag} {path} ({e.strerror or e}): check its permissions") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise TuneQDMError(f"{flag} {path} has no prompts: write one prompt per line")
+    return prompts
 
 
 def check_version(cfg: dict, path: Path, message: str | None = None) -> None:
@@ -321,18 +416,25 @@ def check_digests(recorded, tensors: dict[str, torch.Tensor], path: Path, fix: s
     every earlier adapter and quantized base, and the loaders' structural checks (schema, dtypes, shapes, finite
     scales) still apply to it. Digests guard against damage, not against a deliberate forger.
     """
+    check_digest_values(recorded, {k: (lambda t=t: tensor_digest(t)) for k, t in tensors.items()}, path, fix, parts)
+
+
+def check_digest_values(recorded, actual: dict, path: Path, fix: str, parts: dict | None = None) -> None:
+    """``check_digests`` with the tensors' digests given (``{name: sha256}``, or a function returning it: computed
+    only when the names agree), for files read one tensor at a time (``file_tensor_digests``)."""
     if recorded is None:
         return
     damaged = f"{path}: its SHA-256 digests are damaged: {fix}"
     if not isinstance(recorded, dict) or not isinstance(recorded.get("tensors"), dict):
         raise TuneQDMError(damaged)
     names = set(recorded["tensors"])
-    if names != set(tensors):
-        odd = min(names ^ set(tensors))
+    if names != set(actual):
+        odd = min(names ^ set(actual))
         where = "its file" if odd in names else "its digests"
         raise TuneQDMError(f"{path}: tensor {odd!r} is missing from {where}: {fix}")
-    for name in sorted(tensors):
-        if recorded["tensors"][name] != tensor_digest(tensors[name]):
+    for name in sorted(actual):
+        digest = actual[name]() if callable(actual[name]) else actual[name]
+        if recorded["tensors"][name] != digest:
             raise TuneQDMError(f"{path}: tensor {name!r} does not match its SHA-256 digest (the file is damaged): "
                                f"{fix}")
     for part, value in (parts or {}).items():
@@ -340,3 +442,31 @@ def check_digests(recorded, tensors: dict[str, torch.Tensor], path: Path, fix: s
             raise TuneQDMError(damaged)
         if recorded[part] != json_digest(value):
             raise TuneQDMError(f"{path}: {part} was changed after saving (it does not match its SHA-256 digest): {fix}")
+
+
+def file_tensor_digests(paths, what: str, fix: str) -> dict[str, str]:
+    """``{name: sha256}`` of every tensor of the safetensors files ``paths``, read one tensor at a time (a whole
+    fine-tuned UNet is never held twice); one line naming ``what`` for a missing, unreadable or truncated file, a
+    name found in two files, or a floating tensor holding NaN or infinite values (a result nothing should sample
+    from), ending in ``fix``."""
+    from safetensors import safe_open
+
+    found: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise TuneQDMError(f"no {what} at {path.parent}: {path.name} is missing: {fix}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    if name in found:
+                        raise TuneQDMError(f"{path}: tensor {name!r} is in two files of the {what}: {fix}")
+                    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                        raise TuneQDMError(f"{path}: tensor {name!r} holds NaN or infinite values: {fix}")
+                    found[name] = tensor_digest(t)
+        except TuneQDMError:
+            raise
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+            raise TuneQDMError(f"{path} is corrupt or truncated ({first_line(e, None)}): {fix}") from None
+    return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -41,6 +42,81 @@ def set_scheduler(pipe, name: str | None) -> str:
     return name
 
 
+MAX_SEQUENCE_LENGTH = 512  # T5 tokenizers' model_max_length; diffusers' Flux and SD3 refuse longer
+
+
+def check_sampling(guidance_scale: float | None = None, num_inference_steps: int = 1, height: int | None = None,
+                   width: int | None = None, max_sequence_length: int | None = None) -> None:
+    """The sampling settings, refused in one line before any model loads: a non-finite guidance scale samples NaN
+    (black images), a size off the VAE's 8-pixel grid or a T5 length outside 1..512 ends in a traceback or a
+    many-GB allocation."""
+    if guidance_scale is not None and not (isinstance(guidance_scale, (int, float))
+                                           and math.isfinite(guidance_scale)):
+        raise TuneQDMError(f"--guidance_scale must be a finite number, got {guidance_scale}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise TuneQDMError(f"--num_inference_steps must be at least 1, got {num_inference_steps}")
+    for flag, size in (("height", height), ("width", width)):
+        if size is not None and (size < 8 or size % 8 or size > MAX_SIZE):
+            raise TuneQDMError(f"--{flag} {size}: give a positive multiple of 8 up to {MAX_SIZE} (the VAE's latent "
+                               "grid), or leave it out for the model's native size")
+    if max_sequence_length is not None and not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise TuneQDMError(f"--max_sequence_length {max_sequence_length}: give 1 to {MAX_SEQUENCE_LENGTH} T5 tokens, "
+                           "or leave it out for the pipeline's own")
+
+
+GROWTH = 1e4  # a latent this many times its initial size: the sampling diverged (guidance), not the weights
+MAX_SIZE = 8192  # pixels per side: 64 M pixels, far beyond every supported model's training size
+
+
+@contextlib.contextmanager
+def finite_sampling(pipe):
+    """While sampling: a one-line ``TuneQDMError`` naming the cause as soon as the denoiser's output or the VAE's
+    decoded image holds NaN or infinite values, instead of black images written with exit status 0. The cause named:
+    the denoiser's input latent (what the previous step made of it: guidance times the model's output overflowed),
+    its output (its weights, with a LoRA or an adapter), or the VAE."""
+    model = denoiser(pipe)
+    kind = "UNet" if family(pipe).attribute == "unet" else "transformer"
+    loras = bool(getattr(model, "peft_config", None))
+    calls = {"n": 0}
+
+    def tensor_of(out):
+        out = getattr(out, "sample", out)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def check_denoiser(_module, args, kwargs, out):
+        calls["n"] += 1
+        x = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
+        size = float(x.detach().abs().max()) if torch.is_tensor(x) and x.numel() else 0.0
+        calls.setdefault("first", size)
+        y = tensor_of(out)
+        if math.isfinite(size) and not (torch.is_tensor(y) and not bool(torch.isfinite(y).all())):
+            return
+        if not math.isfinite(size) or size > GROWTH * max(calls["first"], 1.0):
+            raise TuneQDMError(f"sampling stopped at denoising step {calls['n']}: the latent became NaN, infinite or "
+                               f"{GROWTH:.0e} times its initial size (the guidance scale times the model's output "
+                               "overflowed): lower --guidance_scale")
+        weights = ("its weights with the LoRA: check --lora and lower --lora_scale" if loras else
+                   "its weights: check the --adapter and the base")
+        raise TuneQDMError(f"sampling stopped at denoising step {calls['n']}: the {kind}'s output is NaN or "
+                           f"infinite ({weights})")
+
+    def check_decoder(_module, _args, out):
+        y = tensor_of(out)
+        if torch.is_tensor(y) and not bool(torch.isfinite(y).all()):
+            raise TuneQDMError("sampling stopped: the VAE decoded NaN or infinite pixels (its weights, or a latent "
+                               "far outside its range): check the base's VAE")
+
+    handles = [model.register_forward_hook(check_denoiser, with_kwargs=True)]
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if isinstance(decoder, torch.nn.Module):
+        handles.append(decoder.register_forward_hook(check_decoder))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator for any integer seed: negative and huge ones wrap modulo 2**64 (as torch does for negatives)."""
     return torch.Generator(device="cpu").manual_seed(int(seed) % 2**64)
@@ -57,6 +133,7 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     warning. A quantized denoiser in ``reference`` kernels keeps up to ``weight_cache_bytes`` (default 256 MiB; 0
     rebuilds every weight at every step) of rebuilt float weights (``tuneqdm.quant.cached_weights``); in ``auto``
     kernels it keeps none unless asked (no float copies by default; see ``tuneqdm.quant.kernels``)."""
+    check_sampling(guidance_scale, num_inference_steps, height, width, max_sequence_length)
     model = denoiser(pipe)
     if guidance_scale is None:
         guidance_scale = family(pipe).guidance
@@ -68,7 +145,7 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     images = []
     bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
     with cached_weights(model, weight_cache_bytes), sampling_kernels(model), bar, without_truncation_logs(pipe), \
-            _trimmed_before_decoding(pipe):
+            _trimmed_before_decoding(pipe), finite_sampling(pipe):
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
             gens = [generator(seed + start + i) for i in range(n)]

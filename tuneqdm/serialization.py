@@ -42,6 +42,8 @@ from .tuning.streaming import diffusers_model_class, empty_model, own_float_stor
 QUANT_MAP, QUANT_WEIGHTS = "quantization.json", "quantized.safetensors"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
 MODEL_CONFIG = "config.json"
+# what `tuneqdm quantize` writes into its folder, and the activation parameters calibrated beside it later
+QUANTIZED_BASE_FILES = (QUANT_MAP, QUANT_WEIGHTS, MODEL_CONFIG, "activations-a*-k*")
 _SCALE_KEYS = (".s_out.", ".s_in.")
 _SAVE_BASE, _SAVE_ADAPTER = "save the quantized base again", "save the adapter again (or train it again)"
 

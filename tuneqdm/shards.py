@@ -151,6 +151,9 @@ def read_tensor(path: Path, key: str, float_only: bool = True) -> torch.Tensor:
         raise TuneQDMError(f"{path}: tensor {key!r} cannot be read ({first_line(e)}): {REDOWNLOAD}") from None
     if float_only and t.dtype not in FLOAT_DTYPES.values():
         raise TuneQDMError(f"{path}: tensor {key!r} is {t.dtype}, not a float weight: {REDOWNLOAD}")
+    if t.dtype.is_floating_point and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all()):
+        raise TuneQDMError(f"{path}: tensor {key!r} holds NaN or infinite values, which no model could be built "
+                           f"from: {REDOWNLOAD}")
     return t
 
 

@@ -23,6 +23,8 @@ from ..sampling import generate
 from .encoders import ImageEncoder, ImageTextEncoder, clip_i_score, clip_t_score, dino_score
 
 METRICS = "metrics.json"
+PHOTOS = "photos"
+EVALUATION_FILES = (METRICS, "grid.png", "images", PHOTOS)  # what evaluate (and --metric fid) write into --out
 
 
 def read_photos(folder) -> list[Image.Image]:
@@ -55,7 +57,8 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
              subject_encoder: ImageEncoder, clip_encoder: ImageTextEncoder, token: str, out, *, seed: int = 0,
              num_inference_steps: int = 25, guidance_scale: float | None = None, keep_token: bool = False,
              info: dict | None = None, replace: bool = False, max_sequence_length: int | None = None) -> dict:
-    """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``) atomically;
+    """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``, the reference
+    photos as ``photos/NN.png``) atomically;
     ``replace``: an earlier evaluation in ``out`` is removed only then, so a failed or interrupted run keeps it;
     ``guidance_scale`` None: the pipeline family's default (recorded as used); ``max_sequence_length``: T5 prompt
     tokens (None: the pipeline's own)."""
@@ -87,5 +90,8 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
             for i, im in enumerate(images):
                 im.save(tmp / "images" / f"{p:03d}_{i}.png")
         grid(rows).save(tmp / "grid.png")
+        (tmp / PHOTOS).mkdir()  # the reference photos the scores compare with: what `tuneqdm report` shows
+        for i, im in enumerate(real):
+            im.save(tmp / PHOTOS / f"{i:02d}.png")
         (tmp / METRICS).write_text(json.dumps(metrics, indent=1))
     return metrics

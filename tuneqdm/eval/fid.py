@@ -22,7 +22,7 @@ from ..families import call_kwargs, family, guidance_kwargs
 from ..errors import TuneQDMError
 from ..files import atomic_dir
 from ..progress import progress, stage
-from ..sampling import generator
+from ..sampling import check_sampling, finite_sampling, generator
 from ..toy.world import make_dataset
 from .encoders import ImageTextEncoder, cosine_matrix
 from .evaluate import grid
@@ -73,17 +73,19 @@ def sample_captions(pipe, captions: Sequence[str], num_inference_steps: int = 25
                     seed: int = 0, batch_size: int = 16):
     """One image per caption; image ``i`` uses seed ``seed + i`` (so any subset reproduces); ``guidance_scale``
     None: the pipeline family's default."""
+    check_sampling(guidance_scale, num_inference_steps)
     guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     images = []
     bar = progress(desc="sampling captions", total=len(captions), unit="image")
-    for start in range(0, len(captions), batch_size):
-        batch = list(captions[start:start + batch_size])
-        out = pipe(prompt=batch, num_inference_steps=num_inference_steps,
-                   **guidance_kwargs(pipe, guidance_scale, len(batch)),
-                   generator=[generator(seed + start + i) for i in range(len(batch))], output_type="pil",
-                   **call_kwargs(pipe))
-        images += out.images
-        bar.update(len(batch))
+    with finite_sampling(pipe):
+        for start in range(0, len(captions), batch_size):
+            batch = list(captions[start:start + batch_size])
+            out = pipe(prompt=batch, num_inference_steps=num_inference_steps,
+                       **guidance_kwargs(pipe, guidance_scale, len(batch)),
+                       generator=[generator(seed + start + i) for i in range(len(batch))], output_type="pil",
+                       **call_kwargs(pipe))
+            images += out.images
+            bar.update(len(batch))
     bar.close()
     return images
 

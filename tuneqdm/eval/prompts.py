@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..files import read_prompt_file
 from ..toy.subjects import eval_prompts
 
 _PLACES = [
@@ -48,9 +49,7 @@ def evaluation_prompts(spec: str, token: str, class_word: str) -> list[str]:
         path = Path(spec)
         if not path.is_file():
             raise TuneQDMError(f"--prompts {spec}: no such file; use a text file or one of {', '.join(PROMPT_SETS)}")
-        templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not templates:
-            raise TuneQDMError(f"--prompts {spec} has no prompts: write one per line")
+        templates = read_prompt_file(path, "--prompts")
     return [fill(t, token, class_word) for t in templates]
 
 

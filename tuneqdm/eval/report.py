@@ -11,16 +11,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from ..errors import TuneQDMError
-from ..files import check_version, check_writable_file, read_json, write_file_atomically
+from ..files import check_fields, check_version, check_writable_file, read_json, write_file_atomically
 from ..photos import IMAGE_SUFFIXES
-from .evaluate import METRICS
+from .evaluate import METRICS, PHOTOS
 from .fidelity import TABLE_VERSION, cell_name
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg", {"quality": 90}), "png": ("PNG", "image/png", {"optimize": True})}
@@ -41,20 +40,49 @@ class Section:
     columns: list[Column] = field(default_factory=list)
 
 
+_FIX = "evaluate again"
+_FIELDS = {"format_version": int, "per_prompt": list, "dino?": (float, type(None)), "clip_i?": (float, type(None)),
+           "clip_t?": (float, type(None)), "adapter?": (str, type(None)), "quantized_base?": (str, type(None)),
+           "base?": (str, type(None)), "instance_data_dir?": (str, type(None))}
+_PROMPT_FIELDS = {"prompt": str, "seeds": list, "dino?": float, "clip_i?": float, "clip_t?": float}
+MAX_IMAGES = 64  # per prompt and column: more is no page, and a crafted count must not read a whole disk
+
+
 def _metrics(folder: Path) -> dict:
+    """The checked metrics.json of an evaluation: every field the page reads, of the type it reads."""
     path = folder / METRICS
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TuneQDMError(f"{folder} holds no {METRICS}: run tuneqdm evaluate (or the benchmark) first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TuneQDMError(f"{path} is not valid JSON: evaluate again") from None
+    if not path.is_file():
+        raise TuneQDMError(f"{folder} holds no {METRICS}: run tuneqdm evaluate (or the benchmark) first")
+    m = read_json(path, "evaluation")
     check_version(m, path, f"{path} was written by another tuneqdm version: evaluate again")
+    if m.get("metric") == "fid":
+        raise TuneQDMError(f"{path} is a --metric fid evaluation, which has no per-prompt images to show: report a "
+                           "DreamBooth evaluation (tuneqdm evaluate --instance_data_dir ...)")
+    check_fields(m, _FIELDS, path, _FIX)
+    for i, p in enumerate(m["per_prompt"]):
+        check_fields(p, _PROMPT_FIELDS, f"{path} (per_prompt[{i}])", _FIX)
+        if not 1 <= len(p["seeds"]) <= MAX_IMAGES or not all(type(s) is int for s in p["seeds"]):
+            raise TuneQDMError(f"{path}: per_prompt[{i}] 'seeds' must be 1 to {MAX_IMAGES} integers: {_FIX}")
+    if not m["per_prompt"]:
+        raise TuneQDMError(f"{path}: 'per_prompt' is empty: {_FIX}")
     return m
 
 
-def _photos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (symlinks followed) lies inside ``root``: the page embeds nothing from elsewhere."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def _photos(folder: Path, root: Path) -> list[Path]:
+    """The images of ``folder``, only where it and each image lie inside the results folder ``root``: a results
+    folder from someone else must not make the page copy the user's own pictures (an absolute
+    ``instance_data_dir``, a symlink) into a page meant for sharing."""
+    if not folder.is_dir() or not _inside(folder, root):
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _inside(p, root))
 
 
 def collect(results) -> tuple[list[dict], list[Section]]:
@@ -69,7 +97,7 @@ def collect(results) -> tuple[list[dict], list[Section]]:
         sections = []
         subjects = results / "subjects"
         for subject in sorted(subjects.iterdir() if subjects.is_dir() else [], key=lambda p: _natural(p.name)):
-            section = Section(subject.name, _photos(subject))
+            section = Section(subject.name, _photos(subject, results))
             for row in table["rows"]:
                 cell = results / "cells" / cell_name(row["method"], row["bits"]) / subject.name / "eval"
                 if (cell / METRICS).is_file():
@@ -78,11 +106,9 @@ def collect(results) -> tuple[list[dict], list[Section]]:
                 sections.append(section)
         return table["rows"], sections
     m = _metrics(results)
-    photos = Path(m.get("instance_data_dir") or "")
-    photos = photos if photos.is_absolute() or photos.is_dir() else results.parent / photos
     label = m.get("adapter") or m.get("quantized_base") or m.get("base") or "model"
     rows = [{"method": str(label), "bits": None, "subjects": 1, **{k: m.get(k) for k, _ in SCORES}}]
-    return rows, [Section(Path(m.get("instance_data_dir") or "subject").name, _photos(photos),
+    return rows, [Section(Path(m.get("instance_data_dir") or "subject").name, _photos(results / PHOTOS, results),
                           [Column(str(label), results, m)])]
 
 
@@ -166,7 +192,8 @@ def _section(s: Section, fmt: str) -> str:
         out.append(f"<p class='photos'>reference photos<br><img alt='reference photos of {html.escape(s.name)}' "
                    f"src='{_data_uri([_open(p) for p in s.photos], fmt)}'></p>")
     else:
-        out.append("<p class='photos'>reference photos not found</p>")
+        out.append("<p class='photos'>reference photos not found (only photos inside the results folder are "
+                   "shown)</p>")
     head = "".join(f"<th>{html.escape(c.label)}<br><small>{_scores(c.metrics)}</small></th>" for c in s.columns)
     out.append(f"<table class='grid'><thead><tr><th>prompt</th>{head}</tr></thead><tbody>")
     for p, prompt in enumerate(prompts):

@@ -18,12 +18,17 @@ from ..families import denoiser, denoiser_component, family_named
 from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import check_output_folder, read_json
 from ..loading import DEFAULT_BASE_ID, load_pipeline
-from ..results import LORA_WEIGHTS, adapter_kind, read_training_json
+from ..results import LORA_WEIGHTS, check_result, read_training_json
 from ..serialization import read_adapter
-from .checkpoint import export_checkpoint
+from .checkpoint import CHECKPOINT_JSON, export_checkpoint
 from .deltas import check_rank_choice
-from .lora import FORMATS, check_dtype, check_format, convert_lora_file, export_lora
+from .lora import EXPERTS_DIR, EXPORT_JSON, FORMATS, check_dtype, check_format, convert_lora_file, export_lora
 from .schedule import schedule
+
+# what an export writes into --out: LoRA files and their record, or a diffusers model folder (quanto's included) and
+# its single-file twin
+EXPORT_FILES = (LORA_WEIGHTS, EXPORT_JSON, EXPERTS_DIR, CHECKPOINT_JSON, "config.json", "*.safetensors",
+                "diffusion_pytorch_model.safetensors.index.json")
 
 TARGETS = ("lora", "checkpoint", "quantized")
 
@@ -55,8 +60,8 @@ def run_export(args) -> dict:
     """The command: returns what the export recorded (and prints one summary line)."""
     check_args(args)
     adapter = Path(args.adapter)
-    kind = adapter_kind(adapter)
-    out = check_output_folder(args.out, args.force)
+    out = check_output_folder(args.out, args.force, EXPORT_FILES, "an export")
+    kind = check_result(adapter)[0]  # a damaged result is refused before anything is written
     if kind == "lora":
         return _export_lora_result(args, adapter, out)
     if kind == "fp" and (args.to == "lora" or args.expert is not None):

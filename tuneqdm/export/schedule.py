@@ -22,6 +22,7 @@ from ..families import denoiser, denoiser_component, timestep_scale
 from ..errors import TuneQDMError
 from ..files import read_json
 from ..hooks import on_timestep
+from ..libraries import load_lora_weights
 from ..tuning.routing import BASE, expert_for_timestep, s1_route
 from .deltas import route_weights
 from .lora import EXPERTS_DIR, EXPORT_JSON
@@ -104,7 +105,7 @@ def use_lora_experts(pipe, folder, scale: float = 1.0):
     model = denoiser(pipe)
     sched = record.get("schedule")
     if sched is None:  # one expert: no switching
-        pipe.load_lora_weights(str(folder), adapter_name=f"{ADAPTER_PREFIX}0")
+        load_lora_weights(pipe, str(folder), adapter_name=f"{ADAPTER_PREFIX}0")
         pipe.set_adapters([f"{ADAPTER_PREFIX}0"], adapter_weights=[scale])
         return None
     if sched["timestep_scale"] != timestep_scale(model):
@@ -115,7 +116,7 @@ def use_lora_experts(pipe, folder, scale: float = 1.0):
         if record["files"].get(file) is None:
             continue  # an expert that training never moved runs without LoRA
         names[int(route)] = f"{ADAPTER_PREFIX}{route}"
-        pipe.load_lora_weights(str(folder / Path(file).parent), adapter_name=names[int(route)])
+        load_lora_weights(pipe, str(folder / Path(file).parent), adapter_name=names[int(route)])
     return _install_switch(pipe, model, names, sched["routing"], sched["timestep_scale"], scale)
 
 

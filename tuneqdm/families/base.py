@@ -142,10 +142,6 @@ class Family:
         scale = self.timestep_scale(model)
         return t * scale if scale != 1 else t
 
-    def load_lora_on_quantized(self, pipe, path) -> None:
-        """Load a LoRA result (tuneqdm qlora's) into the pipeline whose denoiser is tuneqdm-quantized."""
-        pipe.load_lora_weights(str(path))
-
     def predict(self, model, x, t: torch.Tensor, cond: dict, context: dict) -> torch.Tensor:
         """The denoiser's prediction (in the training target's sign and channels) at training timesteps ``t``."""
         return model(x, timestep=self.to_model_timestep(model, t), **cond, return_dict=False)[0]

@@ -49,13 +49,6 @@ class Flux(Family):
         B, C, h, w = latents.shape
         return context["pipeline_class"]._pack_latents(latents, B, C, h, w)
 
-    def load_lora_on_quantized(self, pipe, path) -> None:
-        """The FLUX loader's ``load_lora_weights`` first reads every Linear's float weight (to widen the transformer
-        for control LoRAs), which a quantized Linear does not hold; a qlora result (attention LoRA only, nothing to
-        widen) goes straight to the loader's public ``load_lora_into_transformer``."""
-        state_dict, alphas = pipe.lora_state_dict(str(path), return_alphas=True)
-        pipe.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=getattr(pipe, self.attribute))
-
     def batch_kwargs(self, rows, device, context) -> dict:
         stack = {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0] if k != "txt_ids"}
         out = {**stack, "txt_ids": rows[0]["txt_ids"].to(device), "img_ids": context["img_ids"].to(device)}

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from ..families import denoiser, denoiser_component, family
+from ..families import denoiser, denoiser_component
 from ..errors import TuneQDMError
-from ..files import read_json
+from ..files import file_tensor_digests, first_line, read_json
 from ..quant.kernels import check_kernels
 from ..quant.paths import set_kernels
-from ..results import FP_UNET, adapter_kind, read_training_json
-from ..serialization import check_timesteps, fingerprint, load_adapter, load_quantized, read_adapter_config
+from ..results import FP_UNET, LORA_WEIGHTS, check_result
+from ..serialization import check_timesteps, fingerprint, load_adapter, read_adapter_config
 from ..tuning.config import QuantConfig
 from ..tuning.streaming import diffusers_model_class
-from ..libraries import dtype_kwarg
+from ..libraries import dtype_kwarg, load_lora_weights
 from .cache import QuantizedCache
-from .denoiser import float_denoiser, quantized_denoiser
+from .denoiser import float_denoiser, quantized_denoiser, saved_quantized_denoiser
 from .pipeline import assemble, float_fingerprint
 from .resolver import resolve
 from .source import DEFAULT_BASE_ID, base_from_id, read_base_id
@@ -91,9 +91,9 @@ def _denoiser(source, kind, cfg: dict, info: dict, adapter, quantized_base, devi
     """The denoiser a result samples with: its quantized base; a fine-tuned one; the base quantized as trained
     (scales, qlora: cached or streamed packed integers); the float base's own."""
     if quantized_base is not None:
-        return load_quantized(quantized_base, device=device)
+        return saved_quantized_denoiser(quantized_base, source.config(source.denoiser), device)
     if kind == "fp":
-        return _fine_tuned(adapter, dtype).to(device)
+        return fine_tuned_denoiser(adapter, dtype).to(device)
     if kind == "scales" or (kind == "lora" and info.get("tuneqdm_method") == "qlora"):
         return quantized_denoiser(source, _base_config(kind, cfg, info), device, QuantizedCache.of(quantized_cache))
     return float_denoiser(source, device, dtype)
@@ -112,23 +112,30 @@ def _base_config(kind: str, cfg: dict, info: dict) -> QuantConfig:
     return QuantConfig(bits=settings.get("bits", 4), init=settings.get("quant_init", "mse"), method="peqa")
 
 
-def _fine_tuned(adapter, dtype) -> torch.nn.Module:
+def fine_tuned_denoiser(adapter, dtype=torch.float32) -> torch.nn.Module:
     """The whole fine-tuned denoiser of an ``fp`` result, of the class its config names (diffusers' own model
-    classes only)."""
+    classes only); a config diffusers cannot build (an edited result written before digests) is one line."""
     folder = Path(adapter) / FP_UNET
     name = read_json(folder / "config.json", "fine-tuned model").get("_class_name")
     cls = diffusers_model_class(name)
     if cls is None:
         raise TuneQDMError(f"{folder}/config.json names the model class {name!r}, which is no diffusers model: "
                            "train the adapter again")
-    return cls.from_pretrained(folder, **dtype_kwarg(dtype))
+    try:
+        model = cls.from_pretrained(folder, **dtype_kwarg(dtype))
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, AttributeError) as e:
+        raise TuneQDMError(f"cannot build the fine-tuned model of {folder} ({first_line(e)}): train the adapter "
+                           "again") from None
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:  # diffusers leaves a weight its files lack on the meta device, with a warning only
+        raise TuneQDMError(f"{folder} lacks the weight {missing[0]!r} of its model: train the adapter again")
+    return model
 
 
 def _read_adapter(adapter) -> tuple[str, dict, dict]:
     """(kind, adapter_config.json of a scale adapter, training.json) of a ``tuneqdm train`` result, checked before
     any loading."""
-    kind = adapter_kind(adapter)
-    info = read_training_json(adapter)
+    kind, info = check_result(adapter)
     return kind, read_adapter_config(adapter) if kind == "scales" else {}, info
 
 
@@ -165,10 +172,7 @@ def _load_lora_adapter(pipe, adapter, info: dict, chosen_base: bool) -> None:
     if expected and expected != actual:
         raise TuneQDMError(f"LoRA {adapter} belongs to base fingerprint {expected} (base {info.get('base_id')!r}), "
                            f"but this model's fingerprint is {actual}: {_base_fix(info.get('base_id'), chosen_base)}")
-    if qlora:
-        family(pipe).load_lora_on_quantized(pipe, adapter)
-    else:
-        pipe.load_lora_weights(str(adapter))
+    load_lora_weights(pipe, str(adapter))
 
 
 def _check_adapter_base(model, cfg: dict, adapter, quantized_base, chosen_base: bool, chosen_quantized: bool) -> None:
@@ -211,10 +215,13 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
     scale, path = check_lora_scale(scale), Path(path)
     if not path.exists():
         raise TuneQDMError(f"--lora {path} does not exist")
+    weights = path if path.is_file() else path / LORA_WEIGHTS
+    if weights.suffix == ".safetensors" and weights.is_file():  # readable and finite before it is loaded
+        file_tensor_digests([weights], "LoRA", "use an undamaged copy of the LoRA")
     level = dlog.get_verbosity()
     dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
     try:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        load_lora_weights(pipe, str(path), adapter_name=name)
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
         raise TuneQDMError(f"--lora {path} does not fit this model's UNet ({first[:200]}): "

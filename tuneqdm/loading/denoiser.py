@@ -11,11 +11,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from ..families import attribute_word
+from ..errors import TuneQDMError
 from ..progress import progress, stage
+from ..serialization import load_quantized
 from ..tuning.config import QuantConfig
 from ..tuning.model import quant_state
 from ..tuning.streaming import quantize_pretrained
@@ -44,6 +49,28 @@ def quantized_denoiser(source: Source, config: QuantConfig, device="cpu", cache:
     quant_state(model).base_id = source.base_id
     if entry is not None and store:
         cache.store(model, entry, source)
+    return model
+
+
+def saved_quantized_denoiser(directory, denoiser_config: dict | None = None, device="cpu") -> nn.Module:
+    """A saved quantized base (``--quantized_base``) on ``device``, checked against the pipeline's denoiser config
+    when one is given: a base of another architecture or size is one line naming the settings that differ, for every
+    command (before, generate, evaluate and quantize-activations ended in tracebacks)."""
+    directory = Path(directory)
+    model = load_quantized(directory, device=device)
+    if denoiser_config is not None:
+        ignore = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+        mine = {k: v for k, v in dict(model.config).items() if k not in ignore}
+        theirs = {k: v for k, v in denoiser_config.items() if k not in ignore}
+        diff = sorted(k for k in set(mine) | set(theirs)
+                      if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
+        name = denoiser_config.get("_class_name")
+        if diff or (isinstance(name, str) and name != type(model).__name__):
+            where = f"config differs in {', '.join(diff[:3])}" if diff else f"a {type(model).__name__}, not a {name}"
+            raise TuneQDMError(f"--quantized_base {directory} was made from another "
+                               f"{'UNet' if 'UNet' in type(model).__name__ else 'transformer'} than the pipeline's "
+                               f"({where}): pass the quantized base of this model, or this base's own "
+                               "--pretrained_model_name_or_path")
     return model
 
 

@@ -103,10 +103,27 @@ class Source:
         self.family  # noqa: B018 -- one line naming the supported classes for another pipeline
         for name in self.model_components():
             self.weight_files(name)
+        for name, (library, cls) in self.components().items():
+            if library == "transformers" and "Tokenizer" in cls:
+                self._check_tokenizer(name)
         if not self.has_weights(self.denoiser):
             raise TuneQDMError(f"{self.folder / self.denoiser} holds no safetensors weights: pass a diffusers "
                                "pipeline saved with safetensors (e.g. save_pretrained(..., safe_serialization=True))")
         return self
+
+
+    def _check_tokenizer(self, name: str) -> None:
+        """A tokenizer the index names has its vocabulary: without one, transformers builds an empty tokenizer and
+        every prompt is silently dropped (or the pipeline fails at its first prompt)."""
+        folder = self.component_folder(name)
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise TuneQDMError(f"the pipeline {self.title} lacks the vocabulary of its {name} ({folder} holds none of "
+                               f"{', '.join(TOKENIZER_FILES[:3])}, ...): without it every prompt would be dropped; "
+                               "download or save the pipeline again")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt",
+                   "sentencepiece.bpe.model")  # a vocabulary, in any of the formats transformers reads
 
 
 def base_id(base: str | Path | None) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from ..families import call_kwargs, denoiser, family, guidance_kwargs
 from ..errors import TuneQDMError
+from ..files import read_prompt_file
 from ..hooks import CallArguments, forward_signature, on_call
 from ..progress import progress
 from ..sampling import generator
@@ -98,10 +99,7 @@ def read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise TuneQDMError(f"--calib_prompts {path}: no such file; write one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise TuneQDMError(f"--calib_prompts {path} has no prompts: write one prompt per line")
-    return prompts
+    return read_prompt_file(path, "--calib_prompts")
 
 
 def toy_calibration_prompts(n: int, seed: int = CALIBRATION_SEED) -> list[str]:

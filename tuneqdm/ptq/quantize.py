@@ -14,7 +14,7 @@ from ..families import denoiser, family_of_denoiser_class
 from ..errors import TuneQDMError
 from ..files import check_output_folder, read_json
 from ..loading import assemble, base_id, float_denoiser, pipeline_from, resolve
-from ..serialization import save_quantized
+from ..serialization import QUANTIZED_BASE_FILES, save_quantized
 from ..tuning.model import layers_to_quantize
 from ..tuning.streaming import quantize_pretrained
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
@@ -60,7 +60,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     reconstructs blocks against the float model's outputs, held in memory."""
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
-    out = check_output_folder(out, force)
+    out = check_output_folder(out, force, QUANTIZED_BASE_FILES, "a quantized base")
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     t0 = time.perf_counter()

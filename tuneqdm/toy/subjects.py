@@ -6,7 +6,6 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import TuneQDMError
+from ..files import check_output_folder
 from .world import CLASSES, COLOURS, MARK_ANCHORS, PLACES, Scene, caption, render, sample_pose, seed_entropy
 
 PATTERNS: tuple[str, ...] = ("stripes", "dots", "checker", "rings", "split", "zigzag")
@@ -210,7 +210,7 @@ def eval_prompt_targets(token: str | None = None, noun: str | None = None) -> li
 # ---------------------------------------------------------------------------------------------------------------
 # writing a subject folder
 
-_OURS = re.compile(r"^(\d\d\.(png|jpg)|subject\.json)$")
+SUBJECT_FILES = ("[0-9][0-9].png", "[0-9][0-9].jpg", "subject.json")  # what write_subject writes
 
 
 def photo_count(seed: int) -> int:
@@ -229,14 +229,8 @@ def write_subject(seed: int, out: Path, *, n_photos: int | None = None, force: b
         raise TuneQDMError(f"number of photos must be between 1 and 100, got {n}")
     if out.exists() and not out.is_dir():
         raise TuneQDMError(f"output {out} exists and is not a folder: choose another --out")
-    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if existing:
-        if not force:
-            raise TuneQDMError(f"output folder {out} is not empty: choose another --out or pass --force")
-        foreign = [name for name in existing if not _OURS.match(name)]
-        if foreign:
-            raise TuneQDMError(f"output folder {out} holds files that are not a toy subject ({foreign[0]}): "
-                               "--force only replaces a subject folder, choose another --out")
+    existing = out.is_dir() and any(out.iterdir())
+    check_output_folder(out, force, SUBJECT_FILES, "a toy subject")
 
     instance = make_instance(seed)
     photos = subject_photos(instance, seed, n)

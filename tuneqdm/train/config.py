@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
+from ..files import check_prompt
 from ..loading.pipeline import check_text_encoders
 from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
@@ -193,6 +194,8 @@ class TrainConfig:
                                f"above it, got {self.lr}")
 
     def _check_inputs(self):
+        for flag in ("instance_prompt", "class_prompt", "validation_prompt"):  # before anything loads or trains
+            check_prompt(getattr(self, flag), f"--{flag}")
         if self.subjects and (self.instance_data_dir or self.instance_prompt):
             raise TuneQDMError("give either --subjects or --instance_data_dir/--instance_prompt, not both")
         if not self.subjects and not self.instance_data_dir:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..errors import TuneQDMError
+from ..files import check_prompt
 from ..photos import IMAGE_SUFFIXES, read_photo, warn
 
 KNOWN_SIDECARS = {"subject.json"}  # metadata written next to photos by `tuneqdm toy subject`: not warned about
@@ -121,6 +122,10 @@ def read_subjects_file(path) -> list[dict]:
         if unknown:
             raise TuneQDMError(f"--subjects {path}: entry {i} has unknown key {sorted(unknown)[0]!r} "
                                "(allowed: instance_data_dir, instance_prompt, class_prompt)")
+        for key in ("instance_prompt", "class_prompt"):
+            if not isinstance(e.get(key), (str, type(None))):
+                raise TuneQDMError(f"--subjects {path}: entry {i}'s {key!r} must be a string")
+            check_prompt(e.get(key), f"--subjects {path}: entry {i}'s {key!r}")
         folder = Path(e["instance_data_dir"])
         out.append({**e, "instance_data_dir": folder if folder.is_absolute() else path.parent / folder})
     return out

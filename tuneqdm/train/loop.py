@@ -28,7 +28,8 @@ import torch
 
 from ..families import denoiser, is_flow_matching, native_size
 from ..errors import TrainWarning, TuneQDMError
-from ..files import WRITE_ERRORS, atomic_dir, first_line, read_json, remove_stale_temporaries, write_error_reason
+from ..files import (WRITE_ERRORS, atomic_dir, first_line, output_lock, read_json, remove_stale_temporaries,
+                     write_error_reason)
 from ..loading import (QuantizedCache, Source, assemble, denoiser_skeleton, float_denoiser, float_fingerprint,
                        quantized_denoiser, resolve)
 from ..memory import PhaseMemory, pin_mmap_threshold
@@ -457,7 +458,7 @@ class Trainer:
         checkpoint to resume come from the same settings? A changed setting is refused with one line naming it."""
         cfg = self.cfg
         if cfg.resume_from_checkpoint == "latest":
-            done = read_training_json(self.out)
+            done = read_training_json(self.out, "start over with --force, or choose another --output_dir")
             same = isinstance(done.get("identity"), dict) and all(
                 done["identity"].get(k, object()) == v for k, v in self.identity.items())
             steps = done.get("steps")
@@ -931,6 +932,8 @@ def train(cfg: TrainConfig | None = None, callbacks=(), trainer: Trainer | None 
         cfg = TrainConfig(**kwargs)
     elif kwargs:
             cfg = replace(cfg, **kwargs)
-    with warnings.catch_warnings(), quiet_while(cfg.quiet or os.environ.get("RANK", "0") != "0"):  # bars: main only
+    main = os.environ.get("RANK", "0") == "0"
+    with warnings.catch_warnings(), quiet_while(cfg.quiet or not main), \
+            output_lock(cfg.output_dir, "--output_dir") if main else contextlib.nullcontext():  # one run per folder
         warnings.simplefilter("always", TrainWarning)
         return (trainer or Trainer(cfg, callbacks)).setup().run()

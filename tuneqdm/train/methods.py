@@ -9,15 +9,14 @@ group at ``--learning_rate x RMS(original scales of that layer)`` (``scale_param
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import TuneQDMError
 from ..quant.layers import QConv2d
-from ..serialization import fingerprint, load_quantized
+from ..loading.denoiser import saved_quantized_denoiser
+from ..serialization import fingerprint
 from ..tuning import configure_, quantize_
 from ..tuning.model import quant_state, scale_param_groups
 from .config import LORA_TARGETS, TrainConfig
@@ -30,18 +29,7 @@ def kind(model: nn.Module) -> str:
 
 def load_quantized_base(directory, float_unet_config: dict | None = None, device="cpu") -> nn.Module:
     """A saved quantized base on ``device``, checked against the pipeline's UNet config when one is given."""
-    directory = Path(directory)
-    unet = load_quantized(directory, device=device)
-    if float_unet_config is not None:
-        ignore = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
-        mine = {k: v for k, v in dict(unet.config).items() if k not in ignore}
-        theirs = {k: v for k, v in float_unet_config.items() if k not in ignore}
-        diff = sorted(k for k in set(mine) | set(theirs)
-                      if json.dumps(mine.get(k), sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True))
-        if diff:
-            raise TuneQDMError(f"--quantized_base {directory} was made from another {kind(unet)} than the pipeline's "
-                               f"(config differs in {', '.join(diff[:3])})")
-    return unet
+    return saved_quantized_denoiser(directory, float_unet_config, device)
 
 
 def _matches(name: str, target: str) -> bool:
