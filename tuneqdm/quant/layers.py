@@ -134,7 +134,7 @@ class _ScaledOp(torch.autograd.Function):
 # What the int8 training path keeps for the gradient of s_out (``Σ g_y ⊙ u``, ``u = s_x (a ⊛ C)``): "recompute" (u
 # again from the kept int8 input, one more integer matmul), "int8" (u quantized per token to int8) or "output" (the
 # float output y, as the exact path keeps it: free when the next op keeps it too). Measured in
-# docs/benchmarks/train_int8.md; the default is the one chosen there.
+# docs/benchmarks/train_int8.md (benchmarks/train_int8_layers.py); the default is the one chosen there.
 U_KEPT_CHOICES = ("recompute", "int8", "output")
 U_KEPT = "recompute"
 
@@ -239,6 +239,7 @@ class QuantizedLayer(nn.Module):
         self.grid = None  # the signed integers as int8, held inside quant.paths.sampling_kernels()
         self.grid_budget = None  # [bytes left] shared by the layers of a sampling_kernels() session
         self.last_path = None  # the path the last call took (quant.paths.kernel_report)
+        self.u_kept = U_KEPT  # what the int8 training backward keeps for s_out's gradient (U_KEPT_CHOICES)
 
     # ---- storage -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -430,7 +431,7 @@ class QuantizedLayer(nn.Module):
             u = dynamic_product(self, a, scale)
         if u is None:
             return None
-        return _Int8ScaledOp.apply(x, s_in, s_out, self.bias, self, a, scale, [u], keep or U_KEPT)
+        return _Int8ScaledOp.apply(x, s_in, s_out, self.bias, self, a, scale, [u], keep or self.u_kept)
 
     def _cached_forward(self, x, s_in, s_out, k):
         """``_ScaledOp.forward`` with the weight blocks kept in the cache (same ops, same numbers)."""
