@@ -10,6 +10,7 @@ peak is made of. Beside it: the training loop's own peak (``train_log.jsonl``) a
     python benchmarks/real_size.py make --model sd15 --out /data/sd15          # generate a pipeline folder
     python benchmarks/real_size.py run --model sd15 --folder /data/sd15 --command train   # one row, JSON on stdout
     python benchmarks/real_size.py all --models sd15 flux-width sdxl --work /data   # every row; docs/ JSON + table
+    python benchmarks/real_size.py quantize-time --folder /data/flux-dev/transformer  # s per billion, alone
 
 Models: ``sd15`` (SD-1.5's UNet, CLIP-L, VAE), ``sdxl`` (SDXL's UNet, CLIP-L + OpenCLIP-bigG, VAE), ``flux-width``
 (FLUX.1-dev's transformer width with ``--flux_blocks`` double/single blocks, T5-XXL's width with ``--t5_layers``
@@ -71,32 +72,32 @@ def _random(name: str, shape, generator) -> torch.Tensor:
 
 
 def write_weights(model: torch.nn.Module, folder: Path, weights_name: str, seed: int) -> int:
-    """Random bf16 weights for ``model`` (built on the meta device) in shards of at most SHARD_BYTES; returns the
-    number of parameters. Tied parameters are written once, under their first name."""
-    g = torch.Generator().manual_seed(seed)
-    stem, ext = weights_name.rsplit(".", 1)
-    shards, current, size, total = [], {}, 0, 0
-    for name, p in model.named_parameters():
-        t = _random(name, tuple(p.shape), g)
-        if current and size + t.numel() * 2 > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size, total = t, size + t.numel() * 2, total + t.numel()
-        if size >= SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)
+    """Random bf16 weights for ``model`` (built on the meta device) in shards of at most SHARD_BYTES, each shard drawn
+    and written before the next (the generator never holds more than one); returns the number of parameters. Tied
+    parameters are written once, under their first name."""
     from safetensors.torch import save_file
 
+    g = torch.Generator().manual_seed(seed)
+    stem, ext = weights_name.rsplit(".", 1)
+    plan, current, size = [], [], 0  # the shards' parameter names, planned from the shapes alone
+    for name, p in model.named_parameters():
+        if current and size + p.numel() * 2 > SHARD_BYTES:
+            plan.append(current)
+            current, size = [], 0
+        current.append((name, tuple(p.shape)))
+        size += p.numel() * 2
+    if current:
+        plan.append(current)
     folder.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for i, tensors in enumerate(shards):
-        file = weights_name if len(shards) == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}"
+    weight_map, total = {}, 0
+    for i, names in enumerate(plan):
+        file = weights_name if len(plan) == 1 else f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}"
+        tensors = {name: _random(name, shape, g) for name, shape in names}
         save_file(tensors, folder / file, metadata={"format": "pt"})
+        total += sum(t.numel() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
-        shards[i] = None  # free the shard's tensors before the next one is drawn
-    if len(weight_map) and len(set(weight_map.values())) > 1:
+        del tensors
+    if len(plan) > 1:
         (folder / f"{weights_name}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return total
 
@@ -201,7 +202,7 @@ def _status(pid: int) -> dict[str, int]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError):
         pass
@@ -223,7 +224,7 @@ def measure(argv: list[str], env: dict, cwd: Path, name: str = "command", interv
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
-        peak = {"VmRSS": 0}
+        peak, hwm = {"VmRSS": 0}, {"VmHWM": 0}
         done = threading.Event()
 
         def sample():
@@ -236,6 +237,8 @@ def measure(argv: list[str], env: dict, cwd: Path, name: str = "command", interv
                         seen[k] = seen.get(k, 0) + v
                 if seen.get("VmRSS", 0) > peak["VmRSS"]:
                     peak.update(seen, at=time.perf_counter() - t0)
+                if seen.get("VmHWM", 0) > hwm["VmHWM"]:  # when the kernel's own peak last rose
+                    hwm.update(VmHWM=seen["VmHWM"], at=time.perf_counter() - t0)
                 done.wait(interval)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -249,7 +252,8 @@ def measure(argv: list[str], env: dict, cwd: Path, name: str = "command", interv
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / GiB, 3),
             "sampled_peak_gib": round(peak["VmRSS"] / GiB, 3),
             "anon_at_peak_gib": round(peak.get("RssAnon", 0) / GiB, 3),
-            "file_at_peak_gib": round(peak.get("RssFile", 0) / GiB, 3), "peak_at_s": round(peak.get("at", 0), 1)}
+            "file_at_peak_gib": round(peak.get("RssFile", 0) / GiB, 3), "peak_at_s": round(peak.get("at", 0), 1),
+            "last_hwm_gib": round(hwm["VmHWM"] / GiB, 3), "hwm_rose_last_at_s": round(hwm.get("at", 0), 1)}
 
 
 # ---- the commands, as a user runs them ----------------------------------------------------------------------
@@ -356,6 +360,19 @@ def encoder_error(folder: Path, component: str, prompts: list[str]) -> dict:
             "cosine_fp32_vs_bf16": cosines("streamed_fp32", "resident_bf16"),
             "streamed_bf16_equals_resident_bf16": all(torch.equal(x, y) for x, y in
                                                       zip(outputs["streamed_bf16"], outputs["resident_bf16"]))}
+
+
+def quantize_time(folder: Path) -> dict:
+    """The streamed mse W4 quantization of one model folder, timed alone (no cache, nothing written)."""
+    from tuneqdm.shards import parameter_count, weight_files
+    from tuneqdm.tuning import QuantConfig, quantize_pretrained
+
+    params = parameter_count(weight_files(folder))
+    t0 = time.perf_counter()
+    quantize_pretrained(folder, QuantConfig(bits=4, init="mse"))
+    seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 1), "params": params, "seconds_per_billion": round(seconds / params * 1e9, 1),
+            "threads": torch.get_num_threads()}
 
 
 def compare_images(a: Path, b: Path) -> float:
@@ -482,12 +499,17 @@ def main() -> None:
     al.add_argument("--t5_layers", type=int, default=2)
     al.add_argument("--commands", nargs="+", choices=("train", "generate", "evaluate"), default=None,
                     help="only these (checkpointed) rows; default: every row")
+    qt = sub.add_parser("quantize-time", help="seconds per billion parameters of the streamed mse quantization alone")
+    qt.add_argument("--folder", type=Path, required=True, help="a model folder, e.g. /data/flux-dev/transformer")
     ee = sub.add_parser("encoder-error")
     ee.add_argument("--folder", type=Path, required=True)
     ee.add_argument("--component", default="text_encoder_2")
     args = parser.parse_args()
     if args.what == "all":
         run_all(args.models, args.work, tuple(args.flux_blocks), args.t5_layers, args.commands)
+        return
+    if args.what == "quantize-time":
+        print(json.dumps(quantize_time(args.folder)))
         return
     if args.what == "encoder-error":
         print(json.dumps(encoder_error(args.folder, args.component, PROMPTS)))

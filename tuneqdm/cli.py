@@ -74,7 +74,8 @@ def _generate(args) -> None:
             image.save(tmp / f"{i:03d}.png")
         meta = {k: getattr(args, k) for k in ("prompt", "negative_prompt", "num_images", "num_inference_steps",
                                               "guidance_scale", "scheduler", "seed", "pretrained_model_name_or_path",
-                                              "revision", "variant", "adapter", "quantized_base", "activation_bits",
+                                              "revision", "variant", "single_file_config", "adapter", "quantized_base",
+                                              "activation_bits",
                                               "groups", "attention_quant", "activations", "activation_quant", "kernels",
                                               "lora", "lora_scale", "max_sequence_length")}
         meta["prompt"] = prompt
@@ -223,7 +224,7 @@ def _quantize_activations(args) -> None:
 
 
 def _version(args) -> dict:
-    return {"revision": args.revision, "variant": args.variant}
+    return {"revision": args.revision, "variant": args.variant, "single_file_config": args.single_file_config}
 
 
 def _add_version_flags(parser, adapter: bool = False) -> None:
@@ -234,6 +235,10 @@ def _add_version_flags(parser, adapter: bool = False) -> None:
     parser.add_argument("--variant", default=None,
                         help="load the model's files of this variant, e.g. fp16 for *.fp16.safetensors "
                              f"(default: {trained}the files without a variant)")
+    parser.add_argument("--single_file_config", default=None, metavar="FOLDER_OR_ID",
+                        help="for a single-file checkpoint (--pretrained_model_name_or_path model.safetensors): the "
+                             "diffusers pipeline (folder or hub id) its configs, tokenizers and missing components "
+                             f"come from (default: {trained}the hub repository diffusers infers from the file)")
 
 
 def _add_loading_flags(parser, train: bool = False) -> None:

@@ -68,7 +68,8 @@ def run_export(args) -> dict:
         if component is not None:
             check_format(args.format, component)
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=adapter, quantized_base=args.quantized_base,
-                         device=args.device, revision=args.revision, variant=args.variant)
+                         device=args.device, revision=args.revision, variant=args.variant,
+                         single_file_config=args.single_file_config)
     model, component = denoiser(pipe), denoiser_component(pipe)
     extra = {"adapter": str(adapter.resolve())}
     if args.to == "lora":

@@ -26,18 +26,21 @@ from ..libraries import dtype_kwarg
 from .cache import QuantizedCache
 from .denoiser import float_denoiser, quantized_denoiser
 from .pipeline import assemble, float_fingerprint
-from .source import DEFAULT_BASE_ID, base_from_id, read_base_id, resolve
+from .resolver import resolve
+from .source import DEFAULT_BASE_ID, base_from_id, read_base_id
 
 
 def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = None,
                   quantized_base: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
-                  revision: str | None = None, variant: str | None = None, lora: str | Path | None = None,
+                  revision: str | None = None, variant: str | None = None,
+                  single_file_config: str | None = None, lora: str | Path | None = None,
                   lora_scale: float = 1.0, kernels: str = "auto", text_encoders: str = "stream",
                   quantized_cache: str | Path | bool | None = None):
     """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
-    ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with).
+    ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with); a
+    single-file checkpoint with the configs of ``single_file_config`` (``tuneqdm.loading.single_file``).
     ``quantized_base``: a folder of ``tuneqdm.save_quantized``: its denoiser (UNet or transformer) is used instead of
     the base's. ``adapter``: a ``tuneqdm train`` output folder: scales (the base's denoiser quantized as in training,
     from the cache of quantized bases or streamed from its files, or the quantized base; its scales and timestep
@@ -59,15 +62,15 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     if adapter is not None:
         kind, cfg, info = _read_adapter(adapter)
         qlora = kind == "lora" and info.get("tuneqdm_method") == "qlora"
-        base, quantized_base, revision, variant = _adapter_sources(kind, cfg, info, base, quantized_base, revision,
-                                                                   variant)
+        base, quantized_base, revision, variant, single_file_config = _adapter_sources(
+            kind, cfg, info, base, quantized_base, revision, variant, single_file_config)
     elif base is None and quantized_base is not None:  # the quantized base's own base, if local
         recorded = read_base_id(quantized_base)
         base = recorded if recorded is not None and Path(recorded).is_dir() else None
     if quantized_base is not None and kind in ("lora", "fp") and not qlora:
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
-    source = resolve(base, revision, variant)
+    source = resolve(base, revision, variant, single_file_config)
     if kind == "scales":  # the adapter's timestep routing must agree with the scheduler before the model is built
         check_timesteps(cfg, _train_timesteps(source), adapter)
     model = _denoiser(source, kind, cfg, info, adapter, quantized_base, device, dtype, quantized_cache)
@@ -129,20 +132,23 @@ def _read_adapter(adapter) -> tuple[str, dict, dict]:
     return kind, read_adapter_config(adapter) if kind == "scales" else {}, info
 
 
-def _adapter_sources(kind: str, cfg: dict, info: dict, base, quantized_base, revision, variant) -> tuple:
-    """(base, quantized_base, revision, variant) for an adapter: those given, else the ones it was trained with (a
+def _adapter_sources(kind: str, cfg: dict, info: dict, base, quantized_base, revision, variant,
+                     single_file_config) -> tuple:
+    """(base, quantized_base, revision, variant, single_file_config) for an adapter: those given, else the ones it was trained with (a
     recorded quantized base only while its folder exists)."""
     if base is None:
         base = base_from_id(cfg.get("base_id") or info.get("base_id"))
         trained = info.get("settings") if isinstance(info.get("settings"), dict) else {}
         revision = trained.get("revision") if revision is None and base is not None else revision
         variant = trained.get("variant") if variant is None and base is not None else variant
+        if single_file_config is None and base is not None:
+            single_file_config = trained.get("single_file_config")
     recorded = cfg.get("quantized_base") if kind == "scales" else None
     if kind == "lora" and info.get("tuneqdm_method") == "qlora":
         recorded = info.get("quantized_base")
     if quantized_base is None and recorded and Path(recorded).is_dir():
         quantized_base = recorded
-    return base, quantized_base, revision, variant
+    return base, quantized_base, revision, variant, single_file_config
 
 
 def _load_lora_adapter(pipe, adapter, info: dict, chosen_base: bool) -> None:

@@ -74,7 +74,7 @@ def resident(source: Source, name: str, device, dtype: torch.dtype = torch.float
     cls = model_class(source, name)
     quiet_loading()
     kwargs = dtype_kwarg(dtype) if not hasattr(cls, "config_class") else {"dtype": dtype}
-    variant = {"variant": source.variant} if source.variant else {}
+    variant = {"variant": source.variant_of(name)} if source.variant_of(name) else {}
     try:
         model = cls.from_pretrained(source.component_folder(name), **kwargs, **variant)
     except (OSError, ValueError, RuntimeError) as e:

@@ -39,7 +39,7 @@ def quantized_denoiser(source: Source, config: QuantConfig, device="cpu", cache:
         return model
     if entry is not None and store:
         cache.check_room(source, config)
-    model = quantize_pretrained(source.component_folder(source.denoiser), config, variant=source.variant,
+    model = quantize_pretrained(source.component_folder(source.denoiser), config, variant=source.variant_of(source.denoiser),
                                 device=device, splits=splits)
     quant_state(model).base_id = source.base_id
     if entry is not None and store:

@@ -24,7 +24,8 @@ from ..progress import pipeline_progress, stage
 from ..shards import content_fingerprint
 from .components import resident, streamed
 from .denoiser import float_denoiser
-from .source import Source, resolve
+from .resolver import resolve
+from .source import Source
 
 TEXT_ENCODER_MODES = ("stream", "resident")
 
@@ -68,19 +69,20 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
 
 
 def pipeline_from(base=None, device="cpu", dtype: torch.dtype = torch.float32, *, revision: str | None = None,
-                  variant: str | None = None, denoiser_model: nn.Module | None = None, text_encoders: str = "stream",
+                  variant: str | None = None, single_file_config: str | None = None, denoiser_model: nn.Module | None = None, text_encoders: str = "stream",
                   source: Source | None = None):
     """The base pipeline (at ``revision``, in ``variant``) with ``denoiser_model`` as its denoiser, or its own float
     denoiser loaded resident: what sampling the float base, validation and the tests use."""
-    source = source or resolve(base, revision, variant)
+    source = source or resolve(base, revision, variant, single_file_config)
     model = denoiser_model if denoiser_model is not None else float_denoiser(source, device, dtype)
     return assemble(source, model, device, dtype, text_encoders)
 
 
-def check_base(base, revision: str | None = None, variant: str | None = None) -> Source | None:
+def check_base(base, revision: str | None = None, variant: str | None = None,
+               single_file_config: str | None = None) -> Source | None:
     """The checked source of a base named by the user (None for the embedded one): commands call it before work
     that does not need the model (evaluators, calibration prompts), so a bad base is the first error."""
-    return resolve(base, revision, variant) if base is not None else None
+    return resolve(base, revision, variant, single_file_config) if base is not None else None
 
 
 def float_fingerprint(model: nn.Module) -> str:

@@ -1,7 +1,6 @@
-"""What the user named as a model, resolved once to a checked local pipeline folder.
+"""A base model as checked local files (made by ``tuneqdm.loading.resolver.resolve``).
 
-``--pretrained_model_name_or_path`` is the embedded toy pipeline (nothing given), a local diffusers folder or a hub
-id (downloaded by diffusers into its cache, then read like a folder). A :class:`Source` answers everything the
+A :class:`Source` answers everything the
 commands ask before any model is built: which pipeline class and family, where each component's files are, which of
 its tensors are in which shard (checked: a missing, truncated or foreign shard is one line here, not half-way
 through loading), what the denoiser's content fingerprint is, how the base is recorded in adapters.
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from ..denoisers import Family, family_named
 from ..errors import TuneQDMError
-from ..files import first_line, read_json
+from ..files import read_json
 from ..shards import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, content_fingerprint, weight_files
 
 DEFAULT_BASE_ID = "tuneqdm-toy-default"  # the base id recorded for the embedded default pipeline
@@ -31,6 +30,7 @@ class Source:
     revision: str | None = None
     variant: str | None = None
     index: dict = field(default_factory=dict)  # model_index.json
+    folders: dict = field(default_factory=dict)  # {component: its folder} where not folder/component (single files)
     _files: dict = field(default_factory=dict, repr=False)
     _fingerprints: dict = field(default_factory=dict, repr=False)
 
@@ -62,7 +62,11 @@ class Source:
                 if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[0] and spec[1]}
 
     def component_folder(self, name: str) -> Path:
-        return self.folder / name
+        return self.folders.get(name, self.folder / name)
+
+    def variant_of(self, name: str) -> str | None:
+        """The variant of a component's files (a single file's converted components have none)."""
+        return None if name in self.folders else self.variant
 
     def config(self, name: str) -> dict:
         """A component's ``config.json`` (diffusers models and schedulers: ``scheduler_config.json``)."""
@@ -76,7 +80,7 @@ class Source:
         """``{shard: [tensor names]}`` of a model component, checked (see ``tuneqdm.shards.weight_files``)."""
         if name not in self._files:
             library = self.components().get(name, ("diffusers", ""))[0]
-            self._files[name] = weight_files(self.component_folder(name), self.variant,
+            self._files[name] = weight_files(self.component_folder(name), self.variant_of(name),
                                              LIBRARY_WEIGHTS.get(library, DIFFUSERS_WEIGHTS))
         return self._files[name]
 
@@ -112,57 +116,6 @@ def base_id(base: str | Path | None) -> str:
         return DEFAULT_BASE_ID
     path = Path(base)
     return str(path.resolve()) if path.exists() else str(base)
-
-
-def resolve(base: str | Path | None, revision: str | None = None, variant: str | None = None) -> Source:
-    """The checked :class:`Source` of what ``--pretrained_model_name_or_path`` names (None: the embedded pipeline),
-    at ``revision`` (a hub id's branch, tag or commit) and in ``variant`` (``*.fp16.safetensors``)."""
-    if base is None:
-        if revision is not None or variant is not None:
-            raise TuneQDMError("--revision and --variant apply to the model of --pretrained_model_name_or_path; the "
-                               "embedded pipeline has one version: drop them or name the model")
-        from ..toy.pipeline import DEFAULT_PIPELINE_DIR, check_pipeline_folder  # on use: toy/ loads PIL
-
-        check_pipeline_folder(DEFAULT_PIPELINE_DIR)
-        folder = DEFAULT_PIPELINE_DIR
-    elif Path(base).exists():
-        if revision is not None:
-            raise TuneQDMError(f"--revision {revision} names a version of a hub repository, but {base} is a local "
-                               "folder: drop --revision (the folder holds one version)")
-        folder = Path(base)
-        if not folder.is_dir():
-            raise TuneQDMError(f"{base} is a file: pass a diffusers pipeline folder (with model_index.json) or a "
-                               "hub id")
-    elif _looks_local(str(base)):
-        raise TuneQDMError(f"cannot load the pipeline {base}: no such folder (check --pretrained_model_name_or_path)")
-    else:
-        folder = _download(str(base), revision, variant)
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise TuneQDMError(f"cannot tell which pipeline {base} is (no model_index.json in {folder}): pass a "
-                           "diffusers pipeline folder or hub id")
-    source = Source(None if base is None else str(base), folder, revision, variant,
-                    read_json(index_file, "diffusers pipeline"))
-    return source.check()
-
-
-def _looks_local(name: str) -> bool:
-    """A name that can only be a path (a hub id is ``name`` or ``namespace/name``)."""
-    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def _download(repo: str, revision: str | None, variant: str | None) -> Path:
-    """A hub pipeline's files in the local hub cache (fetched by diffusers where missing), as a folder."""
-    from diffusers import DiffusionPipeline
-
-    from ..libraries import quiet_loading
-
-    quiet_loading()
-    try:
-        return Path(DiffusionPipeline.download(repo, revision=revision, variant=variant))
-    except (OSError, ValueError) as e:
-        raise TuneQDMError(f"cannot load the pipeline {repo}: {first_line(e, None)} (check "
-                           "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
 
 
 def read_base_id(quantized_base) -> str | None:

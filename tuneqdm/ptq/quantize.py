@@ -44,7 +44,8 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
                       calib_samples: int = 32, calib_steps: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float | None = None, seed: int = 0, split_shortcuts: bool = True,
                       adaround: AdaRoundConfig | None = None, force: bool = False, device="cpu",
-                      progress=None, revision: str | None = None, variant: str | None = None) -> dict:
+                      progress=None, revision: str | None = None, variant: str | None = None,
+                      single_file_config: str | None = None) -> dict:
     """Calibrate and write the quantized base ``out``; returns the calibration record saved in its
     quantization.json (``"calibration"``).
 
@@ -57,7 +58,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     if calib_samples < 1:
         raise TuneQDMError(f"--calib_samples must be at least 1, got {calib_samples}")
     t0 = time.perf_counter()
-    folder = model_folder(base) if calibrate != "adaround" else None
+    folder = model_folder(base) if calibrate != "adaround" and single_file_config is None else None
     if folder is not None and not (split_shortcuts and "UNet" in str(read_json(folder / "config.json", "model")
                                                                          .get("_class_name"))):
         model = quantize_pretrained(folder, config.quant_config(), variant=variant, device=device)
@@ -65,7 +66,7 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
                   "seconds": time.perf_counter() - t0}
         save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
         return record
-    source = resolve(base, revision, variant)  # an unsupported or damaged base before any work
+    source = resolve(base, revision, variant, single_file_config)  # an unsupported or damaged base before any work
     guidance_scale = source.family.guidance if guidance_scale is None else guidance_scale
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
     if calibrate != "adaround":
@@ -96,7 +97,8 @@ def _streamed(out, source, config: WeightCalibrationConfig, prompts_file, sampli
         del pipe
     t_collect = time.perf_counter() - t0
     folder = source.component_folder(source.denoiser)
-    model = quantize_pretrained(folder, config.quant_config(), variant=source.variant, device=device, splits=splits)
+    model = quantize_pretrained(folder, config.quant_config(), variant=source.variant_of(source.denoiser),
+                                device=device, splits=splits)
     record = {**config.to_dict(), "streamed_from": str(folder.resolve()), "collect_seconds": t_collect,
               "calibrate_seconds": time.perf_counter() - t0 - t_collect, "seconds": time.perf_counter() - t0,
               "splits": splits, "blocks": []}

@@ -42,7 +42,7 @@ HARMLESS = ("output_dir", "resume_from_checkpoint", "force", "quiet", "report_to
             "checkpoints_total_limit", "validation_prompt", "num_validation_images", "validation_steps",
             "validation_inference_steps", "gradient_checkpointing", "sample_batch_size", "quantized_base",
             "quantized_cache", "text_encoders",
-            "instance_data_dir", "subjects", "pretrained_model_name_or_path")
+            "instance_data_dir", "subjects", "pretrained_model_name_or_path", "single_file_config")
 # settings that shape only some models' runs: the trainer records them for the bases they apply to
 MODEL_SETTINGS = ("max_sequence_length", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA scripts (UNets, Flux, SD3, PixArt)
@@ -56,6 +56,7 @@ class TrainConfig:
     pretrained_model_name_or_path: str | None = None  # None: the embedded toy pipeline
     revision: str | None = None  # of a hub id (diffusers' from_pretrained)
     variant: str | None = None  # e.g. "fp16": the model's *.fp16.safetensors files
+    single_file_config: str | None = None  # the pipeline a single-file checkpoint's configs come from
     method: str = "tuneqdm"
     bits: int = 4
     experts: int | None = None  # None: the method's default (tuneqdm/tas 4, others 1)

@@ -207,7 +207,8 @@ class Trainer:
         """The base, resolved to its checked files on first use (no model is built)."""
         if self._source is None:
             cfg = self.cfg
-            self._source = resolve(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+            self._source = resolve(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant,
+                                   cfg.single_file_config)
         return self._source
 
     def _check_base(self):
