@@ -532,7 +532,7 @@ INT8_NOTES = """
   `train_int8_layers.md`).
 - Which u: `recompute` peaked 0.28 GiB lower than `output` without checkpointing (2.33 vs 2.62 GiB), so the float
   outputs the layers keep are largely not kept by their next ops as well. Per layer (`train_int8_layers.md`) the int8
-  path keeps 0.25-0.30x of its fp32 input with `recompute` against 2.0x (input and output) for the exact path.
+  path keeps 0.25-0.30x of its fp32 input with `recompute` against 1.25-9x (input and output) for the exact path.
 - Why the memory gain stops near 0.8x: only the quantized layers' own inputs shrink; what the rest of the UNet keeps
   for its backward (GroupNorm, SiLU, attention, residual sums) is unchanged, and the process itself, the packed
   weights, scales and AdamW moments stay. With checkpointing only one block's activations live at a time, so the
