@@ -76,7 +76,7 @@ def measure(name: str, bits: int, repeats: int) -> list[dict]:
                 return layer(x), x
 
             t0 = time.perf_counter()
-            nbytes, y, x = saved_bytes(run)
+            nbytes, y, _ = saved_bytes(run)
             y.backward(torch.ones_like(y))
             if round_:
                 times[variant].append(time.perf_counter() - t0)

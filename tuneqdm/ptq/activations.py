@@ -35,8 +35,8 @@ from torch import nn
 from ..errors import TuneQDMError
 from ..hooks import given_timesteps, on_timestep
 from ..quant.kernels import ActInput
-from ..quant.paths import DynamicActivations  # noqa: F401  (its home is quant: training uses it too)
 from ..quant.layers import QuantizedLayer
+from ..quant.paths import DynamicActivations  # noqa: F401  (its home is quant: training uses it too)
 from .attention import QuantizedAttnProcessor, WrappedAttnProcessor
 from .config import DEFAULT_EXCLUDE, ActivationConfig
 

@@ -21,8 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TuneQDMError
-from .kernels import (GRID, INT8, REFERENCE, dynamic_fake_quantize, dynamic_product, dynamic_quantize, dynamic_steps,
-                      int_forward, int_path_reason, signed_grid, train_path_reason)
+from .kernels import (
+    GRID,
+    INT8,
+    REFERENCE,
+    dynamic_fake_quantize,
+    dynamic_product,
+    dynamic_quantize,
+    dynamic_steps,
+    int_forward,
+    int_path_reason,
+    signed_grid,
+    train_path_reason,
+)
 from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
 from .workspace import scratch
