@@ -16,6 +16,7 @@ from torch.nn.functional import cosine_similarity
 import tuneqdm
 from tuneqdm.cli import main
 from tuneqdm.errors import TuneQDMError
+from tuneqdm.files import json_digest
 from tuneqdm.quant import kernels
 from tuneqdm.quant.kernels import INT8, REFERENCE
 from tuneqdm.quant.layers import U_KEPT_CHOICES, QuantizedLayer
@@ -204,6 +205,17 @@ def test_resume_with_the_flag_is_byte_identical_and_the_result_records_it(base, 
                             "activation_bits (8; this run: 16): resume with the same settings, or start over with --force")
     train(_cfg(base, photos, tmp_path / "b", resume_from_checkpoint="latest"))
     assert (tmp_path / "b" / "adapter.safetensors").read_bytes() == reference
+
+    # a checkpoint from before the flag existed (its identity has no activation_bits) resumes as the float run it was
+    with pytest.raises(RuntimeError, match="killed"):
+        train(_cfg(base, photos, tmp_path / "old", activation_bits=16), callbacks=[kill])
+    state = tmp_path / "old" / "checkpoints" / "checkpoint-2" / ckpt.STATE_JSON
+    meta = json.loads(state.read_text())
+    del meta["identity"]["activation_bits"]
+    meta["digests"][ckpt.STATE_JSON] = json_digest({k: v for k, v in meta.items() if k != "digests"})  # as written then
+    state.write_text(json.dumps(meta))
+    train(_cfg(base, photos, tmp_path / "old", activation_bits=16, resume_from_checkpoint="latest"))
+    assert (tmp_path / "old" / "adapter.safetensors").read_bytes() == (float_run / "adapter.safetensors").read_bytes()
     for name in ("training.json", "adapter_config.json"):
         assert json.loads((tmp_path / "a" / name).read_text())["activation_bits"] == 8, name
     assert json.loads((float_run / "training.json").read_text())["activation_bits"] == 16
