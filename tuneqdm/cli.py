@@ -16,6 +16,7 @@ from .files import (atomic_dir, check_output_folder, check_prompt, check_writabl
                     output_lock)
 from .progress import is_quiet, progress, set_quiet
 from .ptq.config import ACTIVATION_BITS, ATTENTION_MODES, DYNAMIC_BITS, GROUP_CHOICES, ActivationConfig
+from .quant.kernels import FLOAT_BITS
 from .quant.packing import SUPPORTED_BITS
 from .quant.paths import kernel_report
 from .quant.quantizer import INITS
@@ -45,13 +46,14 @@ def _generate(args) -> None:
         raise TuneQDMError("--lora_scale weights a --lora file: add --lora FILE, or drop --lora_scale")
     if args.lora is not None and args.lora_scale is None:
         args.lora_scale = 1.0
-    if args.lora is not None and args.activation_bits is not None:
+    if args.lora is not None and args.activation_bits not in (None, FLOAT_BITS):
         raise TuneQDMError("--lora with --activation_bits is not supported: the activation quantizers are calibrated "
                            "for the layers without LoRA")
     if args.activation_quant == "dynamic" and args.activation_bits not in (None, DYNAMIC_BITS):
         raise TuneQDMError(f"--activation_quant dynamic is {DYNAMIC_BITS}-bit: "
                            f"drop --activation_bits {args.activation_bits}")
-    if args.activation_bits is not None:
+    _trained_activations(args)
+    if args.activation_bits not in (None, FLOAT_BITS):
         ActivationConfig(bits=args.activation_bits, groups=args.groups, attention=args.attention_quant)
     prompt = args.prompt
     if "<class>" in prompt:  # the adapter's class, as in `tuneqdm train --instance_prompt "a sks <class>"`
@@ -92,6 +94,15 @@ def _generate(args) -> None:
     print(f"{len(images)} images of '{prompt}' in {out}")
 
 
+def _trained_activations(args) -> None:
+    """Without --activation_bits, an adapter trained with ``--activation_bits 8`` samples as it trained: dynamic int8
+    activations (the integer path); ``--activation_bits 16`` keeps activations in float."""
+    if args.activation_bits is None and args.adapter is not None and args.activation_quant == "dgq":
+        trained = read_training_json(args.adapter).get("activation_bits")
+        if trained == DYNAMIC_BITS:
+            args.activation_bits, args.activation_quant = DYNAMIC_BITS, "dynamic"
+
+
 def _install_activations(args, pipe):
     """generate's activation quantization on the pipeline's denoiser: dynamic int8, or DGQ (calibrated parameters,
     on top of any adapter; returned, for its report of attention it could not quantize), or none."""
@@ -100,7 +111,7 @@ def _install_activations(args, pipe):
         from .ptq.activations import DynamicActivations
 
         DynamicActivations(args.activation_bits or DYNAMIC_BITS, exclude=kind.first_last).install(model)
-    elif args.activation_bits is not None:
+    elif args.activation_bits not in (None, FLOAT_BITS):
         from .ptq.activation_calibration import activations_for
 
         return activations_for(
@@ -262,7 +273,9 @@ def _add_activation_flags(parser, calibrate_only: bool) -> None:
         a("--activation_bits", type=int, default=8, help=f"activation bits: {either(ACTIVATION_BITS)} (default 8)")
     else:
         a("--activation_bits", type=int, default=None,
-          help=f"quantize activations to {either(ACTIVATION_BITS)} bits (DGQ; default: full-precision activations)")
+          help=f"quantize activations to {either(ACTIVATION_BITS)} bits (DGQ), or {FLOAT_BITS}: full precision "
+               f"(default: {DYNAMIC_BITS}-bit dynamic for an --adapter trained with --activation_bits "
+               f"{DYNAMIC_BITS}, else full precision)")
         a("--attention_quant", choices=ATTENTION_MODES, default="log",
           help="attention probabilities: log (DGQ's dynamic prompt-specific scale, <start> kept, levels over 16 "
                "octaves), log2 (the same with one level per octave, as published), uniform (baseline) or none "
@@ -422,6 +435,10 @@ def _add_train_parser(sub) -> None:
     a("--experts", type=int, default=None, help="timestep experts K (default: 4 for tuneqdm and tas, else 1)")
     a("--s1_intervals", default=None, help="method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
     a("--quant_init", choices=INITS, default="mse", help="quantizer initialisation (default mse)")
+    a("--activation_bits", type=int, default=FLOAT_BITS,
+      help=f"{DYNAMIC_BITS}: every quantized layer's input to int8 (dynamic, per token) and integer matmuls, in "
+           f"training and, by default, when `generate` samples the result; {FLOAT_BITS}: float activations "
+           f"(quantized methods and qlora; default {FLOAT_BITS})")
     a("--quantized_base", default=None, help="a folder of tuneqdm.save_quantized to start from (skips quantizing)")
     _add_loading_flags(tr, train=True)
     a("--rank", type=int, default=4, help="LoRA rank (methods lora and qlora, default 4)")

@@ -36,8 +36,9 @@ from ..errors import TuneQDMError
 from ..hooks import given_timesteps, on_timestep
 from ..quant.kernels import ActInput
 from ..quant.layers import QuantizedLayer
+from ..quant.paths import DynamicActivations  # noqa: F401  (its home is quant: training uses it too)
 from .attention import QuantizedAttnProcessor, WrappedAttnProcessor
-from .config import DEFAULT_EXCLUDE, DYNAMIC_BITS, ActivationConfig
+from .config import DEFAULT_EXCLUDE, ActivationConfig
 
 CHANNEL, POSITION = 0, 1
 DIM_NAMES = ("channel", "position")
@@ -347,34 +348,6 @@ class _LayerInput:
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self.owner.fake_quantize(self.name, self.params_, x)
-
-
-class DynamicActivations:
-    """Dynamic activation quantization: every quantized layer's ``x ⊙ s_in`` to symmetric int8, one scale per
-    token (Linear), pixel (1x1 conv) or sample (k x k conv: it factors out of the im2col integer matmul), computed at
-    each call; no calibration. Attention is left in full precision."""
-
-    def __init__(self, bits: int = DYNAMIC_BITS, exclude=DEFAULT_EXCLUDE):
-        if bits != DYNAMIC_BITS:
-            raise TuneQDMError(f"dynamic activation quantization is {DYNAMIC_BITS}-bit; got --activation_bits {bits}")
-        self.bits, self.exclude, self.enabled = bits, tuple(exclude), True
-        self._layers: list[nn.Module] = []
-
-    def params(self, x: torch.Tensor) -> ActInput | None:
-        return ActInput("dynamic", self.bits) if self.enabled else None
-
-    def install(self, model: nn.Module) -> DynamicActivations:
-        self._layers = [m for m in select_layers(model, self.exclude).values() if isinstance(m, QuantizedLayer)]
-        if not self._layers:
-            raise TuneQDMError("dynamic activation quantization needs a tuneqdm-quantized model: quantize it first")
-        for m in self._layers:
-            m.input_quantizer = self
-        return self
-
-    def remove(self) -> None:
-        for m in self._layers:
-            m.input_quantizer = None
-        self._layers = []
 
 
 class ActivationObserver:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import TuneQDMError, either
+from ..quant.kernels import DYNAMIC_BITS  # noqa: F401  (re-exported: the CLI's checks name it from here)
+from ..quant.paths import DEFAULT_EXCLUDE
 
 ACTIVATION_BITS = (6, 8)
-DYNAMIC_BITS = 8  # the dynamic (uncalibrated, per-token) quantizer is int8 only
 GROUP_CHOICES = (1, 2, 8, 16)
 ATTENTION_MODES = ("log", "log2", "uniform", "none")
-DEFAULT_EXCLUDE = ("conv_in", "conv_out")
 
 
 def check_activation_bits(bits) -> int:

@@ -33,6 +33,9 @@ from ..files import first_line
 from .packing import code_offset, unpack, unpack_codes
 
 KERNEL_MODES = ("auto", "int8", "reference")
+DYNAMIC_BITS = 8  # the dynamic (uncalibrated, per-token) quantizer is int8 only: torch._int_mm's operands
+FLOAT_BITS = 16  # "--activation_bits 16": activations stay in floating point
+DYNAMIC_CHOICES = (DYNAMIC_BITS, FLOAT_BITS)  # what --activation_bits can be for dynamic (train-time) activations
 # "auto" takes the integer path everywhere it applies on accelerators (not measured: no GPU was lent). On CPU it
 # takes it for dynamic activations into layers of at least CPU_AUTO_MIN_MACS multiply-adds per call (input rows x
 # weight size), where it measured faster than simulating them (docs/benchmarks/sampling_kernels.md, section 4, idle
@@ -61,6 +64,15 @@ def check_kernels(mode: str) -> str:
     if mode not in KERNEL_MODES:
         raise TuneQDMError(f"unknown kernels {mode!r}: choose auto, int8 or reference")
     return mode
+
+
+def check_dynamic_bits(bits) -> int:
+    """``--activation_bits`` of dynamic activations (training, and sampling what was trained): 8 (int8, integer
+    matmuls) or 16 (float). The one check of that setting."""
+    if isinstance(bits, bool) or bits not in DYNAMIC_CHOICES:
+        raise TuneQDMError(f"--activation_bits {bits!r} is not supported here: choose {DYNAMIC_BITS} (int8 activations, "
+                           f"integer matmuls) or {FLOAT_BITS} (float activations)")
+    return int(bits)
 
 
 @dataclass
@@ -252,12 +264,17 @@ def _conv_im2col(layer, x: torch.Tensor, s_in) -> torch.Tensor | None:
     """A k x k conv of dynamically quantized activations (symmetric int8, one scale per sample: the same integers
     as :func:`dynamic_fake_quantize`) as ONE integer matmul of the im2col'd int8 input, scaled once per output
     row. Returns (B, H_out, W_out, out) before ``s_out`` and the bias."""
-    b, c, h, w = x.shape
-    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
-    ho, wo = _conv_geometry(layer, h, w)
     xs = x * s_in[:, None, None] if s_in is not None else x
     steps, scale = dynamic_steps(xs, (1, 2, 3))
-    a, scale = steps.to(torch.int8), scale.view(-1)
+    return _im2col_product(layer, steps.to(torch.int8), scale.view(-1))
+
+
+def _im2col_product(layer, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``scale ⊙ conv(a, W_q − z)`` of an int8 (B, C, H, W) input with one scale per sample, as one integer matmul
+    of its im2col'd columns: (B, H_out, W_out, out)."""
+    b, c, h, w = a.shape
+    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
+    ho, wo = _conv_geometry(layer, h, w)
     a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
     a_pad[:, ph:ph + h, pw:pw + w] = a.permute(0, 2, 3, 1)
     cols = a.new_empty(b, ho, wo, kh * kw, c)
@@ -335,3 +352,41 @@ def dynamic_steps(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
     clamp; ``max |x|`` as max(max, −min), two reductions instead of an input-sized ``|x|`` (4x faster measured)."""
     scale = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_()).clamp_min_(1e-8) / 127
     return torch.div(x, scale).round_(), scale
+
+
+# ---- training: the same quantizer and integer matmuls, with a gradient ----------------------------------------------
+def train_path_reason(layer, x: torch.Tensor) -> str | None:
+    """Why ``layer`` cannot train through the integer path (None: it can); it then trains on float activations."""
+    if layer.channel_dim == 1 and not layer.is_pointwise() and (layer.groups != 1 or layer._explicit_pad):
+        return "grouped conv or explicit padding"
+    if x.device.type in _unavailable:
+        return "integer matmul unavailable"
+    return None
+
+
+def dynamic_quantize(layer, x: torch.Tensor, s_in) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 ``a``, float32 ``s_x``) with ``x ⊙ s_in ≈ s_x a``, both in ``x``'s layout (``s_x`` broadcasts: one per
+    token, pixel of a 1x1 conv, or sample into a k x k conv): the integers of :func:`dynamic_fake_quantize`."""
+    xs = x.float() if s_in is None else x.float() * (s_in.float() if layer.channel_dim == -1 else s_in.float()[:, None, None])
+    dims = tuple(range(1, x.dim())) if per_sample_scale(layer) else layer.channel_dim
+    steps, scale = dynamic_steps(xs, dims)
+    del xs
+    return steps.to(torch.int8), scale
+
+
+def dynamic_product(layer, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``u = s_x ⊙ (a ⊛ (W_q − z))`` in float32, in the layer's output layout, by integer matmuls (None where this
+    build has none): the layer's output before ``s_out`` and the bias."""
+    if per_sample_scale(layer):
+        y = _im2col_product(layer, a, scale.reshape(-1))
+        return None if y is None else y.permute(0, 3, 1, 2).contiguous()
+    rows = _rows(layer, a)
+    w, z = _centred(layer)
+    y = _int_mm(rows, w)
+    if y is None:
+        return None
+    y = _zero_point_corrected(y, rows, w, z, None)
+    y.mul_(_rows(layer, scale))
+    if layer.channel_dim == -1:
+        return y.view(*a.shape[:-1], y.shape[1])
+    return y.view(a.shape[0], *a.shape[2:], -1).permute(0, 3, 1, 2).contiguous()

@@ -21,7 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TuneQDMError
-from .kernels import GRID, INT8, REFERENCE, dynamic_fake_quantize, int_forward, int_path_reason, signed_grid
+from .kernels import (
+    GRID,
+    INT8,
+    REFERENCE,
+    dynamic_fake_quantize,
+    dynamic_product,
+    dynamic_quantize,
+    dynamic_steps,
+    int_forward,
+    int_path_reason,
+    signed_grid,
+    train_path_reason,
+)
 from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
 from .workspace import scratch
@@ -55,26 +67,34 @@ _WEIGHT_CHUNK = 1 << 22  # values: larger weights are rebuilt and applied a bloc
 _DOT_CHUNK = 1 << 20  # elements of the product buffer: small, so that it adds nothing to the training peak
 
 
-def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int, a_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ a ⊙ b`` over every dimension but ``channel_dim``, in float32, a chunk at a time through a small reused
-    buffer (an activation-sized product would be fresh memory on every call)."""
+    buffer (an activation-sized product would be fresh memory on every call). ``a`` may be int8 with ``a_scale``
+    (broadcasting against it, constant along the channels): the dequantized ``a`` is never built whole."""
     channel_dim %= a.dim()
     channels = a.shape[channel_dim]
     a = a.reshape(-1, channels, a.shape[channel_dim + 1 :].numel())  # (P, C, Q)
     b = b.reshape(a.shape)
+    dtype = b.dtype if a_scale is not None else a.dtype
+    if a_scale is not None:
+        a_scale = a_scale.reshape(a.shape[0], 1, -1).to(dtype)
     out = torch.empty(channels, dtype=torch.float32, device=a.device)
     if a.shape[2] > 1:  # channels in the middle (conv): chunk over channels
         step = max(1, _DOT_CHUNK // (a.shape[0] * a.shape[2]))
         for c in range(0, channels, step):
             ac, bc = a[:, c : c + step], b[:, c : c + step]
-            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), a.dtype, a.device).view(ac.shape))
+            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), dtype, a.device).view(ac.shape))
+            if a_scale is not None:
+                prod.mul_(a_scale)
             out[c : c + step] = prod.sum(dim=(0, 2), dtype=torch.float32)
     else:  # channels last (linear): chunk over rows
         step = max(1, _DOT_CHUNK // channels)
         out.zero_()
         for r in range(0, a.shape[0], step):
             ac, bc = a[r : r + step, :, 0], b[r : r + step, :, 0]
-            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), a.dtype, a.device).view(ac.shape))
+            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), dtype, a.device).view(ac.shape))
+            if a_scale is not None:
+                prod.mul_(a_scale[r : r + step, :, 0])
             out += prod.sum(dim=0, dtype=torch.float32)
     return out
 
@@ -122,6 +142,80 @@ class _ScaledOp(torch.autograd.Function):
         return (g_x if need_x else None), g_s_in, g_s_out, g_bias, None
 
 
+# What the int8 training path keeps for the gradient of s_out (``Σ g_y ⊙ u``, ``u = s_x (a ⊛ C)``): "recompute" (u
+# again from the kept int8 input, one more integer matmul), "int8" (u quantized per token to int8) or "output" (the
+# float output y, as the exact path keeps it: free when the next op keeps it too). Measured in
+# docs/benchmarks/train_int8.md (benchmarks/train_int8_layers.py); the default is the one chosen there.
+U_KEPT_CHOICES = ("recompute", "int8", "output")
+U_KEPT = "recompute"
+
+
+class _Int8ScaledOp(torch.autograd.Function):
+    """``y = s_out ⊙ u + b`` with ``u = s_x (a ⊛ (W_q − z))`` from the int8 ``a = q(x ⊙ s_in)`` (computed outside,
+    without a graph); straight-through for the rounding. Kept for the backward: ``a`` and ``s_x`` (a quarter of a
+    float32 input) and what ``U_KEPT`` says for ``u``::
+
+        g_x    = (g_y ⊙ s_out) ⊛ᵀ C ⊙ s_in        (float, the weight rebuilt as in the exact path)
+        g_s_in = Σ (s_x a) ⊙ g_x / s_in²           (x ≈ s_x a / s_in)
+        g_s_out = Σ g_y ⊙ u
+    """
+
+    @staticmethod
+    def forward(ctx, x, s_in, s_out, bias, layer, a, scale, holder, keep):
+        u = holder.pop()  # handed over in a list: a tensor input returned modified would need mark_dirty
+        dtype = _compute_dtype(x)
+        need_s_in, need_s_out = ctx.needs_input_grad[1:3]
+        ctx.layer, ctx.dtype, ctx.x_shape, ctx.x_dtype, ctx.keep = layer, dtype, x.shape, x.dtype, keep
+        view = (-1,) if layer.channel_dim == -1 else (-1, 1, 1)
+        kept = (None, None)
+        if need_s_out and keep == "int8":
+            steps, u_scale = dynamic_steps(u, layer.channel_dim)
+            kept = (steps.to(torch.int8), u_scale)
+            del steps
+        y = u
+        if bias is not None:
+            torch.addcmul(bias.float().view(view), y, s_out.float().view(view), out=y)
+        else:
+            y.mul_(s_out.float().view(view))
+        if need_s_out and keep == "output":
+            kept = (y, None)  # the output is often saved by the next op too: shared storage
+        ctx.save_for_backward(a if need_s_in or (need_s_out and keep == "recompute") else None, scale, *kept,
+                              s_in, s_out, bias)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g_y):
+        a, scale, kept, kept_scale, s_in, s_out, bias = ctx.saved_tensors
+        need_x, need_s_in, need_s_out, need_bias = ctx.needs_input_grad[:4]
+        layer, cdim = ctx.layer, ctx.layer.channel_dim
+        g_y = g_y.float()
+        g_x = g_s_in = g_s_out = g_bias = None
+        g_y_sum = _channel_sum(g_y, cdim) if (need_bias or (need_s_out and ctx.keep == "output")) else None
+        if need_x or need_s_in:
+            for r in layer.row_blocks():
+                part = layer._op_input_grad(g_y[layer._channel_index(r)],
+                                            layer._scaled_weight(s_out, s_in, torch.float32, rows=r), ctx.x_shape)
+                g_x = part if g_x is None else g_x.add_(part)
+            if need_s_in:
+                g_s_in = (_channel_dot(a, g_x, cdim, scale) / s_in.float().square()).to(s_in.dtype)
+        if need_s_out:
+            if ctx.keep == "output":  # Σ g_y ⊙ (y − b) / s_out
+                g_s_out = _channel_dot(g_y, kept, cdim)
+                if bias is not None:
+                    g_s_out -= bias.float() * g_y_sum
+                g_s_out /= s_out.float()
+            elif ctx.keep == "int8":
+                g_s_out = _channel_dot(kept, g_y, cdim, kept_scale)
+            else:
+                g_s_out = _channel_dot(g_y, dynamic_product(layer, a, scale), cdim)
+            g_s_out = g_s_out.to(s_out.dtype)
+        if need_bias:
+            g_bias = g_y_sum.reshape(bias.shape).to(bias.dtype)
+        if g_x is not None:
+            g_x = g_x.to(ctx.x_dtype) if need_x else None
+        return g_x, g_s_in, g_s_out, g_bias, None, None, None, None, None
+
+
 class QuantizedLayer(nn.Module):
     """Shared storage and scale logic of the quantized layers (the ``QModuleMixin`` of tuneqdm).
 
@@ -156,6 +250,7 @@ class QuantizedLayer(nn.Module):
         self.grid = None  # the signed integers as int8, held inside quant.paths.sampling_kernels()
         self.grid_budget = None  # [bytes left] shared by the layers of a sampling_kernels() session
         self.last_path = None  # the path the last call took (quant.paths.kernel_report)
+        self.u_kept = U_KEPT  # what the int8 training backward keeps for s_out's gradient (U_KEPT_CHOICES)
 
     # ---- storage -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -312,6 +407,12 @@ class QuantizedLayer(nn.Module):
 
     def _expert_forward(self, x: torch.Tensor, k: int, act=None) -> torch.Tensor:
         s_out, s_in = self._expert_scales(k)
+        if act is not None and act.kind == "dynamic" and torch.is_grad_enabled():  # training in 8 bits
+            y = self._int8_train_forward(x, s_in, s_out)
+            if y is not None:
+                self.last_path = INT8
+                return y
+            act = None  # this layer cannot: it trains on float activations (the exact path)
         if act is not None:
             if int_path_reason(self, act, x, s_in) is None:
                 y = int_forward(self, x, s_in, s_out, act)
@@ -330,6 +431,18 @@ class QuantizedLayer(nn.Module):
             dtype = _compute_dtype(x)
             return self._blockwise_op(x, self.bias, dtype, lambda i, r: self._scaled_weight(s_out, s_in, dtype, rows=r))[1]
         return _ScaledOp.apply(x, s_in, s_out, self.bias, self)
+
+    def _int8_train_forward(self, x, s_in, s_out, keep: str | None = None):
+        """The training forward on int8 activations (``_Int8ScaledOp``), or None where this layer or device has no
+        integer path."""
+        if train_path_reason(self, x) is not None:
+            return None
+        with torch.no_grad():
+            a, scale = dynamic_quantize(self, x, s_in)
+            u = dynamic_product(self, a, scale)
+        if u is None:
+            return None
+        return _Int8ScaledOp.apply(x, s_in, s_out, self.bias, self, a, scale, [u], keep or self.u_kept)
 
     def _cached_forward(self, x, s_in, s_out, k):
         """``_ScaledOp.forward`` with the weight blocks kept in the cache (same ops, same numbers)."""

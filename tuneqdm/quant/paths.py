@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
-from .kernels import DEFAULT_GRID_BYTES, GRID, INT8, REFERENCE, check_kernels
+from ..errors import TuneQDMError
+from .kernels import DEFAULT_GRID_BYTES, DYNAMIC_BITS, GRID, INT8, REFERENCE, ActInput, check_kernels
 from .layers import QuantizedLayer
+
+DEFAULT_EXCLUDE = ("conv_in", "conv_out")  # a UNet's input and output layers keep float activations
 
 
 def set_kernels(model: nn.Module, mode: str) -> None:
@@ -47,3 +52,34 @@ def sampling_kernels(model: nn.Module, grid_bytes: int = DEFAULT_GRID_BYTES):
     finally:
         for layer in layers:
             layer.grid_budget, layer.grid = None, None
+
+
+class DynamicActivations:
+    """Dynamic activation quantization: every quantized layer's ``x ⊙ s_in`` to symmetric int8, one scale per
+    token (Linear), pixel (1x1 conv) or sample (k x k conv: it factors out of the im2col integer matmul), computed at
+    each call; no calibration. Attention is left in full precision. Sampling takes the integer path where
+    ``kernels`` says; training (gradients on) takes it wherever it applies (``train --activation_bits 8``).
+    Here, below both ``ptq`` and ``train``, because both install it."""
+
+    def __init__(self, bits: int = DYNAMIC_BITS, exclude=DEFAULT_EXCLUDE):
+        if bits != DYNAMIC_BITS:
+            raise TuneQDMError(f"dynamic activation quantization is {DYNAMIC_BITS}-bit; got --activation_bits {bits}")
+        self.bits, self.exclude, self.enabled = bits, tuple(exclude), True
+        self._layers: list[nn.Module] = []
+
+    def params(self, x: torch.Tensor) -> ActInput | None:
+        return ActInput("dynamic", self.bits) if self.enabled else None
+
+    def install(self, model: nn.Module) -> DynamicActivations:
+        self._layers = [m for name, m in model.named_modules() if name and isinstance(m, QuantizedLayer)
+                        and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+        if not self._layers:
+            raise TuneQDMError("dynamic activation quantization needs a tuneqdm-quantized model: quantize it first")
+        for m in self._layers:
+            m.input_quantizer = self
+        return self
+
+    def remove(self) -> None:
+        for m in self._layers:
+            m.input_quantizer = None
+        self._layers = []

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import TuneQDMError
 from ..files import check_prompt
 from ..loading.pipeline import check_text_encoders
+from ..quant.kernels import FLOAT_BITS, check_dynamic_bits
 from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
 QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
@@ -62,6 +63,7 @@ class TrainConfig:
     experts: int | None = None  # None: the method's default (tuneqdm/tas 4, others 1)
     s1_intervals: str | None = None  # "0-250" or "0-250,600-800" (method s1)
     quant_init: str = "mse"
+    activation_bits: int = FLOAT_BITS  # 8: int8 activations and integer matmuls in every quantized layer; 16: float
     quantized_base: str | None = None
     quantized_cache: str | bool | None = None  # where quantized bases are reused (None: the default folder; False: none)
     rank: int = 4  # LoRA rank
@@ -202,6 +204,10 @@ class TrainConfig:
             raise TuneQDMError("--instance_data_dir is required (or --subjects FILE for several subjects)")
 
     def _check_method(self):
+        if check_dynamic_bits(self.activation_bits) != FLOAT_BITS and not self.quantized:
+            raise TuneQDMError(f"--activation_bits {self.activation_bits} applies to the quantized methods "
+                               f"({', '.join(QUANTIZED_METHODS)}, qlora), not --method {self.method}: "
+                               f"use --activation_bits {FLOAT_BITS}")
         if self.lora_targets is not None and self.method not in LORA_METHODS:
             raise TuneQDMError(f"--lora_targets applies to --method lora or qlora, not {self.method}")
         if self.lora_targets is not None and not self.targets:

@@ -34,6 +34,8 @@ from ..loading import (QuantizedCache, Source, assemble, denoiser_skeleton, floa
                        quantized_denoiser, resolve)
 from ..memory import PhaseMemory, pin_mmap_threshold
 from ..progress import pipeline_progress, progress, quiet_while, stage
+from ..quant.kernels import DYNAMIC_BITS, FLOAT_BITS
+from ..quant.paths import DynamicActivations
 from ..results import PRODUCTS, read_training_json
 from ..sampling import generate
 from ..serialization import fingerprint
@@ -332,6 +334,8 @@ class Trainer:
         float_print = float_fingerprint(unet) if cfg.method == "lora" else None  # before PEFT renames the layers
         with stage(f"preparing {cfg.method} on the {kind(unet)}"):
             unet, groups = prepare(unet, cfg, self.T, self.base_id)
+        if cfg.activation_bits == DYNAMIC_BITS:  # int8 activations, as `generate` samples the result by default
+            DynamicActivations(exclude=self.source.family.first_last).install(unet)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -460,7 +464,7 @@ class Trainer:
         if cfg.resume_from_checkpoint == "latest":
             done = read_training_json(self.out, "start over with --force, or choose another --output_dir")
             same = isinstance(done.get("identity"), dict) and all(
-                done["identity"].get(k, object()) == v for k, v in self.identity.items())
+                _recorded(done["identity"], k, object()) == v for k, v in self.identity.items())
             steps = done.get("steps")
             if same and isinstance(steps, int) and steps >= cfg.max_train_steps:
                 if self.main and not cfg.quiet:
@@ -705,6 +709,7 @@ class Trainer:
                 "validation_prompt": self.validation_prompt, "resolution": self.resolution,
                 "quantized_base": str(Path(cfg.quantized_base).resolve()) if cfg.quantized_base else None,
                 "learning_rate": cfg.lr, "lr_is_relative": cfg.trains_scales, "settings": cfg.to_dict(),
+                "activation_bits": cfg.activation_bits,  # `generate` samples the result with these by default
                 "identity": self._identity(), "memory": self.memory.record()}
 
     def save_checkpoint(self) -> Path | None:
@@ -846,10 +851,20 @@ class _Signals:
             raise _Signalled(self.received[0])
 
 
+# settings added after identities were first recorded: the value a record without them was trained with
+_ADDED_SETTINGS = {"activation_bits": FLOAT_BITS}
+
+
+def _recorded(identity: dict, key: str, missing=None):
+    """A recorded identity's value of ``key`` (an added setting's old value where the record predates it)."""
+    return identity.get(key, _ADDED_SETTINGS.get(key, missing))
+
+
 def _refuse_changes(theirs, mine: dict, what: str) -> None:
     """One line naming the first setting of ``mine`` that ``theirs`` (a recorded identity) does not share."""
     if not isinstance(theirs, dict):
         theirs = {}
+    theirs = {**{k: v for k, v in _ADDED_SETTINGS.items() if k in mine}, **theirs}
     for key, value in mine.items():
         if key not in theirs:
             raise TuneQDMError(f"{what} was made by an older tuneqdm that did not record its {key}: start over with "
