@@ -769,7 +769,7 @@ def run_flux(mode: str, resolution: int, steps: int, blocks, rss_limit_gib: floa
     model = synthetic_flux(config, method, bits, experts)
     build_s, build_peak = time.perf_counter() - t0, rss_peak_bytes()
     if mode in A8_MODES:  # as `tuneqdm train --activation_bits 8` installs it on a Flux transformer
-        from tuneqdm.denoisers import family_named
+        from tuneqdm.families import family_named
         from tuneqdm.quant.paths import DynamicActivations
 
         DynamicActivations(exclude=family_named("FluxPipeline").first_last).install(model)
