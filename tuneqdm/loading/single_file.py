@@ -98,8 +98,8 @@ class _Materializer:
     def _real(self, x):
         if isinstance(x, torch.Tensor):
             return self(x)
-        if isinstance(x, (list, tuple)):
-            return type(x)(self._real(v) for v in x) if type(x) in (list, tuple) else type(x)(list(map(self._real, x)))
+        if isinstance(x, (list, tuple)):  # torch.Size too
+            return type(x)([self._real(v) for v in x])
         if isinstance(x, dict):
             return {k: self._real(v) for k, v in x.items()}
         return x
@@ -183,12 +183,11 @@ def _take(path: Path, name: str, converted: dict, skeleton) -> dict | None:
     """The converted tensors the component needs (None: the file holds none of it); one line when the file holds
     only part of it, or a tensor of the wrong shape."""
     expected = _expected(skeleton)
-    tied = {k for k in skeleton.state_dict(keep_vars=True)} - set(expected)
     found = {k: v for k, v in converted.items() if k in expected}
     if not found:
         return None
-    missing = [k for k in expected if k not in found and k not in tied
-               and k not in dict(skeleton.named_buffers())]
+    buffers = dict(skeleton.named_buffers())
+    missing = [k for k in expected if k not in found and k not in buffers]
     if missing:
         raise TuneQDMError(f"{path} holds part of a {type(skeleton).__name__} for {name}, without {missing[0]!r} "
                            f"({len(missing)} tensors missing): it is not a checkpoint of this pipeline's config (pass "
