@@ -43,7 +43,7 @@ def _commands(base, photos, adapter, tmp, prompts):
         "quantize": (["quantize", *b, "--calibrate", "adaround", "--calib_prompts", str(prompts), "--calib_samples",
                       "1", "--calib_steps", "1", "--num_inference_steps", "2", "--iters", "1",
                       "--out", str(tmp / "w4")],
-                     [f"loading {base}", "calibration inputs", "mse grids", "adaround: blocks"]),
+                     [f"loading {base}", "calibration inputs", "quantizing the UNet to 4 bits (mse)", "adaround: blocks"]),
         "quantize-activations": (["quantize-activations", *b, "--calib_prompts", str(prompts), "--calib_samples", "1",
                                   "--num_inference_steps", "2", "--groups", "2", "--out", str(tmp / "a8")],
                                  [f"loading {base}", "observing activations", "fitting A8 K=2"]),

@@ -232,3 +232,42 @@ def test_interrupted_quantize_leaves_no_folder(base, prompts, tmp_path, capsys, 
     assert main(["quantize", "--pretrained_model_name_or_path", str(base), "--calib_prompts", str(prompts),
                  "--calib_samples", "1", "--num_inference_steps", "2", "--out", str(tmp_path / "q")]) == 130
     assert os.listdir(tmp_path) == ["prompts.txt"]
+
+
+def test_adaround_quantize_streams_the_float_unet_and_equals_the_in_memory_calibration(base, prompts, tmp_path,
+                                                                                      monkeypatch):
+    """`tuneqdm quantize --calibrate adaround` holds the float UNet's weights one block at a time (streamed from its
+    files), and learns the integers that calibrating the float UNet held in memory learns."""
+    import tuneqdm.ptq.quantize as command
+    import tuneqdm.ptq.weights as weights
+
+    streamed, resident_at_blocks = [], []
+    float_denoiser, reconstruct = command.float_denoiser, weights.reconstruct_block
+
+    def recorded_float_denoiser(*args, **kwargs):
+        streamed.append(float_denoiser(*args, **kwargs))
+        return streamed[-1]
+
+    def watched(block, grids, inputs, target, config):  # which float weights are resident while a block learns
+        mine = {id(p) for p in block.parameters()}
+        resident_at_blocks.append([name for name, p in streamed[0].named_parameters()
+                                   if not p.is_meta and 0 not in p.stride() and id(p) not in mine])
+        return reconstruct(block, grids, inputs, target, config)
+
+    monkeypatch.setattr(command, "float_denoiser", recorded_float_denoiser)
+    monkeypatch.setattr(weights, "reconstruct_block", watched)
+    q = tmp_path / "q"
+    assert main(["quantize", "--pretrained_model_name_or_path", str(base), "--calibrate", "adaround",
+                 "--calib_prompts", str(prompts), "--calib_samples", "2", "--calib_steps", "2",
+                 "--num_inference_steps", "4", "--iters", "6", "--out", str(q), "--quiet"]) == 0
+    assert len(resident_at_blocks) > 10 and all(names == [] for names in resident_at_blocks)
+    assert all(p.is_meta or 0 in p.stride() for p in streamed[0].parameters())  # nothing left behind
+
+    monkeypatch.setattr(weights, "reconstruct_block", reconstruct)
+    pipe = pipeline_from(base)
+    calib = collect_calibration_set(pipe, ["a red box", "a dog on the beach"], 2, num_inference_steps=4, steps=2)
+    report = calibrate_weights(pipe.unet, calib, WeightCalibrationConfig(bits=4, adaround=AdaRoundConfig(iters=6)))
+    saved = json.loads((q / QUANT_MAP).read_text())["calibration"]
+    assert [b["block"] for b in saved["blocks"]] == [b["block"] for b in report["blocks"]]
+    assert saved["splits"] == report["splits"]
+    assert tuneqdm.fingerprint(tuneqdm.load_quantized(q)) == tuneqdm.fingerprint(pipe.unet)

@@ -13,6 +13,7 @@ through the same operations. Like tuneqdm's other hooks, these leave ``forward``
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from ..errors import TuneQDMError
 from ..shards import read_tensor, tensor_files
 
 STREAMED_ATTR = "_tuneqdm_streamed"  # on a streamed model: the handles of its hooks
+WEIGHTS_ATTR = "_tuneqdm_streamed_weights"  # on a streamed model: {module name: its _Weights}
 
 
 def stored_names(model: nn.Module, files: dict[Path, list[str]], where) -> dict[str, str]:
@@ -54,13 +56,18 @@ class _Weights:
                  kept: nn.Parameter | None = None):
         self.entries, self.device, self.dtype = entries, torch.device(device), dtype
         self.placeholders, self.kept = set(placeholders), kept
+        self.held = False  # while held (``held``), the weights stay: the hooks neither read nor drop them
 
     def load(self, module: nn.Module, args) -> None:
+        if self.held:
+            return
         for leaf, shard, key in self.entries:
             t = read_tensor(shard, key)
             setattr(module, leaf, nn.Parameter(t.to(self.device, self.dtype), requires_grad=False))
 
     def drop(self, module: nn.Module, args, output) -> None:
+        if self.held:
+            return
         for leaf, _, _ in self.entries:
             shape = getattr(module, leaf).shape
             setattr(module, leaf, self.kept if leaf in self.placeholders else
@@ -83,6 +90,7 @@ def stream(model: nn.Module, files: dict[Path, list[str]], device, dtype: torch.
     first = next(model.parameters(), None)
     kept = None if first is None else nn.Parameter(placeholder(first.shape, dtype, device), requires_grad=False)
     handles: list[RemovableHandle] = []
+    every: dict[str, _Weights] = {}
     for prefix, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
         if not own:
@@ -94,7 +102,9 @@ def stream(model: nn.Module, files: dict[Path, list[str]], device, dtype: torch.
         for leaf in firsts:  # tied: every module holding the first parameter holds the one placeholder
             setattr(module, leaf, kept)
         handles += [module.register_forward_pre_hook(weights.load), module.register_forward_hook(weights.drop)]
+        every[prefix] = weights
     setattr(model, STREAMED_ATTR, handles)
+    setattr(model, WEIGHTS_ATTR, every)
     return model.eval().requires_grad_(False)
 
 
@@ -113,7 +123,28 @@ def is_streamed(model) -> bool:
     return getattr(model, STREAMED_ATTR, None) is not None
 
 
+@contextlib.contextmanager
+def held(model: nn.Module, name: str):
+    """The submodule ``name`` with its float weights resident while inside (read once, kept across calls), for work
+    that needs one block's weights as ordinary parameters (AdaRound trains against them through
+    ``torch.func.functional_call``); the rest of the model keeps streaming. A model that is not streamed holds all of
+    its weights already: its submodule is given as it is."""
+    module = model.get_submodule(name)
+    mine = [(model.get_submodule(prefix), w) for prefix, w in (getattr(model, WEIGHTS_ATTR, None) or {}).items()
+            if not name or prefix == name or prefix.startswith(name + ".")]
+    for owner, weights in mine:
+        weights.load(owner, ())
+        weights.held = True
+    try:
+        yield module
+    finally:
+        for owner, weights in mine:
+            weights.held = False
+            weights.drop(owner, (), None)
+
+
 def release(model: nn.Module) -> None:
     """Remove a streamed model's hooks (its weights are on the meta device: nothing else to free)."""
     for handle in getattr(model, STREAMED_ATTR, None) or ():
         handle.remove()
+    setattr(model, WEIGHTS_ATTR, None)

@@ -13,12 +13,13 @@ from pathlib import Path
 from ..families import denoiser, family_of_denoiser_class
 from ..errors import TuneQDMError
 from ..files import check_output_folder, read_json
-from ..loading import assemble, base_id, float_denoiser, pipeline_from, resolve
+from ..loading import assemble, base_id, float_denoiser, resolve
+from ..loading.streamed import release
 from ..serialization import QUANTIZED_BASE_FILES, save_quantized
 from ..tuning.model import layers_to_quantize
 from ..tuning.streaming import quantize_pretrained
 from .calibration import collect_calibration_set, read_prompts, toy_calibration_prompts
-from .weights import AdaRoundConfig, WeightCalibrationConfig, calibrate_weights, trace_unet
+from .weights import AdaRoundConfig, WeightCalibrationConfig, learn_rounding, trace_unet
 
 
 def calibration_prompts(base, prompts_file, n: int) -> tuple[list[str], str]:
@@ -57,7 +58,8 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
 
     ``minmax`` and ``mse`` never build the float denoiser: its files are quantized tensor by tensor (a UNet's
     shortcut splits are found first by one sampling step of the float UNet streamed module by module); ``adaround``
-    reconstructs blocks against the float model's outputs, held in memory."""
+    starts from the ``mse`` integers streamed the same way and learns each block's rounding against the float model
+    streamed from its files, holding one block's float weights at a time."""
     config = WeightCalibrationConfig(bits=bits, calibrate=calibrate, split_shortcuts=split_shortcuts,
                                      adaround=adaround or AdaRoundConfig())
     out = check_output_folder(out, force, QUANTIZED_BASE_FILES, "a quantized base")
@@ -77,14 +79,23 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
     if calibrate != "adaround":
         return _streamed(out, source, config, calib_prompts, sampling, device, t0)
     prompts, where = calibration_prompts(base, calib_prompts, calib_samples)
-    pipe = pipeline_from(source=source, device=device)
+    fp = float_denoiser(source, device, stream=True)  # never held whole: one module's, then one block's float weights
+    pipe = assemble(source, fp, device)
     calib = collect_calibration_set(pipe, prompts, calib_samples, steps=calib_steps, **sampling)
+    del pipe  # the text encoders and the VAE: the calibration rows hold what the denoiser reads
+    qconfig = config.quant_config()
+    names = layers_to_quantize(fp, qconfig)
+    splits, order = trace_unet(fp, calib)
+    splits = {k: v for k, v in splits.items() if k in names} if split_shortcuts else {}
     t_collect = time.perf_counter() - t0
-    report = calibrate_weights(denoiser(pipe), calib, config, progress=progress)
+    model = quantize_pretrained(source.component_folder(source.denoiser), qconfig,
+                                variant=source.variant_of(source.denoiser), device=device, splits=splits)
+    blocks = learn_rounding(fp, model, calib, config, order, names, splits, progress)
+    release(fp)
     record = {**config.to_dict(), **_calibration_record(calib, prompts, where, calib_samples, sampling, source),
-              "collect_seconds": t_collect, "calibrate_seconds": report["seconds"],
-              "seconds": time.perf_counter() - t0, "splits": report["splits"], "blocks": report["blocks"]}
-    save_quantized(denoiser(pipe), out, base_id=source.base_id, extra={"calibration": record})
+              "collect_seconds": t_collect, "calibrate_seconds": time.perf_counter() - t0 - t_collect,
+              "seconds": time.perf_counter() - t0, "splits": splits, "blocks": blocks}
+    save_quantized(model, out, base_id=source.base_id, extra={"calibration": record})
     return record
 
 

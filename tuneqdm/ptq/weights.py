@@ -36,7 +36,8 @@ from ..errors import TuneQDMError, either
 from ..hooks import CallArguments, on_call
 from ..progress import progress as progress_bar  # `progress` is calibrate_weights' callback
 from ..quant.layers import QUANTIZED_CLASSES
-from ..quant.packing import SUPPORTED_BITS, check_bits, qrange
+from ..loading.streamed import held
+from ..quant.packing import SUPPORTED_BITS, check_bits, pack, qrange
 from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
@@ -361,7 +362,9 @@ def _install(model: nn.Module, name: str, grid: _LayerGrid, bits: int) -> None:
 
 def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: WeightCalibrationConfig,
                       progress=None) -> dict:
-    """Quantize ``unet``'s weights in place by ``config.calibrate``; returns a report (per-block errors, time).
+    """Quantize the float ``unet`` held in memory in place by ``config.calibrate``; returns a report (per-block
+    errors, time). ``tuneqdm quantize`` never holds the float model: it calls :func:`learn_rounding` with the model
+    streamed from its files.
 
     ``calib`` is needed for ``adaround`` and for shortcut splitting (one row finds the split points); afterwards
     the model is a tuneqdm quantized model (``save_quantized`` writes it).
@@ -374,32 +377,57 @@ def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: Wei
         raise TuneQDMError(f"--calibrate {config.calibrate} with shortcut splitting needs calibration data")
     splits, order = trace_unet(unet, calib) if calib is not None else ({}, [])
     splits = {k: v for k, v in splits.items() if k in names} if config.split_shortcuts else {}
-    grids = {n: _LayerGrid(unet.get_submodule(n), config.bits, config.grid_init, splits.get(n))
-             for n in progress_bar(names, desc=f"{config.grid_init} grids", unit="layer")}
-    report = {"splits": splits, "blocks": []}
-    if config.calibrate == "adaround":
-        if len(calib) < 1:
-            raise TuneQDMError("the calibration set is empty")
-        fp = copy.deepcopy(unet).eval().requires_grad_(False)
-        unet.eval().requires_grad_(False)
-        blocks = reconstruction_blocks(order, names)
-        for i, (block, layers) in enumerate(progress_bar(blocks, desc="adaround: blocks", unit="block")):
-            tb = time.perf_counter()
-            inputs, _ = capture_block(unet, block, calib, config.batch_size, output=False)
-            _, target = capture_block(fp, block, calib, config.batch_size, output=True)
-            mine = {_relative(block, l): grids[l] for l in layers}
-            with torch.enable_grad():
-                errors = reconstruct_block(unet.get_submodule(block), mine, inputs, target, config.adaround)
-            for l in layers:  # later blocks see this block quantized
-                unet.get_submodule(l).weight.copy_(grids[l].weight(hard=True))
-            report["blocks"].append({"block": block, "layers": len(layers), **errors,
-                                     "seconds": time.perf_counter() - tb})
-            if progress is not None:
-                progress(i + 1, len(blocks), report["blocks"][-1])
-            del inputs, target
-        del fp
-    for n in names:
-        _install(unet, n, grids[n], config.bits)
+    fp = copy.deepcopy(unet).eval().requires_grad_(False) if config.calibrate == "adaround" else None
+    for n in progress_bar(names, desc=f"{config.grid_init} grids", unit="layer"):  # round to nearest, layer by layer
+        _install(unet, n, _LayerGrid(unet.get_submodule(n), config.bits, config.grid_init, splits.get(n)),
+                 config.bits)
     attach(unet, qconfig)
+    report = {"splits": splits, "blocks": []}
+    if fp is not None:
+        report["blocks"] = learn_rounding(fp, unet, calib, config, order, names, splits, progress)
+        del fp
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def learn_rounding(fp: nn.Module, quantized: nn.Module, calib: CalibrationSet, config: WeightCalibrationConfig,
+                   order: list[str], names: list[str], splits: dict[str, int], progress=None) -> list[dict]:
+    """AdaRound block by block: ``quantized`` (the packed model on ``config``'s round-to-nearest grid, with
+    ``splits``) gets the learned integers of each block in turn; ``fp`` is the float model, resident or streamed
+    from its files (``tuneqdm.loading.streamed``: then only the block being learned holds its float weights).
+
+    A block's input comes from ``quantized``, whose earlier blocks already hold their learned integers; its target
+    from ``fp``. The grid (scales, zero-points) stays round-to-nearest's; only the integers change."""
+    if len(calib) < 1:
+        raise TuneQDMError("the calibration set is empty")
+    fp.eval().requires_grad_(False)
+    quantized.eval()
+    blocks, report = reconstruction_blocks(order, names), []
+    for i, (block, layers) in enumerate(progress_bar(blocks, desc="adaround: blocks", unit="block")):
+        tb = time.perf_counter()
+        inputs, _ = capture_block(quantized, block, calib, config.batch_size, output=False)
+        _, target = capture_block(fp, block, calib, config.batch_size, output=True)
+        with held(fp, block) as module:
+            grids = {l: _LayerGrid(fp.get_submodule(l), config.bits, config.grid_init, splits.get(l)) for l in layers}
+            with torch.enable_grad():
+                errors = reconstruct_block(module, {_relative(block, l): g for l, g in grids.items()}, inputs,
+                                           target, config.adaround)
+        for l, grid in grids.items():  # later blocks see this block's learned integers
+            _set_integers(quantized.get_submodule(l), grid)
+        report.append({"block": block, "layers": len(layers), **errors, "seconds": time.perf_counter() - tb})
+        if progress is not None:
+            progress(i + 1, len(blocks), report[-1])
+        del inputs, target, grids
+    return report
+
+
+@torch.no_grad()
+def _set_integers(layer: nn.Module, grid: _LayerGrid) -> None:
+    """A quantized layer (or both halves of a split conv) takes the grid's integers; its scales and zero-points are
+    the grid's already (both are round-to-nearest's of the same float weight)."""
+    parts = [layer] if grid.split is None else [layer.hidden, layer.skip]
+    for part, piece in zip(parts, grid.slices):
+        qw = piece.quantized()
+        if not torch.equal(part.zero_point.cpu(), qw.zero_point.cpu()):
+            raise RuntimeError("the learned rounding is on another grid than the quantized layer's")
+        part.set_packed(pack(qw.q, part.bits).to(part.qweight.device), part.zero_point, part.scale)
