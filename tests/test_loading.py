@@ -265,3 +265,28 @@ def test_training_records_every_phases_peak_and_the_whole_process_peak(folders, 
     assert memory["measured"] == "rss" and memory["peak_mib"] >= max(memory["phases_mib"].values()) > 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert 0 < log[-1]["peak_mem_mib"] <= memory["phases_mib"]["loop"]
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_a_vae_stored_in_bfloat16_decodes_in_bfloat16_and_the_rest_in_float32(folders, tmp_path, name):
+    """Decoding is generate's peak: a bf16 VAE's decoder runs in bf16 (half the activations), its encoder and the
+    pipeline around it in float32; the image is that of the same weights stored (and decoded) in float32 to within
+    bf16 rounding."""
+    from diffusers import AutoencoderKL
+
+    from tuneqdm.sampling import generate
+
+    images = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        folder = tmp_path / str(dtype)
+        shutil.copytree(folders[name], folder)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.bfloat16)
+        vae.to(dtype).save_pretrained(folder / "vae")  # the same bf16 values, stored in bf16 or in float32
+        source = resolve(folder)
+        pipe = assemble(source, quantized_denoiser(source, QuantConfig(bits=8), cache=False))
+        decoder = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        assert {p.dtype for p in pipe.vae.decoder.parameters()} == {decoder}
+        assert {p.dtype for p in pipe.vae.encoder.parameters()} == {torch.float32}
+        images[dtype] = np.asarray(generate(pipe, "a red box", num_inference_steps=2)[0], dtype=np.float64)
+    psnr = 10 * np.log10(255 ** 2 / np.mean((images[torch.bfloat16] - images[torch.float32]) ** 2))
+    assert 30 < psnr < np.inf, psnr

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import TuneQDMError
 from ..files import first_line
 from ..libraries import dtype_kwarg, quiet_loading
+from ..shards import header
 from ..tuning.streaming import diffusers_model_class, empty_model
 from .source import Source
 from .streamed import stream
@@ -81,3 +82,44 @@ def resident(source: Source, name: str, device, dtype: torch.dtype = torch.float
         raise TuneQDMError(f"cannot load {source.component_folder(name)} ({first_line(e, None)}): download the model "
                            "again") from None
     return model.to(device).eval()
+
+
+def stored_dtypes(source: Source, name: str) -> set[str]:
+    """The safetensors dtypes (``"BF16"``, ``"F32"``...) a component's files store its tensors in."""
+    return {info["dtype"] for shard in source.weight_files(name) for info in header(shard).values()}
+
+
+def resident_vae(source: Source, device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The VAE, resident; an ``AutoencoderKL`` stored in bfloat16 (as FLUX.1, SD3.5 and Chroma ship it) decodes in
+    bfloat16 while the rest of the model (the encoder that caches training latents) runs in ``dtype``.
+
+    Decoding is where ``generate`` peaks: at 512 px a float32 SD/FLUX decoder holds about 1.2 GB of activations on
+    top of the model, bfloat16 half of that, from weights that are bfloat16 to begin with (docs/benchmarks/
+    real_size.md gives the measured peak and the image difference). float16 and float32 files decode in ``dtype``:
+    SD's float16 VAEs overflow."""
+    vae = resident(source, "vae", device, dtype)
+    decoder = getattr(vae, "decoder", None)
+    if (type(vae).__name__ == "AutoencoderKL" and dtype == torch.float32 and isinstance(decoder, nn.Module)
+            and stored_dtypes(source, "vae") == {"BF16"}):
+        decode_in(decoder, torch.bfloat16)
+    return vae
+
+
+def decode_in(decoder: nn.Module, dtype: torch.dtype) -> None:
+    """``decoder``'s weights and its computation in ``dtype``; what it is given is cast to ``dtype`` and what it
+    returns back to the dtype it was given, so the pipeline around it is unchanged."""
+    decoder.to(dtype)
+    given: list[torch.dtype] = []
+
+    def cast(value, to):
+        return value.to(to) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def cast_in(_module, args, kwargs):
+        given[:] = [a.dtype for a in (*args, *kwargs.values()) if cast(a, dtype) is not a][:1]
+        return tuple(cast(a, dtype) for a in args), {k: cast(v, dtype) for k, v in kwargs.items()}
+
+    def cast_back(_module, _args, _kwargs, output):
+        return cast(output, given[0]) if given else output
+
+    decoder.register_forward_pre_hook(cast_in, with_kwargs=True)
+    decoder.register_forward_hook(cast_back, with_kwargs=True)

@@ -4,7 +4,7 @@ The one place a pipeline is put together, for every command: text encoders strea
 module (``text_encoders="stream"``, the default: a T5-XXL in float32 would be 19 GB, streamed it is one Linear at a
 time) or resident; the VAE resident in the compute dtype (it is small and runs on every image); the denoiser as the
 caller built it (packed integers, a float model, or a meta-device skeleton while only prompts and photos are
-encoded); other models a text-to-image call does not need (safety checkers, image encoders) left out. diffusers then
+encoded); a VAE stored in bfloat16 decodes in bfloat16 (``components.resident_vae``); other models a text-to-image call does not need (safety checkers, image encoders) left out. diffusers then
 loads only what is left: tokenizers and the scheduler.
 """
 
@@ -22,7 +22,7 @@ from ..files import first_line
 from ..libraries import dtype_kwarg, quiet_loading
 from ..progress import pipeline_progress, stage
 from ..shards import content_fingerprint
-from .components import resident, streamed
+from .components import resident, resident_vae, streamed
 from .denoiser import float_denoiser
 from .resolver import resolve
 from .source import Source
@@ -53,7 +53,7 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
             build = streamed if text_encoders == "stream" and source.family.streams_encoders else resident
             parts[name] = build(source, name, device, dtype)
         elif name == "vae":
-            parts[name] = resident(source, name, device, dtype) if vae else None
+            parts[name] = resident_vae(source, device, dtype) if vae else None
         else:  # safety checker, image encoder: not used to draw from a prompt
             parts[name] = None
     try:
