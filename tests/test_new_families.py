@@ -130,6 +130,50 @@ def test_sampling_routes_each_step_by_the_familys_timestep_convention(folders, n
         assert [r[0] for r in routed[call::calls_per_step]] == expected
 
 
+def _inside(t: float, interval: dict, bounds: str) -> bool:
+    lo = interval["from"] is None or (t >= interval["from"] if bounds == "[from, to)" else t > interval["from"])
+    hi = interval["to"] is None or (t < interval["to"] if bounds == "[from, to)" else t <= interval["to"])
+    return lo and hi
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_exported_schedule_routes_each_step_as_sampling_does(folders, name):
+    """``tuneqdm export``'s expert schedule (lora_export.json) against the router's own choice while the pipeline
+    samples: the switch's route, the recorded rule and intervals of the denoiser's own timestep argument, and the
+    recorded per-step runs all give each step the expert sampling gave it (K experts, and S1's interval)."""
+    from tuneqdm.export.schedule import route_of, schedule
+    from tuneqdm.tuning.routing import Router, install_timestep_hook
+
+    pipe = quantized(folders[name])
+    model, router = denoiser(pipe), quant_state(denoiser(pipe)).router
+    argument, calls, routed = family(pipe).timestep_argument, _calls(model), []
+    model.register_forward_hook(lambda m, a, out: routed.append(router.route.experts[0]))
+    s1, s1_routed = Router(QuantConfig(bits=4, method="s1", intervals=((0, 500),))), []  # S1's router, beside
+    install_timestep_hook(model, s1)
+    model.register_forward_hook(lambda m, a, out: s1_routed.append(s1.route.experts[0]))
+    pipe(prompt=PROMPT, num_inference_steps=8, output_type="latent", generator=torch.Generator().manual_seed(0),
+         **guidance_kwargs(pipe, None, 1), **family(pipe).call_kwargs(pipe, 32, 32, L))
+    steps = [float(torch.as_tensor(c[0][argument]).reshape(-1)[0].double()) for c in calls]
+    for cfg, chosen in (({"experts": 4, "num_train_timesteps": 1000, "intervals": ()}, routed),
+                        ({"experts": 1, "num_train_timesteps": 1000, "intervals": ((0, 500),)}, s1_routed)):
+        sched = schedule(pipe, cfg, steps=8)
+        assert len(set(chosen)) >= 2
+        assert [route_of(t, sched["routing"], model) for t in steps] == chosen  # the switch
+        conversion = json.loads(json.dumps(sched))["training_timestep"]
+        u = [conversion["offset"] + conversion["scale"] * t for t in steps]  # the recorded rule, as documented
+        if not cfg["intervals"]:
+            assert [min(max(int(np.floor(v * 4 / 1000)), 0), 3) for v in u] == chosen
+        else:
+            assert [0 if 0 <= v < 500 else -1 for v in u] == chosen
+        inside = [i for i in sched["intervals"] if "rest" not in i]
+        for t, route in zip(steps, chosen):  # the recorded intervals of the denoiser's own argument
+            assert [i["route"] for i in inside if _inside(t, i, sched["interval_bounds"])] == ([route] if route >= 0
+                                                                                              else [])
+        if sched["steps"] is not None:  # the recorded runs of the scheduler's steps (no dynamic shifting)
+            per_step = [r["route"] for r in sched["steps"]["runs"] for _ in range(r["first_step"], r["last_step"] + 1)]
+            assert per_step == chosen[::len(chosen) // 8]
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_a_mixed_timestep_batch_equals_each_sample_alone(folders, name):
     pipe = quantized(folders[name])

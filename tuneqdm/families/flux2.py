@@ -25,6 +25,7 @@ class Flux2Klein(Family):
     start_token = False
     size_from_vae = True  # the pipeline's own default (128 latents) is its VAE's sample size, 1024 px
     first_last = ("x_embedder", "proj_out")
+    linspace_sigmas = True
 
     def check(self, pipe) -> None:
         """The chat template its prompts are read in, and an encoder at least as deep as the layers it taps."""
@@ -82,8 +83,8 @@ class Flux2Klein(Family):
         img_ids = context["img_ids"].to(device).expand(len(rows), -1, -1)
         return {"encoder_hidden_states": hidden, "txt_ids": txt_ids, "img_ids": img_ids}
 
-    def timestep_scale(self, model) -> float:
-        return 1000.0  # the pipeline passes t / 1000 = sigma
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 0.0, 1000.0  # the pipeline passes t / 1000 = sigma
 
 
 def tapped_layers(pipe) -> tuple[int, ...]:

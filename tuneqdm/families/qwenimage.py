@@ -25,6 +25,7 @@ class QwenImage(Family):
     # transformers 5 renames a Qwen2.5-VL checkpoint's tensors on load (``visual.*`` -> ``model.visual.*``, ...), which
     # the streamed encoder's one-to-one name match cannot follow yet: the encoder is loaded whole by transformers
     streams_encoders = False
+    linspace_sigmas = True
 
     def vae_factor(self, pipe) -> int:
         return 2 ** len(pipe.vae.temperal_downsample)
@@ -90,8 +91,8 @@ class QwenImage(Family):
             out["guidance"] = torch.full((len(rows),), context["guidance"], device=device)
         return out
 
-    def timestep_scale(self, model) -> float:
-        return 1000.0  # the pipeline passes t / 1000 = sigma
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 0.0, 1000.0  # the pipeline passes t / 1000 = sigma
 
 
 FAMILIES = (QwenImage(),)
