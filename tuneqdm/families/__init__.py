@@ -31,6 +31,8 @@ def _registry() -> dict[str, Family]:
 
 PIPELINES: dict[str, Family] = _registry()  # pipeline class name -> its family
 FAMILIES: tuple[Family, ...] = tuple(dict.fromkeys(PIPELINES.values()))
+# families that share a denoiser class (FLUX.2 [klein] and [dev]) give the same answers about the model itself
+# (timestep conversion, layers kept in float): any of them can answer for it
 _BY_DENOISER = {name: fam for fam in FAMILIES for name in fam.denoisers}
 
 
