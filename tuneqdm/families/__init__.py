@@ -47,6 +47,12 @@ def guidance_defaults() -> str:
                      for f in FAMILIES)
 
 
+def example_commands() -> list[str]:
+    """One ``tuneqdm train`` command per supported pipeline class, the class in a comment: the README lists these."""
+    return [f"tuneqdm train --pretrained_model_name_or_path {fam.example_model} --instance_data_dir dog "
+            f'--instance_prompt "a sks dog" --output_dir {fam.name}-dog  # {cls}' for cls, fam in PIPELINES.items()]
+
+
 def family_named(name: str) -> Family:
     """The family of the pipeline class ``name``, or one line naming the supported pipeline classes."""
     if name not in PIPELINES:
@@ -184,6 +190,6 @@ def without_truncation_logs(pipe):
 
 
 __all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
-           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
+           "denoiser_word", "example_commands", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
            "guidance_kwargs", "is_flow_matching", "model_timesteps", "native_size", "supported", "t5_limit", "t5_overflow",
            "timestep_argument", "timestep_conversion", "training_timesteps", "without_truncation_logs"]

@@ -30,6 +30,7 @@ class Family:
 
     name = ""
     label = ""  # how help texts and docs name it
+    example_model = ""  # the folder name of a published model of the family, for the README's example commands
     pipelines: tuple[str, ...] = ()
     denoisers: tuple[str, ...] = ()
     attribute = "transformer"

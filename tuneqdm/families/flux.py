@@ -11,6 +11,7 @@ from .base import Family
 class Flux(Family):
     name = "flux"
     label = "FLUX.1"
+    example_model = "FLUX.1-dev"
     pipelines = ("FluxPipeline",)
     denoisers = ("FluxTransformer2DModel",)
     guidance = 3.5

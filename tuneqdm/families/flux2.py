@@ -24,6 +24,7 @@ from .zimage import check_chat_template
 class Flux2Klein(Family):
     name = "flux2klein"
     label = "FLUX.2 [klein]"
+    example_model = "FLUX.2-klein-4B"
     pipelines = ("Flux2KleinPipeline",)
     denoisers = ("Flux2Transformer2DModel",)
     guidance = 4.0
@@ -109,6 +110,7 @@ class Flux2Dev(Flux2Klein):
 
     name = "flux2dev"
     label = "FLUX.2 [dev]"
+    example_model = "FLUX.2-dev"
     pipelines = ("Flux2Pipeline",)
     distilled_guidance = True
     encoder_word = "Mistral"

@@ -15,6 +15,7 @@ from .base import Family
 class QwenImage(Family):
     name = "qwenimage"
     label = "Qwen-Image"
+    example_model = "Qwen-Image"
     pipelines = ("QwenImagePipeline",)
     denoisers = ("QwenImageTransformer2DModel",)
     guidance = 4.0

@@ -16,6 +16,7 @@ from .base import Family
 class Sana(Family):
     name = "sana"
     label = "SANA"
+    example_model = "Sana_1600M_1024px_diffusers"
     pipelines = ("SanaPipeline",)
     denoisers = ("SanaTransformer2DModel",)
     guidance = 4.5

@@ -15,6 +15,7 @@ from .base import Family
 class ZImage(Family):
     name = "zimage"
     label = "Z-Image"
+    example_model = "Z-Image-Turbo"
     pipelines = ("ZImagePipeline",)
     denoisers = ("ZImageTransformer2DModel",)
     guidance = 5.0
