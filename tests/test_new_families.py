@@ -307,6 +307,32 @@ def test_quantize_and_quantize_activations_through_the_cli(folders, tmp_path, ca
     assert (code, err) == (0, DGQ_WARNINGS.get(name, []))
 
 
+ADAROUND_BLOCKED = {  # the families whose denoiser inputs AdaRound's block reconstruction cannot batch: one line
+    "zimage": "Z-Image: its transformer takes its latents and captions as lists of per-sample tensors, each caption at "
+              "its own length",
+    "qwenimage": "Qwen-Image: its transformer takes each prompt at its own length (so do its blocks' text tokens and "
+                 "rotary embeddings)"}
+
+
+@pytest.mark.parametrize("name", ["chroma", "zimage", "qwenimage"])  # Chroma: guidance by two calls per step
+def test_adaround_calibrates_every_step_of_a_two_call_guidance_or_refuses_in_one_line(folders, tmp_path, capsys, name):
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "q"
+    prompts.write_text("a red box\na blue ball\n")
+    code, err = _run(capsys, "quantize", "--pretrained_model_name_or_path", str(folders[name]), "--bits", "4",
+                     "--calib_prompts", str(prompts), "--calib_samples", "2", "--num_inference_steps", "2",
+                     "--iters", "3", "--batch_size", "4", "--out", str(out))
+    if name in ADAROUND_BLOCKED:
+        assert (code, err) == (2, [f"tuneqdm: error: --calibrate adaround is not available for "
+                                   f"{ADAROUND_BLOCKED[name]}, which the block-by-block reconstruction cannot batch "
+                                   "yet; use --calibrate mse (or minmax)"])
+        assert not out.exists()
+        return
+    assert code == 0, err
+    record = json.loads((out / "quantization.json").read_text())["calibration"]
+    assert record["steps"] == [0, 1] and record["rows"] == 2 * 2 * 2  # 2 images x 2 steps x both guidance calls
+    assert all(b["adaround"] <= b["round_to_nearest"] * 1.5 for b in record["blocks"])
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_qlora_where_diffusers_has_a_lora_loader(folders, photos, tmp_path, capsys, name):
     from safetensors.torch import load_file

@@ -50,6 +50,9 @@ class Family:
     own_attention = False  # DGQ replaces its attention processors by its own (a UNet's); else wraps them
     concat_shortcuts = False  # up blocks read concat(hidden, skip): PTQ gives each slice its own quantizer
     single_file = False  # ``tuneqdm export --single_file`` writes its denoiser in the original (LDM) layout
+    # why AdaRound's block-by-block reconstruction, which batches recorded denoiser inputs, cannot take this denoiser's
+    # (None: it can); ``quantize --calibrate adaround`` is then refused in one line
+    adaround_blocked: str | None = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

@@ -26,6 +26,7 @@ class QwenImage(Family):
     # transformers 5 renames a Qwen2.5-VL checkpoint's tensors on load (``visual.*`` -> ``model.visual.*``, ...), which
     # the streamed encoder's one-to-one name match cannot follow yet: the encoder is loaded whole by transformers
     streams_encoders = False
+    adaround_blocked = "takes each prompt at its own length (so do its blocks' text tokens and rotary embeddings)"
     linspace_sigmas = True
 
     def vae_factor(self, pipe) -> int:

@@ -26,6 +26,7 @@ class ZImage(Family):
     timestep_argument = "t"
     first_last = ("all_x_embedder.2-1", "all_final_layer.2-1.linear")
     float_layers = ("t_embedder.mlp.0",)  # its timestep embedder casts to this Linear's weight dtype
+    adaround_blocked = "takes its latents and captions as lists of per-sample tensors, each caption at its own length"
 
     def check(self, pipe) -> None:
         check_chat_template(pipe)
