@@ -300,6 +300,14 @@ def test_quantize_and_quantize_activations_through_the_cli(folders, tmp_path, ca
     assert code == 0, err
     meta = json.loads((tmp_path / "act" / "activations.json").read_text())
     assert len(meta["timesteps"]) == 2 and meta["exclude"] == list(family(in_memory).first_last)
+    from tuneqdm.ptq.activation_calibration import load_activations
+    from tuneqdm.ptq.attention import WrappedAttnProcessor
+
+    q = load_activations(tmp_path / "act").install(denoiser(in_memory), family(in_memory))
+    attention = [m for m in denoiser(in_memory).modules() if hasattr(m, "set_processor")]  # Z-Image's: no registry
+    assert attention and all(isinstance(m.processor, WrappedAttnProcessor) for m in attention)  # DGQ's softmax
+    q.remove()
+    assert not any(isinstance(m.processor, WrappedAttnProcessor) for m in attention)
     code, err = _run(capsys, "generate", "--pretrained_model_name_or_path", str(folders[name]), "--activation_bits",
                      "8", "--groups", "2", "--activations", str(tmp_path / "act"), "--prompt", PROMPT,
                      "--num_images", "1", "--num_inference_steps", "2", "--max_sequence_length", str(length(name)), "--out",
