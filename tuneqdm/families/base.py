@@ -150,6 +150,8 @@ class Family:
     def to_model_timestep(self, model, t: torch.Tensor) -> torch.Tensor:
         """Training timesteps (units of 0..T, T = the scheduler's training timesteps) as the denoiser takes them."""
         offset, scale = self.timestep_conversion(model)
+        if scale < 0:  # as the pipeline writes it (Z-Image: (1000 - t) / 1000, which keeps t = 1000 at +0)
+            return (offset - t) / -scale
         if offset:
             t = t - offset
         return t / scale if scale != 1 else t
