@@ -615,7 +615,7 @@ def synthetic_flux(config: dict, method: str, bits: int, experts: int, seed: int
     filled with random packed integers; the few other tensors (biases, norm weights) small float tensors.
 
     Routing: Flux is called with ``timestep = sigma`` in [0, 1]; tuneqdm's routing scales it by 1000
-    (``tuneqdm.families.timestep_scale``), so the K experts sit on K equal intervals of sigma, as in training."""
+    (``tuneqdm.families.training_timesteps``), so the K experts sit on K equal intervals of sigma, as in training."""
     from diffusers import FluxTransformer2DModel
 
     import tuneqdm
@@ -957,7 +957,7 @@ FLUX_NOTES = """
   512 px), 512 random T5 tokens (4096 wide) and a pooled CLIP vector (768); text ids zero, image ids (row, column) as
   FluxPipeline builds them; `transformer.enable_gradient_checkpointing()`; AdamW on the scales only
   (`tuneqdm.scale_param_groups`, lr 2e-3). The experts are routed on sigma as `tuneqdm train` routes Flux (expert =
-  floor(4 sigma), `tuneqdm.families.timestep_scale`).
+  floor(4 sigma), `tuneqdm.families.training_timesteps`).
 - Peak RSS: the kernel's VmHWM (`/proc/self/status`), reset (`5 > /proc/self/clear_refs`) after the model and the
   optimizer are built and again at the start of every phase (forward, backward, optimizer step); the row's peak is
   the largest phase peak. It is the counter `tuneqdm train` logs on CPU (`tuneqdm/train/loop.py`), with glibc's mmap

@@ -200,7 +200,7 @@ def flux(tmp_path_factory):
     return tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))
 
 
-def test_flux_lora_loads_in_diffusers_and_routes_by_its_timestep_scale(flux, tmp_path, capsys):
+def test_flux_lora_loads_in_diffusers_and_routes_by_its_timestep_conversion(flux, tmp_path, capsys):
     adapter = _adapter(flux, tmp_path / "adapter", "tuneqdm", experts=2, component="transformer")
     assert main(["export", "--adapter", str(adapter), "--to", "lora", "--format", "kohya", "--out",
                  str(tmp_path / "k"), "--quiet"]) == 2
@@ -211,7 +211,7 @@ def test_flux_lora_loads_in_diffusers_and_routes_by_its_timestep_scale(flux, tmp
     assert main(["export", "--adapter", str(adapter), "--to", "lora", "--energy", "1", "--out",
                  str(tmp_path / "lora"), "--quiet"]) == 0
     record = json.loads((tmp_path / "lora" / "lora_export.json").read_text())
-    assert record["schedule"]["timestep_scale"] == 1000.0
+    assert record["schedule"]["training_timestep"] == {"offset": 0.0, "scale": 1000.0}
     assert record["schedule"]["intervals"][0] == {"from": None, "to": 0.5, "route": 0}
     tuned = tuneqdm.load_pipeline(adapter=adapter)
     layers = tuneqdm.quantized_layers(tuned.transformer)

@@ -77,9 +77,12 @@ def test_flow_matching_is_read_from_the_schedulers_configuration(config, flow):
     assert families.is_flow_matching(config) is flow
 
 
-def test_the_readme_lists_every_supported_pipeline_class():
+def test_the_readme_lists_every_supported_pipeline_class_with_one_example_command():
     readme = (PACKAGE.parent / "README.md").read_text()
     table = readme[readme.index("### Supported pipelines"):]
     rows = re.findall(r"^\| `(\w+Pipeline)` \| ([^|]+) \|", table, flags=re.MULTILINE)
     assert [cls for cls, _ in rows] == list(families.PIPELINES)
     assert [label.strip() for _, label in rows] == [families.family_named(cls).label for cls, _ in rows]
+    commands = table[table.index("```bash\n") + 8:].splitlines()  # the block after the table, first its lines
+    assert commands[:len(families.PIPELINES)] == families.example_commands()  # one example per class, generated
+    assert [c.rpartition("# ")[2] for c in families.example_commands()] == list(families.PIPELINES)

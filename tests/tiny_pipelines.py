@@ -242,26 +242,38 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def tiny_qwen_tokenizer(chat_template: str | None = CHAT_TEMPLATE, words_of: str = ""):
-    """A byte-level ``Qwen2Tokenizer`` with Qwen's chat special tokens: one token per byte, except the words of
-    ``words_of`` (e.g. a pipeline's prompt template), which get BPE merges into one token each, as Qwen's own
-    tokenizer has them, so that a template's token count is the real one."""
-    from tokenizers import Regex, pre_tokenizers
-    from transformers import Qwen2Tokenizer
+# how the tiny byte-level tokenizers split text before BPE: words (with their leading space), runs of blanks, symbols
+WORDS = r" ?[A-Za-z]+|\s+|[^\sA-Za-z]"
 
-    specials = ["<|im_start|>", "<|im_end|>"]
+
+def _byte_level_bpe(words_of: str, specials) -> tuple[dict, list]:
+    """(vocab, merges) of a byte-level BPE: one token per byte, except the words of ``words_of`` (e.g. a pipeline's
+    prompt template, its special tokens left out), which get merges into one token each."""
+    from tokenizers import Regex, pre_tokenizers
+
     vocab = {t: i for i, t in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     merges = []
     plain = words_of
     for special in specials:
         plain = plain.replace(special, "\n")
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\s+|[^\sA-Za-z]"), "isolated"),
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(WORDS), "isolated"),
                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     for word, _ in split.pre_tokenize_str(plain):
         for i in range(1, len(word)):
             if word[:i + 1] not in vocab:
                 merges.append((word[:i], word[i]))
                 vocab[word[:i + 1]] = len(vocab)
+    return vocab, merges
+
+
+def tiny_qwen_tokenizer(chat_template: str | None = CHAT_TEMPLATE, words_of: str = ""):
+    """A byte-level ``Qwen2Tokenizer`` with Qwen's chat special tokens: one token per byte, except the words of
+    ``words_of`` (e.g. a pipeline's prompt template), which get BPE merges into one token each, as Qwen's own
+    tokenizer has them, so that a template's token count is the real one."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|im_start|>", "<|im_end|>"]
+    vocab, merges = _byte_level_bpe(words_of, specials)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                          additional_special_tokens=specials)
     tok.chat_template = chat_template
@@ -354,5 +366,68 @@ def tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, encoder_layers: int =
                                           axes_dims_rope=(4, 4, 4, 4))
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
                               tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# A chat template of the shape Mistral Small 3.1's has (a system prompt, then instructions; message contents as lists
+# of typed parts, as Flux2Pipeline passes them), written for these tests.
+MISTRAL_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% for part in m['content'] %}"
+                         "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ part['text'] }}[/SYSTEM_PROMPT]"
+                         "{% else %}[INST]{{ part['text'] }}[/INST]{% endif %}{% endfor %}{% endfor %}")
+MISTRAL_SPECIALS = ["<s>", "</s>", "<pad>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]
+
+
+def tiny_mistral_tokenizer(chat_template: str | None = MISTRAL_CHAT_TEMPLATE, words_of: str = ""):
+    """A byte-level BPE built with the ``tokenizers`` library (as Mistral's Tekken is one), with Mistral's chat special
+    tokens: one token per byte, except the words of ``words_of`` (the pipeline's system message), one token each."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = _byte_level_bpe(words_of, MISTRAL_SPECIALS)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(WORDS), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(MISTRAL_SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_flux2_pipeline(folder: Path, seed: int = 0, encoder_layers: int = 30,
+                        chat_template: str | None = MISTRAL_CHAT_TEMPLATE) -> Path:
+    """A ``Flux2Pipeline`` (FLUX.2 [dev]): a ``Mistral3ForConditionalGeneration`` whose language model is 16 wide and
+    ``encoder_layers`` deep (the pipeline reads hidden layers 10, 20 and 30, so 30 by default; its 1-layer Pixtral
+    vision tower unused), its tokenizer with the words of the pipeline's system message as single tokens; FLUX.2
+    [klein]'s VAE and a ``Flux2Transformer2DModel`` of 1 double + 1 single block with a guidance embedding (FLUX.2
+    [dev] is guidance-distilled)."""
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline,
+                           Flux2Transformer2DModel)
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    folder = Path(folder)
+    tok = tiny_mistral_tokenizer(chat_template, words_of=SYSTEM_MESSAGE)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=encoder_layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  patch_size=2, image_size=16)
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
+                                                              spatial_merge_size=1))
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                             sample_size=32, layers_per_block=1)
+    with torch.no_grad():  # the batch norm's statistics as a trained VAE has them (not 0 and 1)
+        vae.bn.running_mean.copy_(0.2 * torch.randn(16))
+        vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=16, guidance_embeds=True,
+                                          axes_dims_rope=(4, 4, 4, 4))
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                         tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder

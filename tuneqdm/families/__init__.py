@@ -31,6 +31,8 @@ def _registry() -> dict[str, Family]:
 
 PIPELINES: dict[str, Family] = _registry()  # pipeline class name -> its family
 FAMILIES: tuple[Family, ...] = tuple(dict.fromkeys(PIPELINES.values()))
+# families that share a denoiser class (FLUX.2 [klein] and [dev]) give the same answers about the model itself
+# (timestep conversion, layers kept in float): any of them can answer for it
 _BY_DENOISER = {name: fam for fam in FAMILIES for name in fam.denoisers}
 
 
@@ -43,6 +45,12 @@ def guidance_defaults() -> str:
     """Each family's default guidance scale, as help texts list them (``distilled``: fed to a guidance embedding)."""
     return ", ".join(f"{f.guidance:g} for {f.label}" + (" (distilled)" if f.distilled_guidance else "")
                      for f in FAMILIES)
+
+
+def example_commands() -> list[str]:
+    """One ``tuneqdm train`` command per supported pipeline class, the class in a comment: the README lists these."""
+    return [f"tuneqdm train --pretrained_model_name_or_path {fam.example_model} --instance_data_dir dog "
+            f'--instance_prompt "a sks dog" --output_dir {fam.name}-dog  # {cls}' for cls, fam in PIPELINES.items()]
 
 
 def family_named(name: str) -> Family:
@@ -118,10 +126,11 @@ def is_flow_matching(scheduler_config) -> bool:
     return "beta_schedule" not in config and "trained_betas" not in config and "shift" in config
 
 
-def timestep_scale(model: nn.Module) -> float:
-    """How many training timesteps one unit of ``model``'s ``timestep`` argument is (1 for a model of no family)."""
+def timestep_conversion(model: nn.Module) -> tuple[float, float]:
+    """(offset, scale): ``model``'s ``timestep`` argument ``t`` is ``offset + scale·t`` training timesteps ((0, 1) for
+    a model of no family); ``training_timesteps`` applies it."""
     fam = family_of_model(model)
-    return 1.0 if fam is None else fam.timestep_scale(model)
+    return (0.0, 1.0) if fam is None else fam.timestep_conversion(model)
 
 
 def timestep_argument(model: nn.Module) -> str:
@@ -134,6 +143,13 @@ def training_timesteps(model: nn.Module, t):
     """``model``'s ``timestep`` argument in units of the scheduler's training timesteps 0..T (routing reads it)."""
     fam = family_of_model(model)
     return t if fam is None else fam.from_model_timestep(model, t)
+
+
+def model_timesteps(model: nn.Module, t):
+    """Training timesteps ``t`` (units of 0..T) as ``model``'s ``timestep`` argument: the inverse of
+    ``training_timesteps``."""
+    fam = family_of_model(model)
+    return t if fam is None else fam.to_model_timestep(model, t)
 
 
 # ---- prompt length limits (T5 and language-model encoders) -------------------------------------------------------
@@ -174,6 +190,6 @@ def without_truncation_logs(pipe):
 
 
 __all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
-           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
-           "guidance_kwargs", "is_flow_matching", "native_size", "supported", "t5_limit", "t5_overflow",
-           "timestep_argument", "timestep_scale", "training_timesteps", "without_truncation_logs"]
+           "denoiser_word", "example_commands", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
+           "guidance_kwargs", "is_flow_matching", "model_timesteps", "native_size", "supported", "t5_limit", "t5_overflow",
+           "timestep_argument", "timestep_conversion", "training_timesteps", "without_truncation_logs"]

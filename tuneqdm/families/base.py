@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoRA scripts
@@ -29,6 +30,7 @@ class Family:
 
     name = ""
     label = ""  # how help texts and docs name it
+    example_model = ""  # the folder name of a published model of the family, for the README's example commands
     pipelines: tuple[str, ...] = ()
     denoisers: tuple[str, ...] = ()
     attribute = "transformer"
@@ -48,6 +50,9 @@ class Family:
     own_attention = False  # DGQ replaces its attention processors by its own (a UNet's); else wraps them
     concat_shortcuts = False  # up blocks read concat(hidden, skip): PTQ gives each slice its own quantizer
     single_file = False  # ``tuneqdm export --single_file`` writes its denoiser in the original (LDM) layout
+    # why AdaRound's block-by-block reconstruction, which batches recorded denoiser inputs, cannot take this denoiser's
+    # (None: it can); ``quantize --calibrate adaround`` is then refused in one line
+    adaround_blocked: str | None = None
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -125,22 +130,38 @@ class Family:
         return {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
 
     # ---- timesteps ------------------------------------------------------------------------------------------------
+    linspace_sigmas = False  # its call hands the scheduler sigmas linspace(1, 1/N, N) (FLUX.1's way), not N alone
+
+    def sampling_sigmas(self, pipe, steps: int):
+        """The ``sigmas`` the pipeline's call hands its scheduler for ``steps`` steps (None: it passes the step count
+        alone), so that the timesteps of its sampling can be listed without sampling."""
+        if not self.linspace_sigmas or pipe.scheduler.config.get("use_flow_sigmas"):
+            return None
+        return np.linspace(1.0, 1 / steps, steps)
+
     timestep_argument = "timestep"  # the name of the denoiser's forward parameter that takes it
 
-    def timestep_scale(self, model) -> float:
-        """How many training timesteps one unit of the denoiser's ``timestep`` argument is."""
-        return 1.0
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        """(offset, scale): the denoiser's ``timestep`` argument ``t`` is ``offset + scale·t`` training timesteps
+        (FLUX.1: (0, 1000), it takes sigma; Z-Image: (1000, -1000), it takes 1 - sigma). The one conversion routing,
+        training and exported schedules all use."""
+        return 0.0, 1.0
 
     def to_model_timestep(self, model, t: torch.Tensor) -> torch.Tensor:
         """Training timesteps (units of 0..T, T = the scheduler's training timesteps) as the denoiser takes them."""
-        scale = self.timestep_scale(model)
+        offset, scale = self.timestep_conversion(model)
+        if scale < 0:  # as the pipeline writes it (Z-Image: (1000 - t) / 1000, which keeps t = 1000 at +0)
+            return (offset - t) / -scale
+        if offset:
+            t = t - offset
         return t / scale if scale != 1 else t
 
     def from_model_timestep(self, model, t: torch.Tensor) -> torch.Tensor:
         """The denoiser's ``timestep`` argument in training timesteps: the inverse of ``to_model_timestep``, what
         routing reads in sampling and training alike."""
-        scale = self.timestep_scale(model)
-        return t * scale if scale != 1 else t
+        offset, scale = self.timestep_conversion(model)
+        t = t * scale if scale != 1 else t
+        return t + offset if offset else t
 
     def predict(self, model, x, t: torch.Tensor, cond: dict, context: dict) -> torch.Tensor:
         """The denoiser's prediction (in the training target's sign and channels) at training timesteps ``t``."""

@@ -12,6 +12,7 @@ from .flux import Flux
 class Chroma(Flux):
     name = "chroma"
     label = "Chroma"
+    example_model = "Chroma1-HD"
     pipelines = ("ChromaPipeline",)
     denoisers = ("ChromaTransformer2DModel",)
     guidance = 5.0

@@ -11,6 +11,7 @@ from .base import Family
 class Flux(Family):
     name = "flux"
     label = "FLUX.1"
+    example_model = "FLUX.1-dev"
     pipelines = ("FluxPipeline",)
     denoisers = ("FluxTransformer2DModel",)
     guidance = 3.5
@@ -19,9 +20,10 @@ class Flux(Family):
     start_token = False
     size_from_vae = True  # its transformer has no size; the pipeline would otherwise assume 1024 px
     first_last = ("x_embedder", "proj_out")
+    linspace_sigmas = True
 
-    def timestep_scale(self, model) -> float:
-        return 1000.0  # the pipeline passes t / 1000 = sigma
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 0.0, 1000.0  # the pipeline passes t / 1000 = sigma
 
     def encode_prompt(self, pipe, prompt, resolution, device, max_sequence_length) -> dict:
         L = self.prompt_limit(pipe, max_sequence_length)

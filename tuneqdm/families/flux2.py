@@ -1,7 +1,14 @@
-"""FLUX.2 [klein]: a Qwen3 encoder read in the tokenizer's chat template (thinking off) at fixed hidden layers, stacked
-along the features; a VAE whose latents are patchified 2x2 into channels and normalised by its batch norm's running
-statistics, then packed into tokens with 4-axis position ids; sigma as the timestep; classifier-free guidance by two
-calls (4.0), none for a step-distilled checkpoint (``is_distilled``)."""
+"""FLUX.2: [klein] and [dev] share the transformer class, the VAE and the latent layout (latents patchified 2x2 into
+channels and normalised by the VAE batch norm's running statistics, then packed into tokens with 4-axis position ids;
+sigma as the timestep). They differ in the prompt encoder and in guidance:
+
+- [klein] (``Flux2KleinPipeline``): a Qwen3 encoder read in the tokenizer's chat template (thinking off) at hidden
+  layers 9, 18 and 27, stacked along the features; classifier-free guidance by two calls (4.0), none for a
+  step-distilled checkpoint (``is_distilled``).
+- [dev] (``Flux2Pipeline``): a Mistral Small 3.1 encoder (``Mistral3ForConditionalGeneration``, its language model)
+  read behind the pipeline's system message in the tokenizer's chat template at hidden layers 10, 20 and 30;
+  guidance-distilled: the scale (4.0) feeds the transformer's guidance embedding, one call per step.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from .zimage import check_chat_template
 class Flux2Klein(Family):
     name = "flux2klein"
     label = "FLUX.2 [klein]"
+    example_model = "FLUX.2-klein-4B"
     pipelines = ("Flux2KleinPipeline",)
     denoisers = ("Flux2Transformer2DModel",)
     guidance = 4.0
@@ -25,6 +33,7 @@ class Flux2Klein(Family):
     start_token = False
     size_from_vae = True  # the pipeline's own default (128 latents) is its VAE's sample size, 1024 px
     first_last = ("x_embedder", "proj_out")
+    linspace_sigmas = True
 
     def check(self, pipe) -> None:
         """The chat template its prompts are read in, and an encoder at least as deep as the layers it taps."""
@@ -32,7 +41,8 @@ class Flux2Klein(Family):
         encoder = getattr(pipe, "text_encoder", None)
         if encoder is None:
             return
-        layers, depth = tapped_layers(pipe), encoder.config.num_hidden_layers
+        # a multimodal encoder (FLUX.2 [dev]'s Mistral 3) is read through its language model
+        layers, depth = tapped_layers(pipe), getattr(encoder.config, "text_config", encoder.config).num_hidden_layers
         if max(layers) > depth:
             raise TuneQDMError(f"the text encoder of this {type(pipe).__name__} has {depth} layers, but its prompts "
                                f"are read at hidden layers {', '.join(map(str, layers))}: use the encoder the model "
@@ -70,7 +80,8 @@ class Flux2Klein(Family):
         placeholder = torch.zeros(1, model.config.in_channels, side, side)
         _, img_ids = pipe.prepare_latents(1, model.config.in_channels // 4, resolution, resolution, torch.float32,
                                           "cpu", None, latents=placeholder)
-        return {"img_ids": img_ids[0], "pipeline_class": type(pipe)}
+        guidance = self.guidance if getattr(model.config, "guidance_embeds", False) else None  # [dev]: distilled
+        return {"img_ids": img_ids[0], "guidance": guidance, "pipeline_class": type(pipe)}
 
     def to_model_layout(self, latents, context):
         """(B, C, h, w) patchified latents as tokens (B, h·w, C), by the pipeline's static ``_pack_latents``."""
@@ -80,10 +91,13 @@ class Flux2Klein(Family):
         hidden = torch.stack([r["encoder_hidden_states"] for r in rows]).to(device)
         txt_ids = torch.stack([r["txt_ids"] for r in rows]).to(device)
         img_ids = context["img_ids"].to(device).expand(len(rows), -1, -1)
-        return {"encoder_hidden_states": hidden, "txt_ids": txt_ids, "img_ids": img_ids}
+        out = {"encoder_hidden_states": hidden, "txt_ids": txt_ids, "img_ids": img_ids}
+        if context.get("guidance") is not None:  # the guidance embedding at the family's default, as sampling uses
+            out["guidance"] = torch.full((len(rows),), context["guidance"], device=device)
+        return out
 
-    def timestep_scale(self, model) -> float:
-        return 1000.0  # the pipeline passes t / 1000 = sigma
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 0.0, 1000.0  # the pipeline passes t / 1000 = sigma
 
 
 def tapped_layers(pipe) -> tuple[int, ...]:
@@ -91,4 +105,19 @@ def tapped_layers(pipe) -> tuple[int, ...]:
     return tuple(inspect.signature(pipe.__call__).parameters["text_encoder_out_layers"].default)
 
 
-FAMILIES = (Flux2Klein(),)
+class Flux2Dev(Flux2Klein):
+    """[klein]'s layout and calls (``encode_prompt`` has the same arguments), a Mistral encoder, distilled guidance."""
+
+    name = "flux2dev"
+    label = "FLUX.2 [dev]"
+    example_model = "FLUX.2-dev"
+    pipelines = ("Flux2Pipeline",)
+    distilled_guidance = True
+    encoder_word = "Mistral"
+    # transformers 5 renames a Mistral 3 checkpoint's tensors on load (``vision_tower.*`` -> ``model.vision_tower.*``,
+    # ``language_model.model.*`` -> ``model.language_model.*``), which the streamed encoder's one-to-one name match
+    # cannot follow yet (as Qwen-Image's): the encoder is loaded whole by transformers
+    streams_encoders = False
+
+
+FAMILIES = (Flux2Klein(), Flux2Dev())

@@ -11,6 +11,7 @@ NO_RESOLUTION = {"resolution": None, "aspect_ratio": None}  # what PixArt-Σ's p
 class PixArtSigma(Family):
     name = "pixart"
     label = "PixArt-Σ"
+    example_model = "PixArt-Sigma-XL-2-1024-MS"
     pipelines = ("PixArtSigmaPipeline",)
     denoisers = ("PixArtTransformer2DModel",)
     guidance = 4.5

@@ -15,6 +15,7 @@ from .base import Family
 class QwenImage(Family):
     name = "qwenimage"
     label = "Qwen-Image"
+    example_model = "Qwen-Image"
     pipelines = ("QwenImagePipeline",)
     denoisers = ("QwenImageTransformer2DModel",)
     guidance = 4.0
@@ -25,6 +26,8 @@ class QwenImage(Family):
     # transformers 5 renames a Qwen2.5-VL checkpoint's tensors on load (``visual.*`` -> ``model.visual.*``, ...), which
     # the streamed encoder's one-to-one name match cannot follow yet: the encoder is loaded whole by transformers
     streams_encoders = False
+    adaround_blocked = "takes each prompt at its own length (so do its blocks' text tokens and rotary embeddings)"
+    linspace_sigmas = True
 
     def vae_factor(self, pipe) -> int:
         return 2 ** len(pipe.vae.temperal_downsample)
@@ -90,8 +93,8 @@ class QwenImage(Family):
             out["guidance"] = torch.full((len(rows),), context["guidance"], device=device)
         return out
 
-    def timestep_scale(self, model) -> float:
-        return 1000.0  # the pipeline passes t / 1000 = sigma
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 0.0, 1000.0  # the pipeline passes t / 1000 = sigma
 
 
 FAMILIES = (QwenImage(),)

@@ -16,6 +16,7 @@ from .base import Family
 class Sana(Family):
     name = "sana"
     label = "SANA"
+    example_model = "Sana_1600M_1024px_diffusers"
     pipelines = ("SanaPipeline",)
     denoisers = ("SanaTransformer2DModel",)
     guidance = 4.5
@@ -54,8 +55,8 @@ class Sana(Family):
         model = getattr(pipe, self.attribute)
         return {"learned_variance": model.config.out_channels // 2 == model.config.in_channels}
 
-    def timestep_scale(self, model) -> float:
-        return 1.0 / float(model.config.timestep_scale)  # the pipeline passes t x timestep_scale
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 0.0, 1.0 / float(model.config.timestep_scale)  # the pipeline passes t x timestep_scale
 
     def predict(self, model, x, t, cond, context):
         out = super().predict(model, x, t, cond, context)

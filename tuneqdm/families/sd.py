@@ -11,6 +11,7 @@ from .base import Family
 class StableDiffusion(Family):
     name = "sd"
     label = "SD 1.x/2.x"
+    example_model = "stable-diffusion-v1-5"
     pipelines = ("StableDiffusionPipeline",)
     denoisers = ("UNet2DConditionModel",)
     attribute = "unet"
@@ -37,6 +38,7 @@ def _time_ids(resolution: int) -> torch.Tensor:
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     label = "SDXL"
+    example_model = "stable-diffusion-xl-base-1.0"
     pipelines = ("StableDiffusionXLPipeline",)
 
     def encode_prompt(self, pipe, prompt, resolution, device, max_sequence_length) -> dict:

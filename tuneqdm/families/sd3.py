@@ -9,6 +9,7 @@ from .base import Family
 class StableDiffusion3(Family):
     name = "sd3"
     label = "SD3"
+    example_model = "stable-diffusion-3.5-medium"
     pipelines = ("StableDiffusion3Pipeline",)
     denoisers = ("SD3Transformer2DModel",)
     guidance = 7.0

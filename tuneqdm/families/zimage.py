@@ -15,6 +15,7 @@ from .base import Family
 class ZImage(Family):
     name = "zimage"
     label = "Z-Image"
+    example_model = "Z-Image-Turbo"
     pipelines = ("ZImagePipeline",)
     denoisers = ("ZImageTransformer2DModel",)
     guidance = 5.0
@@ -25,6 +26,7 @@ class ZImage(Family):
     timestep_argument = "t"
     first_last = ("all_x_embedder.2-1", "all_final_layer.2-1.linear")
     float_layers = ("t_embedder.mlp.0",)  # its timestep embedder casts to this Linear's weight dtype
+    adaround_blocked = "takes its latents and captions as lists of per-sample tensors, each caption at its own length"
 
     def check(self, pipe) -> None:
         check_chat_template(pipe)
@@ -38,14 +40,13 @@ class ZImage(Family):
         """Caption features stay a list: each prompt keeps its own length, as the pipeline passes them."""
         return {"cap_feats": [r["cap_feats"].to(device) for r in rows]}
 
-    def timestep_scale(self, model) -> float:
-        return -1000.0  # only its sign and size: the conversions below are affine
+    def timestep_conversion(self, model) -> tuple[float, float]:
+        return 1000.0, -1000.0  # it takes 1 - sigma: training t = 1000 - 1000·t
 
-    def to_model_timestep(self, model, t):
-        return (1000 - t) / 1000
+    def sampling_sigmas(self, pipe, steps):
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
-    def from_model_timestep(self, model, t):
-        return 1000 - 1000 * t
+        return get_default_z_image_sigmas(steps)
 
     def predict(self, model, x, t, cond, context):
         """The pipeline's call: one ``[C, 1, H, W]`` latent per sample, positional arguments, the output negated.

@@ -217,6 +217,20 @@ def select_layers(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> dict[str, nn.Mod
     }
 
 
+def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules holding an attention processor, by the processor's name as diffusers' ``attn_processors`` names
+    it; found module by module, as diffusers' ``set_attn_processor`` finds them, so that a transformer without that
+    registry (Z-Image's) has its attention quantized too."""
+    return {f"{name}.processor": m for name, m in model.named_modules()
+            if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None}
+
+
+def _set_processors(model: nn.Module, processors) -> None:
+    """Give every attention module of ``model`` ``processors`` (one for all, or a dict by processor name)."""
+    for name, m in _attention_modules(model).items():
+        m.set_processor(processors[name] if isinstance(processors, dict) else processors)
+
+
 class ActivationQuantizer:
     """Calibrated DGQ parameters of a model, and the hooks that apply them.
 
@@ -268,9 +282,10 @@ class ActivationQuantizer:
                 self._inputs.append(module)
             else:
                 self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
-        if self.config.attention != "none" and hasattr(model, "set_attn_processor"):
-            self._processors = dict(model.attn_processors)
-            model.set_attn_processor(self._attention_processors(family))
+        if self.config.attention != "none":
+            self._processors = {name: m.processor for name, m in _attention_modules(model).items()} or None
+        if self._processors is not None:
+            _set_processors(model, self._attention_processors(family))
         self._model = model
         return self
 
@@ -290,7 +305,7 @@ class ActivationQuantizer:
             module.input_quantizer = None
         self._handles, self._inputs = [], []
         if self._processors is not None and self._model is not None:
-            self._model.set_attn_processor(self._processors)
+            _set_processors(self._model, self._processors)
         self._processors, self._model, self.steps = None, None, None
 
     def _layer_hook(self, name: str, params: LayerParams):

@@ -131,19 +131,23 @@ class _InputRecorder:
         self.rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("latents", "timesteps", "emb", "steps", "uncond")}
         self.extra: dict[str, list] = {}
         self.constants: dict[str, torch.Tensor] = {}
-        self.step = self.prompts = 0
+        self.step, self.prompts, self.last_t = -1, 0, None
 
     def start(self, prompts: int) -> None:
         """A new pipeline call of ``prompts`` prompts: its first denoiser call is step 0."""
-        self.step, self.prompts = 0, prompts
+        self.step, self.prompts, self.last_t = -1, prompts, None
 
     def __call__(self, call: CallArguments) -> None:
-        step, self.step = self.step, self.step + 1
+        bound = call.named()
+        t = torch.as_tensor(bound["timestep"]).reshape(-1).float()
+        # a sampling step is a timestep: pipelines that guide by two calls (Chroma, Qwen-Image, FLUX.2 [klein]) make
+        # both at the same one
+        if self.last_t is None or not torch.equal(t[:1], self.last_t):
+            self.step, self.last_t = self.step + 1, t[:1].clone()
+        step = self.step
         if step not in self.keep:
             return
-        bound = call.named()
         sample = bound[self.sample_name]
-        t = torch.as_tensor(bound["timestep"]).reshape(-1).float()
         n = sample.shape[0]
         self.rows["latents"].append(sample.detach().float().cpu())
         self.rows["timesteps"].append(t.expand(n).cpu() if t.numel() == 1 else t.cpu())

@@ -74,6 +74,10 @@ def quantize_pipeline(out, base=None, bits: int = 4, calibrate: str = "adaround"
         save_quantized(model, out, base_id=base_id(base), extra={"calibration": record})
         return record
     source = resolve(base, revision, variant, single_file_config)  # an unsupported or damaged base before any work
+    if calibrate == "adaround" and source.family.adaround_blocked:
+        raise TuneQDMError(f"--calibrate adaround is not available for {source.family.label}: its transformer "
+                           f"{source.family.adaround_blocked}, which the block-by-block reconstruction cannot batch "
+                           "yet; use --calibrate mse (or minmax)")
     guidance_scale = source.family.guidance if guidance_scale is None else guidance_scale
     sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed}
     if calibrate != "adaround":
