@@ -70,7 +70,7 @@ def _generate(args) -> None:
     model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                      max_sequence_length=args.max_sequence_length)
+                      max_sequence_length=args.max_sequence_length, release_denoiser=True)
     if quantizer is not None and quantizer.skipped_attention:
         skipped = sorted(quantizer.skipped_attention)
         print(f"tuneqdm: warning: attention left in full precision in {len(skipped)} layers whose processors compute "

@@ -125,8 +125,13 @@ def generator(seed: int) -> torch.Generator:
 @torch.no_grad()
 def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 25, guidance_scale: float | None = None,
              seed: int = 0, batch_size: int = 4, negative_prompt: str | None = None, height: int | None = None,
-             width: int | None = None, weight_cache_bytes: int | None = None, max_sequence_length: int | None = None):
+             width: int | None = None, weight_cache_bytes: int | None = None, max_sequence_length: int | None = None,
+             release_denoiser: bool = False):
     """``num_images`` PIL images of ``prompt``; image ``i`` depends only on ``seed + i``.
+
+    ``release_denoiser``: the caller is done with the pipeline's denoiser after this call, so its weights are freed
+    (moved to the meta device) when the last batch starts decoding: decoding at full resolution is a run's peak, and
+    then it no longer holds the denoiser as well.
 
     ``guidance_scale`` None: the pipeline family's default (Flux's is its distilled guidance). ``max_sequence_length``:
     the T5 prompt length of Flux, SD3 and PixArt (None: the pipeline's default); a longer prompt is cut, with one
@@ -144,10 +149,12 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
     extra = call_kwargs(pipe, height, width, max_sequence_length)
     images = []
     bar = progress(desc="images", total=num_images, unit="image", leave=False, disable=num_images <= batch_size)
+    last_batch = [False]
     with cached_weights(model, weight_cache_bytes), sampling_kernels(model), bar, without_truncation_logs(pipe), \
-            _trimmed_before_decoding(pipe), finite_sampling(pipe):
+            _phases(pipe, lambda: release_denoiser and last_batch[0] and _release(model)), finite_sampling(pipe):
         for start in range(0, num_images, batch_size):
             n = min(batch_size, num_images - start)
+            last_batch[0] = start + n == num_images
             gens = [generator(seed + start + i) for i in range(n)]
             out = pipe(prompt=[prompt] * n, num_inference_steps=num_inference_steps, generator=gens, output_type="pil",
                        **guidance_kwargs(pipe, guidance_scale, n, negative_prompt), **extra)
@@ -157,16 +164,36 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
 
 
 @contextlib.contextmanager
-def _trimmed_before_decoding(pipe):
-    """The heap trimmed each time the VAE's decoder starts (``tuneqdm.memory.trim_heap``): the denoising steps'
-    freed activations are not held while the decoder's own are made."""
-    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
-    handle = on_call(decoder, lambda call: trim_heap()) if isinstance(decoder, torch.nn.Module) else None
+def _phases(pipe, release):
+    """Between the phases of a pipeline call, what the last one freed goes back to the OS (``tuneqdm.memory.
+    trim_heap``): the text encoders' when the denoiser's first step starts, the steps' activations when the VAE's
+    decoder starts, after ``release()`` (which frees the denoiser on the last batch, when asked). Each phase then
+    holds only its own memory on top of the model."""
+    model, decoder = denoiser(pipe), getattr(getattr(pipe, "vae", None), "decoder", None)
+    denoising = [False]
+
+    def step(call):
+        if not denoising[0]:
+            denoising[0] = True
+            trim_heap()
+
+    def decoding(call):
+        denoising[0] = False
+        release()
+        trim_heap()
+
+    handles = [on_call(model, step)] + ([on_call(decoder, decoding)] if isinstance(decoder, torch.nn.Module) else [])
     try:
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
+
+
+def _release(model: torch.nn.Module) -> None:
+    """The denoiser's weights freed: every parameter and buffer moved to the meta device (a mapped base unmapped)."""
+    if not any(t.is_meta for t in model.parameters()):
+        model.to("meta")
 
 
 def warn_truncation(pipe, prompt: str, max_sequence_length: int | None = None) -> None:

@@ -97,11 +97,15 @@ def resident_vae(source: Source, device, dtype: torch.dtype = torch.float32) -> 
     top of the model, bfloat16 half of that, from weights that are bfloat16 to begin with (docs/benchmarks/
     real_size.md gives the measured peak and the image difference). float16 and float32 files decode in ``dtype``:
     SD's float16 VAEs overflow."""
-    vae = resident(source, "vae", device, dtype)
-    decoder = getattr(vae, "decoder", None)
-    if (type(vae).__name__ == "AutoencoderKL" and dtype == torch.float32 and isinstance(decoder, nn.Module)
-            and stored_dtypes(source, "vae") == {"BF16"}):
-        decode_in(decoder, torch.bfloat16)
+    lean = (model_class(source, "vae").__name__ == "AutoencoderKL" and dtype == torch.float32
+            and stored_dtypes(source, "vae") == {"BF16"})
+    if not lean:
+        return resident(source, "vae", device, dtype)
+    vae = resident(source, "vae", device, torch.bfloat16)  # as stored: no float32 copy of the decoder, ever
+    for part in vae.children():
+        if part is not vae.decoder:
+            part.to(dtype)
+    decode_in(vae.decoder, torch.bfloat16)
     return vae
 
 
