@@ -181,7 +181,7 @@ def _evaluate(args) -> None:
     m = evaluate(pipe, real, prompts, args.images_per_prompt, subject_enc, clip_enc, token, out, seed=args.seed,
                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                  keep_token=args.keep_token_in_clip_t, info=info, replace=args.force,
-                 max_sequence_length=args.max_sequence_length)
+                 max_sequence_length=args.max_sequence_length, release_denoiser=True)
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {args.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
 

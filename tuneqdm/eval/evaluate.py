@@ -56,12 +56,14 @@ def grid(rows: Sequence[Sequence[Image.Image]], side: int = 64) -> Image.Image:
 def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_per_prompt: int,
              subject_encoder: ImageEncoder, clip_encoder: ImageTextEncoder, token: str, out, *, seed: int = 0,
              num_inference_steps: int = 25, guidance_scale: float | None = None, keep_token: bool = False,
-             info: dict | None = None, replace: bool = False, max_sequence_length: int | None = None) -> dict:
+             info: dict | None = None, replace: bool = False, max_sequence_length: int | None = None,
+             release_denoiser: bool = False) -> dict:
     """Sample, score and write ``out/`` (``metrics.json``, ``grid.png``, ``images/PPP_I.png``, the reference
     photos as ``photos/NN.png``) atomically;
     ``replace``: an earlier evaluation in ``out`` is removed only then, so a failed or interrupted run keeps it;
     ``guidance_scale`` None: the pipeline family's default (recorded as used); ``max_sequence_length``: T5 prompt
-    tokens (None: the pipeline's own)."""
+    tokens (None: the pipeline's own); ``release_denoiser``: the caller is done with the pipeline, whose denoiser is
+    freed when the last prompt's last batch decodes (``tuneqdm.sampling.generate``)."""
     guidance_scale = family(pipe).guidance if guidance_scale is None else guidance_scale
     if images_per_prompt < 1 or not prompts:
         raise TuneQDMError("need at least one prompt and --images_per_prompt >= 1")
@@ -69,7 +71,8 @@ def evaluate(pipe, real: Sequence[Image.Image], prompts: Sequence[str], images_p
     for p, prompt in enumerate(progress(prompts, desc="evaluate: prompts", unit="prompt")):
         s = seed + 1000 * p  # prompt p, image i: seed + 1000 p + i
         images = generate(pipe, prompt, images_per_prompt, num_inference_steps, guidance_scale, seed=s,
-                          max_sequence_length=max_sequence_length)
+                          max_sequence_length=max_sequence_length,
+                          release_denoiser=release_denoiser and p == len(prompts) - 1)
         text = prompt if keep_token else without_token(prompt, token)
         per_prompt.append({"prompt": prompt, "clip_t_text": text, "seeds": [s + i for i in range(len(images))],
                            "dino": dino_score(subject_encoder, real, images),
