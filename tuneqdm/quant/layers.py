@@ -36,6 +36,8 @@ from .kernels import (
 )
 from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
+from . import runtime
+from .runtime import LayerRuntime, RuntimeEntry
 from .workspace import scratch
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {}
@@ -226,6 +228,14 @@ class QuantizedLayer(nn.Module):
     """
 
     channel_dim: int  # the channel dimension of activations (-1 for Linear, 1 for Conv2d)
+    # runtime entries, none of them state (quant.runtime: what installs each); read by forward
+    router = RuntimeEntry(runtime.ROUTER)
+    weight_cache = RuntimeEntry(runtime.WEIGHT_CACHE)
+    kernels = RuntimeEntry(runtime.KERNELS, "auto")
+    input_quantizer = RuntimeEntry(runtime.INPUT_QUANTIZER)
+    grid = RuntimeEntry(runtime.GRID)
+    grid_budget = RuntimeEntry(runtime.GRID_BUDGET)
+    last_path = RuntimeEntry(runtime.LAST_PATH)
 
     def __init__(self, weight_shape, in_scale_features: int, bits: int, bias: bool, device=None):
         nn.Module.__init__(self)  # not the float class's __init__ (QLinear is an nn.Linear): it would build a weight
@@ -243,13 +253,7 @@ class QuantizedLayer(nn.Module):
             self.bias = None
         self.s_out = nn.ParameterList()
         self.s_in = nn.ParameterList()
-        self.router = None  # a tuning.routing.Router shared by the model's layers, set by quantize_
-        self.weight_cache = None  # a quant.weight_cache.WeightCache while sampling inside cached_weights()
-        self.kernels = "auto"  # sampling path: "auto" (quant.kernels where they apply) or "reference"
-        self.input_quantizer = None  # set by an activation quantizer (tuneqdm.ptq): params(x), fake_quantize(x)
-        self.grid = None  # the signed integers as int8, held inside quant.paths.sampling_kernels()
-        self.grid_budget = None  # [bytes left] shared by the layers of a sampling_kernels() session
-        self.last_path = None  # the path the last call took (quant.paths.kernel_report)
+        self.runtime = LayerRuntime()  # what the code driving the layer installs (the RuntimeEntry attributes)
         self.u_kept = U_KEPT  # what the int8 training backward keeps for s_out's gradient (U_KEPT_CHOICES)
 
     # ---- storage -------------------------------------------------------------------------------------------
@@ -541,11 +545,11 @@ class QConv2d(QuantizedLayer):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = ref.kernel_size, ref.stride, ref.dilation
         self.padding, self.padding_mode = ref.padding, padding_mode
-        # Non-zero padding modes and "same" padding are applied explicitly before the op; per-channel input scaling
-        # commutes with any per-channel padding, so the math is unchanged.
-        self._explicit_pad = padding_mode != "zeros" or isinstance(ref.padding, str)
+        # Non-zero padding modes and "same" padding are applied explicitly before the op (the integer paths do not
+        # take such convs); per-channel input scaling commutes with any per-channel padding, so the math is unchanged.
+        self.explicit_padding = padding_mode != "zeros" or isinstance(ref.padding, str)
         self._pad = ref._reversed_padding_repeated_twice
-        self._op_padding = (0, 0) if self._explicit_pad else ref.padding
+        self._op_padding = (0, 0) if self.explicit_padding else ref.padding
 
     @classmethod
     def empty_like(cls, module: nn.Conv2d, bits: int, device="meta") -> QConv2d:
@@ -570,7 +574,7 @@ class QConv2d(QuantizedLayer):
 
     def is_pointwise(self) -> bool:
         """A 1x1 conv that is a matmul over channels (the integer path takes it)."""
-        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self._explicit_pad
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self.explicit_padding
                 and self._op_padding == (0, 0))
 
     def row_blocks(self) -> list[slice]:
@@ -579,7 +583,7 @@ class QConv2d(QuantizedLayer):
         return super().row_blocks()
 
     def _prepare_input(self, x):
-        if not self._explicit_pad:
+        if not self.explicit_padding:
             return x
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, self._pad, mode=mode)
