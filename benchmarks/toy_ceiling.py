@@ -21,11 +21,15 @@ import numpy as np
 import torch
 
 
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, h, w, 3) images as the VAE's input in [-1, 1], as recipes/pretrain.py trained it."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def ceiling(pipe, dino, seed: int, poses: int = 4) -> dict:
     from PIL import Image
 
     from tuneqdm.eval.encoders import cosine_matrix
-    from tuneqdm.toy.pretrain import to_pixels
     from tuneqdm.toy.subjects import eval_prompt_targets, make_instance, photo_count, subject_photos
     from tuneqdm.toy.world import Scene, render, sample_pose
 

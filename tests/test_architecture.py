@@ -182,10 +182,11 @@ def test_a_planted_upward_import_an_unknown_package_and_an_init_that_imports_upw
     assert all(p.startswith("tuneqdm.quant.leak -> ") for p in problems), problems  # and train/__init__'s imports
     root = _planted_copy(tmp_path / "unknown", {"newpkg/__init__.py": "", "newpkg/thing.py": "X = 1\n"})
     assert unplaced_modules(root, root / "README.md") == ["tuneqdm.newpkg", "tuneqdm.newpkg.thing"]
-    # toy/ imports eval/encoders, which is below it; were eval/__init__ to import eval.evaluate (above toy/), that
-    # import of eval/encoders would run it: the implicit import is an upward one
+    # toy/ may import eval/encoders, which is below it; were eval/__init__ to import eval.evaluate (above toy/),
+    # that import of eval/encoders would run it: the implicit import is an upward one
     init = (PACKAGE / "eval" / "__init__.py").read_text() + "\nfrom .evaluate import evaluate  # noqa\n"
-    root = _planted_copy(tmp_path / "init", {"eval/__init__.py": init})
+    root = _planted_copy(tmp_path / "init", {"eval/__init__.py": init,
+                                             "toy/probe.py": "from ..eval.encoders import cosine_matrix\n"})
     problems = layering_violations(import_graph(root), readme_layers(root / "README.md"))
     assert problems and all(p.startswith(("tuneqdm.toy.", "tuneqdm.eval.encoders")) or "eval.evaluate" in p
                             for p in problems), problems

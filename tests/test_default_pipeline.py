@@ -124,7 +124,7 @@ def test_refine_recipe_continues_the_shipped_pipeline(tmp_path):
     it by far less than fp16 rounding). The exported manifest records the source's training."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from tuneqdm.toy.pretrain import main as pretrain
+    from recipes.pretrain import main as pretrain
 
     work = tmp_path / "work"
     tiny = ["--work", str(work), "--refine_from", str(DEFAULT_PIPELINE_DIR), "--threads", "1", "--refine_vae_steps",
@@ -160,7 +160,7 @@ def test_pretrain_recipe_reuses_a_pipelines_vae_for_a_wider_unet_and_keeps_its_r
     checkpoints of another shape."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from tuneqdm.toy.pretrain import main as pretrain
+    from recipes.pretrain import main as pretrain
 
     work, out = tmp_path / "work", tmp_path / "out"
     tiny = ["--work", str(work), "--vae_from", str(DEFAULT_PIPELINE_DIR), "--unet_channels", "16,32,64",
@@ -194,7 +194,7 @@ def test_pretrain_checkpoint_keeps_its_step_inside_the_one_file_it_replaces(tmp_
     disagree after an interruption); a checkpoint written with the old sidecar JSON still loads."""
     from safetensors.torch import save_file
 
-    from tuneqdm.toy.pretrain import _load, _save
+    from recipes.pretrain import _load, _save
 
     path = tmp_path / "unet_ckpt.safetensors"
     tensors = {"w": torch.arange(6.0).view(2, 3)}

@@ -149,7 +149,7 @@ def test_truncated_or_missing_weights_say_reinstall(tmp_path):
 
 
 def test_training_script_smoke(tmp_path):
-    from tuneqdm.toy.train_evaluators import main
+    from recipes.train_evaluators import main
 
     out = tmp_path / "w"
     assert main(["--which", "dino", "--out", str(out)]) == 2  # no CLIP-like weights to start from: one-line error

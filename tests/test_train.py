@@ -217,17 +217,17 @@ def test_full_disk_while_checkpointing_leaves_nothing_partial(base, photos, tmp_
 
 
 def test_memory_savers_release_the_vae_and_text_encoder(base, photos, tmp_path, monkeypatch):
-    import tuneqdm.train.loop as loop
+    import tuneqdm.train.setup as setup
 
     refs = []
-    real = loop.assemble
+    real = setup.assemble
 
     def spy(*args, **kwargs):
         pipe = real(*args, **kwargs)
         refs.append((weakref.ref(pipe.vae), weakref.ref(pipe.text_encoder)))
         return pipe
 
-    monkeypatch.setattr(loop, "assemble", spy)  # where training assembles its pipelines
+    monkeypatch.setattr(setup, "assemble", spy)  # where training assembles its pipelines
     trainer = Trainer(cfg(base, photos, tmp_path / "on")).setup()
     gc.collect()
     assert refs and all(r() is None for r in refs[-1])  # quantized method: savers on by default

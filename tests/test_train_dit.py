@@ -128,9 +128,9 @@ def test_flow_objective_is_rectified_flow_on_the_schedulers_sigmas(folders):
 
 
 def _spy_components(monkeypatch):
-    from tuneqdm.train import loop
+    from tuneqdm.train import setup
 
-    refs, real = [], loop.assemble
+    refs, real = [], setup.assemble
 
     def spy(*args, **kwargs):
         pipe = real(*args, **kwargs)
@@ -138,7 +138,7 @@ def _spy_components(monkeypatch):
         refs.append({n: weakref.ref(getattr(pipe, n)) for n in names})
         return pipe
 
-    monkeypatch.setattr(loop, "assemble", spy)  # where training assembles its pipelines
+    monkeypatch.setattr(setup, "assemble", spy)  # where training assembles its pipelines
     return refs
 
 

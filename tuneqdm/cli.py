@@ -304,8 +304,7 @@ def _method_lrs(entries, methods) -> dict[str, float]:
 
 
 def _benchmark_fidelity(args) -> None:
-    from .benchmarks.fidelity import run_cell
-    from .eval.fidelity import FLOOR, cell_name, cells, table
+    from .benchmarks.fidelity import FLOOR, cell_name, cells, run_cell, table
     from .toy.subjects import parse_seeds, write_subject
     from .train.config import METHOD_CHOICES
 
@@ -367,7 +366,7 @@ def _denoiser_parameters(source) -> int:
 
 def _fidelity_table_only(args, methods: list[str], out: Path) -> None:
     """The table of the finished cells of every (method, bits) asked for, missing ones left out; nothing trains."""
-    from .eval.fidelity import table
+    from .benchmarks.fidelity import table
     from .toy.subjects import parse_seeds
 
     if not (out / "cells").is_dir():
@@ -380,7 +379,7 @@ def _fidelity_table_only(args, methods: list[str], out: Path) -> None:
 
 
 def _report(args) -> None:
-    from .eval.report import write_report
+    from .benchmarks.report import write_report
 
     out = Path(args.out) if args.out else Path(args.results) / "report.html"
     if args.screenshot and not args.screenshot.lower().endswith(".png"):

@@ -1,10 +1,12 @@
-"""`tuneqdm benchmark fidelity`, which trains: subjects x methods x bits on the same seeds, one cell at a time, resumable.
+"""`tuneqdm benchmark fidelity`: subjects x methods x bits on the same seeds, one cell at a time, resumable; the
+table over subjects it writes, which ``tuneqdm report`` reads. The one home of the fidelity benchmark's library part
+(the scripts that sweep and compare its runs are ``benchmarks/fidelity_*.py``).
 
 A cell is one (method, bits, subject): ``tuneqdm train`` then ``tuneqdm evaluate``, written to
 ``OUT/cells/<method>-w<bits>/<subject>/`` (``run/`` and ``eval/``). A cell whose ``eval/metrics.json`` exists is
 finished and never redone, so an interrupted benchmark resumes where it stopped; ``--shard i/n`` runs every n-th cell
 so that n processes (or GPUs) share the work. ``floor`` is the untuned quantized model (scales at their initial
-values); ``fp`` and ``lora`` ignore ``bits``. The table (``tuneqdm.eval.fidelity``) averages over subjects.
+values); ``fp`` and ``lora`` ignore ``bits``. The table averages over subjects (mean and population std).
 
 Each finished cell records the settings it was made with (learning rate, steps, prompts, images, seeds, evaluators);
 resuming with other settings is refused rather than mixing two protocols in one table.
@@ -13,6 +15,7 @@ resuming with other settings is refused rather than mixing two protocols in one 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -20,8 +23,8 @@ from safetensors import safe_open
 
 from ..errors import TuneQDMError
 from ..eval.evaluate import METRICS, evaluate, read_photos
-from ..eval.fidelity import FLOOR
 from ..eval.prompts import evaluation_prompts
+from ..files import write_file_atomically
 from ..loading import assemble, base_id, load_pipeline, quantized_denoiser, resolve
 from ..progress import is_quiet
 from ..train import TrainConfig, train
@@ -29,6 +32,66 @@ from ..train.config import DEFAULT_LR
 from ..tuning import QuantConfig
 
 
+FLOOR = "floor"
+TABLE_VERSION = 2
+
+
+# ---- the cells and the table ----------------------------------------------------------------------------------------
+def cells(methods, bits, subjects) -> list[tuple[str, int | None, str]]:
+    out = []
+    for m in methods:
+        for b in ([None] if m in ("fp", "lora") else bits):
+            for s in subjects:
+                out.append((m, b, s))
+    return out
+
+
+def cell_name(method: str, bits: int | None) -> str:
+    return method if bits is None else f"{method}-w{bits}"
+
+
+def cell_dir(out: Path, method: str, bits: int | None, subject: str) -> Path:
+    """A cell's folder: ``run/`` (the training) and ``eval/`` (its evaluation) inside."""
+    return out / "cells" / cell_name(method, bits) / subject
+
+
+def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
+    """Mean and std over subjects of every finished (method, bits), as JSON and markdown in ``out``."""
+    rows = []
+    for m in methods:
+        for b in ([None] if m in ("fp", "lora") else bits):
+            ms = [json.loads(p.read_text()) for s in subjects
+                  if (p := cell_dir(out, m, b, s) / "eval" / METRICS).is_file()]
+            if not ms:
+                continue
+            row = {"method": m, "bits": b, "subjects": len(ms)}
+            for k in ("dino", "clip_i", "clip_t", "train_s"):
+                vals = [x[k] for x in ms]
+                row[k] = statistics.fmean(vals)
+                row[k + "_std"] = statistics.pstdev(vals)
+            row["learning_rate"] = ms[0]["settings"].get("learning_rate")
+            row["trainable_params"] = ms[0]["trainable_params"]
+            row["trainable_fraction"] = ms[0]["trainable_params"] / total_params
+            row["adapter_bytes"] = ms[0]["adapter_bytes"]
+            peaks = [x["train_peak_mib"] for x in ms if x.get("train_peak_mib") is not None]
+            row["train_peak_mib"] = max(peaks) if peaks else None
+            rows.append(row)
+    result = {"table_version": TABLE_VERSION, "unet_params": total_params, "rows": rows}
+    write_file_atomically(out / "fidelity.json", json.dumps(result, indent=1))
+    md = ["| method | bits | lr | subjects | DINO | CLIP-I | CLIP-T | trainable | adapter bytes | train s | peak MiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pm = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
+        lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}"
+        md.append(f"| {r['method']} | {r['bits'] or '-'} | {lr} | {r['subjects']} | {pm('dino')} | {pm('clip_i')} | "
+                  f"{pm('clip_t')} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %) | "
+                  f"{r['adapter_bytes']:,} | {r['train_s']:.0f} | "
+                  f"{'-' if r['train_peak_mib'] is None else round(r['train_peak_mib'])} |")
+    write_file_atomically(out / "fidelity.md", "\n".join(md) + "\n")
+    return result
+
+
+# ---- one cell: train, then evaluate ----------------------------------------------------------------------------------
 def _numel(path: Path) -> int:
     with safe_open(path, "pt") as f:
         return sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())

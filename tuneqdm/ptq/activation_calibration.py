@@ -31,7 +31,7 @@ from ..progress import progress, stage
 from ..loading import float_fingerprint
 from ..sampling import check_sampling, finite_sampling, generator
 from ..serialization import fingerprint
-from ..tuning.model import STATE_ATTR
+from ..tuning.model import is_quantized
 from .activations import ActivationObserver, ActivationQuantizer, LayerParams
 from .calibration import CALIBRATION_SEED, toy_calibration_prompts
 from .config import ACTIVATION_BITS, DEFAULT_EXCLUDE, ActivationConfig
@@ -54,7 +54,7 @@ def read_prompts(path) -> list[str]:
 
 def model_fingerprint(model) -> str:
     """The quantized base's fingerprint for a tuneqdm-quantized model, else the float fingerprint."""
-    if getattr(model, STATE_ATTR, None) is not None:
+    if is_quantized(model):
         return fingerprint(model)
 
     return float_fingerprint(model)

@@ -37,6 +37,7 @@ from ..hooks import given_timesteps, on_timestep
 from ..quant.kernels import ActInput
 from ..quant.layers import QuantizedLayer
 from ..quant.paths import DynamicActivations  # noqa: F401  (its home is quant: training uses it too)
+from ..quant.runtime import INPUT_QUANTIZER
 from .attention import QuantizedAttnProcessor, WrappedAttnProcessor
 from .config import DEFAULT_EXCLUDE, ActivationConfig
 
@@ -278,7 +279,7 @@ class ActivationQuantizer:
         self._handles += [handle] if handle is not None else []
         for name, module in found.items():
             if isinstance(module, QuantizedLayer):  # the layer quantizes its input itself (integer path or fake)
-                module.input_quantizer = _LayerInput(self, name, self.layers[name])
+                module.runtime.install(INPUT_QUANTIZER, _LayerInput(self, name, self.layers[name]))
                 self._inputs.append(module)
             else:
                 self._handles.append(module.register_forward_pre_hook(self._layer_hook(name, self.layers[name])))
@@ -302,7 +303,7 @@ class ActivationQuantizer:
         for h in self._handles:
             h.remove()
         for module in self._inputs:
-            module.input_quantizer = None
+            module.runtime.remove(INPUT_QUANTIZER)
         self._handles, self._inputs = [], []
         if self._processors is not None and self._model is not None:
             _set_processors(self._model, self._processors)

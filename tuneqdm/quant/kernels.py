@@ -30,6 +30,7 @@ import torch
 
 from ..errors import TuneQDMError
 from ..files import first_line
+from . import runtime
 from .packing import code_offset, unpack, unpack_codes
 
 KERNEL_MODES = ("auto", "int8", "reference")
@@ -103,7 +104,7 @@ def signed_grid(layer) -> torch.Tensor:
     budget = layer.grid_budget
     if budget is not None and budget[0] >= grid.numel() and not torch.is_grad_enabled():
         budget[0] -= grid.numel()
-        layer.grid = grid
+        layer.runtime.install(runtime.GRID, grid)
     return grid
 
 
@@ -124,7 +125,7 @@ def int_path_reason(layer, act: ActInput, x: torch.Tensor, s_in) -> str | None:
     if act.kind != "dynamic" and s_in is not None:
         return "s_in inside a calibrated quantizer"
     if layer.channel_dim == 1 and not layer.is_pointwise():
-        if layer.groups != 1 or layer._explicit_pad:
+        if layer.groups != 1 or layer.explicit_padding:
             return "grouped conv or explicit padding"
         if act.kind == "channel":
             return "channel groups in a k x k conv"
@@ -357,7 +358,7 @@ def dynamic_steps(x: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- training: the same quantizer and integer matmuls, with a gradient ----------------------------------------------
 def train_path_reason(layer, x: torch.Tensor) -> str | None:
     """Why ``layer`` cannot train through the integer path (None: it can); it then trains on float activations."""
-    if layer.channel_dim == 1 and not layer.is_pointwise() and (layer.groups != 1 or layer._explicit_pad):
+    if layer.channel_dim == 1 and not layer.is_pointwise() and (layer.groups != 1 or layer.explicit_padding):
         return "grouped conv or explicit padding"
     if x.device.type in _unavailable:
         return "integer matmul unavailable"

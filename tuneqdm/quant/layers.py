@@ -36,6 +36,8 @@ from .kernels import (
 )
 from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
+from .reductions import channel_dot, channel_sum
+from . import runtime
 from .workspace import scratch
 
 QUANTIZED_CLASSES: dict[type[nn.Module], type[QuantizedLayer]] = {}
@@ -57,46 +59,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _channel_sum(a: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    channel_dim %= a.dim()
-    dims = [d for d in range(a.dim()) if d != channel_dim]
-    return a.sum(dim=dims, dtype=torch.float32) if dims else a.float()
-
-
 _WEIGHT_CHUNK = 1 << 22  # values: larger weights are rebuilt and applied a block of output channels at a time
-_DOT_CHUNK = 1 << 20  # elements of the product buffer: small, so that it adds nothing to the training peak
-
-
-def _channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int, a_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``Σ a ⊙ b`` over every dimension but ``channel_dim``, in float32, a chunk at a time through a small reused
-    buffer (an activation-sized product would be fresh memory on every call). ``a`` may be int8 with ``a_scale``
-    (broadcasting against it, constant along the channels): the dequantized ``a`` is never built whole."""
-    channel_dim %= a.dim()
-    channels = a.shape[channel_dim]
-    a = a.reshape(-1, channels, a.shape[channel_dim + 1 :].numel())  # (P, C, Q)
-    b = b.reshape(a.shape)
-    dtype = b.dtype if a_scale is not None else a.dtype
-    if a_scale is not None:
-        a_scale = a_scale.reshape(a.shape[0], 1, -1).to(dtype)
-    out = torch.empty(channels, dtype=torch.float32, device=a.device)
-    if a.shape[2] > 1:  # channels in the middle (conv): chunk over channels
-        step = max(1, _DOT_CHUNK // (a.shape[0] * a.shape[2]))
-        for c in range(0, channels, step):
-            ac, bc = a[:, c : c + step], b[:, c : c + step]
-            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), dtype, a.device).view(ac.shape))
-            if a_scale is not None:
-                prod.mul_(a_scale)
-            out[c : c + step] = prod.sum(dim=(0, 2), dtype=torch.float32)
-    else:  # channels last (linear): chunk over rows
-        step = max(1, _DOT_CHUNK // channels)
-        out.zero_()
-        for r in range(0, a.shape[0], step):
-            ac, bc = a[r : r + step, :, 0], b[r : r + step, :, 0]
-            prod = torch.mul(ac, bc, out=scratch("product", ac.numel(), dtype, a.device).view(ac.shape))
-            if a_scale is not None:
-                prod.mul_(a_scale[r : r + step, :, 0])
-            out += prod.sum(dim=0, dtype=torch.float32)
-    return out
 
 
 class _ScaledOp(torch.autograd.Function):
@@ -124,16 +87,16 @@ class _ScaledOp(torch.autograd.Function):
         layer, dtype, cdim = ctx.layer, ctx.dtype, ctx.layer.channel_dim
         g_y = g_y.to(dtype)
         g_x = g_s_in = g_s_out = g_bias = None
-        g_y_sum = _channel_sum(g_y, cdim) if (need_bias or need_s_out) else None
+        g_y_sum = channel_sum(g_y, cdim) if (need_bias or need_s_out) else None
         if need_x or need_s_in:
             for r in layer.row_blocks():
                 part = layer._op_input_grad(g_y[layer._channel_index(r)], layer._scaled_weight(s_out, s_in, dtype, rows=r),
                                             ctx.x_shape)
                 g_x = part if g_x is None else g_x.add_(part)
             if need_s_in:
-                g_s_in = (layer._fold_in(_channel_dot(x, g_x, cdim)) / s_in.float()).to(s_in.dtype)
+                g_s_in = (layer._fold_in(channel_dot(x, g_x, cdim)) / s_in.float()).to(s_in.dtype)
         if need_s_out:
-            g_s_out = _channel_dot(g_y, y, cdim)
+            g_s_out = channel_dot(g_y, y, cdim)
             if bias is not None:
                 g_s_out -= bias.float() * g_y_sum
             g_s_out = (g_s_out / s_out.float()).to(s_out.dtype)
@@ -190,24 +153,24 @@ class _Int8ScaledOp(torch.autograd.Function):
         layer, cdim = ctx.layer, ctx.layer.channel_dim
         g_y = g_y.float()
         g_x = g_s_in = g_s_out = g_bias = None
-        g_y_sum = _channel_sum(g_y, cdim) if (need_bias or (need_s_out and ctx.keep == "output")) else None
+        g_y_sum = channel_sum(g_y, cdim) if (need_bias or (need_s_out and ctx.keep == "output")) else None
         if need_x or need_s_in:
             for r in layer.row_blocks():
                 part = layer._op_input_grad(g_y[layer._channel_index(r)],
                                             layer._scaled_weight(s_out, s_in, torch.float32, rows=r), ctx.x_shape)
                 g_x = part if g_x is None else g_x.add_(part)
             if need_s_in:
-                g_s_in = (_channel_dot(a, g_x, cdim, scale) / s_in.float().square()).to(s_in.dtype)
+                g_s_in = (channel_dot(a, g_x, cdim, scale) / s_in.float().square()).to(s_in.dtype)
         if need_s_out:
             if ctx.keep == "output":  # Σ g_y ⊙ (y − b) / s_out
-                g_s_out = _channel_dot(g_y, kept, cdim)
+                g_s_out = channel_dot(g_y, kept, cdim)
                 if bias is not None:
                     g_s_out -= bias.float() * g_y_sum
                 g_s_out /= s_out.float()
             elif ctx.keep == "int8":
-                g_s_out = _channel_dot(kept, g_y, cdim, kept_scale)
+                g_s_out = channel_dot(kept, g_y, cdim, kept_scale)
             else:
-                g_s_out = _channel_dot(g_y, dynamic_product(layer, a, scale), cdim)
+                g_s_out = channel_dot(g_y, dynamic_product(layer, a, scale), cdim)
             g_s_out = g_s_out.to(s_out.dtype)
         if need_bias:
             g_bias = g_y_sum.reshape(bias.shape).to(bias.dtype)
@@ -226,6 +189,14 @@ class QuantizedLayer(nn.Module):
     """
 
     channel_dim: int  # the channel dimension of activations (-1 for Linear, 1 for Conv2d)
+    # runtime entries, none of them state (quant.runtime: what installs each); read by forward
+    router = runtime.RuntimeEntry(runtime.ROUTER)
+    weight_cache = runtime.RuntimeEntry(runtime.WEIGHT_CACHE)
+    kernels = runtime.RuntimeEntry(runtime.KERNELS, "auto")
+    input_quantizer = runtime.RuntimeEntry(runtime.INPUT_QUANTIZER)
+    grid = runtime.RuntimeEntry(runtime.GRID)
+    grid_budget = runtime.RuntimeEntry(runtime.GRID_BUDGET)
+    last_path = runtime.RuntimeEntry(runtime.LAST_PATH)
 
     def __init__(self, weight_shape, in_scale_features: int, bits: int, bias: bool, device=None):
         nn.Module.__init__(self)  # not the float class's __init__ (QLinear is an nn.Linear): it would build a weight
@@ -243,13 +214,7 @@ class QuantizedLayer(nn.Module):
             self.bias = None
         self.s_out = nn.ParameterList()
         self.s_in = nn.ParameterList()
-        self.router = None  # a tuning.routing.Router shared by the model's layers, set by quantize_
-        self.weight_cache = None  # a quant.weight_cache.WeightCache while sampling inside cached_weights()
-        self.kernels = "auto"  # sampling path: "auto" (quant.kernels where they apply) or "reference"
-        self.input_quantizer = None  # set by an activation quantizer (tuneqdm.ptq): params(x), fake_quantize(x)
-        self.grid = None  # the signed integers as int8, held inside quant.paths.sampling_kernels()
-        self.grid_budget = None  # [bytes left] shared by the layers of a sampling_kernels() session
-        self.last_path = None  # the path the last call took (quant.paths.kernel_report)
+        self.runtime = runtime.LayerRuntime()  # what the code driving the layer installs (the RuntimeEntry attributes)
         self.u_kept = U_KEPT  # what the int8 training backward keeps for s_out's gradient (U_KEPT_CHOICES)
 
     # ---- storage -------------------------------------------------------------------------------------------
@@ -543,9 +508,9 @@ class QConv2d(QuantizedLayer):
         self.padding, self.padding_mode = ref.padding, padding_mode
         # Non-zero padding modes and "same" padding are applied explicitly before the op; per-channel input scaling
         # commutes with any per-channel padding, so the math is unchanged.
-        self._explicit_pad = padding_mode != "zeros" or isinstance(ref.padding, str)
+        self.explicit_padding = padding_mode != "zeros" or isinstance(ref.padding, str)
         self._pad = ref._reversed_padding_repeated_twice
-        self._op_padding = (0, 0) if self._explicit_pad else ref.padding
+        self._op_padding = (0, 0) if self.explicit_padding else ref.padding
 
     @classmethod
     def empty_like(cls, module: nn.Conv2d, bits: int, device="meta") -> QConv2d:
@@ -570,7 +535,7 @@ class QConv2d(QuantizedLayer):
 
     def is_pointwise(self) -> bool:
         """A 1x1 conv that is a matmul over channels (the integer path takes it)."""
-        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self._explicit_pad
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not self.explicit_padding
                 and self._op_padding == (0, 0))
 
     def row_blocks(self) -> list[slice]:
@@ -579,7 +544,7 @@ class QConv2d(QuantizedLayer):
         return super().row_blocks()
 
     def _prepare_input(self, x):
-        if not self._explicit_pad:
+        if not self.explicit_padding:
             return x
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, self._pad, mode=mode)

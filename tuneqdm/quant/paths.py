@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import TuneQDMError
 from .kernels import DEFAULT_GRID_BYTES, DYNAMIC_BITS, GRID, INT8, REFERENCE, ActInput, check_kernels
+from . import runtime
 from .layers import QuantizedLayer
 
 DEFAULT_EXCLUDE = ("conv_in", "conv_out")  # a UNet's input and output layers keep float activations
@@ -24,7 +25,7 @@ def set_kernels(model: nn.Module, mode: str) -> None:
     check_kernels(mode)
     for m in model.modules():
         if isinstance(m, QuantizedLayer):
-            m.kernels = mode
+            m.runtime.install(runtime.KERNELS, mode)
 
 
 def kernel_report(model: nn.Module) -> dict[str, int]:
@@ -46,12 +47,13 @@ def sampling_kernels(model: nn.Module, grid_bytes: int = DEFAULT_GRID_BYTES):
         return
     budget = [grid_bytes]
     for layer in layers:
-        layer.grid_budget = budget
+        layer.runtime.install(runtime.GRID_BUDGET, budget)
     try:
         yield
     finally:
         for layer in layers:
-            layer.grid_budget, layer.grid = None, None
+            layer.runtime.remove(runtime.GRID_BUDGET)
+            layer.runtime.remove(runtime.GRID)
 
 
 class DynamicActivations:
@@ -76,10 +78,10 @@ class DynamicActivations:
         if not self._layers:
             raise TuneQDMError("dynamic activation quantization needs a tuneqdm-quantized model: quantize it first")
         for m in self._layers:
-            m.input_quantizer = self
+            m.runtime.install(runtime.INPUT_QUANTIZER, self)
         return self
 
     def remove(self) -> None:
         for m in self._layers:
-            m.input_quantizer = None
+            m.runtime.remove(runtime.INPUT_QUANTIZER)
         self._layers = []

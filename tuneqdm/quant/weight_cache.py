@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layers import QuantizedLayer
+from .runtime import WEIGHT_CACHE
 
 DEFAULT_MAX_BYTES = 256 * 2**20
 
@@ -49,9 +50,9 @@ def cached_weights(model: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES):
         return
     cache = WeightCache(max_bytes)
     for layer in layers:
-        layer.weight_cache = cache
+        layer.runtime.install(WEIGHT_CACHE, cache)
     try:
         yield cache
     finally:
         for layer in layers:
-            layer.weight_cache = None
+            layer.runtime.remove(WEIGHT_CACHE)

@@ -5,7 +5,7 @@ a generated image shows), for the 64 px images of :mod:`tuneqdm.toy.world`. Both
 augmentations (blur, down/up-sampling, noise, colour jitter, shifts, small warps) so that they also judge the blurry,
 colour-shifted images a tiny diffusion model decodes. Weights ship in ``tuneqdm/toy/weights/`` (float16 safetensors
 plus a JSON config holding the architecture, the vocabulary and the file's SHA-256); they are trained by
-``python -m tuneqdm.toy.train_evaluators``.
+``python -m recipes.train_evaluators``.
 
 Seed convention (keeps the evaluators independent of what they judge):
 

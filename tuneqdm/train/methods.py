@@ -18,7 +18,7 @@ from ..quant.layers import QConv2d
 from ..loading.denoiser import saved_quantized_denoiser
 from ..serialization import fingerprint
 from ..tuning import configure_, quantize_
-from ..tuning.model import quant_state, scale_param_groups
+from ..tuning.model import is_quantized, quant_state, scale_param_groups
 from .config import LORA_TARGETS, TrainConfig
 
 
@@ -67,7 +67,7 @@ def add_lora(unet: nn.Module, rank: int, targets: list[str]) -> list[nn.Paramete
 
 def _quantize_for(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> None:
     qc = cfg.quant_config(num_train_timesteps)
-    if getattr(unet, "_tuneqdm", None) is not None:  # a loaded --quantized_base
+    if is_quantized(unet):  # a loaded --quantized_base
         base = quant_state(unet).config
         if (base.bits, base.init) != (cfg.bits, cfg.quant_init):
             raise TuneQDMError(f"--quantized_base is W{base.bits} {base.init}, but this run asks for "
@@ -82,7 +82,7 @@ def _quantize_for(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, b
 def prepare(unet: nn.Module, cfg: TrainConfig, num_train_timesteps: int, base_id: str | None) -> tuple[nn.Module, list]:
     """The model to train (in place where possible) and its optimizer parameter groups, each with its ``lr``."""
     if cfg.method == "qlora":
-        check_lora_targets(unet, cfg.targets, quantized=getattr(unet, "_tuneqdm", None) is not None)
+        check_lora_targets(unet, cfg.targets, quantized=is_quantized(unet))
         _quantize_for(unet, cfg, num_train_timesteps, base_id)
         check_lora_targets(unet, cfg.targets, quantized=True)
         fingerprint(unet)  # of the quantized base, cached before PEFT renames its layers (to_q -> to_q.base_layer)

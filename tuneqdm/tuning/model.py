@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import TuneQDMError
 from ..families import family_of_model
 from ..quant.layers import QUANTIZED_CLASSES, QuantizedLayer
+from ..quant.runtime import ROUTER
 from .config import QuantConfig
 from .routing import Router, install_timestep_hook
 
@@ -28,6 +29,11 @@ class _QuantState:
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``quantize_`` (or loading a quantized base) made ``model`` a tuneqdm-quantized model."""
+    return getattr(model, STATE_ATTR, None) is not None
 
 
 def quant_state(model: nn.Module) -> _QuantState:
@@ -81,7 +87,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, **kwargs) -> 
     after), the rest of the model is frozen, and a forward pre-hook routes each sample to its expert by the
     ``timestep`` argument when ``model.forward`` has one (diffusers UNets and transformers do).
     """
-    if getattr(model, STATE_ATTR, None) is not None:
+    if is_quantized(model):
         raise TuneQDMError("model is already quantized; use tuneqdm.configure_ to change its method or experts")
     config = replace(config, **kwargs) if config is not None else QuantConfig(**kwargs)
     for name in layers_to_quantize(model, config):
@@ -111,7 +117,7 @@ def configure_(model: nn.Module, config: QuantConfig | None = None, **kwargs) ->
     model.requires_grad_(False)
     for layer in quantized_layers(model).values():
         layer.configure_scales(config.experts, config.train_s_in, config.train_bias)
-        layer.router = state.router
+        layer.runtime.install(ROUTER, state.router)
     state.router.config = config
     state.router.route = None
     state.config = config

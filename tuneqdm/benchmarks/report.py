@@ -19,8 +19,8 @@ from PIL import Image
 from ..errors import TuneQDMError
 from ..files import check_fields, check_version, check_writable_file, read_json, write_file_atomically
 from ..photos import IMAGE_SUFFIXES
-from .evaluate import METRICS, PHOTOS
-from .fidelity import TABLE_VERSION, cell_name
+from ..eval.evaluate import METRICS, PHOTOS
+from .fidelity import TABLE_VERSION, cell_dir, cell_name
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg", {"quality": 90}), "png": ("PNG", "image/png", {"optimize": True})}
 SCORES = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
@@ -99,7 +99,7 @@ def collect(results) -> tuple[list[dict], list[Section]]:
         for subject in sorted(subjects.iterdir() if subjects.is_dir() else [], key=lambda p: _natural(p.name)):
             section = Section(subject.name, _photos(subject, results))
             for row in table["rows"]:
-                cell = results / "cells" / cell_name(row["method"], row["bits"]) / subject.name / "eval"
+                cell = cell_dir(results, row["method"], row["bits"], subject.name) / "eval"
                 if (cell / METRICS).is_file():
                     section.columns.append(Column(cell_name(row["method"], row["bits"]), cell, _metrics(cell)))
             if section.columns:

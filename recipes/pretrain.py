@@ -1,7 +1,7 @@
 """The recipe that trains the default pipeline: a tiny Stable Diffusion, in SD's own format, on the toy world.
 
-    python -m tuneqdm.toy.pretrain --work runs/pretrain                # every stage, resumable
-    python -m tuneqdm.toy.pretrain --work runs/pretrain --export tuneqdm/toy/default_pipeline
+    python -m recipes.pretrain --work runs/pretrain                # every stage, resumable
+    python -m recipes.pretrain --work runs/pretrain --export tuneqdm/toy/default_pipeline
 
 Stages, each skipped when its output exists and resumed from its last checkpoint when interrupted:
 tokenizer (CLIP's BPE files) -> vae (AutoencoderKL, 64 px -> 16x16x4) -> latents (a fixed pool of scenes encoded
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import TuneQDMError
-from ..files import write_file_atomically
-from .pipeline import MANIFEST, check_pipeline_folder, file_digests
-from .subjects import make_instance
-from .tokenizer import write_clip_tokenizer
-from .world import caption, render, sample_scene, seed_entropy
+from tuneqdm.errors import TuneQDMError
+from tuneqdm.files import write_file_atomically
+from tuneqdm.toy.pipeline import MANIFEST, check_pipeline_folder, file_digests
+from tuneqdm.toy.subjects import make_instance
+from tuneqdm.toy.tokenizer import write_clip_tokenizer
+from tuneqdm.toy.world import caption, render, sample_scene, seed_entropy
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=8,
@@ -493,7 +493,7 @@ def export(work: Path, out: Path, use_ema: bool = True, source: Path | None = No
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tuneqdm.toy.pretrain", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m recipes.pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for stages, checkpoints and log.jsonl")
     ap.add_argument("--stages", nargs="+", default=["tokenizer", "vae", "latents", "unet"],
                     choices=["tokenizer", "vae", "latents", "unet"])

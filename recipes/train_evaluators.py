@@ -1,6 +1,6 @@
 """Train the toy world's evaluators (:mod:`tuneqdm.toy.evaluators`) on CPU, one thread.
 
-    OMP_NUM_THREADS=1 python -m tuneqdm.toy.train_evaluators --which both --out tuneqdm/toy/weights
+    OMP_NUM_THREADS=1 python -m recipes.train_evaluators --which both --out tuneqdm/toy/weights
 
 Everything is seeded from world seeds in ``[10_000_000, 20_000_000)`` (the evaluator-training range; see the module
 docstring of :mod:`tuneqdm.toy.evaluators`). Each model trains for ``--clip-steps`` / ``--dino-steps`` steps or
@@ -44,12 +44,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import TuneQDMError
-from ..eval.encoders import text_prototypes
-from ..files import write_file_atomically
-from .evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, class_prompts, load_toy_clip, place_prompts, save_evaluator)
-from .subjects import MARKINGS, PATTERNS, TOKEN, Instance, make_instance
-from .world import CLASSES, COLOURS, MARK_ANCHORS, MATERIALS, PLACES, Scene, caption, render, sample_pose, seed_entropy
+from tuneqdm.errors import TuneQDMError
+from tuneqdm.eval.encoders import text_prototypes
+from tuneqdm.files import write_file_atomically
+from tuneqdm.toy.evaluators import (CLIP_FILE, DINO_FILE, ToyCLIP, ToyDINO, class_prompts, load_toy_clip, place_prompts, save_evaluator)
+from tuneqdm.toy.subjects import MARKINGS, PATTERNS, TOKEN, Instance, make_instance
+from tuneqdm.toy.world import CLASSES, COLOURS, MARK_ANCHORS, MATERIALS, PLACES, Scene, caption, render, sample_pose, seed_entropy
 
 TRAIN_SEED = 10_000_000
 VAL_SEED = 19_000_000
@@ -411,7 +411,7 @@ def train_clip(args, out: Path) -> dict:
     val = _clip_val(model, vimg, vscenes)
     log.record(step=step, final=True, **val)
     summary = {"steps": step, "train_s": round(train_s, 1), "wall_s": round(time.time() - log.t0, 1), "val": val,
-               "seed": args.seed, "command": "python -m tuneqdm.toy.train_evaluators " + " ".join(sys.argv[1:])}
+               "seed": args.seed, "command": "python -m recipes.train_evaluators " + " ".join(sys.argv[1:])}
     save_evaluator(model, out / CLIP_FILE, {"training": summary})
     log.write(summary=summary)
     return summary
@@ -517,14 +517,14 @@ def train_dino(args, out: Path) -> dict:
     v = _dino_val(model, val)
     log.record(step=step, final=True, **v)
     summary = {"steps": step, "train_s": round(train_s, 1), "wall_s": round(time.time() - log.t0, 1), "val": v,
-               "seed": args.seed, "command": "python -m tuneqdm.toy.train_evaluators " + " ".join(sys.argv[1:])}
+               "seed": args.seed, "command": "python -m recipes.train_evaluators " + " ".join(sys.argv[1:])}
     save_evaluator(model, out / DINO_FILE, {"training": summary})
     log.write(summary=summary)
     return summary
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tuneqdm.toy.train_evaluators", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m recipes.train_evaluators", description=__doc__.split("\n")[0])
     ap.add_argument("--which", choices=("clip", "dino", "both"), default="both")
     ap.add_argument("--minutes", type=float, default=13.0, help="optimisation time budget per model")
     ap.add_argument("--clip-steps", type=int, default=1200, help="CLIP-like step budget")
