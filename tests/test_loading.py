@@ -294,13 +294,15 @@ def test_a_vae_stored_in_bfloat16_decodes_in_bfloat16_and_the_rest_in_float32(fo
 
 def test_generate_frees_the_denoiser_before_the_last_batch_decodes_when_asked(folders):
     """Decoding is a run's peak: `tuneqdm generate` (done with the pipeline after one call) frees the denoiser when
-    its last batch starts decoding, and earlier batches still have it; the images are those of a run that keeps it."""
+    its last batch starts decoding, and earlier batches still have it; a pipeline that only samples holds no VAE
+    encoder weights; the images are those of a run that keeps both."""
     from tuneqdm.sampling import generate
 
     source = resolve(folders["sd"])
     kept = generate(assemble(source, quantized_denoiser(source, QuantConfig(bits=4), cache=False)), "a red box",
                     num_images=3, num_inference_steps=2, batch_size=2)
-    pipe = assemble(source, quantized_denoiser(source, QuantConfig(bits=4), cache=False))
+    pipe = assemble(source, quantized_denoiser(source, QuantConfig(bits=4), cache=False), vae_encoder=False)
+    assert all(0 in p.stride() for p in pipe.vae.encoder.parameters()) and pipe.vae.device == torch.device("cpu")
     held_at_decoding = []
     pipe.vae.decoder.conv_in.register_forward_pre_hook(  # runs inside the decoder, after its start
         lambda m, a: held_at_decoding.append(not any(p.is_meta for p in pipe.unet.parameters())))

@@ -36,7 +36,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                   single_file_config: str | None = None, lora: str | Path | None = None,
                   lora_scale: float = 1.0, kernels: str = "auto", text_encoders: str = "stream",
                   quantized_cache: str | Path | bool | None = None):
-    """A ready diffusers pipeline.
+    """A ready diffusers pipeline, to sample from (its VAE holds the decoder only: text-to-image never encodes).
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
     ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with); a
@@ -74,7 +74,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     if kind == "scales":  # the adapter's timestep routing must agree with the scheduler before the model is built
         check_timesteps(cfg, _train_timesteps(source), adapter)
     model = _denoiser(source, kind, cfg, info, adapter, quantized_base, device, dtype, quantized_cache)
-    pipe = assemble(source, model, device, dtype, text_encoders)
+    pipe = assemble(source, model, device, dtype, text_encoders, vae_encoder=False)
     if kind == "lora":
         _load_lora_adapter(pipe, adapter, info, chosen_base)
     elif kind == "scales":

@@ -18,7 +18,7 @@ from ..libraries import dtype_kwarg, quiet_loading
 from ..shards import header
 from ..tuning.streaming import diffusers_model_class, empty_model
 from .source import Source
-from .streamed import stream
+from .streamed import placeholder, stream
 
 
 def transformers_model_class(name) -> type[nn.Module] | None:
@@ -89,24 +89,37 @@ def stored_dtypes(source: Source, name: str) -> set[str]:
     return {info["dtype"] for shard in source.weight_files(name) for info in header(shard).values()}
 
 
-def resident_vae(source: Source, device, dtype: torch.dtype = torch.float32) -> nn.Module:
+def resident_vae(source: Source, device, dtype: torch.dtype = torch.float32, encoder: bool = True) -> nn.Module:
     """The VAE, resident; an ``AutoencoderKL`` stored in bfloat16 (as FLUX.1, SD3.5 and Chroma ship it) decodes in
     bfloat16 while the rest of the model (the encoder that caches training latents) runs in ``dtype``.
 
     Decoding is where ``generate`` peaks: at 512 px a float32 SD/FLUX decoder holds about 1.2 GB of activations on
     top of the model, bfloat16 half of that, from weights that are bfloat16 to begin with (docs/benchmarks/
     real_size.md gives the measured peak and the image difference). float16 and float32 files decode in ``dtype``:
-    SD's float16 VAEs overflow."""
-    lean = (model_class(source, "vae").__name__ == "AutoencoderKL" and dtype == torch.float32
-            and stored_dtypes(source, "vae") == {"BF16"})
-    if not lean:
-        return resident(source, "vae", device, dtype)
-    vae = resident(source, "vae", device, torch.bfloat16)  # as stored: no float32 copy of the decoder, ever
+    SD's float16 VAEs overflow.
+
+    ``encoder`` False (a pipeline that only samples: text-to-image never encodes an image): an ``AutoencoderKL``'s
+    encoder holds no weights, only one-value NaN placeholders of their shapes (``streamed.placeholder``: the VAE
+    still reports its device and dtype, and a stray encode is loud)."""
+    kl = model_class(source, "vae").__name__ == "AutoencoderKL"
+    lean = kl and dtype == torch.float32 and stored_dtypes(source, "vae") == {"BF16"}
+    vae = resident(source, "vae", device, torch.bfloat16 if lean else dtype)  # as stored: no float32 decoder copy
+    unused = (vae.encoder, vae.quant_conv) if kl and not encoder else ()
     for part in vae.children():
-        if part is not vae.decoder:
+        if any(part is u for u in unused):
+            _hollow(part, dtype, device)
+        elif lean and part is not vae.decoder:
             part.to(dtype)
-    decode_in(vae.decoder, torch.bfloat16)
+    if lean:
+        decode_in(vae.decoder, torch.bfloat16)
     return vae
+
+
+def _hollow(module: nn.Module, dtype: torch.dtype, device) -> None:
+    """Every parameter of ``module`` replaced by a placeholder of its shape (no memory)."""
+    for owner in module.modules():
+        for leaf, p in list(owner.named_parameters(recurse=False)):
+            setattr(owner, leaf, nn.Parameter(placeholder(p.shape, dtype, device), requires_grad=False))
 
 
 def decode_in(decoder: nn.Module, dtype: torch.dtype) -> None:

@@ -38,9 +38,9 @@ def check_text_encoders(mode: str) -> str:
 
 
 def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: torch.dtype = torch.float32,
-             text_encoders: str = "stream", vae: bool = True):
+             text_encoders: str = "stream", vae_encoder: bool = True):
     """The source's pipeline with ``denoiser`` as its UNet or transformer (None: none), text encoders streamed or
-    resident, the VAE resident (``vae`` False: none)."""
+    resident, the VAE resident (``vae_encoder`` False: its decoder only, for pipelines that only sample)."""
     from diffusers import DiffusionPipeline
 
     check_text_encoders(text_encoders)
@@ -53,7 +53,7 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
             build = streamed if text_encoders == "stream" and source.family.streams_encoders else resident
             parts[name] = build(source, name, device, dtype)
         elif name == "vae":
-            parts[name] = resident_vae(source, device, dtype) if vae else None
+            parts[name] = resident_vae(source, device, dtype, vae_encoder)
         else:  # safety checker, image encoder: not used to draw from a prompt
             parts[name] = None
     try:
