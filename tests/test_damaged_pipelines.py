@@ -94,3 +94,64 @@ def test_a_quantized_base_of_another_architecture_is_one_line(command, folders, 
                           "pipeline's (config differs in ") and err.endswith(
         "pass the quantized base of this model, or this base's own --pretrained_model_name_or_path\n"), err
     assert err.count("\n") == 1 and not out.exists()
+
+
+FIX = "download the model again, or restore its config.json"
+CONFIG_CASES = [  # (family, file, key, value, the message after "tuneqdm: error: " with {folder})
+    ("flux", "transformer/config.json", "num_layers", 0,
+     "the transformer of {folder} ({folder}/transformer) holds 'transformer_blocks.0.attn.add_k_proj.bias', which its "
+     f"config.json's FluxTransformer2DModel does not use (32 such tensors): {FIX}"),
+    ("flux", "transformer/config.json", "guidance_embeds", False,
+     "the transformer of {folder} ({folder}/transformer) holds 'time_text_embed.guidance_embedder.linear_1.bias', "
+     f"which its config.json's FluxTransformer2DModel does not use (4 such tensors): {FIX}"),
+    ("flux", "transformer/config.json", "num_single_layers", 2,
+     "the transformer of {folder} ({folder}/transformer) lacks the weight 'single_transformer_blocks.1.norm.linear."
+     f"weight' that its config.json's FluxTransformer2DModel needs: {FIX}"),
+    ("flux", "transformer/config.json", "num_attention_heads", 4,
+     "the transformer of {folder} ({folder}/transformer) holds 'time_text_embed.timestep_embedder.linear_1.weight' "
+     f"of shape [32, 256], but its config.json's FluxTransformer2DModel needs [64, 256]: {FIX}"),
+    ("sd", "vae/config.json", "latent_channels", 8,
+     "the vae of {folder} ({folder}/vae) holds 'encoder.conv_out.weight' of shape [8, 32, 3, 3], but its "
+     f"config.json's AutoencoderKL needs [16, 32, 3, 3]: {FIX}"),
+    ("flux", "scheduler/scheduler_config.json", "num_train_timesteps", 0,
+     "the scheduler configuration of {folder} sets num_train_timesteps to 0, which must be a positive integer: "
+     "download the model again, or restore its config"),
+    ("sd3", "vae/config.json", "sample_size", 0,
+     "the vae configuration of {folder} sets sample_size to 0, which must be a positive integer: download the model "
+     "again, or restore its config"),
+]
+
+
+@pytest.mark.parametrize("family, file, key, value, message", CONFIG_CASES,
+                         ids=[f"{c[0]}-{c[2]}={c[3]}" for c in CONFIG_CASES])
+def test_a_config_that_does_not_match_its_weights_is_one_line_naming_the_tensor(family, file, key, value, message,
+                                                                                 folders, tmp_path, capsys):
+    """Before: tracebacks ("Cannot copy out of meta tensor", an IndexError in the scheduler) or, for num_layers 0 and
+    guidance_embeds false, images of another model with exit status 0 (diffusers only warned of unused weights)."""
+    import json
+
+    folder = tmp_path / family
+    shutil.copytree(folders[family], folder)
+    config = json.loads((folder / file).read_text())
+    config[key] = value
+    (folder / file).write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["generate", "--pretrained_model_name_or_path", str(folder), "--prompt", "a box",
+                 "--num_inference_steps", "1", "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == "tuneqdm: error: " + message.format(folder=folder) + "\n"
+    assert not out.exists()
+
+
+def test_train_refuses_a_mismatched_component_before_loading(folders, photos, tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "flux"
+    shutil.copytree(folders["flux"], folder)
+    config = json.loads((folder / "transformer/config.json").read_text())
+    (folder / "transformer/config.json").write_text(json.dumps({**config, "num_layers": 0}))
+    out = tmp_path / "out"
+    assert main(["train", "--pretrained_model_name_or_path", str(folder), "--instance_data_dir", str(photos),
+                 "--instance_prompt", "a sks box", "--output_dir", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"tuneqdm: error: the transformer of {folder} ({folder}/transformer) "
+                                              "holds 'transformer_blocks.0.attn.add_k_proj.bias', which its")
+    assert not out.exists()

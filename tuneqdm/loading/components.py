@@ -9,12 +9,15 @@ arbitrary module imported.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from ..errors import TuneQDMError
 from ..files import first_line
 from ..libraries import dtype_kwarg, quiet_loading
+from ..shards import header
 from ..tuning.streaming import diffusers_model_class, empty_model
 from .source import Source
 from .streamed import stream
@@ -61,6 +64,55 @@ def skeleton(source: Source, name: str, dtype: torch.dtype = torch.float32) -> n
     else:
         model = empty_model(cls, source.config(name), folder / "config.json", fix)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()  # built in float32
+
+
+_CHECKED: set = set()  # (component folder, config and shard sizes and times) already checked in this process
+
+
+def check_weights(source: Source, name: str) -> None:
+    """One line when a model component's files and its config disagree: the files hold a tensor the model its
+    config describes does not have, lack one it has (tied weights count once), or hold one of another shape; the
+    component and the first such tensor named. Read from the config and the shards' headers only (the model built
+    on the meta device), before anything loads: diffusers dropped unused weights with a warning and sampled another
+    model with exit status 0 (``num_layers`` 1 -> 0; ``guidance_embeds`` false on a checkpoint with guidance weights),
+    or failed copying out of a meta tensor. The one check of every component of every command (``resolve``)."""
+    if source.components()[name][0] == "transformers" and not source.family.streams_encoders:
+        return  # its library renames the checkpoint's tensors on load (qwenimage.py): no one-to-one names to check
+    files = source.weight_files(name)
+    folder = source.component_folder(name)
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [folder / "config.json", *files]
+                  if p.is_file())
+    if (str(folder), stamp) in _CHECKED:
+        return
+    model = skeleton(source, name)
+    where = f"the {name} of {source.title} ({folder})"
+    fix = "download the model again, or restore its config.json"
+    shapes = {key: tuple(info["shape"]) for shard in files for key, info in header(shard).items()}
+    groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append((key, p))
+    used = set()
+    for group in groups.values():
+        stored = [(key, p) for key, p in group if key in shapes]
+        if not stored:
+            raise TuneQDMError(f"{where} lacks the weight {group[0][0]!r} that its config.json's "
+                               f"{type(model).__name__} needs: {fix}")
+        used.update(key for key, _ in group)
+        for key, p in stored:
+            if shapes[key] != tuple(p.shape):
+                raise TuneQDMError(f"{where} holds {key!r} of shape {list(shapes[key])}, but its config.json's "
+                                   f"{type(model).__name__} needs {list(p.shape)}: {fix}")
+    for key, b in model.named_buffers():
+        used.add(key)
+        if key in shapes and shapes[key] != tuple(b.shape):
+            raise TuneQDMError(f"{where} holds {key!r} of shape {list(shapes[key])}, but its config.json's "
+                               f"{type(model).__name__} needs {list(b.shape)}: {fix}")
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused = sorted(k for k in set(shapes) - used if not any(r.search(k) for r in ignored))
+    if unused:
+        raise TuneQDMError(f"{where} holds {unused[0]!r}, which its config.json's {type(model).__name__} does not "
+                           f"use ({len(unused)} such tensors): {fix}")
+    _CHECKED.add((str(folder), stamp))
 
 
 def streamed(source: Source, name: str, device, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -106,11 +106,28 @@ class Source:
         for name, (library, cls) in self.components().items():
             if library == "transformers" and "Tokenizer" in cls:
                 self._check_tokenizer(name)
+        for name in self.components():
+            self._check_sizes(name)
         if not self.has_weights(self.denoiser):
             raise TuneQDMError(f"{self.folder / self.denoiser} holds no safetensors weights: pass a diffusers "
                                "pipeline saved with safetensors (e.g. save_pretrained(..., safe_serialization=True))")
         return self
 
+
+    def _check_sizes(self, name: str) -> None:
+        """A model's or scheduler's size and count settings are positive integers: a scheduler of 0 training
+        timesteps or a VAE of sample size 0 ended in tracebacks (or a size of 0 pixels) far from the file."""
+        folder = self.component_folder(name)
+        if not any((folder / f).is_file() for f in ("config.json", "scheduler_config.json")):
+            return  # tokenizers (and components diffusers reports itself)
+        config = self.config(name)
+        for key in SIZE_SETTINGS:
+            value = config.get(key) if isinstance(config, dict) else None
+            values = value if isinstance(value, list) else [value]
+            if value is not None and not (values and all(type(v) is int and v >= 1 for v in values)):
+                raise TuneQDMError(f"the {name} configuration of {self.title} sets {key} to {json.dumps(value)}, "
+                                   f"which must be a positive integer: download the model again, or restore its "
+                                   "config")
 
     def _check_tokenizer(self, name: str) -> None:
         """A tokenizer the index names has its vocabulary: without one, transformers builds an empty tokenizer and
@@ -122,6 +139,7 @@ class Source:
                                "download or save the pipeline again")
 
 
+SIZE_SETTINGS = ("num_train_timesteps", "sample_size")  # of a scheduler, of a model (a list: height and width)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt",
                    "sentencepiece.bpe.model")  # a vocabulary, in any of the formats transformers reads
 
