@@ -481,6 +481,12 @@ class Trainer:
             meta = read_json(self.resume_path / ckpt.STATE_JSON, "checkpoint")
             _refuse_changes(meta.get("identity") if isinstance(meta, dict) else None, self.identity,
                             f"checkpoint {self.resume_path}")
+            step = meta.get("step") if isinstance(meta, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool) and step > cfg.max_train_steps:
+                # before, the result was the checkpoint's, reported as "trained for --max_train_steps steps"
+                raise TuneQDMError(f"checkpoint {self.resume_path} has already trained {step} steps, more than "
+                                   f"--max_train_steps {cfg.max_train_steps}: pass --max_train_steps {step} or more "
+                                   "to continue it, or --force to start over")
         return False
 
     def _resume(self):
