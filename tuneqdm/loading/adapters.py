@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..families import denoiser, denoiser_component
+from ..families import denoiser, denoiser_component, denoiser_word
 from ..errors import TuneQDMError
 from ..files import file_tensor_digests, first_line, read_json
 from ..quant.kernels import check_kernels
+from ..quant.layers import QConv2d
 from ..quant.paths import set_kernels
 from ..results import FP_UNET, LORA_WEIGHTS, check_result
+from ..shards import header
 from ..serialization import check_timesteps, fingerprint, load_adapter, read_adapter_config
 from ..tuning.config import QuantConfig
 from ..tuning.streaming import diffusers_model_class
@@ -200,6 +202,22 @@ def _base_fix(recorded: str | None, chosen_base: bool) -> str:
     return f"pass --pretrained_model_name_or_path {recorded} (the base it was trained on), or train again on this one"
 
 
+def _check_quantized_convs(pipe, path, keys: list[str]) -> None:
+    """One line when a LoRA file wraps a Conv2d that is quantized here: PEFT wraps the quantized Linear layers only,
+    and failed with a cut-off message blaming "another architecture". The layer is found by its name in the file's
+    keys (diffusers' and PEFT's ``name.lora...``, kohya's ``name_with_underscores.lora...``)."""
+    model = denoiser(pipe)
+    for name, module in model.named_modules():
+        if not isinstance(module, QConv2d):
+            continue
+        dotted, flat = f"{name}.lora", f"{name.replace('.', '_')}.lora"
+        if any(dotted in k or flat in k for k in keys):
+            raise TuneQDMError(f"--lora {path} adapts the Conv2d {name}, which is quantized in this "
+                               f"{denoiser_word(pipe)}: a LoRA on a quantized model wraps Linear layers only: use a "
+                               "LoRA of Linear layers (e.g. --lora_targets to_q,to_k,to_v,to_out.0), or the float "
+                               "base (no --adapter of a quantized method, no --quantized_base)")
+
+
 def check_lora_scale(scale) -> float:
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TuneQDMError(f"--lora_scale must be a finite number, got {scale}")
@@ -218,6 +236,7 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
     weights = path if path.is_file() else path / LORA_WEIGHTS
     if weights.suffix == ".safetensors" and weights.is_file():  # readable and finite before it is loaded
         file_tensor_digests([weights], "LoRA", "use an undamaged copy of the LoRA")
+        _check_quantized_convs(pipe, path, list(header(weights)))
     level = dlog.get_verbosity()
     dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
     try:
