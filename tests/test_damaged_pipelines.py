@@ -155,3 +155,43 @@ def test_train_refuses_a_mismatched_component_before_loading(folders, photos, tm
     assert capsys.readouterr().err.startswith(f"tuneqdm: error: the transformer of {folder} ({folder}/transformer) "
                                               "holds 'transformer_blocks.0.attn.add_k_proj.bias', which its")
     assert not out.exists()
+
+
+def test_a_broken_denoiser_config_in_quantize_is_named_before_the_calibration_prompts(folders, tmp_path, capsys):
+    """Before: "--calib_prompts is required ...", although the folder could not have been quantized at all."""
+    import json
+
+    folder = tmp_path / "flux"
+    shutil.copytree(folders["flux"], folder)
+    config = json.loads((folder / "transformer/config.json").read_text())
+    (folder / "transformer/config.json").write_text(json.dumps({**config, "num_attention_heads": "x"}))
+    assert main(["quantize", "--pretrained_model_name_or_path", str(folder), "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tuneqdm: error: {folder}/transformer/config.json does not describe a "
+                          "FluxTransformer2DModel (") and err.endswith("): download the model again\n"), err
+    assert err.count("\n") == 1
+
+
+def test_a_weight_format_tuneqdm_cannot_read_says_convert_not_download_again(folders, tmp_path, capsys):
+    """An FP8 kind other than e4m3/e5m2 (here MX's e8m0 scales) is a whole file in a format tuneqdm does not read:
+    downloading it again cannot help."""
+    import json
+    import struct
+
+    folder = tmp_path / "flux"
+    shutil.copytree(folders["flux"], folder)
+    shard = next((folder / "transformer").glob("*.safetensors"))
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    key = sorted(k for k in head if k != "__metadata__")[0]
+    head[key]["dtype"] = "F8_E8M0"
+    text = json.dumps(head).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    assert main(["generate", "--pretrained_model_name_or_path", str(folder), "--prompt", "a box", "--out",
+                 str(tmp_path / "out"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: {shard}: tensor {key!r} is stored as 'F8_E8M0', which "
+                                       "tuneqdm cannot read (weights: F64, F32, F16, BF16, F8_E4M3, F8_E5M2): convert "
+                                       "the model to one of those (e.g. save it in bf16)\n")
