@@ -9,7 +9,11 @@ arbitrary module imported.
 
 from __future__ import annotations
 
+import collections.abc
+import json
 import re
+import types
+import typing
 
 import torch
 from torch import nn
@@ -64,6 +68,74 @@ def skeleton(source: Source, name: str, dtype: torch.dtype = torch.float32) -> n
     else:
         model = empty_model(cls, source.config(name), folder / "config.json", fix)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()  # built in float32
+
+
+def diffusers_config_class(name) -> type | None:
+    """The diffusers model or scheduler class exported under exactly ``name`` (None when there is none)."""
+    import diffusers
+
+    if not (isinstance(name, str) and name.isidentifier()):
+        return None
+    try:
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):
+        return None
+    ok = isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, diffusers.SchedulerMixin))
+    return cls if ok else None
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON ``value`` is of the annotated type ``hint`` (what is not understood here passes: a check
+    against false alarms, not a type system). ``None`` always passes: diffusers annotates many optional settings
+    without ``Optional``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None or hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, list):
+            return False
+        if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis):
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) != len(value) or all(_fits(v, a) for v, a in zip(value, args))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_config(source: Source, name: str) -> None:
+    """One line when a diffusers component's configuration sets a value of another type than its constructor
+    declares (a list where a number goes, a string for a flag): before, such a value failed deep inside the model's
+    forward or the scheduler (``padding=[]``, ``'bool' object has no attribute``) with a traceback."""
+    library, class_name = source.components()[name]
+    cls = diffusers_config_class(class_name) if library == "diffusers" else None
+    if cls is None:
+        return
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 -- an annotation this Python cannot resolve: nothing to check against
+        return
+    config = source.config(name)
+    for key, value in config.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise TuneQDMError(f"the {name} configuration of {source.title} sets {key} to "
+                               f"{json.dumps(value)[:60]}, which {class_name} does not take (it expects "
+                               f"{_hint_text(hints[key])}): download the model again, or restore its config")
+
+
+def _hint_text(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 _CHECKED: set = set()  # (component folder, config and shard sizes and times) already checked in this process

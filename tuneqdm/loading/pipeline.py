@@ -64,6 +64,11 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
     except (OSError, ValueError) as e:
         raise TuneQDMError(f"cannot load the pipeline {source.name or source.folder}: {first_line(e, None)} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
+    except (TypeError, KeyError, AttributeError, IndexError, NotImplementedError, RuntimeError) as e:
+        # a damaged configuration fails inside a component's constructor (a scheduler's beta_schedule, a count)
+        raise TuneQDMError(f"cannot build the pipeline {source.name or source.folder} from its configuration files "
+                           f"({type(e).__name__}: {first_line(e)}): download the model again, or restore its "
+                           "configs") from None
     source.family.check(pipe)
     pipeline_progress(pipe)
     return pipe

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import TuneQDMError
 from ..files import first_line, read_json
-from .components import check_weights
+from .components import check_config, check_weights
 from .single_file import single_file_source
 from .source import Source
 
@@ -53,6 +53,8 @@ def resolve(base: str | Path | None, revision: str | None = None, variant: str |
                            "diffusers pipeline folder or hub id")
     source = Source(None if base is None else str(base), folder, revision, variant,
                     read_json(index_file, "diffusers pipeline")).check()
+    for name in source.components():
+        check_config(source, name)
     for name in source.model_components():
         check_weights(source, name)
     return source
