@@ -41,6 +41,21 @@ def test_a_size_beyond_the_positional_embedding_is_one_line_naming_the_largest(c
     assert not out.exists()
 
 
+def test_a_rotary_table_bounds_the_size_too(tmp_path, capsys):
+    """Z-Image's rotary positions (axes_lens) end where SD3's learned table does: past them, an IndexError."""
+    from tiny_pipelines import tiny_zimage_pipeline
+
+    folder = tiny_zimage_pipeline(tmp_path / "zimage")
+    capsys.readouterr()  # the builder's own saving bars
+    out = tmp_path / "out"
+    assert main(["generate", "--pretrained_model_name_or_path", str(folder), "--prompt", "a box", "--width", "256",
+                 "--num_inference_steps", "1", "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == ("tuneqdm: error: --width 256 does not fit this model: the positional embedding "
+                                       "of its ZImageTransformer2DModel covers at most 128 px (axes_lens 32 rotary "
+                                       "positions of 2x2 latents): give 128 or less (its native size is 32)\n")
+    assert not out.exists()
+
+
 def test_a_size_off_the_family_grid_is_refused_naming_the_multiple(tmp_path, capsys):
     """A Flux pipeline with an 8x VAE packs 2x2 latents: sizes are multiples of 16 (diffusers resized 24 to 16)."""
     from diffusers import AutoencoderKL
