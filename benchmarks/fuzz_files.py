@@ -18,8 +18,8 @@ third outcome is allowed, ``changed``: the mutated file describes another valid 
 
 Anything else is a failure: ``different`` (a silently changed model), ``crash`` (another exception), ``multiline``
 (an error of more than one line) or ``inconsistent`` (a pipeline loaded while diffusers or transformers warned of
-weights unused, missing or newly initialized). The JSON output holds the counts per kind and mutation and the first failures;
-the exit status is 1 when there is any failure. ``tests/test_fuzz_files.py`` runs it with a small count.
+weights unused, missing or newly initialized). The JSON output holds the counts per kind and mutation and the first
+failures; the exit status is 1 when there is any failure. ``tests/test_fuzz_files.py`` runs it with a small count.
 """
 
 from __future__ import annotations

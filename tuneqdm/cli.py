@@ -455,7 +455,8 @@ def _add_train_parser(sub) -> None:
     a("--prior_loss_weight", type=float, default=1.0)
     a("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
     a("--prior_inference_steps", type=int, default=25, help="sampling steps per generated class image")
-    a("--resolution", type=int, default=None, help="square training size, a multiple of 8 up to 8192 that the model takes (default: native)")
+    a("--resolution", type=int, default=None,
+      help="square training size, a multiple of 8 up to 8192 that the model takes (default: native)")
     a("--center_crop", action="store_true", help="centre crops instead of seeded random crops")
     a("--memory_savers", action=argparse.BooleanOptionalAction, default=None,
       help="cache latents and prompt embeddings, then release the VAE and text encoders "

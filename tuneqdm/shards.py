@@ -114,7 +114,7 @@ def _parse(path: Path) -> tuple[int, dict[str, dict]]:
     for key, info in entries.items():
         if isinstance(info, dict) and info.get("dtype") not in FLOAT_DTYPES and info.get("dtype") not in OTHER_DTYPES:
             # a format safetensors defines (other FP8/FP6/FP4 kinds) is a whole file tuneqdm cannot read, not damage
-            fix = (f"convert the model to one of those (e.g. save it in bf16)" if info.get("dtype") in UNREAD_DTYPES
+            fix = ("convert the model to one of those (e.g. save it in bf16)" if info.get("dtype") in UNREAD_DTYPES
                    else REDOWNLOAD)
             raise TuneQDMError(f"{path}: tensor {key!r} is stored as {info.get('dtype')!r}, which tuneqdm cannot read "
                                f"(weights: {', '.join(FLOAT_DTYPES)}): {fix}")

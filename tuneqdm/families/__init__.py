@@ -102,8 +102,7 @@ def check_size(pipe, size: int | None, flag: str, multiple: int | None = None) -
     if size is None:
         return
     fam = family(pipe)
-    native, need = fam.native_size(pipe)
-    need = multiple or fam.size_multiple(pipe)
+    native, need = fam.native_size(pipe)[0], multiple or fam.size_multiple(pipe)
     if size % need:
         raise TuneQDMError(f"{flag} {size} does not fit this model: it must be a multiple of {need} (its native size "
                            f"is {native})")
@@ -197,7 +196,8 @@ def without_truncation_logs(pipe):
             handler.removeFilter(not_truncation)
 
 
-__all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "check_size", "denoiser", "denoiser_component",
-           "denoiser_word", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
-           "guidance_kwargs", "is_flow_matching", "native_size", "supported", "t5_limit", "t5_overflow",
-           "timestep_argument", "timestep_scale", "training_timesteps", "without_truncation_logs"]
+__all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "check_size", "denoiser",
+           "denoiser_component", "denoiser_word", "family", "family_named", "family_of_denoiser_class",
+           "family_of_model", "guidance_defaults", "guidance_kwargs", "is_flow_matching", "native_size", "supported",
+           "t5_limit", "t5_overflow", "timestep_argument", "timestep_scale", "training_timesteps",
+           "without_truncation_logs"]

@@ -107,9 +107,9 @@ class Source:
             if library == "transformers" and "Tokenizer" in cls:
                 self._check_tokenizer(name)
         if self.denoiser not in self.components():  # a model_index.json entry deleted or of another shape
-            raise TuneQDMError(f"{self.folder / 'model_index.json'} names no {self.denoiser} component (the denoiser of "
-                               f"a {self.pipeline_class}, as [library, class]): download the model again, or restore "
-                               "its model_index.json")
+            raise TuneQDMError(f"{self.folder / 'model_index.json'} names no {self.denoiser} component (the "
+                               f"denoiser of a {self.pipeline_class}, as [library, class]): download the model again, "
+                               "or restore its model_index.json")
         for name in self.components():
             self._check_sizes(name)
         if not self.has_weights(self.denoiser):
