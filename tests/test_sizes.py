@@ -26,7 +26,15 @@ SD3_MESSAGE = ("tuneqdm: error: {flag} 256 does not fit this model: the position
 
 @pytest.mark.parametrize("command", ("generate", "train", "quantize-activations"))
 def test_a_size_beyond_the_positional_embedding_is_one_line_naming_the_largest(command, sd3, photos, tmp_path,
-                                                                              capsys):
+                                                                              capsys, monkeypatch):
+    """Refused before any weight of the denoiser is read (train: on its skeleton; generate and quantize-activations:
+    on the pipeline's configs, before load_pipeline builds the denoiser)."""
+    import tuneqdm.loading.adapters
+
+    def no_denoiser(*args):
+        raise AssertionError("the denoiser was loaded before the size was checked")
+
+    monkeypatch.setattr(tuneqdm.loading.adapters, "_denoiser", no_denoiser)
     (tmp_path / "p.txt").write_text("a box\n")
     out = tmp_path / "out"
     argv = {"generate": ["generate", "--prompt", "a box", "--height", "256", "--out", str(out)],

@@ -27,7 +27,7 @@ from ..tuning.streaming import diffusers_model_class
 from ..libraries import dtype_kwarg, load_lora_weights
 from .cache import QuantizedCache
 from .denoiser import float_denoiser, quantized_denoiser, saved_quantized_denoiser
-from .pipeline import assemble, float_fingerprint
+from .pipeline import assemble, check_sizes, float_fingerprint
 from .resolver import resolve
 from .source import DEFAULT_BASE_ID, base_from_id, read_base_id
 
@@ -37,7 +37,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                   revision: str | None = None, variant: str | None = None,
                   single_file_config: str | None = None, lora: str | Path | None = None,
                   lora_scale: float = 1.0, kernels: str = "auto", text_encoders: str = "stream",
-                  quantized_cache: str | Path | bool | None = None):
+                  quantized_cache: str | Path | bool | None = None, height: int | None = None,
+                  width: int | None = None):
     """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
@@ -54,7 +55,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation
     quantization). ``text_encoders``: ``stream`` (read module by module from their files as they run) or
     ``resident``. ``quantized_cache``: the folder quantized bases are reused from and written to (None: the default,
-    see ``tuneqdm.loading.cache``; False: none).
+    see ``tuneqdm.loading.cache``; False: none). ``height``/``width``: the image size the caller will sample at,
+    checked against the models' configs before any weight is read.
     """
     if lora is not None:
         check_lora_scale(lora_scale)
@@ -73,6 +75,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
     source = resolve(base, revision, variant, single_file_config)
+    check_sizes(source, height, width)
     if kind == "scales":  # the adapter's timestep routing must agree with the scheduler before the model is built
         check_timesteps(cfg, _train_timesteps(source), adapter)
     model = _denoiser(source, kind, cfg, info, adapter, quantized_base, device, dtype, quantized_cache)
