@@ -207,3 +207,24 @@ def test_a_weight_format_tuneqdm_cannot_read_says_convert_not_download_again(fol
     assert capsys.readouterr().err == (f"tuneqdm: error: {shard}: tensor {key!r} is stored as 'F8_E8M0', which "
                                        "tuneqdm cannot read (weights: F64, F32, F16, BF16, F8_E4M3, F8_E5M2): convert "
                                        "the model to one of those (e.g. save it in bf16)\n")
+
+
+def test_components_no_pipeline_tuneqdm_assembles_uses_are_not_checked(folders, tmp_path):
+    """A safety checker (SD 1.5 ships one, of the library "stable_diffusion") is left out of every pipeline tuneqdm
+    assembles, so the config-and-weights check leaves it alone too (it could not even build its class)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tuneqdm.loading import resolve
+
+    folder = tmp_path / "sd"
+    shutil.copytree(folders["sd"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(
+        {**index, "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]}))
+    (folder / "safety_checker").mkdir()
+    (folder / "safety_checker/config.json").write_text(json.dumps({"_class_name": "StableDiffusionSafetyChecker"}))
+    save_file({"x": torch.zeros(2)}, folder / "safety_checker/diffusion_pytorch_model.safetensors")
+    assert resolve(str(folder)).used_components() == ["text_encoder", "unet", "vae"]

@@ -82,7 +82,8 @@ def check_sizes(source: Source, height: int | None = None, width: int | None = N
         return
     from diffusers import DiffusionPipeline
 
-    parts = {name: skeleton(source, name) for name in source.model_components()}
+    used = source.used_components()  # the others (a safety checker) are left out, as ``assemble`` leaves them
+    parts = {name: skeleton(source, name) if name in used else None for name in source.model_components()}
 
     quiet_loading()
     with _without_logged_errors("diffusers"):

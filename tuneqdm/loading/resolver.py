@@ -55,7 +55,7 @@ def resolve(base: str | Path | None, revision: str | None = None, variant: str |
                     read_json(index_file, "diffusers pipeline")).check()
     for name in source.components():
         check_config(source, name)
-    for name in source.model_components():
+    for name in source.used_components():
         check_weights(source, name)
     return source
 

@@ -94,6 +94,12 @@ class Source:
         """The components that are models with weight files (denoiser, VAE, text encoders, ...)."""
         return [name for name in self.components() if self.has_weights(name)]
 
+    def used_components(self) -> list[str]:
+        """The model components a text-to-image call runs (denoiser, VAE, text encoders), which tuneqdm builds; the
+        others (a safety checker, an image encoder) are left out of every pipeline it assembles."""
+        return [name for name in self.model_components()
+                if name in (self.denoiser, "vae") or name.startswith("text_encoder")]
+
     def has_weights(self, name: str) -> bool:
         folder = self.component_folder(name)
         return folder.is_dir() and any(folder.glob("*.safetensors*"))
