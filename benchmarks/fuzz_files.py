@@ -1,4 +1,5 @@
-"""Fuzzer of tuneqdm's files: seeded mutations of saved adapters, quantized-base folders and checkpoints.
+"""Fuzzer of tuneqdm's files: seeded mutations of saved adapters, quantized-base folders, checkpoints, LoRA and
+fine-tuned results, DGQ activation folders, pipeline folders and report inputs.
 
     python benchmarks/fuzz_files.py --cases 300 --seed 0 --out fuzz.json
 
@@ -10,14 +11,21 @@ an extra or a missing file) and loads it. Every case must end in one of two outc
   trainable tensors, optimizer, lr-scheduler and RNG states after ``restore``);
 - ``refused``: a one-line ``TuneQDMError``.
 
-Anything else is a failure: ``different`` (a silently changed model), ``crash`` (another exception) or ``multiline``
-(an error of more than one line). The JSON output holds the counts per kind and mutation and the first failures;
-the exit status is 1 when there is any failure. ``tests/test_fuzz_files.py`` runs it with a small count.
+Pipeline folders (the embedded toy pipeline: ``model_index.json``, each component's ``config.json``, the scheduler's
+config) and report inputs (an evaluation's ``metrics.json``) carry no digests: only those files are mutated, and a
+third outcome is allowed, ``changed``: the mutated file describes another valid pipeline or record, which loads
+(one image sampled) or renders consistently.
+
+Anything else is a failure: ``different`` (a silently changed model), ``crash`` (another exception), ``multiline``
+(an error of more than one line) or ``inconsistent`` (a pipeline loaded while diffusers or transformers warned of
+weights unused, missing or newly initialized). The JSON output holds the counts per kind and mutation and the first
+failures; the exit status is 1 when there is any failure. ``tests/test_fuzz_files.py`` runs it with a small count.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -31,10 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KINDS = ("adapter", "quantized_base", "checkpoint", "lora_result", "fp_result", "activations")
+KINDS = ("adapter", "quantized_base", "checkpoint", "lora_result", "fp_result", "activations", "pipeline", "report")
 MUTATIONS = ("payload_bit", "header_bit", "truncate", "append", "json_delete", "json_retype", "json_change",
              "extra_file", "missing_file")
-FAILURES = ("different", "crash", "multiline")
+# pipeline folders and report inputs carry no digests (a hub download, an evaluation's record): their configuration
+# files are mutated, whole or edited, and a mutation may describe another valid model or record
+CONFIG_MUTATIONS = ("truncate", "json_delete", "json_retype", "json_change", "missing_file")
+# "changed": the pipeline or record loaded consistently as another valid one (pipeline and report kinds only);
+# "inconsistent": a pipeline loaded while its libraries warned of weights unused, missing or newly initialized
+FAILURES = ("different", "crash", "multiline", "inconsistent")
+CHANGEABLE = ("pipeline", "report")  # kinds whose mutated files may validly describe something else
 
 
 # ---- tiny subjects ---------------------------------------------------------------------------------------------
@@ -226,8 +240,115 @@ class Subject:
                 "info": q.info, "layers": {n: (p.conv, p.dims, p.channel_labels, p.position_labels, p.lo, p.hi)
                                             for n, p in q.layers.items()}}
 
+    # pipeline: the embedded toy pipeline's folder (weights hard-linked: only its configuration files are mutated),
+    # loaded as `tuneqdm generate` loads a base and sampled for one image
+    def _setup_pipeline(self):
+        import os
+
+        from tuneqdm.toy.pipeline import DEFAULT_PIPELINE_DIR
+
+        def link_weights(src, dst):
+            return os.link(src, dst) if src.endswith(".safetensors") else shutil.copy2(src, dst)
+
+        self.folder = self.root / "pristine"
+        shutil.copytree(DEFAULT_PIPELINE_DIR, self.folder)  # a copy: the cases' links never reach the package
+        self.copy_function = link_weights
+        self.want = self._load_pipeline(self.folder)
+
+    @staticmethod
+    def _load_pipeline(folder):
+        from tuneqdm.loading import load_pipeline
+        from tuneqdm.sampling import generate
+
+        with _weight_notices() as notices:
+            pipe = load_pipeline(str(folder))
+        if notices:
+            raise Inconsistent(notices[0])
+        image = generate(pipe, "a red box on the beach", 1, num_inference_steps=2, seed=0)[0]
+        return {"class": type(pipe).__name__, "image": np.asarray(image)}
+
+    # report: an evaluation folder as `tuneqdm evaluate` writes it (metrics.json, images/, photos/), rendered
+    def _setup_report(self):
+        from PIL import Image
+
+        folder = self.root / "pristine"
+        (folder / "images").mkdir(parents=True)
+        (folder / "photos").mkdir()
+        rng = np.random.default_rng(5)
+        for name in ("images/000_0.png", "images/000_1.png", "images/001_0.png", "images/001_1.png", "photos/0.png"):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+        prompts = [{"prompt": p, "clip_t_text": p.replace("sks ", ""), "seeds": [1000 * i, 1000 * i + 1],
+                    "dino": 0.1 * i + 0.05, "clip_i": 0.6 + 0.01 * i, "clip_t": 0.2 - 0.01 * i}
+                   for i, p in enumerate(("a sks box on the beach", "a red sks box"))]
+        metrics = {"format_version": 1, "dino": 0.1, "clip_i": 0.605, "clip_t": 0.195, "subject_encoder": "toy-dino",
+                   "clip_encoder": "toy-clip", "clip_t_keeps_token": False, "token": "sks", "images_per_prompt": 2,
+                   "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 0, "real_images": 1, "adapter": None,
+                   "base": None, "quantized_base": None, "instance_data_dir": "photos", "prompts": "p.txt",
+                   "evaluator": "toy", "class_word": "box", "revision": None, "variant": None,
+                   "single_file_config": None, "per_prompt": prompts}
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        self.folder = folder
+        self.want = self._load_report(folder)
+
+    @staticmethod
+    def _load_report(folder):
+        from tuneqdm.eval.report import render
+
+        return {"page": render(folder, "png").replace(str(folder), "FOLDER").replace(folder.name, "FOLDER")}
+
+    def editable(self, folder: Path) -> list[Path] | None:
+        """The files this kind's mutations touch (None: every file): a pipeline's configurations (model_index.json,
+        each component's config.json, the scheduler's), a report's metrics.json."""
+        if self.kind == "pipeline":
+            return sorted([folder / "model_index.json", *folder.glob("*/config.json"),
+                           *folder.glob("*/scheduler_config.json")])
+        if self.kind == "report":
+            return [folder / "metrics.json"]
+        return None
+
+    @property
+    def mutations(self) -> tuple[str, ...]:
+        return CONFIG_MUTATIONS if self.kind in CHANGEABLE else MUTATIONS
+
     def load(self, folder):
         return getattr(self, f"_load_{self.kind}")(folder)
+
+
+class Inconsistent(Exception):
+    """A pipeline loaded while diffusers or transformers warned that weights were unused, missing or initialized."""
+
+
+WEIGHT_NOTICES = ("were not used when initializing", "newly initialized", "were not initialized", "missing keys",
+                  "unexpected keys", "Missing key", "Unexpected key")
+
+
+@contextlib.contextmanager
+def _weight_notices():
+    """The warnings (logged or raised) of diffusers and transformers about weights a load did not match."""
+    import logging
+    import warnings
+
+    found: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING and any(n in text for n in WEIGHT_NOTICES):
+                found.append(text.splitlines()[0][:200])
+
+    catch = Catch()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(catch)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+        found += [str(w.message).splitlines()[0][:200] for w in caught
+                  if any(n in str(w.message) for n in WEIGHT_NOTICES)]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(catch)
 
 
 def _rng_states():
@@ -281,8 +402,8 @@ def _flip(rng, folder, header: bool) -> str:
     return f"{path.name}: bit {bit} of byte {pos}"
 
 
-def _truncate(rng, folder) -> str:
-    path = rng.choice(_files(folder, ".safetensors") + _files(folder, ".json"))
+def _truncate(rng, folder, editable=None) -> str:
+    path = rng.choice(editable or _files(folder, ".safetensors") + _files(folder, ".json"))
     data = path.read_bytes()
     cut = rng.randrange(0, len(data))
     path.write_bytes(data[:cut])
@@ -325,8 +446,8 @@ def _other_value(rng, value):
     return rng.choice([0, "x", 1.5])
 
 
-def _json_edit(rng, folder, how: str) -> str:
-    path = rng.choice(_files(folder, ".json"))
+def _json_edit(rng, folder, how: str, editable=None) -> str:
+    path = rng.choice(editable or _files(folder, ".json"))
     obj = json.loads(path.read_text())
     keys = _pick_path(rng, obj)
     if not keys:
@@ -354,20 +475,21 @@ def _extra_file(rng, folder) -> str:
     return name
 
 
-def _missing_file(rng, folder) -> str:
-    path = rng.choice(sorted(p for p in folder.rglob("*") if p.is_file()))
+def _missing_file(rng, folder, editable=None) -> str:
+    path = rng.choice(editable or sorted(p for p in folder.rglob("*") if p.is_file()))
     path.unlink()
     return path.name
 
 
-def mutate(rng: random.Random, folder: Path, mutation: str) -> str:
-    """Apply one mutation to the files of ``folder``; returns what was done."""
+def mutate(rng: random.Random, folder: Path, mutation: str, editable: list[Path] | None = None) -> str:
+    """Apply one mutation to the files of ``folder`` (``editable``: only to those); returns what was done."""
     if mutation in ("payload_bit", "header_bit"):
         return _flip(rng, folder, header=mutation == "header_bit")
     if mutation.startswith("json_"):
-        return _json_edit(rng, folder, mutation)
-    return {"truncate": _truncate, "append": _append, "extra_file": _extra_file,
-            "missing_file": _missing_file}[mutation](rng, folder)
+        return _json_edit(rng, folder, mutation, editable)
+    if mutation in ("extra_file", "append"):
+        return {"extra_file": _extra_file, "append": _append}[mutation](rng, folder)
+    return {"truncate": _truncate, "missing_file": _missing_file}[mutation](rng, folder, editable)
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
@@ -379,9 +501,15 @@ def classify(subject: Subject, folder: Path) -> tuple[str, str]:
         got = subject.load(folder)
     except TuneQDMError as e:
         return ("multiline" if "\n" in str(e) else "refused"), str(e)[:300]
+    except Inconsistent as e:
+        return "inconsistent", str(e)
     except Exception as e:  # noqa: BLE001 -- the fuzzer's whole point: any other exception is a finding
         return "crash", f"{type(e).__name__}: {str(e)[:300]}"
-    return ("identical", "") if same(got, subject.want) else ("different", "loaded a model that differs")
+    if same(got, subject.want):
+        return "identical", ""
+    if subject.kind in CHANGEABLE:
+        return "changed", "loaded consistently as another valid configuration"
+    return "different", "loaded a model that differs"
 
 
 def strip_digests(folder: Path) -> None:
@@ -399,14 +527,15 @@ def fuzz(kind: str, cases: int, seed: int = 0, workdir: Path | None = None, with
         subject = Subject(kind, root)
         if without_digests:
             strip_digests(subject.folder)
-        by_mutation = {m: {} for m in MUTATIONS}
+        mutations = subject.mutations
+        by_mutation = {m: {} for m in mutations}
         failures = []
         for i in range(cases):
-            mutation = MUTATIONS[i % len(MUTATIONS)]
+            mutation = mutations[i % len(mutations)]
             rng = random.Random(seed * 1_000_003 + i)
             folder = root / f"case-{i}"
-            shutil.copytree(subject.folder, folder)
-            what = mutate(rng, folder, mutation)
+            shutil.copytree(subject.folder, folder, copy_function=getattr(subject, "copy_function", shutil.copy2))
+            what = mutate(rng, folder, mutation, subject.editable(folder))
             outcome, detail = classify(subject, folder)
             counts = by_mutation[mutation]
             counts[outcome] = counts.get(outcome, 0) + 1

@@ -57,6 +57,19 @@ def _commands(base, photos, adapter, tmp, prompts):
 COMMANDS = ["demo", "train", "generate", "evaluate", "fid", "quantize", "quantize-activations", "benchmark"]
 
 
+def test_streaming_quantize_shows_its_tensors_and_bytes(base, tmp_path, capsys):
+    """The streamed path (minmax/mse without a calibration pass) reads the model tensor by tensor: its one bar
+    counts both (issue 31 asked for tensors and bytes; the bar counted bytes only)."""
+    assert main(["quantize", "--pretrained_model_name_or_path", str(base), "--calibrate", "minmax",
+                 "--no-split_shortcuts", "--out", str(tmp_path / "w4")]) == 0
+    from safetensors import safe_open
+
+    err = capsys.readouterr().err
+    with safe_open(next((base / "unet").glob("*.safetensors")), "pt") as f:
+        tensors = len(f.keys())
+    assert "quantizing the UNet to 4 bits (minmax): 100%" in err and f"{tensors}/{tensors} tensors" in err, err
+
+
 @pytest.mark.parametrize("name", COMMANDS)
 def test_long_commands_show_progress_and_quiet_silences_it(name, base, photos, adapter, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"

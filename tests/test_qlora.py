@@ -320,3 +320,28 @@ def test_fidelity_benchmark_runs_qlora_at_both_bit_widths(base, tmp_path):
     lora = add_lora(unet, rank=4, targets=list(LORA_TARGETS))
     assert all(r["trainable_params"] == sum(p.numel() for p in lora) for r in rows.values())
     assert all(r["learning_rate"] == 1e-4 for r in rows.values())  # diffusers' LoRA default, not a relative rate
+
+
+def test_a_conv_lora_on_a_quantized_unet_says_which_conv_is_quantized(base, tmp_path, recwarn):
+    """Before: a cut-off PEFT message ("... the following modules are supported: `torch.nn.Linear`, ...C)") blaming
+    "another architecture", after a multi-line PEFT RuntimeWarning."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from tuneqdm.loading import add_lora_file
+
+    unet = tuneqdm.load_pipeline(base=str(base)).unet
+    add_lora(unet, rank=2, targets=["conv1", "to_q"])
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True)
+    w4 = tuneqdm.load_pipeline(base=str(base))
+    tuneqdm.quantize_(w4.unet, tuneqdm.QuantConfig(bits=4, method="peqa", init="minmax"))
+    with pytest.raises(TuneQDMError) as e:
+        add_lora_file(w4, tmp_path)
+    assert str(e.value) == (f"--lora {tmp_path} adapts the Conv2d down_blocks.0.resnets.0.conv1, which is quantized "
+                            "in this UNet: a LoRA on a quantized model wraps Linear layers only: use a LoRA of Linear "
+                            "layers (e.g. --lora_targets to_q,to_k,to_v,to_out.0), or the float base (no --adapter of "
+                            "a quantized method, no --quantized_base)")
+    assert not [w for w in recwarn if "PEFT" in str(w.message)]

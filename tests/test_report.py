@@ -261,3 +261,21 @@ def test_a_damaged_metrics_json_is_one_line(edit, error, bench, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(error, err), err
     assert not (crafted / "report.html").exists()
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("guidance_scale", None, "guidance ?,"),  # deleted: was a KeyError (found by benchmarks/fuzz_files.py)
+    ("clip_t_keeps_token", None, "rare token ?)"),
+    ("clip_t_keeps_token", {"a": 1}, "rare token ?)"),  # another type: was "unhashable type: 'dict'"
+])
+def test_a_missing_or_odd_setting_of_the_record_shows_as_a_question_mark(key, value, shown, bench, tmp_path):
+    crafted = tmp_path / "ev"
+    shutil.copytree(bench / "cells" / "peqa-w4" / "s0" / "eval", crafted)
+    metrics = json.loads((crafted / "metrics.json").read_text())
+    if value is None:
+        del metrics[key]
+    else:
+        metrics[key] = value
+    (crafted / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(crafted)]) == 0
+    assert shown in (crafted / "report.html").read_text()

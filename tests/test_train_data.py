@@ -112,7 +112,7 @@ def test_rare_token_check():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--resolution", "60"], "--resolution must be a positive multiple of 8, got 60"),
+    (["--resolution", "60"], "--resolution must be a positive multiple of 8 up to 8192, got 60"),
     (["--method", "s1"], "--method s1 needs --s1_intervals, e.g. --s1_intervals 0-250"),
     (["--method", "s1", "--s1_intervals", "0:250"],
      "--s1_intervals '0:250': write intervals as A-B[,C-D], e.g. 0-250"),

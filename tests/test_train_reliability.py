@@ -548,3 +548,18 @@ def test_report_to_tensorboard_writes_events_beside_the_jsonl_log(base, photos, 
     train(TrainConfig(**settings(base, photos, out, max_train_steps=2, report_to="tensorboard")))
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+
+
+def test_resuming_a_checkpoint_past_max_train_steps_says_so_instead_of_claiming_fewer_steps(base, photos, tmp_path,
+                                                                                           capsys):
+    """Before, resuming checkpoint-2 with --max_train_steps 1 wrote the checkpoint's 2-step state as the result and
+    printed "trained tuneqdm for 1 steps"."""
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed"):
+        train(TrainConfig(**settings(base, photos, out)), callbacks=[killed_at(3)])
+    argv = argv_of(settings(base, photos, out, max_train_steps=1)) + ["--resume_from_checkpoint", "latest"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"tuneqdm: error: checkpoint {out / 'checkpoints' / 'checkpoint-2'} has "
+                                       "already trained 2 steps, more than --max_train_steps 1: pass "
+                                       "--max_train_steps 2 or more to continue it, or --force to start over\n")
+    assert not (out / "adapter.safetensors").exists()

@@ -65,7 +65,7 @@ def _generate(args) -> None:
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
                          lora_scale=1.0 if args.lora_scale is None else args.lora_scale, kernels=args.kernels,
-                         **_version(args), **_loading(args))
+                         height=args.height, width=args.width, **_version(args), **_loading(args))
     scheduler = set_scheduler(pipe, args.scheduler)
     model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
@@ -220,7 +220,7 @@ def _quantize_activations(args) -> None:
                               args.force, ACTIVATION_FILES, "activation parameters")
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
     pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
-                         **_version(args), **_loading(args))
+                         height=args.height, width=args.width, **_version(args), **_loading(args))
     set_scheduler(pipe, args.scheduler)
     q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
                         samples=args.calib_samples, base=args.pretrained_model_name_or_path,
@@ -454,7 +454,8 @@ def _add_train_parser(sub) -> None:
     a("--prior_loss_weight", type=float, default=1.0)
     a("--sample_batch_size", type=int, default=4, help="batch size when generating class images")
     a("--prior_inference_steps", type=int, default=25, help="sampling steps per generated class image")
-    a("--resolution", type=int, default=None, help="square training size, a multiple of 8 (default: native)")
+    a("--resolution", type=int, default=None,
+      help="square training size, a multiple of 8 up to 8192 that the model takes (default: native)")
     a("--center_crop", action="store_true", help="centre crops instead of seeded random crops")
     a("--memory_savers", action=argparse.BooleanOptionalAction, default=None,
       help="cache latents and prompt embeddings, then release the VAE and text encoders "

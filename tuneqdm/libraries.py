@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from importlib.metadata import version
 
 from packaging.version import Version
@@ -41,7 +42,10 @@ def load_lora_weights(pipe, source, adapter_name: str | None = None) -> None:
     ``lora_state_dict`` (every LoRA format the loader reads), ``load_lora_into_transformer`` (PEFT wraps the
     quantized Linear as on any other model), ``load_lora_into_text_encoder``. A LoRA that needs the widening (a
     Control LoRA: norm layers, wider input) cannot apply to packed integers and raises ``ValueError``."""
-    with _without_notices("diffusers", "No LoRA keys associated"):
+    with _without_notices("diffusers", "No LoRA keys associated"), warnings.catch_warnings():
+        # PEFT's multi-line notice that the config it inferred names more modules than the file holds (it does for
+        # diffusers' own LoRAs): not tuneqdm's user's concern
+        warnings.filterwarnings("ignore", message="While injecting the PEFT adapters", category=RuntimeWarning)
         _load_lora_weights(pipe, source, adapter_name)
 
 

@@ -11,6 +11,7 @@ import torch
 from .families import (call_kwargs, denoiser, family, guidance_kwargs, is_flow_matching, t5_overflow,
                        without_truncation_logs)
 from .errors import TuneQDMError, TuneQDMWarning
+from .files import first_line
 from .hooks import on_call
 from .memory import trim_heap
 from .progress import progress
@@ -156,8 +157,15 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
             n = min(batch_size, num_images - start)
             last_batch[0] = start + n == num_images
             gens = [generator(seed + start + i) for i in range(n)]
-            out = pipe(prompt=[prompt] * n, num_inference_steps=num_inference_steps, generator=gens, output_type="pil",
-                       **guidance_kwargs(pipe, guidance_scale, n, negative_prompt), **extra)
+            try:
+                out = pipe(prompt=[prompt] * n, num_inference_steps=num_inference_steps, generator=gens,
+                           output_type="pil", **guidance_kwargs(pipe, guidance_scale, n, negative_prompt), **extra)
+            except (RuntimeError, TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError) as e:
+                # a configuration value of the right type that no model runs with (a padding of [], a token id
+                # beyond the vocabulary) fails only here, deep in a component's forward
+                raise TuneQDMError(f"sampling {type(pipe).__name__} failed ({type(e).__name__}: "
+                                   f"{first_line(e)}): a configuration file of the pipeline may be damaged: download "
+                                   "the model again, or restore its configs") from None
             images += out.images
             bar.update(n)
     return images

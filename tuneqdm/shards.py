@@ -29,6 +29,7 @@ FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 OTHER_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
+UNREAD_DTYPES = ("F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64", "U16", "U32", "U64")  # safetensors' other dtypes
 REDOWNLOAD = "download the model again"
 SAMPLE_BYTES = 8192  # of each tensor's start and end, for the content fingerprint
 
@@ -112,8 +113,11 @@ def _parse(path: Path) -> tuple[int, dict[str, dict]]:
     data = size - 8 - length
     for key, info in entries.items():
         if isinstance(info, dict) and info.get("dtype") not in FLOAT_DTYPES and info.get("dtype") not in OTHER_DTYPES:
+            # a format safetensors defines (other FP8/FP6/FP4 kinds) is a whole file tuneqdm cannot read, not damage
+            fix = ("convert the model to one of those (e.g. save it in bf16)" if info.get("dtype") in UNREAD_DTYPES
+                   else REDOWNLOAD)
             raise TuneQDMError(f"{path}: tensor {key!r} is stored as {info.get('dtype')!r}, which tuneqdm cannot read "
-                               f"(weights: {', '.join(FLOAT_DTYPES)}): {REDOWNLOAD}")
+                               f"(weights: {', '.join(FLOAT_DTYPES)}): {fix}")
         if not _well_formed(info):
             raise TuneQDMError(f"{path}: tensor {key!r} has an unreadable entry: {REDOWNLOAD}")
         dtype = FLOAT_DTYPES.get(info["dtype"]) or OTHER_DTYPES[info["dtype"]]

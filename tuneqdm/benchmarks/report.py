@@ -45,6 +45,8 @@ _FIELDS = {"format_version": int, "per_prompt": list, "dino?": (float, type(None
            "clip_t?": (float, type(None)), "adapter?": (str, type(None)), "quantized_base?": (str, type(None)),
            "base?": (str, type(None)), "instance_data_dir?": (str, type(None))}
 _PROMPT_FIELDS = {"prompt": str, "seeds": list, "dino?": float, "clip_i?": float, "clip_t?": float}
+SETTINGS = ("images_per_prompt", "num_inference_steps", "guidance_scale", "seed", "subject_encoder", "clip_encoder",
+            "clip_t_keeps_token")  # the page's settings line: any value is shown, escaped
 MAX_IMAGES = 64  # per prompt and column: more is no page, and a crafted count must not read a whole disk
 
 
@@ -228,12 +230,14 @@ def render(results, fmt: str = "jpeg") -> str:
     if not sections:
         raise TuneQDMError(f"{results} has no finished evaluations yet: report it when the benchmark has finished "
                            "a cell")
-    first = sections[0].columns[0].metrics
+    first = {k: "?" for k in SETTINGS} | sections[0].columns[0].metrics  # a settings key missing: a "?" on the page
     title = f"tuneqdm report: {Path(results).resolve().name}"
+    keeps = first["clip_t_keeps_token"]
+    kept = "kept" if keeps is True else "dropped" if keeps is False else "?"
     settings = (f"{len(sections)} subject(s); {first['images_per_prompt']} images per prompt, "
                 f"{first['num_inference_steps']} steps, guidance {first['guidance_scale']}, seed {first['seed']}; "
                 f"evaluators {first['subject_encoder']} (DINO) and {first['clip_encoder']} (CLIP-I, CLIP-T; rare "
-                f"token {'kept' if first['clip_t_keeps_token'] else 'dropped'}). Images shown as {fmt.upper()}; "
+                f"token {kept}). Images shown as {fmt.upper()}; "
                 f"scores were computed on the PNGs.")
     nav = " ".join(f"<a href='#{html.escape(s.name)}'>{html.escape(s.name)}</a>" for s in sections)
     body = "\n".join(_section(s, fmt) for s in sections)

@@ -102,9 +102,32 @@ def native_size(pipe) -> tuple[int, int]:
     return family(pipe).native_size(pipe)
 
 
+def check_size(pipe, size: int | None, flag: str, multiple: int | None = None) -> None:
+    """One line when an image side of ``size`` pixels (None: the native one) does not fit the pipeline's denoiser:
+    not a multiple of what its latent grid and patches need (diffusers would resize it silently, or fail), or beyond
+    what its positional embedding covers (a traceback deep in the model). The one rule of every command's sizes;
+    ``multiple`` (None: the family's sampling multiple) is training's stricter one."""
+    if size is None:
+        return
+    fam = family(pipe)
+    native, need = fam.native_size(pipe)[0], multiple or fam.size_multiple(pipe)
+    if size % need:
+        raise TuneQDMError(f"{flag} {size} does not fit this model: it must be a multiple of {need} (its native size "
+                           f"is {native})")
+    bound = fam.max_size(pipe)
+    if bound is not None and size > bound[0]:
+        model = type(getattr(pipe, fam.attribute)).__name__
+        raise TuneQDMError(f"{flag} {size} does not fit this model: the positional embedding of its {model} covers "
+                           f"at most {bound[0]} px ({bound[1]}): give {bound[0]} or less (its native size is "
+                           f"{native})")
+
+
 def call_kwargs(pipe, height: int | None = None, width: int | None = None,
                 max_sequence_length: int | None = None) -> dict:
-    """The keyword arguments of ``pipe(...)`` that differ by family (see ``Family.call_kwargs``)."""
+    """The keyword arguments of ``pipe(...)`` that differ by family (see ``Family.call_kwargs``), the sizes checked
+    (``check_size``)."""
+    check_size(pipe, height, "--height")
+    check_size(pipe, width, "--width")
     return family(pipe).call_kwargs(pipe, height, width, max_sequence_length)
 
 
@@ -189,7 +212,8 @@ def without_truncation_logs(pipe):
             handler.removeFilter(not_truncation)
 
 
-__all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "denoiser", "denoiser_component",
-           "denoiser_word", "example_commands", "family", "family_named", "family_of_denoiser_class", "family_of_model", "guidance_defaults",
-           "guidance_kwargs", "is_flow_matching", "model_timesteps", "native_size", "supported", "t5_limit", "t5_overflow",
-           "timestep_argument", "timestep_conversion", "training_timesteps", "without_truncation_logs"]
+__all__ = ["FAMILIES", "Family", "PIPELINES", "attribute_word", "call_kwargs", "check_size", "denoiser",
+           "denoiser_component", "denoiser_word", "example_commands", "family", "family_named",
+           "family_of_denoiser_class", "family_of_model", "guidance_defaults", "guidance_kwargs", "is_flow_matching",
+           "model_timesteps", "native_size", "supported", "t5_limit", "t5_overflow", "timestep_argument",
+           "timestep_conversion", "training_timesteps", "without_truncation_logs"]

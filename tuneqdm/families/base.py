@@ -74,6 +74,22 @@ class Family:
             return pipe.vae.config.sample_size, vae * 2
         return model.config.sample_size * vae, vae * model.config.patch_size
 
+    def size_multiple(self, pipe) -> int:
+        """The multiple every sampled image side must be (the latent grid times the patches): ``native_size``'s."""
+        return self.native_size(pipe)[1]
+
+    def max_size(self, pipe) -> tuple[int, str] | None:
+        """(the largest image side, in pixels, the denoiser's positional embedding covers; what bounds it), or None
+        when nothing does (rotary or interpolated positions): a learned table of ``pos_embed_max_size`` patches per
+        side (SD3, AuraFlow) is cropped to the image and cannot grow."""
+        config = getattr(pipe, self.attribute).config
+        cells = getattr(config, "pos_embed_max_size", None)
+        if isinstance(cells, bool) or not isinstance(cells, int) or cells < 1:
+            return None
+        patch = getattr(config, "patch_size", 1)
+        patch = patch if isinstance(patch, int) and patch >= 1 else 1
+        return cells * patch * self.vae_factor(pipe), f"pos_embed_max_size {cells} patches of {patch}x{patch} latents"
+
     def call_kwargs(self, pipe, height: int | None = None, width: int | None = None,
                     max_sequence_length: int | None = None) -> dict:
         """The keyword arguments of ``pipe(...)`` that differ by family: image size (None: the native one), the

@@ -25,6 +25,11 @@ class StableDiffusion(Family):
         model, vae = getattr(pipe, self.attribute), self.vae_factor(pipe)
         return model.config.sample_size * vae, vae * 2 ** (len(model.config.block_out_channels) - 1)
 
+    def size_multiple(self, pipe) -> int:
+        """The VAE's grid only: a UNet pads a latent its down blocks cannot halve evenly when sampling (diffusers'
+        ``forward_upsample_size``); training keeps ``native_size``'s multiple."""
+        return self.vae_factor(pipe)
+
     def encode_prompt(self, pipe, prompt, resolution, device, max_sequence_length) -> dict:
         emb, _ = pipe.encode_prompt(prompt, device, 1, False)
         return {"encoder_hidden_states": emb[0]}

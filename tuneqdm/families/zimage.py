@@ -31,6 +31,16 @@ class ZImage(Family):
     def check(self, pipe) -> None:
         check_chat_template(pipe)
 
+    def max_size(self, pipe) -> tuple[int, str] | None:
+        """Its rotary table has ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patch positions (axis 0 is the
+        caption's): an image with more patches per side indexes past it."""
+        config = pipe.transformer.config
+        lens, patches = getattr(config, "axes_lens", None), getattr(config, "all_patch_size", None)
+        if not (isinstance(lens, (list, tuple)) and len(lens) == 3 and isinstance(patches, (list, tuple)) and patches):
+            return None
+        cells, patch = min(lens[1], lens[2]), patches[0]
+        return cells * patch * self.vae_factor(pipe), f"axes_lens {cells} rotary positions of {patch}x{patch} latents"
+
     def encode_prompt(self, pipe, prompt, resolution, device, max_sequence_length) -> dict:
         emb, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False,
                                     max_sequence_length=self.prompt_limit(pipe, max_sequence_length))

@@ -13,19 +13,21 @@ from pathlib import Path
 
 import torch
 
-from ..families import denoiser, denoiser_component
+from ..families import denoiser, denoiser_component, denoiser_word
 from ..errors import TuneQDMError
 from ..files import file_tensor_digests, first_line, read_json
 from ..quant.kernels import check_kernels
+from ..quant.layers import QConv2d
 from ..quant.paths import set_kernels
 from ..results import FP_UNET, LORA_WEIGHTS, check_result
+from ..shards import header
 from ..serialization import check_timesteps, fingerprint, load_adapter, read_adapter_config
 from ..tuning.config import QuantConfig
 from ..tuning.streaming import diffusers_model_class
 from ..libraries import dtype_kwarg, load_lora_weights
 from .cache import QuantizedCache
 from .denoiser import float_denoiser, quantized_denoiser, saved_quantized_denoiser
-from .pipeline import assemble, float_fingerprint
+from .pipeline import assemble, check_sizes, float_fingerprint
 from .resolver import resolve
 from .source import DEFAULT_BASE_ID, base_from_id, read_base_id
 
@@ -35,7 +37,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                   revision: str | None = None, variant: str | None = None,
                   single_file_config: str | None = None, lora: str | Path | None = None,
                   lora_scale: float = 1.0, kernels: str = "auto", text_encoders: str = "stream",
-                  quantized_cache: str | Path | bool | None = None):
+                  quantized_cache: str | Path | bool | None = None, height: int | None = None,
+                  width: int | None = None):
     """A ready diffusers pipeline, to sample from (its VAE holds the decoder only: text-to-image never encodes).
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
@@ -52,7 +55,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation
     quantization). ``text_encoders``: ``stream`` (read module by module from their files as they run) or
     ``resident``. ``quantized_cache``: the folder quantized bases are reused from and written to (None: the default,
-    see ``tuneqdm.loading.cache``; False: none).
+    see ``tuneqdm.loading.cache``; False: none). ``height``/``width``: the image size the caller will sample at,
+    checked against the models' configs before any weight is read.
     """
     if lora is not None:
         check_lora_scale(lora_scale)
@@ -71,6 +75,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
         raise TuneQDMError(f"--quantized_base applies to scale adapters; {adapter} is a {kind} result: "
                            "drop --quantized_base")
     source = resolve(base, revision, variant, single_file_config)
+    check_sizes(source, height, width)
     if kind == "scales":  # the adapter's timestep routing must agree with the scheduler before the model is built
         check_timesteps(cfg, _train_timesteps(source), adapter)
     model = _denoiser(source, kind, cfg, info, adapter, quantized_base, device, dtype, quantized_cache)
@@ -200,6 +205,22 @@ def _base_fix(recorded: str | None, chosen_base: bool) -> str:
     return f"pass --pretrained_model_name_or_path {recorded} (the base it was trained on), or train again on this one"
 
 
+def _check_quantized_convs(pipe, path, keys: list[str]) -> None:
+    """One line when a LoRA file wraps a Conv2d that is quantized here: PEFT wraps the quantized Linear layers only,
+    and failed with a cut-off message blaming "another architecture". The layer is found by its name in the file's
+    keys (diffusers' and PEFT's ``name.lora...``, kohya's ``name_with_underscores.lora...``)."""
+    model = denoiser(pipe)
+    for name, module in model.named_modules():
+        if not isinstance(module, QConv2d):
+            continue
+        dotted, flat = f"{name}.lora", f"{name.replace('.', '_')}.lora"
+        if any(dotted in k or flat in k for k in keys):
+            raise TuneQDMError(f"--lora {path} adapts the Conv2d {name}, which is quantized in this "
+                               f"{denoiser_word(pipe)}: a LoRA on a quantized model wraps Linear layers only: use a "
+                               "LoRA of Linear layers (e.g. --lora_targets to_q,to_k,to_v,to_out.0), or the float "
+                               "base (no --adapter of a quantized method, no --quantized_base)")
+
+
 def check_lora_scale(scale) -> float:
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TuneQDMError(f"--lora_scale must be a finite number, got {scale}")
@@ -218,6 +239,7 @@ def add_lora_file(pipe, path, scale: float = 1.0, name: str = "lora") -> None:
     weights = path if path.is_file() else path / LORA_WEIGHTS
     if weights.suffix == ".safetensors" and weights.is_file():  # readable and finite before it is loaded
         file_tensor_digests([weights], "LoRA", "use an undamaged copy of the LoRA")
+        _check_quantized_convs(pipe, path, list(header(weights)))
     level = dlog.get_verbosity()
     dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs a failed load at length before raising: one line is ours
     try:

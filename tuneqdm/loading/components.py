@@ -9,6 +9,12 @@ arbitrary module imported.
 
 from __future__ import annotations
 
+import collections.abc
+import json
+import re
+import types
+import typing
+
 import torch
 from torch import nn
 
@@ -62,6 +68,123 @@ def skeleton(source: Source, name: str, dtype: torch.dtype = torch.float32) -> n
     else:
         model = empty_model(cls, source.config(name), folder / "config.json", fix)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()  # built in float32
+
+
+def diffusers_config_class(name) -> type | None:
+    """The diffusers model or scheduler class exported under exactly ``name`` (None when there is none)."""
+    import diffusers
+
+    if not (isinstance(name, str) and name.isidentifier()):
+        return None
+    try:
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):
+        return None
+    ok = isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, diffusers.SchedulerMixin))
+    return cls if ok else None
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON ``value`` is of the annotated type ``hint`` (what is not understood here passes: a check
+    against false alarms, not a type system). ``None`` always passes: diffusers annotates many optional settings
+    without ``Optional``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None or hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (tuple, list) or origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, list):
+            return False
+        if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis):
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) != len(value) or all(_fits(v, a) for v, a in zip(value, args))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_config(source: Source, name: str) -> None:
+    """One line when a diffusers component's configuration sets a value of another type than its constructor
+    declares (a list where a number goes, a string for a flag): before, such a value failed deep inside the model's
+    forward or the scheduler (``padding=[]``, ``'bool' object has no attribute``) with a traceback."""
+    library, class_name = source.components()[name]
+    cls = diffusers_config_class(class_name) if library == "diffusers" else None
+    if cls is None:
+        return
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 -- an annotation this Python cannot resolve: nothing to check against
+        return
+    config = source.config(name)
+    for key, value in config.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise TuneQDMError(f"the {name} configuration of {source.title} sets {key} to "
+                               f"{json.dumps(value)[:60]}, which {class_name} does not take (it expects "
+                               f"{_hint_text(hints[key])}): download the model again, or restore its config")
+
+
+def _hint_text(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+_CHECKED: set = set()  # (component folder, config and shard sizes and times) already checked in this process
+
+
+def check_weights(source: Source, name: str) -> None:
+    """One line when a model component's files and its config disagree: the files hold a tensor the model its
+    config describes does not have, lack one it has (tied weights count once), or hold one of another shape; the
+    component and the first such tensor named. Read from the config and the shards' headers only (the model built
+    on the meta device), before anything loads: diffusers dropped unused weights with a warning and sampled another
+    model with exit status 0 (``num_layers`` 1 -> 0; ``guidance_embeds`` false on a checkpoint with guidance weights),
+    or failed copying out of a meta tensor. The one check of every component of every command (``resolve``)."""
+    if source.components()[name][0] == "transformers" and not source.family.streams_encoders:
+        return  # its library renames the checkpoint's tensors on load (qwenimage.py): no one-to-one names to check
+    files = source.weight_files(name)
+    folder = source.component_folder(name)
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [folder / "config.json", *files]
+                  if p.is_file())
+    if (str(folder), stamp) in _CHECKED:
+        return
+    model = skeleton(source, name)
+    where = f"the {name} of {source.title} ({folder})"
+    fix = "download the model again, or restore its config.json"
+    shapes = {key: tuple(info["shape"]) for shard in files for key, info in header(shard).items()}
+    groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for key, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append((key, p))
+    used = set()
+    for group in groups.values():
+        stored = [(key, p) for key, p in group if key in shapes]
+        if not stored:
+            raise TuneQDMError(f"{where} lacks the weight {group[0][0]!r} that its config.json's "
+                               f"{type(model).__name__} needs: {fix}")
+        used.update(key for key, _ in group)
+        for key, p in stored:
+            if shapes[key] != tuple(p.shape):
+                raise TuneQDMError(f"{where} holds {key!r} of shape {list(shapes[key])}, but its config.json's "
+                                   f"{type(model).__name__} needs {list(p.shape)}: {fix}")
+    for key, b in model.named_buffers():
+        used.add(key)
+        if key in shapes and shapes[key] != tuple(b.shape):
+            raise TuneQDMError(f"{where} holds {key!r} of shape {list(shapes[key])}, but its config.json's "
+                               f"{type(model).__name__} needs {list(b.shape)}: {fix}")
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unused = sorted(k for k in set(shapes) - used if not any(r.search(k) for r in ignored))
+    if unused:
+        raise TuneQDMError(f"{where} holds {unused[0]!r}, which its config.json's {type(model).__name__} does not "
+                           f"use ({len(unused)} such tensors): {fix}")
+    _CHECKED.add((str(folder), stamp))
 
 
 def streamed(source: Source, name: str, device, dtype: torch.dtype = torch.float32) -> nn.Module:

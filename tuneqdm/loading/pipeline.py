@@ -20,9 +20,10 @@ from torch import nn
 from ..errors import TuneQDMError
 from ..files import first_line
 from ..libraries import dtype_kwarg, quiet_loading
+from ..families import check_size
 from ..progress import pipeline_progress, stage
 from ..shards import content_fingerprint
-from .components import resident, resident_vae, streamed
+from .components import resident, resident_vae, skeleton, streamed
 from .denoiser import float_denoiser
 from .resolver import resolve
 from .source import Source
@@ -64,9 +65,32 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
     except (OSError, ValueError) as e:
         raise TuneQDMError(f"cannot load the pipeline {source.name or source.folder}: {first_line(e, None)} (check "
                            "--pretrained_model_name_or_path, and --variant for a folder saved in one)") from None
+    except (TypeError, KeyError, AttributeError, IndexError, NotImplementedError, RuntimeError) as e:
+        # a damaged configuration fails inside a component's constructor (a scheduler's beta_schedule, a count)
+        raise TuneQDMError(f"cannot build the pipeline {source.name or source.folder} from its configuration files "
+                           f"({type(e).__name__}: {first_line(e)}): download the model again, or restore its "
+                           "configs") from None
     source.family.check(pipe)
     pipeline_progress(pipe)
     return pipe
+
+
+def check_sizes(source: Source, height: int | None = None, width: int | None = None) -> None:
+    """``--height``/``--width`` checked against the source's models before any weight is read (``families.check_size``
+    on the pipeline with every model a meta-device skeleton: its configs, tokenizers and scheduler only)."""
+    if height is None and width is None:
+        return
+    from diffusers import DiffusionPipeline
+
+    used = source.used_components()  # the others (a safety checker) are left out, as ``assemble`` leaves them
+    parts = {name: skeleton(source, name) if name in used else None for name in source.model_components()}
+
+    quiet_loading()
+    with _without_logged_errors("diffusers"):
+        pipe = DiffusionPipeline.from_pretrained(str(source.folder), local_files_only=True, **parts,
+                                                 **({"variant": source.variant} if source.variant else {}))
+    check_size(pipe, height, "--height")
+    check_size(pipe, width, "--width")
 
 
 def pipeline_from(base=None, device="cpu", dtype: torch.dtype = torch.float32, *, revision: str | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import TuneQDMError
 from ..files import first_line, read_json
+from .components import check_config, check_weights
 from .single_file import single_file_source
 from .source import Source
 
@@ -51,8 +52,12 @@ def resolve(base: str | Path | None, revision: str | None = None, variant: str |
         raise TuneQDMError(f"cannot tell which pipeline {base} is (no model_index.json in {folder}): pass a "
                            "diffusers pipeline folder or hub id")
     source = Source(None if base is None else str(base), folder, revision, variant,
-                    read_json(index_file, "diffusers pipeline"))
-    return source.check()
+                    read_json(index_file, "diffusers pipeline")).check()
+    for name in source.components():
+        check_config(source, name)
+    for name in source.used_components():
+        check_weights(source, name)
+    return source
 
 
 def _looks_local(name: str) -> bool:

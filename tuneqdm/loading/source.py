@@ -94,6 +94,12 @@ class Source:
         """The components that are models with weight files (denoiser, VAE, text encoders, ...)."""
         return [name for name in self.components() if self.has_weights(name)]
 
+    def used_components(self) -> list[str]:
+        """The model components a text-to-image call runs (denoiser, VAE, text encoders), which tuneqdm builds; the
+        others (a safety checker, an image encoder) are left out of every pipeline it assembles."""
+        return [name for name in self.model_components()
+                if name in (self.denoiser, "vae") or name.startswith("text_encoder")]
+
     def has_weights(self, name: str) -> bool:
         folder = self.component_folder(name)
         return folder.is_dir() and any(folder.glob("*.safetensors*"))
@@ -106,11 +112,32 @@ class Source:
         for name, (library, cls) in self.components().items():
             if library == "transformers" and "Tokenizer" in cls:
                 self._check_tokenizer(name)
+        if self.denoiser not in self.components():  # a model_index.json entry deleted or of another shape
+            raise TuneQDMError(f"{self.folder / 'model_index.json'} names no {self.denoiser} component (the "
+                               f"denoiser of a {self.pipeline_class}, as [library, class]): download the model again, "
+                               "or restore its model_index.json")
+        for name in self.components():
+            self._check_sizes(name)
         if not self.has_weights(self.denoiser):
             raise TuneQDMError(f"{self.folder / self.denoiser} holds no safetensors weights: pass a diffusers "
                                "pipeline saved with safetensors (e.g. save_pretrained(..., safe_serialization=True))")
         return self
 
+
+    def _check_sizes(self, name: str) -> None:
+        """A model's or scheduler's size and count settings are positive integers: a scheduler of 0 training
+        timesteps or a VAE of sample size 0 ended in tracebacks (or a size of 0 pixels) far from the file."""
+        folder = self.component_folder(name)
+        if not any((folder / f).is_file() for f in ("config.json", "scheduler_config.json")):
+            return  # tokenizers (and components diffusers reports itself)
+        config = self.config(name)
+        for key in SIZE_SETTINGS:
+            value = config.get(key) if isinstance(config, dict) else None
+            values = value if isinstance(value, list) else [value]
+            if value is not None and not (values and all(type(v) is int and v >= 1 for v in values)):
+                raise TuneQDMError(f"the {name} configuration of {self.title} sets {key} to {json.dumps(value)}, "
+                                   f"which must be a positive integer: download the model again, or restore its "
+                                   "config")
 
     def _check_tokenizer(self, name: str) -> None:
         """A tokenizer the index names has its vocabulary: without one, transformers builds an empty tokenizer and
@@ -122,6 +149,7 @@ class Source:
                                "download or save the pipeline again")
 
 
+SIZE_SETTINGS = ("num_train_timesteps", "sample_size")  # of a scheduler, of a model (a list: height and width)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt",
                    "sentencepiece.bpe.model")  # a vocabulary, in any of the formats transformers reads
 

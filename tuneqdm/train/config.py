@@ -10,6 +10,7 @@ from ..errors import TuneQDMError
 from ..files import check_prompt
 from ..loading.pipeline import check_text_encoders
 from ..quant.kernels import FLOAT_BITS, check_dynamic_bits
+from ..sampling import MAX_SEQUENCE_LENGTH, MAX_SIZE
 from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
 QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
@@ -122,8 +123,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHOD_CHOICES:
             raise TuneQDMError(f"unknown --method {self.method!r}: choose one of {', '.join(METHOD_CHOICES)}")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise TuneQDMError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8 or self.resolution > MAX_SIZE):
+            raise TuneQDMError(f"--resolution must be a positive multiple of 8 up to {MAX_SIZE}, got {self.resolution}")
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps",
                      "validation_steps", "num_validation_images", "sample_batch_size", "rank",
                      "prior_inference_steps", "validation_inference_steps", "lr_num_cycles"):
@@ -147,9 +148,9 @@ class TrainConfig:
         self._check_schedule()
         self._check_inputs()
         self._check_method()
-        # bits, quantizer init and the rest by QuantConfig's own checks (T is the scheduler's, known once it loads:
-        # the intervals are checked against it then)
-        self.quant_config(max([1000, *(b for _, b in self.intervals)]))
+        # bits, quantizer init and the rest by QuantConfig's own checks (T is the scheduler's, known once its config
+        # is read: the intervals and --experts are checked against it then, by ``experts_beyond``)
+        self.quant_config(max([1000, self.experts or 1, *(b for _, b in self.intervals)]))
 
     def _check_optimizer(self):
         """AdamW's and the loss's numbers, before anything loads (torch would fail after the model has loaded)."""
@@ -176,8 +177,9 @@ class TrainConfig:
                                f"{self.logit_mean} and {self.logit_std}")
         if not math.isfinite(self.mode_scale):
             raise TuneQDMError(f"--mode_scale must be finite, got {self.mode_scale}")
-        if self.max_sequence_length is not None and self.max_sequence_length < 1:
-            raise TuneQDMError(f"--max_sequence_length must be at least 1, got {self.max_sequence_length}")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise TuneQDMError(f"--max_sequence_length {self.max_sequence_length}: give 1 to {MAX_SEQUENCE_LENGTH} T5 "
+                               "tokens, or leave it out for the pipeline's own")
 
     def _check_schedule(self):
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -231,6 +233,12 @@ class TrainConfig:
                                        f"{self.experts}",
                                 "positive": f"--experts must be at least 1, got {self.experts}",
                                 "many": f"--method {self.method} needs --experts 2 or more, got {self.experts}"}[problem])
+
+    def experts_beyond(self, num_train_timesteps: int) -> None:
+        """--experts against the base scheduler's T (read from its config before any model is built)."""
+        if self.experts is not None and experts_problem(self.method, self.experts, num_train_timesteps) == "beyond":
+            raise TuneQDMError(f"--experts {self.experts} is more than this base's {num_train_timesteps} training "
+                               f"timesteps: give at most {num_train_timesteps} (one expert per timestep)")
 
     def quant_config(self, num_train_timesteps: int) -> QuantConfig:
         """The quantization of the run; qlora's base keeps its original scales (one set, frozen: ``peqa``'s layout),

@@ -50,6 +50,28 @@ def check_lora_targets(unet: nn.Module, targets: list[str], quantized: bool) -> 
                                "layers only")
 
 
+def check_lora_rank(model: nn.Module, rank: int, targets: list[str]) -> None:
+    """One line when ``rank`` is above the full rank of a targeted layer (min of its inputs and outputs): such a
+    "low-rank" update is no lower than the layer itself, and a huge rank allocates rank x width per layer. Read from
+    the shapes only, so it runs on the meta-device skeleton before any weight loads."""
+    smallest = None
+    for name, module in model.named_modules():
+        if not any(_matches(name, t) for t in targets):
+            continue
+        if isinstance(module, nn.Linear):
+            full = min(module.in_features, module.out_features)
+        elif isinstance(module, nn.Conv2d):
+            full = min(module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1],
+                       module.out_channels)
+        else:
+            continue
+        if smallest is None or full < smallest[0]:
+            smallest = (full, name)
+    if smallest is not None and rank > smallest[0]:
+        raise TuneQDMError(f"--rank {rank} is above the full rank of the LoRA's layers ({smallest[1]} has rank "
+                           f"{smallest[0]}): give --rank {smallest[0]} or less")
+
+
 def add_lora(unet: nn.Module, rank: int, targets: list[str]) -> list[nn.Parameter]:
     """Freeze ``unet`` and add PEFT LoRA (diffusers' DreamBooth-LoRA init: gaussian A, zero B, alpha = rank); the
     LoRA parameters, in float32 whatever the base dtype."""

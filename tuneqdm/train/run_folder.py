@@ -101,6 +101,12 @@ def is_finished_or_refused(out: Path, cfg: TrainConfig, identity: dict, resume_p
         meta = read_json(resume_path / ckpt.STATE_JSON, "checkpoint")
         refuse_changes(meta.get("identity") if isinstance(meta, dict) else None, identity,
                        f"checkpoint {resume_path}")
+        step = meta.get("step") if isinstance(meta, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step > cfg.max_train_steps:
+            # before, the result was the checkpoint's, reported as "trained for --max_train_steps steps"
+            raise TuneQDMError(f"checkpoint {resume_path} has already trained {step} steps, more than "
+                               f"--max_train_steps {cfg.max_train_steps}: pass --max_train_steps {step} or more "
+                               "to continue it, or --force to start over")
     return False
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TuneQDMError
-from ..families import denoiser, native_size
+from ..families import check_size, denoiser, native_size
 from ..loading import (QuantizedCache, Source, assemble, denoiser_skeleton, float_denoiser, float_fingerprint,
                        quantized_denoiser, resolve)
 from ..loading.inspection import base_facts
@@ -30,7 +30,7 @@ from .cache import TrainingTensors, release
 from .config import LORA_METHODS, TrainConfig
 from .data import Subject, load_folder
 from .examples import Examples, build_examples, check_subjects, read_subjects, validation_prompt
-from .methods import kind, load_quantized_base, load_trainable_state, prepare
+from .methods import check_lora_rank, kind, load_quantized_base, load_trainable_state, prepare
 from .objective import objective
 from .prior import ensure_class_images
 from .run_folder import (TRACKER_LOGS, check_output_dir, is_finished_or_refused, model_identity, model_settings,
@@ -88,6 +88,8 @@ class TrainingSetup:
         """The base's files checked (one line for an unsupported, missing or damaged one) and --s1_intervals against
         its timesteps, read from its scheduler config: no model is built."""
         T = base_facts(self.source).num_train_timesteps
+        if T is not None:
+            self.cfg.experts_beyond(T)
         for a, b in self.cfg.intervals if T is not None else ():
             if interval_problem(a, b, T) == "beyond":
                 raise TuneQDMError(f"--s1_intervals {self.cfg.s1_intervals!r}: this base has {T} timesteps, so an "
@@ -167,6 +169,8 @@ class TrainingSetup:
         if cfg.method in LORA_METHODS and not hasattr(self.pipeline_class, "save_lora_weights"):
             raise TuneQDMError(f"--method {cfg.method}: diffusers has no LoRA loader for {self.pipeline_class.__name__}"
                                ", so its LoRA could not be used: train a scale method (e.g. --method tuneqdm) or fp")
+        if cfg.method in LORA_METHODS:  # on the skeleton: the shapes, before any weight loads
+            check_lora_rank(denoiser(pipe), cfg.rank, cfg.targets)
         self.resolution = self._resolution(pipe)
         return pipe
 
@@ -230,11 +234,8 @@ class TrainingSetup:
     def _resolution(self, pipe) -> int:
         """--resolution, or the model's native size; refused when the denoiser cannot take it."""
         native, need = native_size(pipe)
-        resolution = self.cfg.resolution or native
-        if resolution % need:
-            raise TuneQDMError(f"--resolution {resolution} does not fit this model: it must be a multiple of "
-                               f"{need} (its native size is {native})")
-        return resolution
+        check_size(pipe, self.cfg.resolution, "--resolution", need)
+        return self.cfg.resolution or native
 
     def _class_root(self) -> Path:
         """Where the class images are read and generated: --class_data_dir, or the output folder's class_images."""

@@ -26,10 +26,11 @@ METHODS = {
 }
 
 
-def experts_problem(method: str, experts) -> str | None:
+def experts_problem(method: str, experts, num_train_timesteps: int | None = None) -> str | None:
     """The rule that K = ``experts`` breaks for ``method``, or None: "one" (the method has one scale set: K must be
-    1), "positive" (K must be an integer >= 1) or "many" (the method needs K >= 2). One rule; QuantConfig and the CLI
-    each word it their own way."""
+    1), "positive" (K must be an integer >= 1), "many" (the method needs K >= 2) or "beyond" (more experts than the
+    scheduler's T training timesteps, when T is known: an expert without a timestep never trains, and each costs a
+    copy of every scale). One rule; QuantConfig and the CLI each word it their own way."""
     spec = METHODS[method]
     if spec.experts == "one" and experts != 1:
         return "one"
@@ -37,6 +38,8 @@ def experts_problem(method: str, experts) -> str | None:
         return "positive"
     if spec.experts == "many" and experts < 2:
         return "many"
+    if num_train_timesteps is not None and experts > num_train_timesteps:
+        return "beyond"
     return None
 
 
@@ -83,13 +86,16 @@ class QuantConfig:
         check_init(self.init)
         if self.experts is None:
             self.experts = METHODS[self.method].default_experts
-        problem = experts_problem(self.method, self.experts)
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) or \
+                self.num_train_timesteps < 1:
+            raise TuneQDMError(f"num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
+        problem = experts_problem(self.method, self.experts, self.num_train_timesteps)
         if problem is not None:
             raise TuneQDMError({"positive": f"experts must be an integer >= 1, got {self.experts!r}",
                                 "one": f"method {self.method!r} uses one scale set; got experts={self.experts}",
-                                "many": f"method {self.method!r} needs experts >= 2; got experts={self.experts}"}[problem])
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            raise TuneQDMError(f"num_train_timesteps must be a positive integer, got {self.num_train_timesteps!r}")
+                                "many": f"method {self.method!r} needs experts >= 2; got experts={self.experts}",
+                                "beyond": f"experts={self.experts} is more than the {self.num_train_timesteps} "
+                                          "training timesteps it routes (num_train_timesteps)"}[problem])
         self.include, self.exclude = _patterns(self.include), _patterns(self.exclude)
         self.intervals = tuple((int(a), int(b)) for a, b in self.intervals)
         if self.method == "s1" and not self.intervals:

@@ -150,11 +150,14 @@ def _stream_into(model, layers, files, folder, config, dtype, device, splits) ->
     kind = "UNet" if "UNet" in type(model).__name__ else "transformer"
     bar = progress(desc=f"quantizing the {kind} to {config.bits} bits ({config.init})", total=total, unit="B",
                    unit_scale=True, unit_divisor=1024, mininterval=1.0)
+    tensors, done = sum(len(keys) for keys in files.values()), 0
     with bar:
         for shard, keys in files.items():
             for key in keys:
                 owner, _, leaf = key.rpartition(".")
                 t = read_tensor(shard, key).to(device)
+                done += 1
+                bar.set_postfix_str(f"{done}/{tensors} tensors", refresh=False)
                 bar.update(t.numel() * t.element_size())
                 if owner in splits and leaf == "weight":  # the two input-channel slices, each its own quantizer
                     for part, piece in (("hidden", t[:, :splits[owner]]), ("skip", t[:, splits[owner]:])):
