@@ -310,3 +310,27 @@ def test_generate_frees_the_denoiser_before_the_last_batch_decodes_when_asked(fo
     assert held_at_decoding == [True, False]
     assert all(p.is_meta for p in pipe.unet.parameters())
     assert [np.asarray(i).tobytes() for i in freed] == [np.asarray(i).tobytes() for i in kept]
+
+
+def test_a_pipeline_with_a_transformers_named_safety_checker_loads_with_one_warning_line(tmp_path, capsys):
+    """Real SD 1.x folders ship `safety_checker/model.safetensors` (library "stable_diffusion", transformers' file
+    name): tuneqdm never builds the checker, so neither its file name nor diffusers' multi-line notice stops it."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    folder = tiny_sd_pipeline(tmp_path / "sd")
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    StableDiffusionSafetyChecker(CLIPConfig(text_config=dict(small, vocab_size=100), projection_dim=8,
+                                            vision_config=dict(small, image_size=32, patch_size=8))
+                                 ).save_pretrained(folder / "safety_checker")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["generate", "--pretrained_model_name_or_path", str(folder), "--prompt", "a box", "--num_images",
+                 "1", "--num_inference_steps", "2", "--out", str(tmp_path / "g"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "safety" in line] == [
+        "tuneqdm: warning: the pipeline's safety checker is not run: tuneqdm samples without it, as diffusers does "
+        "with safety_checker=None (check images yourself before sharing them)"], err
+    assert (tmp_path / "g" / "000.png").is_file()

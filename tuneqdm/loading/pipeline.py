@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import warnings
 
 import torch
 from torch import nn
 
-from ..errors import TuneQDMError
+from ..errors import TuneQDMError, TuneQDMWarning
 from ..files import first_line
 from ..libraries import dtype_kwarg, quiet_loading
 from ..families import check_size
@@ -124,7 +125,7 @@ def pipeline_fingerprint(source: Source) -> str:
     """The content fingerprint of every model of a pipeline (denoiser, VAE, text encoders), from their files: two
     pipelines that differ only in their VAE differ here."""
     h = hashlib.sha256()
-    for name in sorted(source.model_components()):
+    for name in sorted(source.used_components()):
         h.update(f"{name}={content_fingerprint(source.weight_files(name))};".encode())
     return h.hexdigest()[:16]
 
@@ -132,16 +133,24 @@ def pipeline_fingerprint(source: Source) -> str:
 @contextlib.contextmanager
 def _without_logged_errors(library: str):
     """diffusers logs a failed load at ERROR level before raising; the exception becomes tuneqdm's one line, so the
-    logged copy is dropped (warnings still show)."""
+    logged copy is dropped (warnings still show). Its multi-line notice that the safety checker is off (tuneqdm
+    never builds one: it is no part of drawing from a prompt) becomes one warning line."""
     handlers = logging.getLogger(library).handlers
+    noticed = []
 
-    def below_error(record) -> bool:
+    def kept(record) -> bool:
+        if record.getMessage().startswith("You have disabled the safety checker"):
+            noticed.append(record)
+            return False
         return record.levelno < logging.ERROR
 
     for handler in handlers:
-        handler.addFilter(below_error)
+        handler.addFilter(kept)
     try:
         yield
     finally:
         for handler in handlers:
-            handler.removeFilter(below_error)
+            handler.removeFilter(kept)
+    if noticed:
+        warnings.warn("the pipeline's safety checker is not run: tuneqdm samples without it, as diffusers does with "
+                      "safety_checker=None (check images yourself before sharing them)", TuneQDMWarning, stacklevel=3)

@@ -105,9 +105,9 @@ class Source:
         return folder.is_dir() and any(folder.glob("*.safetensors*"))
 
     def check(self) -> Source:
-        """The pipeline class is supported and every model component's shards are whole: one line otherwise."""
+        """The pipeline class is supported and the shards of every model it runs are whole: one line otherwise."""
         self.family  # noqa: B018 -- one line naming the supported classes for another pipeline
-        for name in self.model_components():
+        for name in self.used_components():  # not a safety checker: never loaded (and named as transformers names)
             self.weight_files(name)
         for name, (library, cls) in self.components().items():
             if library == "transformers" and "Tokenizer" in cls:
