@@ -292,7 +292,7 @@ class Subject:
 
     @staticmethod
     def _load_report(folder):
-        from tuneqdm.eval.report import render
+        from tuneqdm.benchmarks.report import render
 
         return {"page": render(folder, "png").replace(str(folder), "FOLDER").replace(folder.name, "FOLDER")}
 

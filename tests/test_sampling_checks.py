@@ -72,7 +72,7 @@ def test_non_finite_weights_or_an_overflowing_guidance_stop_sampling_in_one_line
     pipe = tuneqdm.load_pipeline(base=str(base))
     with pytest.raises(TuneQDMError, match="^sampling stopped at denoising step 2: the latent became NaN, infinite "
                                            r"or 1e\+04 times its initial size \(the guidance scale times the model's "
-                                           "output overflowed\): lower --guidance_scale$"):
+                                           r"output overflowed\): lower --guidance_scale$"):
         generate(pipe, "a box", num_inference_steps=3, guidance_scale=1e38)
     with torch.no_grad():
         pipe.unet.conv_out.bias[0] = float("nan")
