@@ -166,7 +166,8 @@ def test_adapter_tensors_of_another_dtype_are_refused_not_cast(files, dtype):
 def test_num_train_timesteps_must_be_what_the_adapter_was_trained_with(files, tmp_path):
     base, adapter = files
     _edit_json(adapter / ADAPTER_CONFIG, lambda c: c.update(num_train_timesteps=1))
-    with pytest.raises(TuneQDMError, match="num_train_timesteps 1 is fewer than its 4 experts"):
+    with pytest.raises(TuneQDMError, match=r"adapter_config.json: experts=4 is more than the 1 training timesteps it "
+                                           r"routes \(num_train_timesteps\)$"):
         _load(base, adapter)
     _edit_json(adapter / ADAPTER_CONFIG, lambda c: c.update(num_train_timesteps=7))
     with pytest.raises(TuneQDMError, match="was trained with num_train_timesteps 7, but this scheduler uses 1000"):

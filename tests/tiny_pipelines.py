@@ -343,8 +343,7 @@ def tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, encoder_layers: int =
     """A ``Flux2KleinPipeline``: a Qwen3 causal LM of width 16 and ``encoder_layers`` layers (the pipeline reads hidden
     layers 9, 18 and 27, so 27 deep by default), a VAE with 4 latent channels and batch-norm statistics (2x down,
     patchified: 32 px -> 8x8x16), a ``Flux2Transformer2DModel`` of 1 double + 1 single block over 64 tokens."""
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                           Flux2Transformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     folder = Path(folder)
@@ -354,6 +353,17 @@ def tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, encoder_layers: int =
                                            num_hidden_layers=encoder_layers, num_attention_heads=2,
                                            num_key_value_heads=1,
                                            head_dim=8, max_position_embeddings=512, tie_word_embeddings=True))
+    vae, transformer = _tiny_flux2_models(guidance_embeds=False)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
+                              tokenizer=tok, transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _tiny_flux2_models(guidance_embeds: bool):
+    """The VAE and transformer of the tiny FLUX.2 pipelines ([klein] without guidance embeddings, [dev] with)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
     vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                              sample_size=32, layers_per_block=1)
@@ -362,12 +372,9 @@ def tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, encoder_layers: int =
         vae.bn.running_var.copy_(0.5 + torch.rand(16))
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=16, guidance_embeds=False,
+                                          timestep_guidance_channels=16, guidance_embeds=guidance_embeds,
                                           axes_dims_rope=(4, 4, 4, 4))
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
-                              tokenizer=tok, transformer=transformer)
-    pipe.save_pretrained(folder)
-    return folder
+    return vae, transformer
 
 
 # A chat template of the shape Mistral Small 3.1's has (a system prompt, then instructions; message contents as lists
@@ -402,8 +409,7 @@ def tiny_flux2_pipeline(folder: Path, seed: int = 0, encoder_layers: int = 30,
     vision tower unused), its tokenizer with the words of the pipeline's system message as single tokens; FLUX.2
     [klein]'s VAE and a ``Flux2Transformer2DModel`` of 1 double + 1 single block with a guidance embedding (FLUX.2
     [dev] is guidance-distilled)."""
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline,
-                           Flux2Transformer2DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
@@ -417,16 +423,7 @@ def tiny_flux2_pipeline(folder: Path, seed: int = 0, encoder_layers: int = 30,
                   patch_size=2, image_size=16)
     encoder = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision,
                                                               spatial_merge_size=1))
-    vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                             sample_size=32, layers_per_block=1)
-    with torch.no_grad():  # the batch norm's statistics as a trained VAE has them (not 0 and 1)
-        vae.bn.running_mean.copy_(0.2 * torch.randn(16))
-        vae.bn.running_var.copy_(0.5 + torch.rand(16))
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=16, guidance_embeds=True,
-                                          axes_dims_rope=(4, 4, 4, 4))
+    vae, transformer = _tiny_flux2_models(guidance_embeds=True)
     pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=encoder,
                          tokenizer=tok, transformer=transformer)
     pipe.save_pretrained(folder)

@@ -299,9 +299,6 @@ def _adapter_settings(cfg: dict, path: Path) -> None:
     if qc.train_s_in != cfg["train_s_in"]:
         raise TuneQDMError(f"{path}: 'train_s_in' is {cfg['train_s_in']}, method {qc.method!r} implies "
                            f"{qc.train_s_in}: {_SAVE_ADAPTER}")
-    if qc.num_train_timesteps < qc.experts:
-        raise TuneQDMError(f"{path}: num_train_timesteps {qc.num_train_timesteps} is fewer than its {qc.experts} "
-                           f"experts: {_SAVE_ADAPTER}")
 
 
 def read_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
