@@ -93,3 +93,20 @@ def test_evaluate_fid_refuses_a_t5_length_it_would_ignore(tmp_path, capsys):
     assert main(["evaluate", "--metric", "fid", "--max_sequence_length", "3", "--out", str(tmp_path / "e")]) == 2
     assert _one_line(capsys) == ("--metric fid samples the embedded toy pipeline, which has no T5 encoder: drop "
                                  "--max_sequence_length")
+
+
+def test_running_out_of_memory_while_sampling_is_not_blamed_on_the_model_files(base, monkeypatch):
+    """A failed allocation is a RuntimeError too; it says to ask for less, not to download the model again."""
+    from tuneqdm.loading import pipeline_from
+
+    pipe = pipeline_from(base)
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to "
+                           "allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(pipe.unet, "forward", exhausted)
+    with pytest.raises(TuneQDMError, match=r"^sampling StableDiffusionPipeline ran out of memory \(\[enforce fail at "
+                                           r"alloc_cpu.cpp:117\] DefaultCPUAllocator: not enough memory: .*\): use a "
+                                           r"smaller --height/--width, or a device with more memory$"):
+        generate(pipe, "a box", num_inference_steps=1)

@@ -161,6 +161,9 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
                 out = pipe(prompt=[prompt] * n, num_inference_steps=num_inference_steps, generator=gens,
                            output_type="pil", **guidance_kwargs(pipe, guidance_scale, n, negative_prompt), **extra)
             except (RuntimeError, TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError) as e:
+                if _out_of_memory(e):  # not the model's files: the size asked for
+                    raise TuneQDMError(f"sampling {type(pipe).__name__} ran out of memory ({first_line(e)}): use a "
+                                       "smaller --height/--width, or a device with more memory") from None
                 # a configuration value of the right type that no model runs with (a padding of [], a token id
                 # beyond the vocabulary) fails only here, deep in a component's forward
                 raise TuneQDMError(f"sampling {type(pipe).__name__} failed ({type(e).__name__}: "
@@ -169,6 +172,12 @@ def generate(pipe, prompt: str, num_images: int = 1, num_inference_steps: int = 
             images += out.images
             bar.update(n)
     return images
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation (torch raises RuntimeError on a CPU, its OutOfMemoryError subclass on a GPU)."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "not enough memory" in text or "out of memory" in text
 
 
 @contextlib.contextmanager

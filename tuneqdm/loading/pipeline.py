@@ -72,6 +72,9 @@ def assemble(source: Source, denoiser: nn.Module | None, device="cpu", dtype: to
                            f"({type(e).__name__}: {first_line(e)}): download the model again, or restore its "
                            "configs") from None
     source.family.check(pipe)
+    if "safety_checker" in source.model_components():  # a model with weights that tuneqdm leaves out
+        warnings.warn("the pipeline's safety checker is not run: tuneqdm samples without it, as diffusers does with "
+                      "safety_checker=None (check images yourself before sharing them)", TuneQDMWarning, stacklevel=2)
     pipeline_progress(pipe)
     return pipe
 
@@ -133,16 +136,13 @@ def pipeline_fingerprint(source: Source) -> str:
 @contextlib.contextmanager
 def _without_logged_errors(library: str):
     """diffusers logs a failed load at ERROR level before raising; the exception becomes tuneqdm's one line, so the
-    logged copy is dropped (warnings still show). Its multi-line notice that the safety checker is off (tuneqdm
-    never builds one: it is no part of drawing from a prompt) becomes one warning line."""
+    logged copy is dropped (warnings still show). Its multi-line notice that the safety checker is off is dropped
+    too (tuneqdm never builds one: ``assemble`` says so in one line where a pipeline has one)."""
     handlers = logging.getLogger(library).handlers
-    noticed = []
 
     def kept(record) -> bool:
-        if record.getMessage().startswith("You have disabled the safety checker"):
-            noticed.append(record)
-            return False
-        return record.levelno < logging.ERROR
+        return record.levelno < logging.ERROR and not record.getMessage().startswith(
+            "You have disabled the safety checker")
 
     for handler in handlers:
         handler.addFilter(kept)
@@ -151,6 +151,3 @@ def _without_logged_errors(library: str):
     finally:
         for handler in handlers:
             handler.removeFilter(kept)
-    if noticed:
-        warnings.warn("the pipeline's safety checker is not run: tuneqdm samples without it, as diffusers does with "
-                      "safety_checker=None (check images yourself before sharing them)", TuneQDMWarning, stacklevel=3)
