@@ -65,7 +65,7 @@ def _generate(args) -> None:
     pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
                          quantized_base=args.quantized_base, device=args.device, lora=args.lora,
                          lora_scale=1.0 if args.lora_scale is None else args.lora_scale, kernels=args.kernels,
-                         height=args.height, width=args.width, **_version(args), **_loading(args))
+                         height=args.height, width=args.width, vae_encoder=False, **_version(args), **_loading(args))
     scheduler = set_scheduler(pipe, args.scheduler)
     model, quantizer = denoiser(pipe), _install_activations(args, pipe)
     images = generate(pipe, prompt, args.num_images, args.num_inference_steps, args.guidance_scale, args.seed,
@@ -173,8 +173,8 @@ def _evaluate(args) -> None:
 
         subject_enc = DinoEncoder(args.dino_id, device=args.device)
         clip_enc = ClipEncoder(args.clip_id, device=args.device)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device, **_version(args), **_loading(args))
+    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter, quantized_base=args.quantized_base,
+                         device=args.device, vae_encoder=False, **_version(args), **_loading(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             "instance_data_dir": str(args.instance_data_dir), "prompts": spec, "evaluator": evaluator,
             "class_word": class_word, **_version(args)}
@@ -198,8 +198,8 @@ def _evaluate_fid(args, out: Path) -> None:
         from .eval.real import ClipEncoder
 
         encoder = ClipEncoder(args.clip_id, device=args.device)
-    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter,
-                         quantized_base=args.quantized_base, device=args.device, **_version(args), **_loading(args))
+    pipe = load_pipeline(args.pretrained_model_name_or_path, adapter=args.adapter, quantized_base=args.quantized_base,
+                         device=args.device, vae_encoder=False, **_version(args), **_loading(args))
     info = {"adapter": args.adapter, "base": args.pretrained_model_name_or_path, "quantized_base": args.quantized_base,
             **_version(args)}
     m = fid_evaluate(pipe, encoder, out, num_images=args.fid_images, seed=args.seed,
@@ -220,7 +220,7 @@ def _quantize_activations(args) -> None:
                               args.force, ACTIVATION_FILES, "activation parameters")
     calibration_prompts(args.calib_prompts, args.calib_samples, args.pretrained_model_name_or_path)  # fail early
     pipe = load_pipeline(args.pretrained_model_name_or_path, quantized_base=args.quantized_base, device=args.device,
-                         height=args.height, width=args.width, **_version(args), **_loading(args))
+                         height=args.height, width=args.width, vae_encoder=False, **_version(args), **_loading(args))
     set_scheduler(pipe, args.scheduler)
     q = activations_for(pipe, args.activation_bits, args.groups, prompts_file=args.calib_prompts,
                         samples=args.calib_samples, base=args.pretrained_model_name_or_path,

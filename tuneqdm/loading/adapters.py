@@ -38,8 +38,8 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
                   single_file_config: str | None = None, lora: str | Path | None = None,
                   lora_scale: float = 1.0, kernels: str = "auto", text_encoders: str = "stream",
                   quantized_cache: str | Path | bool | None = None, height: int | None = None,
-                  width: int | None = None):
-    """A ready diffusers pipeline, to sample from (its VAE holds the decoder only: text-to-image never encodes).
+                  width: int | None = None, vae_encoder: bool = True):
+    """A ready diffusers pipeline.
 
     ``base``: a local diffusers folder or hub id (None: the adapter's own base, else the embedded default), at
     ``revision`` and in ``variant`` (None and the base read from the adapter: those it was trained with); a
@@ -54,8 +54,9 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     activations are quantized, on the devices and layer sizes where they measured faster), ``int8`` (wherever they
     apply; see ``tuneqdm.quant.kernels``) or ``reference`` (rebuild float weights, simulate activation
     quantization). ``text_encoders``: ``stream`` (read module by module from their files as they run) or
-    ``resident``. ``quantized_cache``: the folder quantized bases are reused from and written to (None: the default,
-    see ``tuneqdm.loading.cache``; False: none). ``height``/``width``: the image size the caller will sample at,
+    ``resident``. ``vae_encoder`` False: the VAE's encoder holds no weights (the commands that only sample: text-to-
+    image never encodes an image). ``quantized_cache``: the folder quantized bases are reused from and written to
+    (None: the default, see ``tuneqdm.loading.cache``; False: none). ``height``/``width``: the image size the caller will sample at,
     checked against the models' configs before any weight is read.
     """
     if lora is not None:
@@ -79,7 +80,7 @@ def load_pipeline(base: str | Path | None = None, adapter: str | Path | None = N
     if kind == "scales":  # the adapter's timestep routing must agree with the scheduler before the model is built
         check_timesteps(cfg, _train_timesteps(source), adapter)
     model = _denoiser(source, kind, cfg, info, adapter, quantized_base, device, dtype, quantized_cache)
-    pipe = assemble(source, model, device, dtype, text_encoders, vae_encoder=False)
+    pipe = assemble(source, model, device, dtype, text_encoders, vae_encoder=vae_encoder)
     if kind == "lora":
         _load_lora_adapter(pipe, adapter, info, chosen_base)
     elif kind == "scales":

@@ -4,8 +4,9 @@ The one place a pipeline is put together, for every command: text encoders strea
 module (``text_encoders="stream"``, the default: a T5-XXL in float32 would be 19 GB, streamed it is one Linear at a
 time) or resident; the VAE resident in the compute dtype (it is small and runs on every image); the denoiser as the
 caller built it (packed integers, a float model, or a meta-device skeleton while only prompts and photos are
-encoded); a VAE stored in bfloat16 decodes in bfloat16 (``components.resident_vae``); other models a text-to-image call does not need (safety checkers, image encoders) left out. diffusers then
-loads only what is left: tokenizers and the scheduler.
+encoded); a VAE stored in bfloat16 decodes in bfloat16 (``components.resident_vae``); other models a text-to-image
+call does not need (safety checkers, image encoders) left out. diffusers then loads only what is left: tokenizers and
+the scheduler.
 """
 
 from __future__ import annotations
