@@ -22,22 +22,14 @@ from ..errors import TuneQDMError
 from ..files import first_line
 from ..libraries import dtype_kwarg, quiet_loading
 from ..shards import header
-from ..tuning.streaming import diffusers_model_class, empty_model
+from ..tuning.streaming import diffusers_model_class, empty_model, exported_class
 from .source import Source
 from .streamed import placeholder, stream
 
 
 def transformers_model_class(name) -> type[nn.Module] | None:
     """The model class transformers exports under exactly ``name`` (None when there is none)."""
-    import transformers
-
-    if not (isinstance(name, str) and name.isidentifier()):
-        return None
-    try:
-        cls = getattr(transformers, name, None)
-    except (ImportError, RuntimeError):
-        return None
-    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+    return exported_class("transformers", name, ("PreTrainedModel",))
 
 
 def model_class(source: Source, name: str) -> type[nn.Module]:
@@ -72,16 +64,7 @@ def skeleton(source: Source, name: str, dtype: torch.dtype = torch.float32) -> n
 
 def diffusers_config_class(name) -> type | None:
     """The diffusers model or scheduler class exported under exactly ``name`` (None when there is none)."""
-    import diffusers
-
-    if not (isinstance(name, str) and name.isidentifier()):
-        return None
-    try:
-        cls = getattr(diffusers, name, None)
-    except (ImportError, RuntimeError):
-        return None
-    ok = isinstance(cls, type) and issubclass(cls, (diffusers.ModelMixin, diffusers.SchedulerMixin))
-    return cls if ok else None
+    return exported_class("diffusers", name, ("ModelMixin", "SchedulerMixin"))
 
 
 def _fits(value, hint) -> bool:

@@ -9,6 +9,8 @@ a multi-GB shard never accumulate in the process's resident memory.
 
 from __future__ import annotations
 
+import importlib
+
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -31,18 +33,22 @@ from .model import attach, empty_quantized_, replace_module
 BLOCK_ELEMENTS = 1 << 22  # rows quantized together: float temporaries stay ~16 MB whatever the layer's size
 
 
-def diffusers_model_class(name) -> type[nn.Module] | None:
-    """The model class the ``diffusers`` package exports under exactly ``name`` (None when there is none): files
-    name their class, and a crafted file must never get an arbitrary module imported."""
-    import diffusers
-
+def exported_class(package: str, name, bases: tuple[str, ...]) -> type | None:
+    """The class ``package`` exports under exactly ``name`` when it derives from one of the package's ``bases``
+    (None otherwise): files name their classes, and a crafted file must never get an arbitrary module imported."""
+    module = importlib.import_module(package)
     if not (isinstance(name, str) and name.isidentifier()):
         return None
     try:
-        cls = getattr(diffusers, name, None)
+        cls = getattr(module, name, None)
     except (ImportError, RuntimeError):  # an export whose optional dependency is missing
         return None
-    return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
+    return cls if isinstance(cls, type) and issubclass(cls, tuple(getattr(module, b) for b in bases)) else None
+
+
+def diffusers_model_class(name) -> type[nn.Module] | None:
+    """The model class the ``diffusers`` package exports under exactly ``name`` (None when there is none)."""
+    return exported_class("diffusers", name, ("ModelMixin",))
 
 
 def empty_model(cls: type[nn.Module], config: dict, config_file: Path, fix: str) -> nn.Module:
