@@ -19,7 +19,7 @@ from tuneqdm.errors import TuneQDMError
 from tuneqdm.files import json_digest
 from tuneqdm.quant import kernels
 from tuneqdm.quant.kernels import INT8, REFERENCE
-from tuneqdm.quant.layers import U_KEPT_CHOICES, QuantizedLayer
+from tuneqdm.quant.layers import INPUT_GRAD_CHOICES, U_KEPT_CHOICES, QuantizedLayer
 from tuneqdm.quant.paths import DynamicActivations
 from tuneqdm.train import TrainConfig, train
 from tuneqdm.train import checkpoint as ckpt
@@ -54,12 +54,14 @@ def _grads(layer, x, forward):
     return y.detach(), {"x": x.grad, "s_out": layer.s_out[0].grad, "s_in": layer.s_in[0].grad, "bias": layer.bias.grad}
 
 
+@pytest.mark.parametrize("input_grad", INPUT_GRAD_CHOICES)
 @pytest.mark.parametrize("keep", U_KEPT_CHOICES)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_scale_gradients_per_layer_match_the_exact_path(kind, bits, keep):
+def test_scale_gradients_per_layer_match_the_exact_path(kind, bits, keep, input_grad):
     layer, x = _layer(kind, bits)
     y_ref, ref = _grads(layer, x, layer)
+    layer.input_grad = input_grad
     s_out, s_in = layer.s_out[0], layer.s_in[0]
     y, got = _grads(layer, x, lambda x: layer._int8_train_forward(x, s_in, s_out, keep))
     # the forward is the sampling path's integer function of the same quantized input
@@ -71,8 +73,22 @@ def test_scale_gradients_per_layer_match_the_exact_path(kind, bits, keep):
     for name in ref:
         cos = float(cosine_similarity(ref[name].flatten(), got[name].flatten(), dim=0))
         assert cos >= 0.99, (name, cos)  # measured: >= 0.9994 for the scales; x and bias 1.0 (straight-through)
-    assert torch.allclose(got["x"], ref["x"], rtol=1e-4, atol=1e-6)  # g_x does not depend on the rounding
+    assert torch.allclose(got["x"], _input_grad_reference(layer, x, ref["x"]), rtol=1e-4, atol=1e-6)
     assert (y - y_ref).abs().max() > 0  # and the forward really was quantized
+
+
+def _input_grad_reference(layer, x, exact):
+    """What the int8 backward's g_x must be: the exact one (``input_grad="float"``, or a layer without the integer
+    input gradient), else the float op applied to ``s_out ⊙ g_y`` rounded as the dynamic quantizer rounds it."""
+    if layer.input_grad == "float" or kernels.input_grad_reason(layer) is not None:
+        return exact
+    g = layer(x.clone().requires_grad_(True))  # only its shape matters
+    g_y = torch.randn(g.shape, generator=torch.Generator().manual_seed(5))
+    view = (-1,) if layer.channel_dim == -1 else (-1, 1, 1)
+    h = kernels.dynamic_fake_quantize(g_y * layer.s_out[0].detach().view(view), layer)
+    s_in = layer.s_in[0].detach().view((1, -1) if layer.channel_dim == -1 else (1, -1, 1, 1))
+    with torch.no_grad():
+        return layer._op_input_grad(h, layer.centred_weight() * s_in, x.shape)
 
 
 def _unet(bits=4):

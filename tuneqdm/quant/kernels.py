@@ -254,9 +254,9 @@ def _conv_geometry(layer, h: int, w: int) -> tuple[int, int]:
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
-def _tap_slices(layer, ho: int, wo: int):
+def _tap_slices(layer, ho: int, wo: int, stride=None):
     """Per kernel tap (i, j), tap-major: the (batch, row, column) slices of the padded input that it reads."""
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, stride or layer.stride, layer.dilation
     return [(slice(None), slice(i * dh, i * dh + (ho - 1) * sh + 1, sh), slice(j * dw, j * dw + (wo - 1) * sw + 1, sw))
             for i in range(kh) for j in range(kw)]
 
@@ -270,19 +270,28 @@ def _conv_im2col(layer, x: torch.Tensor, s_in) -> torch.Tensor | None:
     return _im2col_product(layer, steps.to(torch.int8), scale.view(-1))
 
 
-def _im2col_product(layer, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """``scale ⊙ conv(a, W_q − z)`` of an int8 (B, C, H, W) input with one scale per sample, as one integer matmul
-    of its im2col'd columns: (B, H_out, W_out, out)."""
+def _im2col(layer, a: torch.Tensor, padding: tuple[int, int], out_hw: tuple[int, int], stride=None) -> torch.Tensor:
+    """The (B·H_out·W_out, taps·C) tap-major columns of an int8 (B, C, H, W) input under ``layer``'s kernel and
+    dilation, with this ``padding`` and ``stride`` (default the layer's)."""
     b, c, h, w = a.shape
-    (kh, kw), (ph, pw) = layer.kernel_size, layer._op_padding
-    ho, wo = _conv_geometry(layer, h, w)
+    (kh, kw), (ph, pw), (ho, wo) = layer.kernel_size, padding, out_hw
     a_pad = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
     a_pad[:, ph:ph + h, pw:pw + w] = a.permute(0, 2, 3, 1)
     cols = a.new_empty(b, ho, wo, kh * kw, c)
-    for t, rows in enumerate(_tap_slices(layer, ho, wo)):
+    for t, rows in enumerate(_tap_slices(layer, ho, wo, stride)):
         cols[:, :, :, t] = a_pad[rows]
-    cols = cols.view(b * ho * wo, kh * kw * c)
-    w_mat, z = _centred(layer, kh * kw)
+    return cols.view(b * ho * wo, kh * kw * c)
+
+
+def _im2col_product(layer, a: torch.Tensor, scale: torch.Tensor, grid=None) -> torch.Tensor | None:
+    """``scale ⊙ conv(a, W_q − z)`` of an int8 (B, C, H, W) input with one scale per sample, as one integer matmul
+    of its im2col'd columns: (B, H_out, W_out, out). ``grid``: the layer's :func:`_centred` tap-major grid if the
+    caller already has it."""
+    b, _, h, w = a.shape
+    (kh, kw) = layer.kernel_size
+    ho, wo = _conv_geometry(layer, h, w)
+    cols = _im2col(layer, a, layer._op_padding, (ho, wo))
+    w_mat, z = grid or _centred(layer, kh * kw)
     y = _int_mm(cols, w_mat)
     if y is None:
         return None
@@ -375,14 +384,20 @@ def dynamic_quantize(layer, x: torch.Tensor, s_in) -> tuple[torch.Tensor, torch.
     return steps.to(torch.int8), scale
 
 
-def dynamic_product(layer, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+def train_grid(layer):
+    """The layer's centred integer grid as its integer training matmuls take it (:func:`_centred`, tap-major for a
+    k x k conv): unpacked once per backward for both of its products."""
+    return _centred(layer, layer.weight_shape[2:].numel() if per_sample_scale(layer) else 1)
+
+
+def dynamic_product(layer, a: torch.Tensor, scale: torch.Tensor, grid=None) -> torch.Tensor | None:
     """``u = s_x ⊙ (a ⊛ (W_q − z))`` in float32, in the layer's output layout, by integer matmuls (None where this
     build has none): the layer's output before ``s_out`` and the bias."""
     if per_sample_scale(layer):
-        y = _im2col_product(layer, a, scale.reshape(-1))
+        y = _im2col_product(layer, a, scale.reshape(-1), grid)
         return None if y is None else y.permute(0, 3, 1, 2).contiguous()
     rows = _rows(layer, a)
-    w, z = _centred(layer)
+    w, z = grid or _centred(layer)
     y = _int_mm(rows, w)
     if y is None:
         return None
@@ -391,3 +406,55 @@ def dynamic_product(layer, a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     if layer.channel_dim == -1:
         return y.view(*a.shape[:-1], y.shape[1])
     return y.view(a.shape[0], *a.shape[2:], -1).permute(0, 3, 1, 2).contiguous()
+
+
+def input_grad_reason(layer) -> str | None:
+    """Why ``layer``'s input gradient cannot be an integer matmul (None: it can); it is then the float one."""
+    if per_sample_scale(layer):
+        (kh, kw), (dh, dw), (ph, pw) = layer.kernel_size, layer.dilation, layer._op_padding
+        if layer.stride != (1, 1) or dh * (kh - 1) < ph or dw * (kw - 1) < pw:
+            return "strided k x k conv"
+    return None
+
+
+def dynamic_input_grad(layer, g_y: torch.Tensor, s_out, s_in, grid) -> torch.Tensor | None:
+    """``g_x = s_in ⊙ ((s_out ⊙ g_y) ⊛ᵀ (W_q − z))`` by one integer matmul (as SwitchBack does), with ``s_out ⊙ g_y``
+    quantized to int8 like an activation: per token (Linear) or pixel (1x1 conv); per sample into a k x k conv, whose
+    input gradient is the stride-1 conv of ``g_y`` with the flipped, transposed kernel, im2col'd as in the forward.
+    ``grid``: :func:`train_grid`. None where this build has no integer matmul."""
+    h = g_y * (s_out.float() if layer.channel_dim == -1 else s_out.float()[:, None, None])
+    w, z = grid
+    if per_sample_scale(layer):
+        steps, scale = dynamic_steps(h, (1, 2, 3))
+        del h
+        b = steps.to(torch.int8)
+        del steps
+        (kh, kw), (dh, dw), (ph, pw) = layer.kernel_size, layer.dilation, layer._op_padding
+        n_out, taps = w.shape[0], kh * kw
+        w_t = w.view(n_out, kh, kw, -1).flip(1, 2).permute(3, 1, 2, 0).reshape(-1, taps * n_out)
+        hx, wx = b.shape[2] + 2 * ph - dh * (kh - 1), b.shape[3] + 2 * pw - dw * (kw - 1)
+        cols = _im2col(layer, b, (dh * (kh - 1) - ph, dw * (kw - 1) - pw), (hx, wx), stride=(1, 1))
+        y = _int_mm(cols, w_t)
+        if y is None:
+            return None
+        y = y.float()
+        if z is not None:  # Σ over taps and output channels of cols ⊙ z[out]
+            y.sub_((cols.view(-1, taps, n_out).sum(dim=1, dtype=torch.int32).float() @ z)[:, None])
+        y.mul_(scale.reshape(-1).repeat_interleave(hx * wx)[:, None])
+        y = y.view(b.shape[0], hx, wx, -1)
+    else:
+        steps, scale = dynamic_steps(_rows(layer, h), 1)
+        del h
+        b = steps.to(torch.int8)
+        del steps
+        y = _int_mm(b, w.t())
+        if y is None:
+            return None
+        y = y.float()
+        if z is not None:
+            y.sub_((b.float() @ z)[:, None])
+        y.mul_(scale)
+        y = y.view(*g_y.shape[:-1], -1) if layer.channel_dim == -1 else y.view(g_y.shape[0], *g_y.shape[2:], -1)
+    if s_in is not None:
+        y.mul_(s_in.float())
+    return y if layer.channel_dim == -1 else y.permute(0, 3, 1, 2).contiguous()

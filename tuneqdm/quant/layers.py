@@ -26,12 +26,15 @@ from .kernels import (
     INT8,
     REFERENCE,
     dynamic_fake_quantize,
+    dynamic_input_grad,
     dynamic_product,
     dynamic_quantize,
     dynamic_steps,
     int_forward,
+    input_grad_reason,
     int_path_reason,
     signed_grid,
+    train_grid,
     train_path_reason,
 )
 from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
@@ -111,6 +114,13 @@ class _ScaledOp(torch.autograd.Function):
 # docs/benchmarks/train_int8.md (benchmarks/train_int8_layers.py); the default is the one chosen there.
 U_KEPT_CHOICES = ("recompute", "int8", "output")
 U_KEPT = "recompute"
+# How the int8 training backward computes the input gradient: "float" (the weight rebuilt, as in the exact path)
+# or "int8" (``s_out ⊙ g_y`` quantized per token, one integer matmul: kernels.dynamic_input_grad; strided k x k
+# convs stay float). Measured at SD-1.5 size (docs/benchmarks/train_int8.md): "int8" took the step from 1.09x to
+# 0.97x the exact path's time, but its rounding of the gradient moved the scale gradients far from the exact ones
+# (per-layer cosine down to 0.81, 67 of 564 below 0.99, against 0.985 and 21 with "float"), so it is not the default.
+INPUT_GRAD_CHOICES = ("float", "int8")
+INPUT_GRAD = "float"
 
 
 class _Int8ScaledOp(torch.autograd.Function):
@@ -118,7 +128,7 @@ class _Int8ScaledOp(torch.autograd.Function):
     without a graph); straight-through for the rounding. Kept for the backward: ``a`` and ``s_x`` (a quarter of a
     float32 input) and what ``U_KEPT`` says for ``u``::
 
-        g_x    = (g_y ⊙ s_out) ⊛ᵀ C ⊙ s_in        (float, the weight rebuilt as in the exact path)
+        g_x    = (g_y ⊙ s_out) ⊛ᵀ C ⊙ s_in        (INPUT_GRAD: g_y ⊙ s_out in int8, or float)
         g_s_in = Σ (s_x a) ⊙ g_x / s_in²           (x ≈ s_x a / s_in)
         g_s_out = Σ g_y ⊙ u
     """
@@ -154,11 +164,16 @@ class _Int8ScaledOp(torch.autograd.Function):
         g_y = g_y.float()
         g_x = g_s_in = g_s_out = g_bias = None
         g_y_sum = channel_sum(g_y, cdim) if (need_bias or (need_s_out and ctx.keep == "output")) else None
+        integer_grad = layer.input_grad == "int8" and input_grad_reason(layer) is None
+        grid = train_grid(layer) if integer_grad or (need_s_out and ctx.keep == "recompute") else None
         if need_x or need_s_in:
-            for r in layer.row_blocks():
-                part = layer._op_input_grad(g_y[layer._channel_index(r)],
-                                            layer._scaled_weight(s_out, s_in, torch.float32, rows=r), ctx.x_shape)
-                g_x = part if g_x is None else g_x.add_(part)
+            if integer_grad:
+                g_x = dynamic_input_grad(layer, g_y, s_out, s_in, grid)
+            if g_x is None:
+                for r in layer.row_blocks():
+                    part = layer._op_input_grad(g_y[layer._channel_index(r)],
+                                                layer._scaled_weight(s_out, s_in, torch.float32, rows=r), ctx.x_shape)
+                    g_x = part if g_x is None else g_x.add_(part)
             if need_s_in:
                 g_s_in = (channel_dot(a, g_x, cdim, scale) / s_in.float().square()).to(s_in.dtype)
         if need_s_out:
@@ -170,7 +185,7 @@ class _Int8ScaledOp(torch.autograd.Function):
             elif ctx.keep == "int8":
                 g_s_out = channel_dot(kept, g_y, cdim, kept_scale)
             else:
-                g_s_out = channel_dot(g_y, dynamic_product(layer, a, scale), cdim)
+                g_s_out = channel_dot(g_y, dynamic_product(layer, a, scale, grid), cdim)
             g_s_out = g_s_out.to(s_out.dtype)
         if need_bias:
             g_bias = g_y_sum.reshape(bias.shape).to(bias.dtype)
@@ -216,6 +231,7 @@ class QuantizedLayer(nn.Module):
         self.s_in = nn.ParameterList()
         self.runtime = runtime.LayerRuntime()  # what the code driving the layer installs (the RuntimeEntry attributes)
         self.u_kept = U_KEPT  # what the int8 training backward keeps for s_out's gradient (U_KEPT_CHOICES)
+        self.input_grad = INPUT_GRAD  # how the int8 training backward computes g_x (INPUT_GRAD_CHOICES)
 
     # ---- storage -------------------------------------------------------------------------------------------
     @torch.no_grad()
