@@ -11,6 +11,7 @@ from dataclasses import MISSING, field, fields
 
 # a field's annotation (a string under ``from __future__ import annotations``) -> the argparse type of its flag
 _TYPES = {"int": int, "float": float}
+QUIET_HELP = "no progress bars or stage lines on stderr"  # every command's --quiet but train's
 PARSER_KEYS = ("command", "func", "benchmark_command", "toy_command")  # what argparse adds beside the flags
 
 
