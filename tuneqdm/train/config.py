@@ -181,7 +181,7 @@ class TrainConfig:
         if self.text_encoders is not None:
             check_text_encoders(self.text_encoders)
         self._check_optimizer()
-        self._check_flow()
+        _check_flow(self)
         self._check_schedule()
         self._check_inputs()
         self._check_method()
@@ -204,19 +204,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise TuneQDMError(f"--{name} must be a finite number >= 0, got {value}")
-
-    def _check_flow(self):
-        if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise TuneQDMError(f"unknown --weighting_scheme {self.weighting_scheme!r}: choose one of "
-                               f"{', '.join(WEIGHTING_SCHEMES)}")
-        if not (self.logit_std > 0 and math.isfinite(self.logit_std) and math.isfinite(self.logit_mean)):
-            raise TuneQDMError(f"--logit_mean must be finite and --logit_std positive and finite, got "
-                               f"{self.logit_mean} and {self.logit_std}")
-        if not math.isfinite(self.mode_scale):
-            raise TuneQDMError(f"--mode_scale must be finite, got {self.mode_scale}")
-        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-            raise TuneQDMError(f"--max_sequence_length {self.max_sequence_length}: give 1 to {MAX_SEQUENCE_LENGTH} T5 "
-                               "tokens, or leave it out for the pipeline's own")
 
     def _check_schedule(self):
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -377,3 +364,18 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _check_flow(config: TrainConfig) -> None:
+    """The flow-matching objective's settings (and the T5 prompt length)."""
+    if config.weighting_scheme not in WEIGHTING_SCHEMES:
+        raise TuneQDMError(f"unknown --weighting_scheme {config.weighting_scheme!r}: choose one of "
+                           f"{', '.join(WEIGHTING_SCHEMES)}")
+    if not (config.logit_std > 0 and math.isfinite(config.logit_std) and math.isfinite(config.logit_mean)):
+        raise TuneQDMError(f"--logit_mean must be finite and --logit_std positive and finite, got "
+                           f"{config.logit_mean} and {config.logit_std}")
+    if not math.isfinite(config.mode_scale):
+        raise TuneQDMError(f"--mode_scale must be finite, got {config.mode_scale}")
+    if config.max_sequence_length is not None and not 1 <= config.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise TuneQDMError(f"--max_sequence_length {config.max_sequence_length}: give 1 to {MAX_SEQUENCE_LENGTH} T5 "
+                           "tokens, or leave it out for the pipeline's own")
