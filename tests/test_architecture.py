@@ -231,8 +231,6 @@ def test_imports_are_read_with_function_local_ones_and_without_type_checking_one
 # ---- function length ------------------------------------------------------------------------------------------------
 MAX_FUNCTION_LINES = 60  # from the ``def`` line to the last line of the body (docstring and comments included)
 LONG_FUNCTIONS = {  # the allowed exceptions, each with why it stays long
-    "tuneqdm.cli.build_parser": "an argument parser: one add_argument per flag of every subcommand, read as a list",
-    "tuneqdm.cli._add_train_parser": "an argument parser: diffusers' DreamBooth flags plus tuneqdm's, read as a list",
     "tuneqdm.toy.world._object_layer": "procedural drawing: one shape program per toy object, read top to bottom",
 }
 

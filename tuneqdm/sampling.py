@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from .families import (call_kwargs, denoiser, family, guidance_kwargs, is_flow_matching, t5_overflow,
-                       without_truncation_logs)
+from .families import (call_kwargs, denoiser, family, guidance_defaults, guidance_kwargs, is_flow_matching,
+                       t5_overflow, without_truncation_logs)
 from .errors import TuneQDMError, TuneQDMWarning
 from .files import first_line
 from .hooks import on_call
@@ -23,6 +23,13 @@ SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
+SCHEDULER_CHOICES = tuple(SCHEDULERS)
+# the help texts of the sampling flags every sampling command shares
+SCHEDULER_HELP = "sampler of a DDPM-family pipeline (default: ddim); flow-matching pipelines keep their own"
+GUIDANCE_HELP = ("classifier-free guidance scale; a guidance-distilled model's distilled guidance (default: the "
+                 f"pipeline family's: {guidance_defaults()})")
+MAX_SEQUENCE_LENGTH_HELP = ("tokens of a prompt for the T5 and language-model encoders (default: the pipeline's "
+                            "own); a longer prompt is cut, with a warning")
 
 
 def set_scheduler(pipe, name: str | None) -> str:

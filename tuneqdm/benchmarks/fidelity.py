@@ -25,8 +25,8 @@ from ..errors import TuneQDMError
 from ..eval.evaluate import METRICS, evaluate, read_photos
 from ..eval.prompts import evaluation_prompts
 from ..files import write_file_atomically
-from ..loading import assemble, base_id, load_pipeline, quantized_denoiser, resolve
-from ..progress import is_quiet
+from ..loading import assemble, base_id, load_pipeline, pipeline_fingerprint, quantized_denoiser, resolve
+from ..progress import is_quiet, progress
 from ..train import TrainConfig, train
 from ..train.config import DEFAULT_LR
 from ..tuning import QuantConfig
@@ -180,3 +180,45 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
 
 def _prompts(kw, token, class_word):
     return evaluation_prompts(kw["prompts"], token, class_word)
+
+
+# ---- a whole benchmark: its subjects, its shard of the cells, the table ---------------------------------------------
+def subject_dir(out: Path, subject: str) -> Path:
+    """A subject's photos and subject.json, written once into the benchmark's folder and shared by its shards."""
+    return out / "subjects" / subject
+
+
+def write_subjects(out: Path, seeds) -> list[str]:
+    """The toy subjects of ``seeds`` under ``out/subjects/`` (kept if already written); their names."""
+    from ..toy.subjects import write_subject
+
+    names = []
+    for seed in seeds:
+        folder = subject_dir(out, f"s{seed}")
+        if not (folder / "subject.json").is_file():
+            try:
+                write_subject(seed, folder, force=True)
+            except OSError:  # another shard wrote it at the same moment (same seed: the same files)
+                if not (folder / "subject.json").is_file():
+                    raise
+        names.append(folder.name)
+    return names
+
+
+def denoiser_parameters(base) -> int:
+    """The denoiser's parameter count, read from its files' headers (no model is built)."""
+    from ..shards import parameter_count
+
+    source = resolve(base)
+    return parameter_count(source.weight_files(source.denoiser))
+
+
+def run_cells(out: Path, base, todo, steps: int, evaluate_kwargs: dict, encoders, learning_rates: dict,
+              s1_intervals: str | None = None) -> None:
+    """Train and evaluate every (method, bits, subject) of ``todo`` into its cell, one line per cell on stdout."""
+    base_fingerprint = pipeline_fingerprint(resolve(base))
+    for i, (m, b, s) in enumerate(progress(todo, desc="benchmark fidelity: cells", unit="cell")):
+        r = run_cell(base, subject_dir(out, s), m, b, steps, cell_dir(out, m, b, s), evaluate_kwargs, encoders,
+                     learning_rates.get(m), s1_intervals, base_fingerprint)
+        print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
+              f"CLIP-T {r['clip_t']:.3f}", flush=True)

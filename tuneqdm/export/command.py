@@ -57,7 +57,8 @@ def _warn(message: str) -> None:
 
 
 def run_export(args) -> dict:
-    """The command: returns what the export recorded (and prints one summary line)."""
+    """The command's work: returns what the export recorded (and prints one summary line). ``args``: a
+    ``tuneqdm.commands.ExportConfig``, or anything with its fields (the parsed flags)."""
     check_args(args)
     adapter = Path(args.adapter)
     out = check_output_folder(args.out, args.force, EXPORT_FILES, "an export")

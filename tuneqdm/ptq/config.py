@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import TuneQDMError, either
-from ..quant.kernels import DYNAMIC_BITS  # noqa: F401  (re-exported: the CLI's checks name it from here)
+from ..options import option
+from ..quant.kernels import DYNAMIC_BITS, FLOAT_BITS
 from ..quant.paths import DEFAULT_EXCLUDE
 
 ACTIVATION_BITS = (6, 8)
@@ -44,3 +45,37 @@ class ActivationConfig:
             raise TuneQDMError(f"attention quantization {self.attention!r} is unknown: "
                                f"choose {either(ATTENTION_MODES)}")
         self.exclude = tuple(self.exclude)
+
+
+# ---- the activation flags of `tuneqdm generate` and `tuneqdm quantize-activations` (tuneqdm.options) ----------------
+def activation_bits_option(calibrate_only: bool):
+    if calibrate_only:
+        return option(8, f"activation bits: {either(ACTIVATION_BITS)} (default 8)")
+    return option(None, f"quantize activations to {either(ACTIVATION_BITS)} bits (DGQ), or {FLOAT_BITS}: full "
+                        f"precision (default: {DYNAMIC_BITS}-bit dynamic for an --adapter trained with "
+                        f"--activation_bits {DYNAMIC_BITS}, else full precision)")
+
+
+def attention_quant_option():
+    return option("log", "attention probabilities: log (DGQ's dynamic prompt-specific scale, <start> kept, levels over "
+                         "16 octaves), log2 (the same with one level per octave, as published), uniform (baseline) or "
+                         "none (default log)", choices=ATTENTION_MODES)
+
+
+def activations_option():
+    return option(None, "a folder of `tuneqdm quantize-activations` (default: QUANTIZED_BASE/activations-aB-kK if it "
+                        "exists, else calibrated now)")
+
+
+def groups_option():
+    return option(16, f"DGQ groups per layer: {either(GROUP_CHOICES)}; 1 is the layer-wise min-max baseline "
+                      "(default 16)")
+
+
+def calib_prompts_option():
+    return option(None, "calibration prompts, one per line (default for the embedded pipeline: toy-world captions, "
+                        "seed 40M)")
+
+
+def calib_samples_option():
+    return option(None, "number of calibration prompts (default: the file, or 64)")

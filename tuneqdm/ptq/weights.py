@@ -32,12 +32,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import TuneQDMError, either
+from ..errors import TuneQDMError
 from ..hooks import CallArguments, on_call
 from ..progress import progress as progress_bar  # `progress` is calibrate_weights' callback
 from ..quant.layers import QUANTIZED_CLASSES
 from ..loading.streamed import held
-from ..quant.packing import SUPPORTED_BITS, check_bits, pack, qrange
+from ..quant.bits import Bits
+from ..quant.packing import pack, qrange
 from ..quant.quantizer import QuantizedWeight, quantize_weight
 from ..quant.split import SplitConv2d
 from ..tuning.config import QuantConfig
@@ -96,8 +97,7 @@ class WeightCalibrationConfig:
     batch_size: int = 64  # rows per forward when collecting block inputs and targets
 
     def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise TuneQDMError(f"unsupported --bits {self.bits!r}: choose {either(SUPPORTED_BITS)}")
+        self.bits = Bits(self.bits, "--bits")
         if self.calibrate not in CALIBRATIONS:
             raise TuneQDMError(f"unknown --calibrate {self.calibrate!r}: choose one of {', '.join(CALIBRATIONS)}")
 
@@ -369,7 +369,6 @@ def calibrate_weights(unet: nn.Module, calib: CalibrationSet | None, config: Wei
     ``calib`` is needed for ``adaround`` and for shortcut splitting (one row finds the split points); afterwards
     the model is a tuneqdm quantized model (``save_quantized`` writes it).
     """
-    check_bits(config.bits)
     qconfig = config.quant_config()
     names = layers_to_quantize(unet, qconfig)
     t0 = time.perf_counter()

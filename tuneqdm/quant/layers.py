@@ -37,7 +37,8 @@ from .kernels import (
     train_grid,
     train_path_reason,
 )
-from .packing import check_bits, code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
+from .bits import Bits
+from .packing import code_offset, pack, packed_numel, unpack_codes_into, values_per_byte
 from .quantizer import QuantizedWeight, quantize_weight
 from .reductions import channel_dot, channel_sum
 from . import runtime
@@ -215,7 +216,7 @@ class QuantizedLayer(nn.Module):
 
     def __init__(self, weight_shape, in_scale_features: int, bits: int, bias: bool, device=None):
         nn.Module.__init__(self)  # not the float class's __init__ (QLinear is an nn.Linear): it would build a weight
-        self.bits = check_bits(bits)
+        self.bits = Bits(bits)
         self.weight_shape = torch.Size(weight_shape)
         self.in_scale_features = in_scale_features
         numel = self.weight_shape.numel()

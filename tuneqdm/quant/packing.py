@@ -17,24 +17,12 @@ import math
 
 import torch
 
-from ..errors import TuneQDMError, either
-
-SUPPORTED_BITS = (2, 4, 8)
-
-
-def check_bits(bits: int) -> int:
-    if bits not in SUPPORTED_BITS:
-        raise TuneQDMError(f"unsupported bit width {bits!r}: choose one of {either(SUPPORTED_BITS)}")
-    return bits
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    """The signed integer range of ``bits`` bits, e.g. (-8, 7) for int4."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+from ..errors import TuneQDMError
+from .bits import SUPPORTED_BITS, Bits, qrange  # noqa: F401  (re-exported: the CLI's choices name SUPPORTED_BITS here)
 
 
 def values_per_byte(bits: int) -> int:
-    return 8 // check_bits(bits)
+    return Bits(bits).values_per_byte
 
 
 def packed_numel(numel: int, bits: int) -> int:
@@ -44,7 +32,7 @@ def packed_numel(numel: int, bits: int) -> int:
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack signed integers (any integer dtype, values within ``qrange(bits)``) into a flat uint8/int8 tensor."""
-    lo, hi = qrange(check_bits(bits))
+    lo, hi = qrange(Bits(bits))
     flat = q.reshape(-1)
     if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
         raise TuneQDMError(f"values outside the int{bits} range [{lo}, {hi}] cannot be packed")
@@ -64,7 +52,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The first ``numel`` stored codes, flat: ``q − lo`` as uint8 for int2/int4, ``q`` itself (int8) for int8."""
-    if check_bits(bits) == 8:
+    if Bits(bits) == 8:
         return packed[:numel]
     per = values_per_byte(bits)
     codes = torch.empty(packed.numel(), per, dtype=torch.uint8, device=packed.device)
@@ -81,7 +69,7 @@ def unpack_codes_into(packed: torch.Tensor, bits: int, out: torch.Tensor, tmp: t
     ``tmp`` (uint8, ``packed.numel()`` elements) is reused for the shifted bytes. Layers subtract ``z − lo`` per row
     afterwards.
     """
-    if check_bits(bits) == 8:
+    if Bits(bits) == 8:
         out.copy_(packed)
         return
     per = values_per_byte(bits)

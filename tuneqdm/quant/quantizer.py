@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TuneQDMError, either
-from .packing import check_bits, qrange
+from .bits import Bits, qrange
 
 INITS = ("minmax", "mse")
 MSE_GRID = torch.linspace(1.0, 0.2, 41).tolist()  # clipping ratios tried by the "mse" init
@@ -60,7 +60,7 @@ def check_init(init: str) -> str:
 
 def quantize_weight(weight: torch.Tensor, bits: int, init: str = "minmax") -> QuantizedWeight:
     """Quantize a weight (out, ...) per output channel."""
-    check_bits(bits)
+    Bits(bits)
     check_init(init)
     w2d = weight.detach().reshape(weight.shape[0], -1).float()
     lo = w2d.amin(dim=1).clamp(max=0)

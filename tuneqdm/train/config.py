@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import TuneQDMError
 from ..files import check_prompt
+from ..loading.options import (quantized_cache_option, revision_option, single_file_config_option,
+                               text_encoders_option, variant_option)
 from ..loading.pipeline import check_text_encoders
-from ..quant.kernels import FLOAT_BITS, check_dynamic_bits
-from ..sampling import MAX_SEQUENCE_LENGTH, MAX_SIZE
+from ..options import option
+from ..quant.bits import SUPPORTED_BITS
+from ..quant.kernels import DYNAMIC_BITS, FLOAT_BITS, check_dynamic_bits
+from ..quant.quantizer import INITS
+from ..sampling import MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH_HELP, MAX_SIZE
 from ..tuning.config import METHODS, QuantConfig, experts_problem, interval_problem
 
 QUANTIZED_METHODS = tuple(METHODS)  # the scale methods
@@ -52,73 +58,104 @@ LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' DreamBooth-LoR
 WEIGHTING_SCHEMES = ("logit_normal", "none", "mode", "cosmap", "sigma_sqrt")
 
 
+def _lr(method: str) -> str:
+    """A default learning rate as the help text writes it: 6e-3, not 0.006."""
+    mantissa, exponent = f"{DEFAULT_LR[method]:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+LR_HELP = (f"default: RELATIVE for scale methods (each layer's s_out moves by lr x its RMS): {_lr('tuneqdm')} for "
+           f"tuneqdm, {_lr('peqa')} for peqa, mcsu, tas and s1; {_lr('lora')} for lora and qlora, {_lr('fp')} for fp")
+
+
 @dataclass
 class TrainConfig:
+    """The ``tuneqdm train`` settings; each field is its flag (``tuneqdm.options``)."""
+
     # model
-    pretrained_model_name_or_path: str | None = None  # None: the embedded toy pipeline
-    revision: str | None = None  # of a hub id (diffusers' from_pretrained)
-    variant: str | None = None  # e.g. "fp16": the model's *.fp16.safetensors files
-    single_file_config: str | None = None  # the pipeline a single-file checkpoint's configs come from
-    method: str = "tuneqdm"
-    bits: int = 4
-    experts: int | None = None  # None: the method's default (tuneqdm/tas 4, others 1)
-    s1_intervals: str | None = None  # "0-250" or "0-250,600-800" (method s1)
-    quant_init: str = "mse"
-    activation_bits: int = FLOAT_BITS  # 8: int8 activations and integer matmuls in every quantized layer; 16: float
-    quantized_base: str | None = None
-    quantized_cache: str | bool | None = None  # where quantized bases are reused (None: the default folder; False: none)
-    rank: int = 4  # LoRA rank
-    lora_targets: str | None = None  # comma-separated module names (PEFT target_modules); None: diffusers' four
+    pretrained_model_name_or_path: str | None = option(  # None: the embedded toy pipeline
+        None, "a local diffusers folder or hub id (default: the embedded toy pipeline)")
+    revision: str | None = revision_option()  # of a hub id (diffusers' from_pretrained)
+    variant: str | None = variant_option()  # e.g. "fp16": the model's *.fp16.safetensors files
+    single_file_config: str | None = single_file_config_option()  # where a single-file checkpoint's configs come from
+    method: str = option("tuneqdm", "what trains: quantization scales (peqa, tuneqdm, mcsu, tas, s1), LoRA on the "
+                         "float UNet (lora) or on the frozen quantized UNet (qlora), or the full UNet (fp)",
+                         choices=METHOD_CHOICES)
+    bits: int = option(4, "weight bits of the quantized UNet (default 4)", choices=SUPPORTED_BITS)
+    experts: int | None = option(None, "timestep experts K (default: 4 for tuneqdm and tas, else 1)")
+    s1_intervals: str | None = option(  # "0-250" or "0-250,600-800" (method s1)
+        None, "method s1: timestep intervals A-B[,C-D] where the tuned scales apply")
+    quant_init: str = option("mse", "quantizer initialisation (default mse)", choices=INITS)
+    activation_bits: int = option(  # 8: int8 activations and integer matmuls in every quantized layer; 16: float
+        FLOAT_BITS, f"{DYNAMIC_BITS}: every quantized layer's input to int8 (dynamic, per token) and integer matmuls, "
+        f"in training and, by default, when `generate` samples the result; {FLOAT_BITS}: float activations "
+        f"(quantized methods and qlora; default {FLOAT_BITS})")
+    quantized_base: str | None = option(None, "a folder of tuneqdm.save_quantized to start from (skips quantizing)")
+    text_encoders: str | None = text_encoders_option(train=True)  # None: stream with the memory savers, else resident
+    quantized_cache: str | bool | None = quantized_cache_option()  # None: the default folder; False: none
+    rank: int = option(4, "LoRA rank (methods lora and qlora, default 4)")
+    lora_targets: str | None = option(  # comma-separated module names (PEFT target_modules); None: diffusers' four
+        None, "LoRA target modules, comma-separated (default: to_k,to_q,to_v,to_out.0)")
     # data
-    instance_data_dir: str | None = None
-    instance_prompt: str | None = None
-    subjects: str | None = None
-    with_prior_preservation: bool = False
-    class_data_dir: str | None = None
-    class_prompt: str | None = None
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    sample_batch_size: int = 4
-    prior_inference_steps: int = 25
-    resolution: int | None = None  # None: the pipeline's native size
-    center_crop: bool = False
-    memory_savers: bool | None = None  # None: on for the quantized methods, off for fp/lora
-    text_encoders: str | None = None  # stream | resident (None: stream with the memory savers, else resident)
-    max_sequence_length: int | None = None  # T5 tokens of a prompt (None: the pipeline's own, e.g. Flux 512)
+    instance_data_dir: str | None = option(None, "folder of 3-6 photos of the subject")
+    instance_prompt: str | None = option(
+        None, "prompt with a rare identifier, e.g. 'a sks dog' (default: the folder's subject.json)")
+    subjects: str | None = option(
+        None, 'JSON list of {"instance_data_dir", "instance_prompt"}: one adapter for several subjects')
+    with_prior_preservation: bool = option(False, "add the class-prior loss (DreamBooth)")
+    class_data_dir: str | None = option(
+        None, "class images; missing ones are generated (default OUTPUT/class_images)")
+    class_prompt: str | None = option(None, "e.g. 'a dog' (default: the folder's subject.json)")
+    num_class_images: int = option(100)
+    prior_loss_weight: float = option(1.0)
+    sample_batch_size: int = option(4, "batch size when generating class images")
+    prior_inference_steps: int = option(25, "sampling steps per generated class image")
+    resolution: int | None = option(  # None: the pipeline's native size
+        None, "square training size, a multiple of 8 up to 8192 that the model takes (default: native)")
+    center_crop: bool = option(False, "centre crops instead of seeded random crops")
+    memory_savers: bool | None = option(  # None: on for the quantized methods, off for fp/lora
+        None, "cache latents and prompt embeddings, then release the VAE and text encoders "
+              "(default: on for quantized methods, off for fp/lora)", action=argparse.BooleanOptionalAction)
+    max_sequence_length: int | None = option(  # T5 tokens of a prompt (None: the pipeline's own, e.g. Flux 512)
+        None, MAX_SEQUENCE_LENGTH_HELP)
     # flow-matching objective (FlowMatchEulerDiscreteScheduler: Flux, SD3); ignored by DDPM-family schedulers
-    weighting_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
+    weighting_scheme: str = option(
+        "logit_normal", "flow-matching models (Flux, SD3): how sigma is drawn, diffusers' names ('none': uniform)",
+        choices=WEIGHTING_SCHEMES)
+    logit_mean: float = option(0.0, "mean of --weighting_scheme logit_normal")
+    logit_std: float = option(1.0, "std of --weighting_scheme logit_normal")
+    mode_scale: float = option(1.29, "scale of --weighting_scheme mode")
     # optimisation
-    train_batch_size: int = 1
-    max_train_steps: int = DEFAULT_STEPS
-    learning_rate: float | None = None
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float | None = None
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    seed: int = 0
+    train_batch_size: int = option(1, "per process")
+    max_train_steps: int = option(DEFAULT_STEPS)
+    learning_rate: float | None = option(None, LR_HELP)
+    lr_scheduler: str = option("constant", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0)
+    lr_num_cycles: int = option(1)
+    lr_power: float = option(1.0)
+    adam_beta1: float = option(0.9)
+    adam_beta2: float = option(0.999)
+    adam_weight_decay: float | None = option(None, "default: 0 for scales, 1e-2 for fp/lora")
+    adam_epsilon: float = option(1e-8)
+    max_grad_norm: float = option(1.0)
+    gradient_accumulation_steps: int = option(1)
+    gradient_checkpointing: bool = option(False)
+    mixed_precision: str = option("no", choices=MIXED_PRECISION)
+    seed: int = option(0, "0 to 2**32 - 1 (numpy's range); the run is a function of it")
     # outputs
-    output_dir: str = "tuneqdm-model"
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompt: str | None = None
-    num_validation_images: int = 4
-    validation_steps: int = 100
-    validation_inference_steps: int = 25
-    quiet: bool = False
-    force: bool = False
-    report_to: str | None = None  # "tensorboard": accelerate's tracker beside train_log.jsonl
+    output_dir: str = option("tuneqdm-model")
+    checkpointing_steps: int = option(500)
+    checkpoints_total_limit: int | None = option(None)
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder")
+    validation_prompt: str | None = option(None)
+    num_validation_images: int = option(4)
+    validation_steps: int = option(100)
+    validation_inference_steps: int = option(25)
+    quiet: bool = option(False, "no progress bar or messages")
+    force: bool = option(False, "start over in an --output_dir that holds a run")
+    report_to: str | None = option(  # "tensorboard": accelerate's tracker beside train_log.jsonl
+        None, "also log loss and lr to TensorBoard (OUTPUT/logs; needs `pip install tensorboard`); "
+              "train_log.jsonl is always written", choices=REPORT_TO)
 
     def __post_init__(self):
         if self.method not in METHOD_CHOICES:
@@ -144,7 +181,7 @@ class TrainConfig:
         if self.text_encoders is not None:
             check_text_encoders(self.text_encoders)
         self._check_optimizer()
-        self._check_flow()
+        _check_flow(self)
         self._check_schedule()
         self._check_inputs()
         self._check_method()
@@ -167,19 +204,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise TuneQDMError(f"--{name} must be a finite number >= 0, got {value}")
-
-    def _check_flow(self):
-        if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise TuneQDMError(f"unknown --weighting_scheme {self.weighting_scheme!r}: choose one of "
-                               f"{', '.join(WEIGHTING_SCHEMES)}")
-        if not (self.logit_std > 0 and math.isfinite(self.logit_std) and math.isfinite(self.logit_mean)):
-            raise TuneQDMError(f"--logit_mean must be finite and --logit_std positive and finite, got "
-                               f"{self.logit_mean} and {self.logit_std}")
-        if not math.isfinite(self.mode_scale):
-            raise TuneQDMError(f"--mode_scale must be finite, got {self.mode_scale}")
-        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-            raise TuneQDMError(f"--max_sequence_length {self.max_sequence_length}: give 1 to {MAX_SEQUENCE_LENGTH} T5 "
-                               "tokens, or leave it out for the pipeline's own")
 
     def _check_schedule(self):
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -340,3 +364,18 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _check_flow(config: TrainConfig) -> None:
+    """The flow-matching objective's settings (and the T5 prompt length)."""
+    if config.weighting_scheme not in WEIGHTING_SCHEMES:
+        raise TuneQDMError(f"unknown --weighting_scheme {config.weighting_scheme!r}: choose one of "
+                           f"{', '.join(WEIGHTING_SCHEMES)}")
+    if not (config.logit_std > 0 and math.isfinite(config.logit_std) and math.isfinite(config.logit_mean)):
+        raise TuneQDMError(f"--logit_mean must be finite and --logit_std positive and finite, got "
+                           f"{config.logit_mean} and {config.logit_std}")
+    if not math.isfinite(config.mode_scale):
+        raise TuneQDMError(f"--mode_scale must be finite, got {config.mode_scale}")
+    if config.max_sequence_length is not None and not 1 <= config.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise TuneQDMError(f"--max_sequence_length {config.max_sequence_length}: give 1 to {MAX_SEQUENCE_LENGTH} T5 "
+                           "tokens, or leave it out for the pipeline's own")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import TuneQDMError
-from ..quant.packing import check_bits
+from ..quant.bits import Bits
 from ..quant.quantizer import check_init
 
 
@@ -80,7 +80,7 @@ class QuantConfig:
     train_bias: bool = False
 
     def __post_init__(self):
-        check_bits(self.bits)
+        self.bits = Bits(self.bits)
         if self.method not in METHODS:
             raise TuneQDMError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         check_init(self.init)
