@@ -145,3 +145,39 @@ def test_a_subject_written_by_another_shard_meanwhile_is_used(base, tmp_path, mo
     monkeypatch.setattr(subjects, "write_subject", lose_the_race)
     assert main(_args(base, tmp_path, "floor", "--subjects", "0")) == 0
     assert (tmp_path / "fid" / "cells" / "floor-w4" / "s0" / "eval" / "metrics.json").is_file()
+
+
+def test_activation_variants_train_and_sample_as_asked(base, tmp_path):
+    """--activation_bits 8 trains the cells on int8 activations and samples them so (``-w4a8``); --sample_activation_bits
+    8 samples float-trained cells (here the floor) on int8 activations (``-w4-sa8``): images near, not equal to, the
+    float-sampled cell's."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "fid"
+    assert main(_args(base, tmp_path, "peqa", "--subjects", "0", "--activation_bits", "8")) == 0
+    assert json.loads((out / "cells/peqa-w4a8/s0/run/training.json").read_text())["activation_bits"] == 8
+    row = json.loads((out / "fidelity.json").read_text())["rows"][0]
+    assert (row["method"], row["bits"], row["activation_bits"]) == ("peqa", 4, [8, 8])
+    assert "| peqa | 4a8 |" in (out / "fidelity.md").read_text()
+
+    assert main(_args(base, tmp_path, "floor", "--subjects", "0")) == 0
+    assert main(_args(base, tmp_path, "floor", "--subjects", "0", "--sample_activation_bits", "8")) == 0
+    images = {name: sorted((out / "cells" / name / "s0" / "eval" / "images").glob("*.png"))
+              for name in ("floor-w4", "floor-w4-sa8")}
+    assert len(images["floor-w4"]) == len(images["floor-w4-sa8"]) > 0
+    for a, b in zip(images["floor-w4"], images["floor-w4-sa8"]):
+        x, y = (np.asarray(Image.open(p), dtype=np.float64) for p in (a, b))
+        psnr = 10 * np.log10(255**2 / np.mean((x - y) ** 2))
+        assert 20 < psnr < 60, psnr  # int8 activations move the image a little
+
+
+@pytest.mark.parametrize("methods,extra,message", [
+    ("fp", ["--activation_bits", "8"], "--activation_bits / --sample_activation_bits 8 apply to quantized methods: "
+                                       "run fp in a benchmark of their own"),
+    ("floor", ["--activation_bits", "8"], "--activation_bits 8: the floor trains nothing; give it "
+                                          "--sample_activation_bits 8 instead"),
+])
+def test_activation_variants_refuse_what_cannot_take_them(base, tmp_path, capsys, methods, extra, message):
+    assert main(_args(base, tmp_path, methods) + extra) == 2
+    assert capsys.readouterr().err == f"tuneqdm: error: {message}\n"

@@ -24,15 +24,19 @@ from safetensors import safe_open
 from ..errors import TuneQDMError
 from ..eval.evaluate import METRICS, evaluate, read_photos
 from ..eval.prompts import evaluation_prompts
+from ..families import denoiser, family
 from ..files import write_file_atomically
 from ..loading import assemble, base_id, load_pipeline, pipeline_fingerprint, quantized_denoiser, resolve
 from ..progress import is_quiet, progress
+from ..quant.kernels import FLOAT_BITS
+from ..quant.paths import DynamicActivations
 from ..train import TrainConfig, train
 from ..train.config import DEFAULT_LR
 from ..tuning import QuantConfig
 
 
 FLOOR = "floor"
+FLOAT_ACTS = (FLOAT_BITS, FLOAT_BITS)  # (training, sampling) activation bits of a cell: float in both
 TABLE_VERSION = 2
 
 
@@ -46,25 +50,36 @@ def cells(methods, bits, subjects) -> list[tuple[str, int | None, str]]:
     return out
 
 
-def cell_name(method: str, bits: int | None) -> str:
-    return method if bits is None else f"{method}-w{bits}"
+def activation_suffix(acts: tuple[int, int] = FLOAT_ACTS) -> str:
+    """The cell-name suffix of the activation bits a cell trains and samples with: none for float in both, ``a8``
+    for int8 in both (``train --activation_bits 8`` sampled as ``generate`` samples it), ``-sa8`` for float training
+    sampled on int8 activations, ``a8-sa16`` the other way round."""
+    train_bits, sample_bits = acts
+    suffix = "" if train_bits == FLOAT_BITS else f"a{train_bits}"
+    return suffix if sample_bits == train_bits else f"{suffix}-sa{sample_bits}"
 
 
-def cell_dir(out: Path, method: str, bits: int | None, subject: str) -> Path:
+def cell_name(method: str, bits: int | None, acts: tuple[int, int] = FLOAT_ACTS) -> str:
+    return method if bits is None else f"{method}-w{bits}{activation_suffix(tuple(acts))}"
+
+
+def cell_dir(out: Path, method: str, bits: int | None, subject: str, acts: tuple[int, int] = FLOAT_ACTS) -> Path:
     """A cell's folder: ``run/`` (the training) and ``eval/`` (its evaluation) inside."""
-    return out / "cells" / cell_name(method, bits) / subject
+    return out / "cells" / cell_name(method, bits, acts) / subject
 
 
-def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
+def table(out: Path, methods, bits, subjects, total_params: int, acts: tuple[int, int] = FLOAT_ACTS) -> dict:
     """Mean and std over subjects of every finished (method, bits), as JSON and markdown in ``out``."""
     rows = []
     for m in methods:
         for b in ([None] if m in ("fp", "lora") else bits):
             ms = [json.loads(p.read_text()) for s in subjects
-                  if (p := cell_dir(out, m, b, s) / "eval" / METRICS).is_file()]
+                  if (p := cell_dir(out, m, b, s, acts) / "eval" / METRICS).is_file()]
             if not ms:
                 continue
             row = {"method": m, "bits": b, "subjects": len(ms)}
+            if b is not None and tuple(acts) != FLOAT_ACTS:
+                row["activation_bits"] = list(acts)
             for k in ("dino", "clip_i", "clip_t", "train_s"):
                 vals = [x[k] for x in ms]
                 row[k] = statistics.fmean(vals)
@@ -83,7 +98,7 @@ def table(out: Path, methods, bits, subjects, total_params: int) -> dict:
     for r in rows:
         pm = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
         lr = "-" if r["learning_rate"] is None else f"{r['learning_rate']:g}"
-        md.append(f"| {r['method']} | {r['bits'] or '-'} | {lr} | {r['subjects']} | {pm('dino')} | {pm('clip_i')} | "
+        md.append(f"| {r['method']} | {r['bits'] or '-'}{activation_suffix(tuple(r.get('activation_bits', FLOAT_ACTS)))} | {lr} | {r['subjects']} | {pm('dino')} | {pm('clip_i')} | "
                   f"{pm('clip_t')} | {r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f} %) | "
                   f"{r['adapter_bytes']:,} | {r['train_s']:.0f} | "
                   f"{'-' if r['train_peak_mib'] is None else round(r['train_peak_mib'])} |")
@@ -114,7 +129,8 @@ def trained_size(run: Path) -> tuple[int, int]:
 
 
 def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, learning_rate: float | None,
-                  s1_intervals: str | None = None, base_fingerprint: str | None = None) -> dict:
+                  s1_intervals: str | None = None, base_fingerprint: str | None = None,
+                  acts: tuple[int, int] = FLOAT_ACTS) -> dict:
     """What makes two runs of one cell comparable (the floor has no training, so no lr or steps); the base by its
     content, so that a folder resumed after the model changed (a new embedded default) is refused, not mixed."""
     settings = {k: evaluate_kwargs[k] for k in ("prompts", "images_per_prompt", "num_inference_steps", "seed")}
@@ -125,6 +141,8 @@ def cell_settings(method: str, steps: int, evaluate_kwargs: dict, encoders, lear
                         learning_rate=DEFAULT_LR[method] if learning_rate is None else learning_rate)
     if method == "s1":
         settings["s1_intervals"] = s1_intervals
+    if tuple(acts) != FLOAT_ACTS:  # only then: cells made before activation variants stay comparable
+        settings["activation_bits"] = list(acts)
     return settings
 
 
@@ -144,8 +162,9 @@ def _finished(done: Path, settings: dict) -> dict | None:
 
 def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int, cell: Path, evaluate_kwargs: dict,
              encoders, learning_rate: float | None = None, s1_intervals: str | None = None,
-             base_fingerprint: str | None = None) -> dict:
-    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate, s1_intervals, base_fingerprint)
+             base_fingerprint: str | None = None, acts: tuple[int, int] = FLOAT_ACTS) -> dict:
+    settings = cell_settings(method, steps, evaluate_kwargs, encoders, learning_rate, s1_intervals, base_fingerprint,
+                             acts)
     finished = _finished(cell / "eval" / METRICS, settings)
     if finished is not None:
         return finished
@@ -162,7 +181,7 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
                           instance_data_dir=str(subject_dir), max_train_steps=steps, output_dir=str(run),
                           quiet=is_quiet(),
                           force=True, checkpointing_steps=10**9, learning_rate=settings["learning_rate"],
-                          s1_intervals=settings.get("s1_intervals"))
+                          s1_intervals=settings.get("s1_intervals"), activation_bits=acts[0])
         t0 = time.perf_counter()
         train(cfg)
         log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
@@ -170,6 +189,8 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
         info.update(trainable_params=params, adapter_bytes=size, train_s=time.perf_counter() - t0,
                     train_peak_mib=max(r["peak_mem_mib"] for r in log))
         pipe = load_pipeline(base, adapter=run)
+    if acts[1] != FLOAT_BITS:  # as generate samples: dynamic int8 activations, the first and last layers in float
+        DynamicActivations(acts[1], exclude=family(pipe).first_last).install(denoiser(pipe))
     info["base"] = base_id(base)
     subject_enc, clip_enc = encoders
     return evaluate(pipe, read_photos(subject_dir), _prompts(evaluate_kwargs, token, class_word),
@@ -214,11 +235,11 @@ def denoiser_parameters(base) -> int:
 
 
 def run_cells(out: Path, base, todo, steps: int, evaluate_kwargs: dict, encoders, learning_rates: dict,
-              s1_intervals: str | None = None) -> None:
+              s1_intervals: str | None = None, acts: tuple[int, int] = FLOAT_ACTS) -> None:
     """Train and evaluate every (method, bits, subject) of ``todo`` into its cell, one line per cell on stdout."""
     base_fingerprint = pipeline_fingerprint(resolve(base))
     for i, (m, b, s) in enumerate(progress(todo, desc="benchmark fidelity: cells", unit="cell")):
-        r = run_cell(base, subject_dir(out, s), m, b, steps, cell_dir(out, m, b, s), evaluate_kwargs, encoders,
-                     learning_rates.get(m), s1_intervals, base_fingerprint)
-        print(f"[{i + 1}/{len(todo)}] {cell_name(m, b)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
+        r = run_cell(base, subject_dir(out, s), m, b, steps, cell_dir(out, m, b, s, acts), evaluate_kwargs, encoders,
+                     learning_rates.get(m), s1_intervals, base_fingerprint, acts)
+        print(f"[{i + 1}/{len(todo)}] {cell_name(m, b, acts)} {s}: DINO {r['dino']:.3f} CLIP-I {r['clip_i']:.3f} "
               f"CLIP-T {r['clip_t']:.3f}", flush=True)

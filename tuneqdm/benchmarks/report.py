@@ -20,7 +20,7 @@ from ..errors import TuneQDMError
 from ..files import check_fields, check_version, check_writable_file, read_json, write_file_atomically
 from ..photos import IMAGE_SUFFIXES
 from ..eval.evaluate import METRICS, PHOTOS
-from .fidelity import TABLE_VERSION, cell_dir, cell_name
+from .fidelity import FLOAT_ACTS, TABLE_VERSION, cell_dir, cell_name
 
 FORMATS = {"jpeg": ("JPEG", "image/jpeg", {"quality": 90}), "png": ("PNG", "image/png", {"optimize": True})}
 SCORES = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
@@ -101,9 +101,10 @@ def collect(results) -> tuple[list[dict], list[Section]]:
         for subject in sorted(subjects.iterdir() if subjects.is_dir() else [], key=lambda p: _natural(p.name)):
             section = Section(subject.name, _photos(subject, results))
             for row in table["rows"]:
-                cell = cell_dir(results, row["method"], row["bits"], subject.name) / "eval"
+                acts = tuple(row.get("activation_bits", FLOAT_ACTS))
+                cell = cell_dir(results, row["method"], row["bits"], subject.name, acts) / "eval"
                 if (cell / METRICS).is_file():
-                    section.columns.append(Column(cell_name(row["method"], row["bits"]), cell, _metrics(cell)))
+                    section.columns.append(Column(cell_name(row["method"], row["bits"], acts), cell, _metrics(cell)))
             if section.columns:
                 sections.append(section)
         return table["rows"], sections

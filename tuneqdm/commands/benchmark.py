@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TuneQDMError
@@ -11,6 +11,7 @@ from ..files import check_writable
 from ..options import QUIET_HELP, option
 from ..progress import quiet_while
 from ..quant.bits import SUPPORTED_BITS, Bits
+from ..quant.kernels import DYNAMIC_BITS, DYNAMIC_CHOICES, FLOAT_BITS
 from ..train.config import DEFAULT_STEPS, METHOD_CHOICES
 from .evaluate import CLIP_ID, DINO_ID, EVALUATORS
 
@@ -24,6 +25,11 @@ class BenchmarkFidelityConfig:
                                                    "floor (the untuned quantized model)")
     bits: list[int] = option(default_factory=lambda: [4], type=int, nargs="+", choices=SUPPORTED_BITS)
     s1_intervals: str | None = option(None, "the timesteps S1 trains on, e.g. 0-250 (method s1 only)")
+    activation_bits: int = option(FLOAT_BITS, "the quantized methods train with --activation_bits 8 (int8 "
+                                  "activations; cells <method>-w<bits>a8) or 16 (float)", choices=DYNAMIC_CHOICES)
+    sample_activation_bits: int | None = option(None, "the activations the cells sample with, 8 or 16 (default: "
+                                                "as they trained; cells sampled otherwise are named ...-sa<bits>)",
+                                                choices=DYNAMIC_CHOICES)
     max_train_steps: int = option(DEFAULT_STEPS)
     learning_rate: list[str] = option(default_factory=list, nargs="+", metavar="METHOD=LR",
                                       help="per-method learning rates, e.g. fp=1e-4 tuneqdm=5e-3 (default: each "
@@ -68,9 +74,10 @@ def run_benchmark_fidelity(config: BenchmarkFidelityConfig) -> dict:
               "num_inference_steps": config.num_inference_steps, "seed": config.seed}
         total = fidelity.denoiser_parameters(config.pretrained_model_name_or_path)
         todo = fidelity.cells(methods, config.bits, subjects)[shard::shards]
+        acts = _activations(config, methods)
         fidelity.run_cells(out, config.pretrained_model_name_or_path, todo, config.max_train_steps, kw, encoders, lrs,
-                           config.s1_intervals)
-        result = fidelity.table(out, methods, config.bits, subjects, total)
+                           config.s1_intervals, acts)
+        result = fidelity.table(out, methods, config.bits, subjects, total, acts)
     print(f"table: {out / 'fidelity.md'}")
     return result
 
@@ -83,6 +90,20 @@ def _methods(text: str) -> list[str]:
         if m not in (*METHOD_CHOICES, FLOOR):
             raise TuneQDMError(f"unknown method {m!r} in --methods: choose from {', '.join((*METHOD_CHOICES, FLOOR))}")
     return methods
+
+
+def _activations(config: BenchmarkFidelityConfig, methods: list[str]) -> tuple[int, int]:
+    """(training, sampling) activation bits of this run's cells; int8 ones only for quantized methods."""
+    acts = (config.activation_bits, config.sample_activation_bits or config.activation_bits)
+    unquantized = [m for m in methods if m in ("fp", "lora")]
+    if acts != (FLOAT_BITS, FLOAT_BITS) and unquantized:
+        raise TuneQDMError(f"--activation_bits / --sample_activation_bits {DYNAMIC_BITS} apply to quantized methods: "
+                           f"run {', '.join(unquantized)} in a benchmark of their own")
+    from ..benchmarks.fidelity import FLOOR
+
+    if config.activation_bits != FLOAT_BITS and FLOOR in methods:
+        raise TuneQDMError("--activation_bits 8: the floor trains nothing; give it --sample_activation_bits 8 instead")
+    return acts
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -129,7 +150,8 @@ def _table_only(config: BenchmarkFidelityConfig, methods: list[str], out: Path) 
     check_writable(out)
     subjects = [f"s{seed}" for seed in parse_seeds(config.subjects)]
     result = fidelity.table(out, methods, config.bits, subjects,
-                            fidelity.denoiser_parameters(config.pretrained_model_name_or_path))
+                            fidelity.denoiser_parameters(config.pretrained_model_name_or_path),
+                            _activations(config, methods))
     print(f"table: {out / 'fidelity.md'} ({len(result['rows'])} rows)")
     return result
 
