@@ -47,6 +47,23 @@ def test_a_second_generate_into_the_same_folder_is_refused(holder, tmp_path, cap
     assert not out.exists()
 
 
+def test_the_run_functions_hold_their_folder_for_python_callers_too(holder, tmp_path):
+    """The lock lives in each command's run function (files.writes_to), not in the CLI: ``run_generate`` called from
+    Python is refused the same way, and releases the folder when it returns."""
+    from tuneqdm.commands.toy import ToySubjectConfig, run_toy_subject
+
+    out = tmp_path / "subject"
+    other = holder(out)
+    with pytest.raises(TuneQDMError, match=rf"^--out {out} is being written by another tuneqdm process "
+                                           rf"\(pid {other.pid}\): wait for it to finish, or choose another folder$"):
+        run_toy_subject(ToySubjectConfig(seed=3, out=str(out)))
+    assert not out.exists()
+    other.kill()
+    other.wait()
+    run_toy_subject(ToySubjectConfig(seed=3, out=str(out)))
+    run_toy_subject(ToySubjectConfig(seed=3, out=str(out), force=True))  # released when the first call returned
+
+
 def test_a_second_train_into_the_same_output_dir_is_refused(holder, photos, tmp_path):
     out = tmp_path / "run"
     other = holder(out)

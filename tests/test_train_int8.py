@@ -253,6 +253,24 @@ def test_resume_with_the_flag_is_byte_identical_and_the_result_records_it(base, 
     assert meta["activation_bits"] == 16 and "kernels int8: 0 layers int8," in err
     assert np.abs(a8 - a16).mean() > 0.1  # the activations were quantized in one and not the other
 
+    # evaluate samples it as generate does (same kernels, prompt and seed: the same image): on int8 activations
+    # unless told --activation_bits 16
+    from tuneqdm.commands.evaluate import EvaluateConfig, run_evaluate
+
+    args.remove("--kernels"), args.remove("int8")
+    generated = {8: image("a8-auto")[0], 16: image("a16-auto", "--activation_bits", "16")[0]}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1}\n")  # "a sks box", generate's prompt; prompt 0, image 0 takes generate's seed
+    for bits in (None, 16):
+        out = tmp_path / f"eval-{bits}"
+        m = run_evaluate(EvaluateConfig(instance_data_dir=str(photos), adapter=str(tmp_path / "a"), prompts=str(prompts),
+                                        token="sks", class_word="box", images_per_prompt=1, num_inference_steps=3,
+                                        evaluator="toy", activation_bits=bits, out=str(out), quiet=True))
+        assert m["activation_bits"] == (bits or 8)
+        assert np.array_equal(np.asarray(Image.open(out / "images" / "000_0.png"), dtype=np.int16),
+                              generated[bits or 8])
+    assert not np.array_equal(generated[8], generated[16])
+
 
 def test_qlora_and_peqa_train_with_the_flag(base, photos, tmp_path):
     for method in ("qlora", "peqa"):

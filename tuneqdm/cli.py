@@ -12,7 +12,6 @@ import warnings
 
 from . import commands as c
 from .errors import TrainWarning, TuneQDMError, TuneQDMWarning
-from .files import output_lock
 from .options import add_options, settings
 from .progress import is_quiet, set_quiet
 
@@ -152,17 +151,6 @@ def _one_line_warnings():
         yield
 
 
-def _output_folder(args) -> str | None:
-    """The folder a command writes, held for it by ``output_lock`` (train holds its own --output_dir; the fidelity
-    benchmark's shards share their --out by design; report and toy scenes write one file)."""
-    if args.command in ("generate", "quantize", "evaluate", "export", "demo") or (
-            args.command == "toy" and args.toy_command == "subject"):
-        return args.out
-    if args.command == "quantize-activations":
-        return args.out or args.quantized_base  # by default written inside the quantized base's folder
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     # transformers warns on import that torchvision is missing (it falls back to PIL, which is all we need)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -170,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_before = is_quiet()
     set_quiet(quiet_before or getattr(args, "quiet", False))
     try:
-        folder = _output_folder(args)
-        with _one_line_warnings(), output_lock(folder) if folder is not None else contextlib.nullcontext():
+        with _one_line_warnings():  # each run function holds the folder it writes (files.writes_to)
             args.func(args)
     except TuneQDMError as e:
         print(f"tuneqdm: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import math
@@ -223,6 +224,19 @@ def output_lock(target: str | os.PathLike, flag: str = "--out"):
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)  # the file stays (removing it would race with a process opening it): 0 bytes
+
+
+def writes_to(folder_of):
+    """Decorate a command's run function: it holds the folder ``folder_of(config)`` names (:func:`output_lock`; None:
+    nothing) for its whole call, whether the CLI or a Python caller runs it."""
+    def wrap(run):
+        @functools.wraps(run)
+        def locked(config):
+            folder = folder_of(config)
+            with output_lock(folder) if folder is not None else contextlib.nullcontext():
+                return run(config)
+        return locked
+    return wrap
 
 
 def check_output_folder(out: str | os.PathLike, force: bool, ours: tuple[str, ...] = (),

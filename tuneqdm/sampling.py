@@ -16,7 +16,9 @@ from .hooks import on_call
 from .memory import trim_heap
 from .progress import progress
 from .quant import cached_weights
-from .quant.paths import sampling_kernels
+from .quant.kernels import DYNAMIC_BITS, FLOAT_BITS
+from .quant.paths import DynamicActivations, sampling_kernels
+from .results import read_training_json
 
 SCHEDULERS = {  # CLI name -> diffusers scheduler class name
     "ddim": "DDIMScheduler",
@@ -30,6 +32,18 @@ GUIDANCE_HELP = ("classifier-free guidance scale; a guidance-distilled model's d
                  f"pipeline family's: {guidance_defaults()})")
 MAX_SEQUENCE_LENGTH_HELP = ("tokens of a prompt for the T5 and language-model encoders (default: the pipeline's "
                             "own); a longer prompt is cut, with a warning")
+
+
+def trained_activation_bits(adapter) -> int:
+    """The activation bits an adapter trained with (``train --activation_bits``): what ``generate``, ``evaluate`` and
+    the fidelity benchmark sample it with unless told otherwise. 16 (float) for adapters from before the flag."""
+    return read_training_json(adapter).get("activation_bits", FLOAT_BITS) if adapter is not None else FLOAT_BITS
+
+
+def sample_on_dynamic_activations(pipe, bits: int = DYNAMIC_BITS) -> None:
+    """Dynamic int8 activations on ``pipe``'s denoiser, its first and last layers in float, as training with
+    ``--activation_bits 8`` ran them."""
+    DynamicActivations(bits, exclude=family(pipe).first_last).install(denoiser(pipe))
 
 
 def set_scheduler(pipe, name: str | None) -> str:

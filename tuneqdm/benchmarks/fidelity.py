@@ -24,12 +24,11 @@ from safetensors import safe_open
 from ..errors import TuneQDMError
 from ..eval.evaluate import METRICS, evaluate, read_photos
 from ..eval.prompts import evaluation_prompts
-from ..families import denoiser, family
 from ..files import write_file_atomically
 from ..loading import assemble, base_id, load_pipeline, pipeline_fingerprint, quantized_denoiser, resolve
 from ..progress import is_quiet, progress
 from ..quant.kernels import FLOAT_BITS
-from ..quant.paths import DynamicActivations
+from ..sampling import sample_on_dynamic_activations
 from ..train import TrainConfig, train
 from ..train.config import DEFAULT_LR
 from ..tuning import QuantConfig
@@ -189,8 +188,8 @@ def run_cell(base, subject_dir: Path, method: str, bits: int | None, steps: int,
         info.update(trainable_params=params, adapter_bytes=size, train_s=time.perf_counter() - t0,
                     train_peak_mib=max(r["peak_mem_mib"] for r in log))
         pipe = load_pipeline(base, adapter=run)
-    if acts[1] != FLOAT_BITS:  # as generate samples: dynamic int8 activations, the first and last layers in float
-        DynamicActivations(acts[1], exclude=family(pipe).first_last).install(denoiser(pipe))
+    if acts[1] != FLOAT_BITS:  # as generate samples an adapter trained with --activation_bits 8
+        sample_on_dynamic_activations(pipe, acts[1])
     info["base"] = base_id(base)
     subject_enc, clip_enc = encoders
     return evaluate(pipe, read_photos(subject_dir), _prompts(evaluate_kwargs, token, class_word),

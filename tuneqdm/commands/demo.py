@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..files import check_output_folder
+from ..files import check_output_folder, writes_to
 from ..options import QUIET_HELP, option
 from ..progress import quiet_while
 from ..quant.bits import SUPPORTED_BITS, Bits
@@ -26,6 +26,7 @@ class DemoConfig:
         self.bits = Bits(self.bits)
 
 
+@writes_to(lambda config: config.out)
 def run_demo(config: DemoConfig) -> dict:
     """Run the demo into ``config.out``; prints and returns its summary."""
     from ..demo import DEMO_FILES, run_demo as demo

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TuneQDMError
-from ..files import check_output_folder, check_writable
+from ..files import check_output_folder, check_writable, writes_to
 from ..loading import check_base, load_pipeline
 from ..loading.options import (loading, quantized_cache_option, revision_option, single_file_config_option,
                                text_encoders_option, variant_option, version)
 from ..options import QUIET_HELP, option
 from ..progress import quiet_while
 from ..results import read_training_json
-from ..sampling import GUIDANCE_HELP, MAX_SEQUENCE_LENGTH_HELP, check_sampling
+from ..quant.kernels import DYNAMIC_CHOICES, FLOAT_BITS
+from ..sampling import (GUIDANCE_HELP, MAX_SEQUENCE_LENGTH_HELP, check_sampling, sample_on_dynamic_activations,
+                        trained_activation_bits)
 
 EVALUATORS = ("toy", "clip-dino")
 DINO_ID, CLIP_ID = "facebook/dino-vits16", "openai/clip-vit-base-patch32"
@@ -57,11 +59,14 @@ class EvaluateConfig:
     guidance_scale: float | None = option(None, GUIDANCE_HELP)
     seed: int = option(0, "prompt p, image i uses seed + 1000 p + i")
     device: str = option("cpu")
+    activation_bits: int | None = option(None, "sample on 8-bit dynamic activations or 16 (float); default: as the "
+                                         "adapter trained, as generate samples it", choices=DYNAMIC_CHOICES)
     out: str = option("evaluation")
     force: bool = option(False, "replace an earlier evaluation in --out")
     quiet: bool = option(False, QUIET_HELP)
 
 
+@writes_to(lambda config: config.out)
 def run_evaluate(config: EvaluateConfig) -> dict:
     """Check every setting before sampling, evaluate, and write ``config.out``; returns the metrics."""
     from ..eval.evaluate import EVALUATION_FILES
@@ -110,7 +115,8 @@ def _evaluate_subject(config: EvaluateConfig, out: Path) -> dict:
                          **version(config), **loading(config))
     info = {"adapter": config.adapter, "base": config.pretrained_model_name_or_path,
             "quantized_base": config.quantized_base, "instance_data_dir": str(config.instance_data_dir),
-            "prompts": spec, "evaluator": evaluator, "class_word": class_word, **version(config)}
+            "prompts": spec, "evaluator": evaluator, "class_word": class_word, **version(config),
+            "activation_bits": _sample_activations(config, pipe)}
     m = evaluate(pipe, real, prompts, config.images_per_prompt, subject_enc, clip_enc, token, out, seed=config.seed,
                  num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                  keep_token=config.keep_token_in_clip_t, info=info, replace=config.force,
@@ -118,6 +124,15 @@ def _evaluate_subject(config: EvaluateConfig, out: Path) -> dict:
     print(f"DINO {m['dino']:.3f}  CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}  "
           f"({len(prompts)} prompts x {config.images_per_prompt} images, {evaluator} evaluators) -> {out / METRICS}")
     return m
+
+
+def _sample_activations(config: EvaluateConfig, pipe) -> int:
+    """Put the pipeline on the activations it is evaluated with (--activation_bits, default: as the adapter trained);
+    returns their bits."""
+    bits = config.activation_bits or trained_activation_bits(config.adapter)
+    if bits != FLOAT_BITS:
+        sample_on_dynamic_activations(pipe, bits)
+    return bits
 
 
 def _rare_token(subject: dict, trained: dict, class_word: str) -> str:
@@ -156,7 +171,8 @@ def _evaluate_fid(config: EvaluateConfig, out: Path) -> dict:
                          quantized_base=config.quantized_base, device=config.device, vae_encoder=False,
                          **version(config), **loading(config))
     info = {"adapter": config.adapter, "base": config.pretrained_model_name_or_path,
-            "quantized_base": config.quantized_base, **version(config)}
+            "quantized_base": config.quantized_base, **version(config),
+            "activation_bits": _sample_activations(config, pipe)}
     m = fid_evaluate(pipe, encoder, out, num_images=config.fid_images, seed=config.seed,
                      num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale, info=info,
                      replace=config.force)

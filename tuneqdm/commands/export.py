@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..files import writes_to
 from ..loading.options import revision_option, single_file_config_option, variant_option
 from ..options import QUIET_HELP, option
 from ..progress import quiet_while
@@ -40,6 +41,7 @@ class ExportConfig:
     quiet: bool = option(False, QUIET_HELP)
 
 
+@writes_to(lambda config: config.out)
 def run_export(config: ExportConfig) -> dict:
     """Check every setting, export, and print one summary line; returns what the export recorded."""
     from ..export.command import run_export as export

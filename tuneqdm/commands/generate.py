@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import TuneQDMError
 from ..families import denoiser, family
-from ..files import atomic_dir, check_output_folder, check_prompt
+from ..files import atomic_dir, check_output_folder, check_prompt, writes_to
 from ..loading import load_pipeline
 from ..loading.options import (loading, quantized_cache_option, revision_option, single_file_config_option,
                                text_encoders_option, variant_option, version)
@@ -21,7 +21,7 @@ from ..quant.kernels import FLOAT_BITS, KERNEL_MODES
 from ..quant.paths import kernel_report
 from ..results import read_training_json
 from ..sampling import (GUIDANCE_HELP, MAX_SEQUENCE_LENGTH_HELP, SCHEDULER_CHOICES, SCHEDULER_HELP, check_sampling,
-                        generate, set_scheduler)
+                        generate, sample_on_dynamic_activations, set_scheduler, trained_activation_bits)
 
 GENERATED = ("[0-9][0-9][0-9]*.png", "generate.json")  # what `tuneqdm generate` writes into --out
 RECORDED = ("prompt", "negative_prompt", "num_images", "num_inference_steps", "guidance_scale", "scheduler", "seed",
@@ -77,6 +77,7 @@ class GenerateConfig:
     quiet: bool = option(False, QUIET_HELP)
 
 
+@writes_to(lambda config: config.out)
 def run_generate(config: GenerateConfig) -> list:
     """Check every setting, sample, and write the images and ``generate.json`` into ``config.out`` as one unit;
     returns the images."""
@@ -155,8 +156,8 @@ def _trained_activations(config: GenerateConfig) -> GenerateConfig:
     activations (the integer path); ``--activation_bits 16`` keeps activations in float."""
     from dataclasses import replace
 
-    if config.activation_bits is None and config.adapter is not None and config.activation_quant == "dgq":
-        if read_training_json(config.adapter).get("activation_bits") == DYNAMIC_BITS:
+    if config.activation_bits is None and config.activation_quant == "dgq":
+        if trained_activation_bits(config.adapter) == DYNAMIC_BITS:
             return replace(config, activation_bits=DYNAMIC_BITS, activation_quant="dynamic")
     return config
 
@@ -166,9 +167,7 @@ def _install_activations(config: GenerateConfig, pipe):
     on top of any adapter; returned, for its report of attention it could not quantize), or none."""
     model, kind = denoiser(pipe), family(pipe)
     if config.activation_quant == "dynamic":
-        from ..ptq.activations import DynamicActivations
-
-        DynamicActivations(config.activation_bits or DYNAMIC_BITS, exclude=kind.first_last).install(model)
+        sample_on_dynamic_activations(pipe, config.activation_bits or DYNAMIC_BITS)
     elif config.activation_bits not in (None, FLOAT_BITS):
         from ..ptq.activation_calibration import activations_for
 

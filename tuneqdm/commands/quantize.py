@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass
 
 from ..errors import either
+from ..files import writes_to
 from ..loading.options import revision_option, single_file_config_option, variant_option, version
 from ..options import QUIET_HELP, option
 from ..progress import quiet_while
@@ -56,6 +57,7 @@ class QuantizeConfig:
         self.bits = Bits(self.bits, "--bits")
 
 
+@writes_to(lambda config: config.out)
 def run_quantize(config: QuantizeConfig) -> dict:
     """Calibrate and write the quantized base ``config.out``; returns its calibration record."""
     from ..ptq.quantize import quantize_pipeline

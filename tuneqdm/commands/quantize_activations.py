@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TuneQDMError
-from ..files import check_output_folder
+from ..files import check_output_folder, writes_to
 from ..loading import load_pipeline
 from ..loading.options import (loading, quantized_cache_option, revision_option, single_file_config_option,
                                text_encoders_option, variant_option, version)
@@ -56,6 +56,7 @@ def activations_folder(config: QuantizeActivationsConfig) -> str | Path | None:
     return config.out
 
 
+@writes_to(lambda config: config.out or config.quantized_base)  # by default inside the base's folder
 def run_quantize_activations(config: QuantizeActivationsConfig):
     """Calibrate and write the parameters; returns the calibrated quantizer."""
     from ..ptq.activation_calibration import ACTIVATION_FILES, activations_for, calibration_prompts, save_activations

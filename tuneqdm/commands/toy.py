@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TuneQDMError
+from ..files import writes_to
 from ..options import QUIET_HELP, option
 
 
@@ -21,6 +22,7 @@ class ToySubjectConfig:
     quiet: bool = option(False, QUIET_HELP)
 
 
+@writes_to(lambda config: config.out)
 def run_toy_subject(config: ToySubjectConfig) -> dict:
     """Write the subject's photos and subject.json; returns subject.json's content."""
     from ..toy.subjects import write_subject
